@@ -1,0 +1,178 @@
+//! The one on-disk format: a self-contained checkpoint directory.
+//!
+//! ```text
+//! config.json        {"format_version", "model": Config, "dtype", "training": {...}}
+//! model.safetensors  weights with GPT-2 names (f32, or f16 to halve the size)
+//! tokenizer.json     Hugging Face tokenizer
+//! drafter.json       the tree drafter (optional)
+//! optimizer.safetensors, trainer.json   while training, for exact resume
+//! ```
+//! Every file is written atomically (temp file + rename), so a crash never
+//! leaves a half-written checkpoint where a good one was.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::model::Gpt;
+use crate::tokenizer::Tokenizer;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const DRAFTER_FILE: &str = "drafter.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint directory {0} does not exist (train one with `gpt-serve train --out DIR`)")]
+    MissingDir(PathBuf),
+    #[error("checkpoint file {0} is missing")]
+    MissingFile(PathBuf),
+    #[error("checkpoint file {path} is corrupt: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+    #[error("checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot write {path}: {msg}")]
+    Write { path: PathBuf, msg: String },
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CheckpointConfig {
+    pub format_version: u32,
+    pub model: Config,
+    /// Storage dtype of model.safetensors ("f32" or "f16"); loading upcasts.
+    pub dtype: String,
+    /// Free-form training metadata (command, steps, tokens, losses, time).
+    #[serde(default)]
+    pub training: serde_json::Value,
+}
+
+/// Writes `bytes` to `path` via a temp file in the same directory + rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let werr = |e: std::io::Error| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() };
+    let tmp = tmp_path(path);
+    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+    f.write_all(bytes).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    std::fs::rename(&tmp, path).map_err(werr)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Saves tensors as safetensors atomically, casting to `dtype`.
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
+    let werr = |e: candle_core::Error| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() };
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
+        .collect::<std::result::Result<_, candle_core::Error>>()
+        .map_err(werr)?;
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(&map, &tmp).map_err(werr)?;
+    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// Loads a safetensors file as f32 tensors.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(CheckpointError::MissingFile(path.to_path_buf()));
+    }
+    let corrupt = |e: candle_core::Error| CheckpointError::Corrupt { path: path.to_path_buf(), msg: e.to_string() };
+    let map = candle_core::safetensors::load(path, device).map_err(corrupt)?;
+    map.into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32).map_err(corrupt)?)))
+        .collect()
+}
+
+pub fn save_config(dir: &Path, cfg: &CheckpointConfig) -> Result<()> {
+    let json = serde_json::to_string_pretty(cfg).expect("config serializes");
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+}
+
+pub fn load_config(dir: &Path) -> Result<CheckpointConfig> {
+    if !dir.is_dir() {
+        return Err(CheckpointError::MissingDir(dir.to_path_buf()));
+    }
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|_| CheckpointError::MissingFile(path.clone()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+    let found = value.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    if found != FORMAT_VERSION {
+        return Err(CheckpointError::Version { path, found });
+    }
+    let cfg: CheckpointConfig =
+        serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+    cfg.model
+        .validate()
+        .map_err(|e| CheckpointError::Corrupt { path, msg: e.to_string() })?;
+    Ok(cfg)
+}
+
+/// Saves weights, config and tokenizer into `dir` (created if needed).
+pub fn save(
+    dir: &Path,
+    cfg: &CheckpointConfig,
+    weights: &[(String, Tensor)],
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Write { path: dir.to_path_buf(), msg: e.to_string() })?;
+    let dtype = if cfg.dtype == "f16" { DType::F16 } else { DType::F32 };
+    save_tensors(&dir.join(WEIGHTS_FILE), weights, dtype)?;
+    let tok_path = dir.join(TOKENIZER_FILE);
+    let json = tokenizer
+        .to_json()
+        .map_err(|e| CheckpointError::Write { path: tok_path.clone(), msg: e.to_string() })?;
+    write_atomic(&tok_path, json.as_bytes())?;
+    save_config(dir, cfg)
+}
+
+/// A loaded checkpoint: config, tokenizer, weights (f32).
+pub struct Loaded {
+    pub config: CheckpointConfig,
+    pub tokenizer: Tokenizer,
+    pub weights: HashMap<String, Tensor>,
+}
+
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+    let config = load_config(dir)?;
+    let tok_path = dir.join(TOKENIZER_FILE);
+    if !tok_path.exists() {
+        return Err(CheckpointError::MissingFile(tok_path));
+    }
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| CheckpointError::Corrupt { path: tok_path.clone(), msg: e.to_string() })?;
+    if tokenizer.vocab_size() > config.model.vocab_size {
+        return Err(CheckpointError::Corrupt {
+            path: tok_path,
+            msg: format!(
+                "tokenizer has {} tokens, model vocab_size is {}",
+                tokenizer.vocab_size(),
+                config.model.vocab_size
+            ),
+        });
+    }
+    let weights = load_tensors(&dir.join(WEIGHTS_FILE), device)?;
+    Ok(Loaded { config, tokenizer, weights })
+}
+
+impl Loaded {
+    /// Builds the model for inference (fused kernels).
+    pub fn model(&self, device: &Device) -> Result<Gpt> {
+        let path = PathBuf::from(WEIGHTS_FILE);
+        let vb = VarBuilder::from_tensors(self.weights.clone(), DType::F32, device);
+        Gpt::new(&self.config.model, vb, true).map_err(|e| CheckpointError::Corrupt { path, msg: e.to_string() })
+    }
+}

@@ -1,0 +1,358 @@
+//! Plain and speculative cascade decoding of one sequence (DESIGN.md).
+//!
+//! One step feeds `[pending, d1..dk]` (k = 0 is a plain step):
+//! 1. the tree drafter proposes d1..dk (clamped by max_tokens and the
+//!    context window);
+//! 2. blocks run up to each early exit; at the first row i where the exit
+//!    head confidently disagrees with d(i+1), rows i+1.. are dropped, and the
+//!    next blocks run on fewer rows (exits only truncate, never accept);
+//! 3. the final head gives f0..fm; with the keyed sample f(i) at each
+//!    absolute position, d1..da are accepted while d(i) == f(i-1), and fa is
+//!    the new token: every step yields at least one token, the same tokens
+//!    plain decoding yields;
+//! 4. every KV-cache layer is rolled back to the committed length and fa
+//!    becomes the pending token.
+//!
+//! Stop strings are text, so the caller cuts at them (see `stop`); this
+//! module stops at end-of-text and `max_tokens`.
+
+use std::collections::HashMap;
+
+use candle_core::{Result, Tensor};
+
+use crate::drafter::features::Verified;
+use crate::drafter::Drafter;
+use crate::kv_cache::KvCache;
+use crate::model::Gpt;
+use crate::sampling::{self, SamplingParams};
+
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Index of this choice (n > 1), part of the sampling key.
+    pub choice: u32,
+    /// Top logprobs to return per token (None: no logprobs).
+    pub logprobs: Option<usize>,
+    pub speculate: bool,
+    /// Let early exits truncate drafts before the final blocks.
+    pub cascade: bool,
+    /// An exit truncates when its top-1 probability is at least this.
+    pub exit_confidence: f32,
+    pub stop_at_eot: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            choice: 0,
+            logprobs: None,
+            speculate: true,
+            cascade: false,
+            exit_confidence: 0.5,
+            stop_at_eot: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOut {
+    pub id: u32,
+    /// Logprob of `id` under the model (raw logits), when asked.
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+    /// Top-2 logit gap where the token was chosen (near-tie diagnostics).
+    pub gap: f32,
+}
+
+/// Per-stage counters of speculative decoding.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SpecStats {
+    pub steps: u64,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// Draft tokens dropped by each non-final exit.
+    pub truncated_by_exit: Vec<u64>,
+    /// Accepted counts by draft position (index 0 = first draft).
+    pub accepted_by_pos: Vec<u64>,
+    pub drafted_by_pos: Vec<u64>,
+    /// Steps where the drafter proposed nothing (`__MODEL__` or low confidence).
+    pub no_draft_steps: u64,
+}
+
+impl SpecStats {
+    pub fn add(&mut self, o: &SpecStats) {
+        self.steps += o.steps;
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        self.no_draft_steps += o.no_draft_steps;
+        add_vec(&mut self.truncated_by_exit, &o.truncated_by_exit);
+        add_vec(&mut self.accepted_by_pos, &o.accepted_by_pos);
+        add_vec(&mut self.drafted_by_pos, &o.drafted_by_pos);
+    }
+}
+
+fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Eot,
+}
+
+/// One sequence being decoded. Invariant: `cache` holds `tokens[..len-1]`;
+/// the last token is pending.
+pub struct Generator<'m> {
+    model: &'m Gpt,
+    drafter: Option<&'m Drafter>,
+    pub params: GenParams,
+    cache: KvCache,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    counts: HashMap<u32, u32>,
+    verified: Verified,
+    /// Adaptive draft length.
+    k_cur: usize,
+    pub stats: SpecStats,
+    pub finished: Option<Finish>,
+    eot: u32,
+}
+
+impl<'m> Generator<'m> {
+    /// Prefills `prompt` (at least one token). With `echo_logprobs`, returns
+    /// each prompt token's logprob and top alternatives (None for the first).
+    pub fn new(
+        model: &'m Gpt,
+        drafter: Option<&'m Drafter>,
+        prompt: &[u32],
+        params: GenParams,
+        eot: u32,
+        echo_logprobs: Option<usize>,
+    ) -> Result<(Self, Vec<Option<TokenOut>>)> {
+        let cfg = &model.cfg;
+        if prompt.is_empty() {
+            candle_core::bail!("prompt must have at least one token");
+        }
+        if prompt.len() + params.max_tokens > cfg.block_size {
+            candle_core::bail!(
+                "prompt ({}) + max_tokens ({}) exceed the context window of {} tokens",
+                prompt.len(),
+                params.max_tokens,
+                cfg.block_size
+            );
+        }
+        if let Some(bad) = prompt.iter().find(|t| **t as usize >= cfg.vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+        }
+        let mut cache = model.new_cache()?;
+        let n = prompt.len();
+        let mut echo = vec![None];
+        if n > 1 {
+            let idx = Tensor::from_slice(&prompt[..n - 1], (1, n - 1), model.device())?;
+            let mut s = model.embed(&idx, 0)?;
+            let last = cfg.exits.len() - 1;
+            model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+            if let Some(top_n) = echo_logprobs {
+                let logits = model.exit_logits(&s, last, 0..n - 1)?.squeeze(0)?.to_vec2::<f32>()?;
+                for (i, row) in logits.iter().enumerate() {
+                    let lp = sampling::log_softmax(row);
+                    let id = prompt[i + 1];
+                    echo.push(Some(TokenOut {
+                        id,
+                        logprob: Some(lp[id as usize]),
+                        top: sampling::top_logprobs(&lp, top_n),
+                        gap: sampling::top2_gap(row),
+                    }));
+                }
+            }
+        }
+        let k_cur = drafter.map_or(0, |d| d.k_max);
+        let g = Generator {
+            model,
+            drafter,
+            params,
+            cache,
+            tokens: prompt.to_vec(),
+            prompt_len: n,
+            counts: HashMap::new(),
+            verified: Verified { top1_prob: 0.5, entropy: 2.0 },
+            k_cur,
+            stats: SpecStats::default(),
+            finished: None,
+            eot,
+        };
+        Ok((g, echo))
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn remaining(&self) -> usize {
+        self.params.max_tokens.saturating_sub(self.tokens.len() - self.prompt_len)
+    }
+
+    /// One verify step: returns the new tokens (at least one unless finished).
+    pub fn step(&mut self) -> Result<Vec<TokenOut>> {
+        if self.finished.is_some() {
+            return Ok(vec![]);
+        }
+        if self.remaining() == 0 {
+            self.finished = Some(Finish::Length);
+            return Ok(vec![]);
+        }
+        let cfg = &self.model.cfg;
+        // Drafts, clamped so the step cannot pass max_tokens or the window.
+        let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
+        let drafts: Vec<u32> = match (self.drafter, self.params.speculate) {
+            (Some(d), true) if room > 0 => {
+                d.propose(&self.tokens, self.k_cur.min(room), self.verified).into_iter().map(|d| d.token).collect()
+            }
+            _ => vec![],
+        };
+        let pos = self.tokens.len() - 1;
+        let mut rows = Vec::with_capacity(drafts.len() + 1);
+        rows.push(*self.tokens.last().expect("non-empty"));
+        rows.extend(&drafts);
+        let idx = Tensor::from_slice(&rows, (1, rows.len()), self.model.device())?;
+        let mut s = self.model.embed(&idx, pos)?;
+        let mut kept = rows.len();
+        let n_exits = cfg.exits.len();
+        if self.stats.truncated_by_exit.len() < n_exits - 1 {
+            self.stats.truncated_by_exit.resize(n_exits - 1, 0);
+        }
+        if self.params.cascade && kept > 1 {
+            for e in 0..n_exits - 1 {
+                self.model.run_blocks(&mut s, cfg.exits[e].block, Some(&mut self.cache))?;
+                let logits = self.model.exit_logits(&s, e, 0..kept - 1)?.squeeze(0)?.to_vec2::<f32>()?;
+                let cut = logits.iter().enumerate().position(|(i, row)| {
+                    let (p1, _) = sampling::top1_and_entropy(row);
+                    sampling::argmax(row) != rows[i + 1] && p1 >= self.params.exit_confidence
+                });
+                if let Some(i) = cut {
+                    self.stats.truncated_by_exit[e] += (kept - 1 - i) as u64;
+                    kept = i + 1;
+                    s.truncate(kept)?;
+                }
+                if kept == 1 {
+                    break;
+                }
+            }
+        }
+        self.model.run_blocks(&mut s, cfg.n_layer, Some(&mut self.cache))?;
+        let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?.squeeze(0)?.to_vec2::<f32>()?;
+        // Accept while the draft equals the keyed sample at its position.
+        let mut out = Vec::new();
+        for (i, row) in logits.iter().enumerate() {
+            let mut l = row.clone();
+            sampling::penalize(&mut l, &self.params.sampling, &self.counts);
+            let abs_pos = self.tokens.len();
+            let f = sampling::choose(&l, &self.params.sampling, self.params.choice, abs_pos);
+            let (p1, ent) = sampling::top1_and_entropy(row);
+            self.verified = Verified { top1_prob: p1, entropy: ent };
+            let lp = self.params.logprobs.map(|n| {
+                let lp = sampling::log_softmax(row);
+                (lp[f as usize], sampling::top_logprobs(&lp, n))
+            });
+            out.push(TokenOut {
+                id: f,
+                logprob: lp.as_ref().map(|x| x.0),
+                top: lp.map(|x| x.1).unwrap_or_default(),
+                gap: sampling::top2_gap(row),
+            });
+            self.tokens.push(f);
+            *self.counts.entry(f).or_default() += 1;
+            if self.params.stop_at_eot && f == self.eot {
+                self.finished = Some(Finish::Eot);
+                break;
+            }
+            if self.remaining() == 0 {
+                self.finished = Some(Finish::Length);
+                break;
+            }
+            // Continue only while the draft at the next row is the token chosen.
+            if i + 1 >= kept || drafts[i] != f {
+                break;
+            }
+        }
+        let accepted = out.len() - 1;
+        self.record(&drafts, accepted);
+        // Roll back: the cache holds every committed token but the pending one.
+        self.cache.truncate(self.tokens.len() - 1);
+        Ok(out)
+    }
+
+    fn record(&mut self, drafts: &[u32], accepted: usize) {
+        let st = &mut self.stats;
+        st.steps += 1;
+        st.drafted += drafts.len() as u64;
+        st.accepted += accepted as u64;
+        if drafts.is_empty() && self.drafter.is_some() && self.params.speculate {
+            st.no_draft_steps += 1;
+        }
+        if st.drafted_by_pos.len() < drafts.len() {
+            st.drafted_by_pos.resize(drafts.len(), 0);
+            st.accepted_by_pos.resize(drafts.len(), 0);
+        }
+        for i in 0..drafts.len() {
+            st.drafted_by_pos[i] += 1;
+            if i < accepted {
+                st.accepted_by_pos[i] += 1;
+            }
+        }
+        // Adapt k to recent acceptance: grow after full acceptance, shrink
+        // after an early rejection.
+        if let Some(d) = self.drafter {
+            if !drafts.is_empty() {
+                self.k_cur = if accepted == drafts.len() {
+                    (self.k_cur + 1).min(d.k_max)
+                } else {
+                    (accepted + 2).clamp(2, d.k_max)
+                };
+            }
+        }
+    }
+
+    /// Runs to the end; returns the generated tokens.
+    pub fn run(&mut self) -> Result<Vec<TokenOut>> {
+        let mut all = Vec::new();
+        while self.finished.is_none() {
+            all.extend(self.step()?);
+        }
+        Ok(all)
+    }
+
+    /// Cache length (for tests of the invariant).
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// Greedy continuation with the final head's top-1 probability and entropy
+/// at every generated position (the drafter's training data).
+pub fn greedy_with_stats(model: &Gpt, prompt: &[u32], max_tokens: usize, eot: u32) -> Result<(Vec<u32>, Vec<Verified>)> {
+    let params = GenParams { max_tokens, speculate: false, stop_at_eot: false, ..Default::default() };
+    let (mut g, _) = Generator::new(model, None, prompt, params, eot, None)?;
+    let mut stats = Vec::new();
+    while g.finished.is_none() {
+        let out = g.step()?;
+        if out.is_empty() {
+            break;
+        }
+        stats.push(g.verified);
+    }
+    Ok((g.tokens, stats))
+}

@@ -1,0 +1,330 @@
+//! The tree drafter: a gradient-boosted classifier that proposes the next
+//! tokens where the model is predictable and says `__MODEL__` elsewhere.
+//!
+//! Classes: the K tokens the model most often predicts, then pointer classes
+//! (COPY_TRIGRAM, COPY_BIGRAM, COPY_SUFFIX, COPY_CONTEXT: "the candidate of
+//! that source", which lets drafts leave the K tokens), then `__MODEL__`.
+//! A row's target is every class that yields the model's top-1 token (soft
+//! target), or `__MODEL__` when none does. At draft time class probabilities
+//! are summed per token they resolve to; the best token is drafted when its
+//! probability reaches `threshold`, and drafting continues on the extended
+//! context up to `k_max` tokens.
+//!
+//! This module never touches candle: it sees token ids and plain rows.
+//! Labelling with the model lives in `train::label`.
+
+pub mod features;
+pub mod gbdt;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use features::{Candidates, FeatureInput, Tables, Verified};
+use gbdt::Gbdt;
+
+pub const FORMAT_VERSION: u32 = 1;
+/// Pointer classes after the K token classes, then `__MODEL__`.
+pub const N_POINTERS: usize = 4;
+pub const MODEL_CLASS_NAME: &str = "__MODEL__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrafterError {
+    #[error("drafter file {path} cannot be read: {msg}")]
+    Read { path: String, msg: String },
+    #[error("drafter file {path} is corrupt or truncated: {msg}")]
+    Corrupt { path: String, msg: String },
+    #[error("drafter file {path} has format version {found}; this build reads version {FORMAT_VERSION}")]
+    Version { path: String, found: u32 },
+    #[error("drafter file {path} was trained for vocab_size {found}, the model has {expected}")]
+    Vocab { path: String, found: usize, expected: usize },
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Drafter {
+    pub version: u32,
+    pub vocab_size: usize,
+    /// The K token classes.
+    pub classes: Vec<u32>,
+    pub tables: Tables,
+    pub gbdt: Gbdt,
+    /// Draft a token when its probability reaches this.
+    pub threshold: f32,
+    /// Longest chain drafted per verify step.
+    pub k_max: usize,
+    /// Whether each token starts a word (from the tokenizer).
+    pub word_start: Vec<bool>,
+    /// Training report: feature importances, replay figures.
+    #[serde(default)]
+    pub report: serde_json::Value,
+    #[serde(skip)]
+    class_index: Vec<u32>,
+}
+
+/// One drafted token and the probability the tree gave it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draft {
+    pub token: u32,
+    pub prob: f32,
+}
+
+impl Drafter {
+    pub fn new(
+        vocab_size: usize,
+        classes: Vec<u32>,
+        tables: Tables,
+        gbdt: Gbdt,
+        word_start: Vec<bool>,
+        threshold: f32,
+        k_max: usize,
+    ) -> Self {
+        let mut d = Drafter {
+            version: FORMAT_VERSION,
+            vocab_size,
+            classes,
+            tables,
+            gbdt,
+            threshold,
+            k_max,
+            word_start,
+            report: serde_json::Value::Null,
+            class_index: vec![],
+        };
+        d.index();
+        d
+    }
+
+    fn index(&mut self) {
+        let k = self.classes.len() as u32;
+        self.class_index = vec![k; self.vocab_size];
+        for (i, &t) in self.classes.iter().enumerate() {
+            if let Some(slot) = self.class_index.get_mut(t as usize) {
+                *slot = i as u32;
+            }
+        }
+    }
+
+    pub fn n_classes(&self) -> usize {
+        self.classes.len() + N_POINTERS + 1
+    }
+
+    pub fn model_class(&self) -> usize {
+        self.classes.len() + N_POINTERS
+    }
+
+    /// Class index of a token (K when it is not one of the K classes).
+    pub fn class_of(&self, t: u32) -> usize {
+        self.class_index.get(t as usize).copied().unwrap_or(self.classes.len() as u32) as usize
+    }
+
+    /// Feature row and candidates for predicting the token after `ctx`.
+    pub fn features(&self, ctx: &[u32], depth: usize, verified: Verified) -> (Vec<f32>, Candidates) {
+        let class_of = |t: u32| self.class_of(t);
+        features::features(&FeatureInput {
+            ctx,
+            depth,
+            verified,
+            tables: &self.tables,
+            class_of: &class_of,
+            word_start: &self.word_start,
+        })
+    }
+
+    /// The classes (soft target) that yield `next` given the candidates.
+    pub fn target(&self, next: u32, cand: &Candidates) -> gbdt::Target {
+        let k = self.classes.len() as u32;
+        let mut hits: Vec<u32> = Vec::new();
+        if (self.class_of(next) as u32) < k {
+            hits.push(self.class_of(next) as u32);
+        }
+        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context].iter().enumerate() {
+            if *c == Some(next) {
+                hits.push(k + i as u32);
+            }
+        }
+        if hits.is_empty() {
+            return vec![(self.model_class() as u32, 1.0)];
+        }
+        let w = 1.0 / hits.len() as f32;
+        hits.into_iter().map(|c| (c, w)).collect()
+    }
+
+    /// Best next token after `ctx` and its probability (classes that resolve
+    /// to the same token add up); None when `__MODEL__` wins.
+    pub fn predict(&self, ctx: &[u32], depth: usize, verified: Verified) -> Option<Draft> {
+        let (row, cand) = self.features(ctx, depth, verified);
+        let p = self.gbdt.predict_proba(&row);
+        let k = self.classes.len();
+        let mut mass: Vec<(u32, f32)> = Vec::with_capacity(8);
+        let mut add = |t: u32, q: f32| match mass.iter_mut().find(|m| m.0 == t) {
+            Some(m) => m.1 += q,
+            None => mass.push((t, q)),
+        };
+        // Only classes with real mass matter; skip the long tail.
+        for (i, &q) in p[..k].iter().enumerate() {
+            if q > 0.02 {
+                add(self.classes[i], q);
+            }
+        }
+        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context].iter().enumerate() {
+            if let Some(t) = c {
+                add(*t, p[k + i]);
+            }
+        }
+        let best = mass.into_iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+        (best.1 > p[self.model_class()]).then_some(Draft { token: best.0, prob: best.1 })
+    }
+
+    /// Drafts up to `k` tokens after `ctx` (stops at `__MODEL__` or when a
+    /// token's probability is below the threshold).
+    pub fn propose(&self, ctx: &[u32], k: usize, verified: Verified) -> Vec<Draft> {
+        self.propose_with(ctx, k, verified, self.threshold)
+    }
+
+    pub fn propose_with(&self, ctx: &[u32], k: usize, verified: Verified, threshold: f32) -> Vec<Draft> {
+        let mut ext = ctx.to_vec();
+        let mut out = Vec::new();
+        while out.len() < k.min(self.k_max) {
+            match self.predict(&ext, out.len(), verified) {
+                Some(d) if d.prob >= threshold => {
+                    ext.push(d.token);
+                    out.push(d);
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), DrafterError> {
+        let json = serde_json::to_vec(self).map_err(|e| DrafterError::Read { path: path.display().to_string(), msg: e.to_string() })?;
+        crate::checkpoint::write_atomic(path, &json)
+            .map_err(|e| DrafterError::Read { path: path.display().to_string(), msg: e.to_string() })
+    }
+
+    /// Loads and checks a drafter file for a model of `vocab_size`.
+    pub fn load(path: &Path, vocab_size: usize) -> Result<Drafter, DrafterError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| DrafterError::Read { path: p.clone(), msg: e.to_string() })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| DrafterError::Corrupt { path: p.clone(), msg: e.to_string() })?;
+        let found = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        if found != FORMAT_VERSION {
+            return Err(DrafterError::Version { path: p, found });
+        }
+        let mut d: Drafter = serde_json::from_value(v).map_err(|e| DrafterError::Corrupt { path: p.clone(), msg: e.to_string() })?;
+        if d.gbdt.version != gbdt::FORMAT_VERSION {
+            return Err(DrafterError::Version { path: p, found: d.gbdt.version });
+        }
+        if d.vocab_size != vocab_size {
+            return Err(DrafterError::Vocab { path: p, found: d.vocab_size, expected: vocab_size });
+        }
+        if d.gbdt.n_classes != d.classes.len() + N_POINTERS + 1 || d.gbdt.n_features != features::N_FEATURES {
+            return Err(DrafterError::Corrupt { path: p, msg: "class or feature counts disagree with the trees".into() });
+        }
+        d.index();
+        Ok(d)
+    }
+}
+
+/// The simple baseline: match the context's suffix earlier in the context
+/// and copy what followed (prompt lookup decoding), up to `k` tokens.
+pub fn prompt_lookup(ctx: &[u32], k: usize, min_match: usize) -> Vec<u32> {
+    let n = ctx.len();
+    for len in (min_match..=n.saturating_sub(1).min(8)).rev() {
+        let suffix = &ctx[n - len..];
+        // Most recent earlier occurrence.
+        if let Some(start) = (0..n - len).rev().find(|&s| &ctx[s..s + len] == suffix) {
+            let from = start + len;
+            return ctx[from..(from + k).min(n)].to_vec();
+        }
+    }
+    vec![]
+}
+
+/// Offline replay of drafting on a sequence the model produced greedily.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Replay {
+    pub tokens: usize,
+    pub steps: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Sum of the cost of every verify step, in units of a 1-token step.
+    pub cost: f64,
+}
+
+impl Replay {
+    pub fn tokens_per_step(&self) -> f64 {
+        self.tokens as f64 / self.steps.max(1) as f64
+    }
+    /// Speedup over plain decoding (one token per unit-cost step).
+    pub fn speedup(&self) -> f64 {
+        self.tokens as f64 / self.cost.max(1e-9)
+    }
+    pub fn precision(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+    pub fn add(&mut self, o: &Replay) {
+        self.tokens += o.tokens;
+        self.steps += o.steps;
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        self.cost += o.cost;
+    }
+}
+
+/// Replays decoding of `seq[prompt..]` (the model's own greedy output):
+/// at each step `propose(context, verified index)` drafts tokens, the
+/// matching prefix is accepted plus one token from the model. `cost(k)` is
+/// the cost of verifying k drafts relative to a plain step.
+pub fn replay(
+    seq: &[u32],
+    prompt: usize,
+    mut propose: impl FnMut(&[u32], usize) -> Vec<u32>,
+    cost: &dyn Fn(usize) -> f64,
+) -> Replay {
+    let mut r = Replay::default();
+    let mut pos = prompt; // tokens known
+    while pos < seq.len() {
+        let drafts = propose(&seq[..pos], pos - 1);
+        let room = seq.len() - pos;
+        let drafts = &drafts[..drafts.len().min(room.saturating_sub(1))];
+        let a = drafts.iter().zip(&seq[pos..]).take_while(|(d, s)| d == s).count();
+        r.drafted += drafts.len();
+        r.accepted += a;
+        r.tokens += a + 1;
+        r.steps += 1;
+        r.cost += cost(drafts.len());
+        pos += a + 1;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lookup_copies_what_followed_the_suffix() {
+        let ctx = [1, 2, 3, 4, 5, 9, 2, 3];
+        assert_eq!(prompt_lookup(&ctx, 3, 2), vec![4, 5, 9]);
+        assert!(prompt_lookup(&[1, 2, 3], 3, 2).is_empty());
+    }
+
+    #[test]
+    fn an_oracle_replay_accepts_every_draft() {
+        let seq: Vec<u32> = (0..100).collect();
+        let r = replay(&seq, 10, |ctx, _| seq[ctx.len()..(ctx.len() + 4).min(seq.len())].to_vec(), &|k| 1.0 + 0.1 * k as f64);
+        assert_eq!(r.tokens, 90);
+        assert_eq!(r.accepted, r.drafted);
+        assert_eq!(r.steps, 18);
+    }
+
+    #[test]
+    fn a_replay_without_drafts_is_plain_decoding() {
+        let seq: Vec<u32> = (0..50).collect();
+        let r = replay(&seq, 5, |_, _| vec![], &|_| 1.0);
+        assert_eq!((r.tokens, r.steps), (45, 45));
+        assert!((r.speedup() - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,29 @@
+//! gpt-serve trains small multi-exit GPT models and serves them with
+//! speculative cascade decoding.
+//!
+//! ```text
+//! train:  corpus -> tokenizer -> token cache -> multi-exit GPT (AdamW) -> checkpoint
+//!         -> label positions with the model -> gradient-boosted tree drafter
+//! serve:  HTTP (server, openai) -> engine (queue, round-robin) -> decode
+//!         (tree drafts -> early exits truncate -> final head accepts) -> SSE/JSON
+//! ```
+//! Boundaries: `server`/`openai` never touch tensors; `drafter` never touches
+//! candle; `decode` knows nothing of HTTP; `engine` is where async code meets
+//! tensors. The model takes its KV cache as an argument, so one model serves
+//! many sequences.
+
+// pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod drafter;
+// pub mod engine;
+pub mod kv_cache;
+pub mod model;
+pub mod ops;
+// pub mod openai;
+pub mod sampling;
+// pub mod server;
+// pub mod stop;
+pub mod tokenizer;
+pub mod train;

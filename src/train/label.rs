@@ -1,0 +1,290 @@
+//! Drafter training data, labelled by the model itself (DESIGN.md, "The
+//! tree drafter"), then the fit, the threshold choice and the offline replay.
+//!
+//! 1. Greedy continuations of prompts from the train split: what the model
+//!    sees when serving. The model's top-1 at each position is simply the
+//!    next generated token.
+//! 2. Teacher-forced windows of train text: the top-1 of every position in
+//!    one forward, cheap rows.
+//! The first part of both builds the next-token tables (features), the rest
+//! becomes GBDT rows, with the draft depth j drawn at random and the
+//! "verified" statistics taken j positions back, as at draft time.
+//! The threshold is chosen for the replayed speedup on held-out train
+//! continuations, with verify costs measured on the model; the report
+//! replays val-split continuations against prompt lookup and an oracle.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::decode::greedy_with_stats;
+use crate::drafter::features::{Tables, Verified, N_FEATURES};
+use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
+use crate::drafter::{self, Drafter, Replay};
+use crate::model::Gpt;
+use crate::sampling;
+
+#[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
+pub struct DrafterOptions {
+    /// Token classes K of the drafter (plus pointer classes and __MODEL__).
+    #[arg(long, default_value_t = 64)]
+    pub drafter_classes: usize,
+    /// Greedy continuations generated for labelling.
+    #[arg(long, default_value_t = 120)]
+    pub drafter_prompts: usize,
+    /// Tokens generated per continuation.
+    #[arg(long, default_value_t = 128)]
+    pub drafter_gen_tokens: usize,
+    /// Teacher-forced windows of train text.
+    #[arg(long, default_value_t = 300)]
+    pub drafter_windows: usize,
+    #[arg(long, default_value_t = 50)]
+    pub drafter_rounds: usize,
+    #[arg(long, default_value_t = 6)]
+    pub drafter_depth: usize,
+    /// Longest draft chain.
+    #[arg(long, default_value_t = 8)]
+    pub drafter_k_max: usize,
+}
+
+/// A continuation with the model's stats at each generated position.
+pub struct Continuation {
+    pub tokens: Vec<u32>,
+    pub prompt: usize,
+    pub verified: Vec<Verified>,
+}
+
+/// Greedy continuations of `n` prompts of `plen` tokens drawn from `tokens`.
+pub fn continuations(model: &Gpt, tokens: &[u32], n: usize, plen: usize, gen: usize, seed: u64, eot: u32) -> anyhow::Result<Vec<Continuation>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let gen = gen.min(model.cfg.block_size.saturating_sub(plen));
+    (0..n)
+        .map(|_| {
+            let start = rng.random_range(0..tokens.len() - plen);
+            let prompt = &tokens[start..start + plen];
+            let (seq, verified) = greedy_with_stats(model, prompt, gen, eot)?;
+            Ok(Continuation { tokens: seq, prompt: plen, verified })
+        })
+        .collect()
+}
+
+/// Teacher-forced windows: (tokens, model top-1 at each position, stats).
+fn teacher_forced(model: &Gpt, tokens: &[u32], n: usize, t: usize, seed: u64) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>, Vec<Verified>)>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let last = model.cfg.exits.len() - 1;
+    (0..n)
+        .map(|_| {
+            let start = rng.random_range(0..tokens.len() - t);
+            let w = tokens[start..start + t].to_vec();
+            let idx = Tensor::from_slice(&w, (1, t), model.device())?;
+            let mut s = model.embed(&idx, 0)?;
+            model.run_blocks(&mut s, model.cfg.n_layer, None)?;
+            let logits = model.exit_logits(&s, last, 0..t)?.squeeze(0)?.to_vec2::<f32>()?;
+            let top: Vec<u32> = logits.iter().map(|r| sampling::argmax(r)).collect();
+            let stats = logits
+                .iter()
+                .map(|r| {
+                    let (p, e) = sampling::top1_and_entropy(r);
+                    Verified { top1_prob: p, entropy: e }
+                })
+                .collect();
+            Ok((w, top, stats))
+        })
+        .collect()
+}
+
+/// Measured cost of verifying k drafts relative to a plain step, k = 0..=k_max,
+/// at a context of half the window.
+pub fn verify_costs(model: &Gpt, k_max: usize) -> anyhow::Result<Vec<f64>> {
+    let ctx = (model.cfg.block_size / 2).max(1);
+    let prompt: Vec<u32> = (0..ctx as u32).map(|i| i % model.cfg.vocab_size as u32).collect();
+    let idx = Tensor::from_slice(&prompt, (1, ctx), model.device())?;
+    let mut cache = model.new_cache()?;
+    let mut s = model.embed(&idx, 0)?;
+    model.run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache))?;
+    let last = model.cfg.exits.len() - 1;
+    let mut time = |rows: usize| -> anyhow::Result<f64> {
+        let reps = 12;
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let ids: Vec<u32> = (0..rows as u32).collect();
+            let idx = Tensor::from_slice(&ids, (1, rows), model.device())?;
+            let t0 = Instant::now();
+            let mut s = model.embed(&idx, ctx)?;
+            model.run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache))?;
+            let _ = model.exit_logits(&s, last, 0..rows)?.to_vec3::<f32>()?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            cache.truncate(ctx);
+        }
+        Ok(best)
+    };
+    let base = time(1)?;
+    (0..=k_max).map(|k| Ok(time(k + 1)? / base)).collect()
+}
+
+/// Builds rows from a sequence: positions `from..seq.len()-1` predicting
+/// `next[i]` (the model's top-1 after seq[..=i]).
+fn rows_of(
+    d: &Drafter,
+    seq: &[u32],
+    next: &dyn Fn(usize) -> u32,
+    verified: &dyn Fn(usize) -> Verified,
+    from: usize,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    out: &mut (Vec<Vec<f32>>, Vec<Target>),
+) {
+    for i in from..seq.len() - 1 {
+        let depth = rng.random_range(0..4usize).min(i - from);
+        let (row, cand) = d.features(&seq[..=i], depth, verified(i - depth));
+        out.1.push(d.target(next(i), &cand));
+        out.0.push(row);
+    }
+}
+
+/// Trains the drafter for the checkpoint in `dir` and saves `drafter.json`.
+pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32]) -> anyhow::Result<Drafter> {
+    let t0 = Instant::now();
+    let device = Device::Cpu;
+    let loaded = checkpoint::load(dir, &device)?;
+    let model = loaded.model(&device)?;
+    let tok = &loaded.tokenizer;
+    let eot = tok.eot();
+    let t = model.cfg.block_size.min(256);
+    let plen = 32.min(t / 2);
+    eprintln!("drafter: labelling with the model ({} continuations, {} windows)", o.drafter_prompts, o.drafter_windows);
+    let conts = continuations(&model, train, o.drafter_prompts, plen, o.drafter_gen_tokens, 11, eot)?;
+    let windows = teacher_forced(&model, train, o.drafter_windows, t, 12)?;
+    // Halves: tables from the first, rows from the second; a held-out slice
+    // of continuations tunes the threshold.
+    let n_tune = (conts.len() / 6).max(1);
+    let (tune, conts) = conts.split_at(n_tune);
+    let (c_tab, c_rows) = conts.split_at(conts.len() / 2);
+    let (w_tab, w_rows) = windows.split_at(windows.len() / 2);
+    let mut triples: Vec<(Option<u32>, u32, u32)> = Vec::new();
+    for c in c_tab {
+        for i in c.prompt - 1..c.tokens.len() - 1 {
+            triples.push(((i > 0).then(|| c.tokens[i - 1]), c.tokens[i], c.tokens[i + 1]));
+        }
+    }
+    for (w, top, _) in w_tab {
+        for i in 0..w.len() {
+            triples.push(((i > 0).then(|| w[i - 1]), w[i], top[i]));
+        }
+    }
+    // Token classes: the model's most frequent predictions.
+    let mut freq: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for tr in &triples {
+        *freq.entry(tr.2).or_default() += 1;
+    }
+    let mut by_freq: Vec<(u32, usize)> = freq.into_iter().collect();
+    by_freq.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let classes: Vec<u32> = by_freq.iter().take(o.drafter_classes).map(|x| x.0).collect();
+    let tables = Tables::build(triples.into_iter(), 2);
+    let vocab = model.cfg.vocab_size;
+    let placeholder = Gbdt::fit(&[vec![0.0; N_FEATURES]], &[vec![(0, 1.0)]], classes.len() + drafter::N_POINTERS + 1, (&[], &[]), &GbdtParams { rounds: 0, ..Default::default() })?;
+    let mut ws = tok.word_start().to_vec();
+    ws.resize(vocab, false);
+    let mut d = Drafter::new(vocab, classes, tables, placeholder, ws, 0.5, o.drafter_k_max);
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut data = (Vec::new(), Vec::new());
+    for c in c_rows {
+        let gen_start = c.prompt - 1;
+        rows_of(&d, &c.tokens, &|i| c.tokens[i + 1], &|i| c.verified.get(i.saturating_sub(gen_start + 1)).copied().unwrap_or_default(), c.prompt - 1, &mut rng, &mut data);
+    }
+    let n_gen_rows = data.0.len();
+    for (w, top, stats) in w_rows {
+        rows_of(&d, w, &|i| top[i], &|i| stats[i.saturating_sub(1)], 1, &mut rng, &mut data);
+    }
+    let n = data.0.len();
+    let n_valid = n / 10;
+    // Interleaved validation rows.
+    let (mut tr, mut va) = ((vec![], vec![]), (vec![], vec![]));
+    for (i, (x, y)) in data.0.into_iter().zip(data.1).enumerate() {
+        let dst = if i % 10 == 0 && va.0.len() < n_valid { &mut va } else { &mut tr };
+        dst.0.push(x);
+        dst.1.push(y);
+    }
+    let label_secs = t0.elapsed().as_secs_f64();
+    eprintln!("drafter: {n} rows ({n_gen_rows} from continuations) in {label_secs:.0}s; fitting");
+    let t_fit = Instant::now();
+    let params = GbdtParams { rounds: o.drafter_rounds, max_depth: o.drafter_depth, ..Default::default() };
+    d.gbdt = Gbdt::fit(&tr.0, &tr.1, d.n_classes(), (&va.0, &va.1), &params)?;
+    let fit_secs = t_fit.elapsed().as_secs_f64();
+
+    // Threshold: best replayed speedup on held-out train continuations.
+    let costs = verify_costs(&model, o.drafter_k_max)?;
+    let cost = |k: usize| costs[k.min(costs.len() - 1)];
+    let mut curve = Vec::new();
+    let mut best = (0.0f64, 0.5f32);
+    for th in [0.2f32, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] {
+        let r = replay_tree(&d, tune, th, &cost);
+        curve.push(serde_json::json!({"threshold": th, "precision": r.precision(), "drafts_per_step": r.drafted as f64 / r.steps.max(1) as f64, "tokens_per_step": r.tokens_per_step(), "speedup": r.speedup()}));
+        if r.speedup() > best.0 {
+            best = (r.speedup(), th);
+        }
+    }
+    d.threshold = best.1;
+
+    // Report on val-split continuations.
+    let vconts = continuations(&model, val, 24, plen, o.drafter_gen_tokens, 21, eot)?;
+    let report = replay_report(&d, &vconts, &cost);
+    let importance: Vec<(String, f64)> = {
+        let total: f64 = d.gbdt.importance.iter().sum::<f64>().max(1e-12);
+        let mut v: Vec<(String, f64)> = crate::drafter::features::FEATURE_NAMES
+            .iter()
+            .zip(&d.gbdt.importance)
+            .map(|(n, g)| (n.to_string(), g / total))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    d.report = serde_json::json!({
+        "rows": n, "rows_from_continuations": n_gen_rows, "label_secs": label_secs, "fit_secs": fit_secs,
+        "trees": d.gbdt.n_trees(), "valid_loss": d.gbdt.valid_loss, "threshold": d.threshold,
+        "verify_cost": costs, "threshold_curve_tune": curve, "val_replay": report, "feature_importance": importance,
+    });
+    d.save(&dir.join(checkpoint::DRAFTER_FILE)).context("saving the drafter")?;
+    eprintln!("drafter: {}", serde_json::to_string(&d.report["val_replay"])?);
+    Ok(d)
+}
+
+/// Replays the tree drafter at `threshold` over continuations.
+pub fn replay_tree(d: &Drafter, conts: &[Continuation], threshold: f32, cost: &dyn Fn(usize) -> f64) -> Replay {
+    let mut total = Replay::default();
+    for c in conts {
+        let gen_start = c.prompt - 1;
+        let r = drafter::replay(
+            &c.tokens,
+            c.prompt,
+            |ctx, vi| {
+                let v = c.verified.get(vi.saturating_sub(gen_start + 1)).copied().unwrap_or_default();
+                d.propose_with(ctx, d.k_max, v, threshold).into_iter().map(|x| x.token).collect()
+            },
+            cost,
+        );
+        total.add(&r);
+    }
+    total
+}
+
+/// Tree vs prompt lookup vs oracle on the same continuations.
+pub fn replay_report(d: &Drafter, conts: &[Continuation], cost: &dyn Fn(usize) -> f64) -> serde_json::Value {
+    let tree = replay_tree(d, conts, d.threshold, cost);
+    let mut lookup = Replay::default();
+    let mut oracle = Replay::default();
+    for c in conts {
+        lookup.add(&drafter::replay(&c.tokens, c.prompt, |ctx, _| drafter::prompt_lookup(ctx, d.k_max, 2), cost));
+        let seq = &c.tokens;
+        oracle.add(&drafter::replay(seq, c.prompt, |ctx, _| seq[ctx.len()..(ctx.len() + d.k_max).min(seq.len())].to_vec(), cost));
+    }
+    let row = |r: &Replay| {
+        serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(), "precision": r.precision(), "drafted": r.drafted, "accepted": r.accepted, "tokens": r.tokens})
+    };
+    serde_json::json!({"tree": row(&tree), "prompt_lookup": row(&lookup), "oracle": row(&oracle), "tree_share_of_oracle": (tree.speedup() - 1.0) / (oracle.speedup() - 1.0).max(1e-9)})
+}
