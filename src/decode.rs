@@ -103,7 +103,7 @@ fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Finish {
     Length,
     Eot,
@@ -256,11 +256,11 @@ impl<'m> Generator<'m> {
         let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?.squeeze(0)?.to_vec2::<f32>()?;
         // Accept while the draft equals the keyed sample at its position.
         let mut out = Vec::new();
-        for (i, row) in logits.iter().enumerate() {
+        accept(&drafts, kept, |i| {
+            let row = &logits[i];
             let mut l = row.clone();
             sampling::penalize(&mut l, &self.params.sampling, &self.counts);
-            let abs_pos = self.tokens.len();
-            let f = sampling::choose(&l, &self.params.sampling, self.params.choice, abs_pos);
+            let f = sampling::choose(&l, &self.params.sampling, self.params.choice, self.tokens.len());
             let (p1, ent) = sampling::top1_and_entropy(row);
             self.verified = Verified { top1_prob: p1, entropy: ent };
             let lp = self.params.logprobs.map(|n| {
@@ -277,17 +277,11 @@ impl<'m> Generator<'m> {
             *self.counts.entry(f).or_default() += 1;
             if self.params.stop_at_eot && f == self.eot {
                 self.finished = Some(Finish::Eot);
-                break;
-            }
-            if self.remaining() == 0 {
+            } else if self.remaining() == 0 {
                 self.finished = Some(Finish::Length);
-                break;
             }
-            // Continue only while the draft at the next row is the token chosen.
-            if i + 1 >= kept || drafts[i] != f {
-                break;
-            }
-        }
+            (f, self.finished.is_some())
+        });
         let accepted = out.len() - 1;
         self.record(&drafts, accepted);
         // Roll back: the cache holds every committed token but the pending one.
@@ -341,6 +335,24 @@ impl<'m> Generator<'m> {
     }
 }
 
+/// The acceptance rule. Rows are `[pending, d1..dk]`, of which the first
+/// `kept` survived the exits; `choose(i)` commits the model's token for the
+/// position after row i and says whether generation must stop there. The
+/// draft d(i+1) is accepted iff it equals that token; the walk ends at the
+/// first mismatch, which yields the model's token in its place. Returns the
+/// committed tokens: at least one.
+pub fn accept(drafts: &[u32], kept: usize, mut choose: impl FnMut(usize) -> (u32, bool)) -> Vec<u32> {
+    let mut out = Vec::new();
+    for i in 0..kept.max(1) {
+        let (f, stop) = choose(i);
+        out.push(f);
+        if stop || i + 1 >= kept || drafts.get(i) != Some(&f) {
+            break;
+        }
+    }
+    out
+}
+
 /// Greedy continuation with the final head's top-1 probability and entropy
 /// at every generated position (the drafter's training data).
 pub fn greedy_with_stats(model: &Gpt, prompt: &[u32], max_tokens: usize, eot: u32) -> Result<(Vec<u32>, Vec<Verified>)> {
@@ -355,4 +367,91 @@ pub fn greedy_with_stats(model: &Gpt, prompt: &[u32], max_tokens: usize, eot: u3
         stats.push(g.verified);
     }
     Ok((g.tokens, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A toy model over 3 tokens: p(next | last).
+    fn toy(last: u32) -> [f32; 3] {
+        match last {
+            0 => [0.5, 0.3, 0.2],
+            1 => [0.1, 0.6, 0.3],
+            _ => [0.3, 0.3, 0.4],
+        }
+    }
+
+    fn logits(last: u32) -> Vec<f32> {
+        toy(last).iter().map(|p| p.ln()).collect()
+    }
+
+    /// Decodes 3 tokens after token 2 with drafts [0, 0] at every step,
+    /// using `rule` to accept drafts.
+    fn spec_decode(seed: u64, rule: &dyn Fn(u32, u32, &[f32]) -> bool) -> Vec<u32> {
+        let p = SamplingParams { temperature: 1.0, seed, ..Default::default() };
+        let mut seq = vec![2u32];
+        while seq.len() < 4 {
+            let drafts = [0u32, 0];
+            let kept = (4 - seq.len()).min(3);
+            let base = seq.clone();
+            let mut ctx = base.clone();
+            let got = accept(&drafts, kept, |i| {
+                let l = logits(*ctx.last().unwrap());
+                let sample = sampling::choose(&l, &p, 0, ctx.len());
+                let d = drafts.get(i).copied().unwrap_or(u32::MAX);
+                let f = if rule(d, sample, &l) { d } else { sample };
+                ctx.push(f);
+                (f, ctx.len() >= 4)
+            });
+            seq.extend(got);
+        }
+        seq[1..4].to_vec()
+    }
+
+    fn exact() -> HashMap<Vec<u32>, f64> {
+        let mut m = HashMap::new();
+        for a in 0..3u32 {
+            for b in 0..3u32 {
+                for c in 0..3u32 {
+                    let pr = toy(2)[a as usize] as f64 * toy(a)[b as usize] as f64 * toy(b)[c as usize] as f64;
+                    m.insert(vec![a, b, c], pr);
+                }
+            }
+        }
+        m
+    }
+
+    fn max_deviation(rule: &dyn Fn(u32, u32, &[f32]) -> bool) -> f64 {
+        let n = 30_000;
+        let mut counts: HashMap<Vec<u32>, usize> = HashMap::new();
+        for seed in 0..n {
+            *counts.entry(spec_decode(seed, rule)).or_default() += 1;
+        }
+        exact().iter().map(|(k, p)| (counts.get(k).copied().unwrap_or(0) as f64 / n as f64 - p).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn sample_then_compare_matches_plain_sampling_by_enumeration() {
+        // Accept a draft iff it equals the keyed sample at its position.
+        let dev = max_deviation(&|d, s, _| d == s);
+        assert!(dev < 0.012, "max deviation {dev}");
+    }
+
+    #[test]
+    fn a_broken_acceptance_rule_is_caught() {
+        // Accepting any draft the model gives at least 20% is not sampling.
+        let dev = max_deviation(&|d, s, l| d == s || (d < 3 && l[d as usize].exp() >= 0.2));
+        assert!(dev > 0.03, "max deviation {dev}");
+    }
+
+    #[test]
+    fn accept_yields_at_least_one_token_and_stops_at_the_first_mismatch() {
+        assert_eq!(accept(&[], 1, |_| (7, false)), vec![7]);
+        let picks = [5u32, 6, 9, 1];
+        assert_eq!(accept(&[5, 6, 8], 4, |i| (picks[i], false)), vec![5, 6, 9]);
+        assert_eq!(accept(&[5, 6, 8], 2, |i| (picks[i], false)), vec![5, 6]);
+        assert_eq!(accept(&[5, 6, 8], 4, |i| (picks[i], i == 0)), vec![5]);
+    }
 }

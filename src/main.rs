@@ -53,6 +53,13 @@ enum Cmd {
         #[arg(long)]
         no_speculate: bool,
     },
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Write the OpenAPI document of the HTTP API.
+    Openapi {
+        #[arg(long, default_value = "proto/openapi.json")]
+        out: PathBuf,
+    },
     /// Loss of every exit on text files.
     Eval {
         #[arg(long, default_value = "models/default")]
@@ -65,7 +72,123 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "GPT_SERVE_MODEL", default_value = "models/default")]
+    model: PathBuf,
+    #[arg(long, env = "GPT_SERVE_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "GPT_SERVE_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Name clients use in `model` (default: the directory name).
+    #[arg(long, env = "GPT_SERVE_MODEL_ID")]
+    model_id: Option<String>,
+    /// Sequences decoding at once (round-robin).
+    #[arg(long, env = "GPT_SERVE_MAX_ACTIVE", default_value_t = 32)]
+    max_active: usize,
+    /// Sequences allowed to wait; beyond, 429.
+    #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
+    /// Bearer token required on API routes.
+    #[arg(long, env = "GPT_SERVE_API_KEY")]
+    api_key: Option<String>,
+    /// Seconds a request may take.
+    #[arg(long, env = "GPT_SERVE_REQUEST_TIMEOUT", default_value_t = 600)]
+    request_timeout: u64,
+    /// Clamp max_tokens to the context window instead of answering 400.
+    #[arg(long, env = "GPT_SERVE_TRUNCATE_MAX_TOKENS")]
+    truncate_max_tokens: bool,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "GPT_SERVE_BODY_LIMIT", default_value_t = 1 << 20)]
+    body_limit: usize,
+    /// Let early exits truncate drafts (cascade verification).
+    #[arg(long, env = "GPT_SERVE_CASCADE")]
+    cascade: bool,
+    /// An exit truncates a draft when its own top-1 probability reaches this.
+    #[arg(long, default_value_t = 0.5)]
+    exit_confidence: f32,
+    /// Serve without the drafter (plain decoding only).
+    #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
+    no_speculate: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    use gpt_serve::{engine, metrics, server};
+    let device = candle_core::Device::Cpu;
+    let loaded = checkpoint::load(&a.model, &device).with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
+    let cfg = loaded.config.model.clone();
+    let drafter = if a.no_speculate {
+        None
+    } else {
+        match gpt_serve::drafter::Drafter::load(&a.model.join(checkpoint::DRAFTER_FILE), cfg.vocab_size) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("warning: {e}; serving without a drafter (plain decoding)");
+                None
+            }
+        }
+    };
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        a.model.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "default".into())
+    });
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let tokenizer = loaded.tokenizer.clone();
+    let eng = engine::Engine::spawn(
+        loaded,
+        drafter,
+        engine::EngineConfig { max_active: a.max_active.max(1), cascade: a.cascade, exit_confidence: a.exit_confidence },
+        metrics.clone(),
+    )?;
+    let opts = server::ServeOptions {
+        api_key: a.api_key.clone(),
+        request_timeout: std::time::Duration::from_secs(a.request_timeout),
+        truncate_max_tokens: a.truncate_max_tokens,
+        max_waiting: a.max_waiting,
+        body_limit: a.body_limit,
+    };
+    let state = server::AppState::new(eng, tokenizer, model_id.clone(), cfg.block_size, cfg.vocab_size, metrics, opts);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("gpt-serve: serving `{model_id}` on http://{}", listener.local_addr()?);
+        let deadline = a.shutdown_timeout;
+        axum::serve(listener, server::router(state))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
+                    eprintln!("gpt-serve: shutdown deadline passed, exiting");
+                    std::process::exit(0);
+                });
+            })
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // candle's CPU kernels and gemm read the rayon pool size.
@@ -116,6 +239,10 @@ fn main() -> anyhow::Result<()> {
                 g.stats.drafted,
                 g.stats.accepted
             );
+        }
+        Cmd::Serve(a) => serve(a)?,
+        Cmd::Openapi { out } => {
+            std::fs::write(&out, gpt_serve::server::openapi_json() + "\n").with_context(|| format!("writing {}", out.display()))?;
         }
         Cmd::Eval { model, data, max_windows } => {
             let device = candle_core::Device::Cpu;

@@ -1,0 +1,118 @@
+//! Prometheus metrics with vLLM's names (`vllm:` prefix), so existing
+//! dashboards work: token counters, time-to-first-token, inter-token and
+//! end-to-end latency histograms, running/waiting requests, and the
+//! speculative decoding counters (drafts, accepted, per position, per exit).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::decode::SpecStats;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub requests_success: Family<Labels, Counter>,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub step_seconds: Histogram,
+    running: Gauge<i64, std::sync::atomic::AtomicI64>,
+    waiting: Gauge<i64, std::sync::atomic::AtomicI64>,
+    spec_draft_tokens: Counter,
+    spec_accepted_tokens: Counter,
+    spec_drafts: Counter,
+    spec_no_draft_steps: Counter,
+    spec_accepted_per_pos: Family<Labels, Counter>,
+    spec_drafted_per_pos: Family<Labels, Counter>,
+    spec_truncated_by_exit: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Metrics {
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            requests_success: Family::default(),
+            ttft: latency(),
+            itl: latency(),
+            e2e: latency(),
+            step_seconds: latency(),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            spec_draft_tokens: Counter::default(),
+            spec_accepted_tokens: Counter::default(),
+            spec_drafts: Counter::default(),
+            spec_no_draft_steps: Counter::default(),
+            spec_accepted_per_pos: Family::default(),
+            spec_drafted_per_pos: Family::default(),
+            spec_truncated_by_exit: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register("vllm:prompt_tokens", "Prompt tokens processed", m.prompt_tokens.clone());
+        r.register("vllm:generation_tokens", "Tokens generated", m.generation_tokens.clone());
+        r.register("vllm:request_success", "Finished requests by finish reason", m.requests_success.clone());
+        r.register("vllm:time_to_first_token_seconds", "Time to first token", m.ttft.clone());
+        r.register("vllm:time_per_output_token_seconds", "Inter-token latency", m.itl.clone());
+        r.register("vllm:e2e_request_latency_seconds", "End-to-end request latency", m.e2e.clone());
+        r.register("gpt_serve:decode_step_seconds", "Time of one decode step of one sequence", m.step_seconds.clone());
+        r.register("vllm:num_requests_running", "Sequences decoding", m.running.clone());
+        r.register("vllm:num_requests_waiting", "Sequences queued", m.waiting.clone());
+        r.register("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", m.spec_draft_tokens.clone());
+        r.register("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", m.spec_accepted_tokens.clone());
+        r.register("vllm:spec_decode_num_drafts", "Verify steps", m.spec_drafts.clone());
+        r.register("gpt_serve:spec_decode_no_draft_steps", "Steps where the drafter said __MODEL__", m.spec_no_draft_steps.clone());
+        r.register("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position", m.spec_accepted_per_pos.clone());
+        r.register("gpt_serve:spec_decode_num_draft_tokens_per_pos", "Drafts by position", m.spec_drafted_per_pos.clone());
+        r.register("gpt_serve:spec_decode_truncated_by_exit", "Drafts dropped by each early exit", m.spec_truncated_by_exit.clone());
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn set_running(&self, running: usize, waiting: usize) {
+        self.running.set(running as i64);
+        self.waiting.set(waiting as i64);
+    }
+
+    pub fn record_spec(&self, s: &SpecStats) {
+        self.spec_draft_tokens.inc_by(s.drafted);
+        self.spec_accepted_tokens.inc_by(s.accepted);
+        self.spec_drafts.inc_by(s.steps);
+        self.spec_no_draft_steps.inc_by(s.no_draft_steps);
+        let pos = |i: usize| vec![("position".to_string(), i.to_string())];
+        for (i, n) in s.accepted_by_pos.iter().enumerate() {
+            self.spec_accepted_per_pos.get_or_create(&pos(i)).inc_by(*n);
+        }
+        for (i, n) in s.drafted_by_pos.iter().enumerate() {
+            self.spec_drafted_per_pos.get_or_create(&pos(i)).inc_by(*n);
+        }
+        for (i, n) in s.truncated_by_exit.iter().enumerate() {
+            self.spec_truncated_by_exit.get_or_create(&vec![("exit".to_string(), i.to_string())]).inc_by(*n);
+        }
+    }
+
+    pub fn finished(&self, reason: &str) {
+        self.requests_success.get_or_create(&vec![("finished_reason".to_string(), reason.to_string())]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
