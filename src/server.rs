@@ -78,6 +78,13 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// The admission semaphore (one permit per decoding or queued sequence).
+    pub fn limiter(&self) -> &Arc<Semaphore> {
+        &self.0.limiter
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -314,6 +321,11 @@ struct Submitted {
 
 fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
     let n_seq = v.prompts.len() * v.n;
+    let capacity = st.0.engine.config.max_active + st.0.opts.max_waiting;
+    if n_seq > capacity {
+        let param = if v.n > 1 { "n" } else { "prompt" };
+        return Err(ApiError::invalid(param, format!("{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}")));
+    }
     let permit = st.0.limiter.clone().try_acquire_many_owned(n_seq as u32).map_err(|_| ApiError {
         status: 429,
         message: format!("server is at capacity ({} sequences decoding or queued); retry shortly", st.0.engine.config.max_active + st.0.opts.max_waiting),
