@@ -26,6 +26,19 @@ use crate::kv_cache::KvCache;
 use crate::model::Gpt;
 use crate::sampling::{self, SamplingParams};
 
+/// Where draft tokens come from.
+#[derive(Clone, Copy)]
+pub enum Proposer<'m> {
+    /// Plain decoding.
+    None,
+    /// The tree drafter.
+    Tree(&'m Drafter),
+    /// Prompt lookup: copy what followed the last match of the suffix.
+    Lookup { k: usize },
+    /// The model's own continuation, known in advance (benchmark ceiling).
+    Oracle { continuation: &'m [u32], k: usize },
+}
+
 #[derive(Clone, Debug)]
 pub struct GenParams {
     pub max_tokens: usize,
@@ -113,7 +126,7 @@ pub enum Finish {
 /// the last token is pending.
 pub struct Generator<'m> {
     model: &'m Gpt,
-    drafter: Option<&'m Drafter>,
+    proposer: Proposer<'m>,
     pub params: GenParams,
     cache: KvCache,
     tokens: Vec<u32>,
@@ -132,7 +145,7 @@ impl<'m> Generator<'m> {
     /// each prompt token's logprob and top alternatives (None for the first).
     pub fn new(
         model: &'m Gpt,
-        drafter: Option<&'m Drafter>,
+        proposer: Proposer<'m>,
         prompt: &[u32],
         params: GenParams,
         eot: u32,
@@ -175,10 +188,14 @@ impl<'m> Generator<'m> {
                 }
             }
         }
-        let k_cur = drafter.map_or(0, |d| d.k_max);
+        let k_cur = match proposer {
+            Proposer::None => 0,
+            Proposer::Tree(d) => d.k_max,
+            Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
+        };
         let g = Generator {
             model,
-            drafter,
+            proposer,
             params,
             cache,
             tokens: prompt.to_vec(),
@@ -217,11 +234,16 @@ impl<'m> Generator<'m> {
         let cfg = &self.model.cfg;
         // Drafts, clamped so the step cannot pass max_tokens or the window.
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
-        let drafts: Vec<u32> = match (self.drafter, self.params.speculate) {
-            (Some(d), true) if room > 0 => {
-                d.propose(&self.tokens, self.k_cur.min(room), self.verified).into_iter().map(|d| d.token).collect()
+        let k = self.k_cur.min(room);
+        let drafts: Vec<u32> = match self.proposer {
+            _ if !self.params.speculate || k == 0 => vec![],
+            Proposer::None => vec![],
+            Proposer::Tree(d) => d.propose(&self.tokens, k, self.verified).into_iter().map(|d| d.token).collect(),
+            Proposer::Lookup { .. } => crate::drafter::prompt_lookup(&self.tokens, k, 2),
+            Proposer::Oracle { continuation, .. } => {
+                let at = self.tokens.len() - self.prompt_len;
+                continuation.get(at..).map_or(vec![], |c| c.iter().take(k).copied().collect())
             }
-            _ => vec![],
         };
         let pos = self.tokens.len() - 1;
         let mut rows = Vec::with_capacity(drafts.len() + 1);
@@ -294,7 +316,7 @@ impl<'m> Generator<'m> {
         st.steps += 1;
         st.drafted += drafts.len() as u64;
         st.accepted += accepted as u64;
-        if drafts.is_empty() && self.drafter.is_some() && self.params.speculate {
+        if drafts.is_empty() && !matches!(self.proposer, Proposer::None) && self.params.speculate {
             st.no_draft_steps += 1;
         }
         if st.drafted_by_pos.len() < drafts.len() {
@@ -309,7 +331,7 @@ impl<'m> Generator<'m> {
         }
         // Adapt k to recent acceptance: grow after full acceptance, shrink
         // after an early rejection.
-        if let Some(d) = self.drafter {
+        if let Proposer::Tree(d) = self.proposer {
             if !drafts.is_empty() {
                 self.k_cur = if accepted == drafts.len() {
                     (self.k_cur + 1).min(d.k_max)
@@ -357,7 +379,7 @@ pub fn accept(drafts: &[u32], kept: usize, mut choose: impl FnMut(usize) -> (u32
 /// at every generated position (the drafter's training data).
 pub fn greedy_with_stats(model: &Gpt, prompt: &[u32], max_tokens: usize, eot: u32) -> Result<(Vec<u32>, Vec<Verified>)> {
     let params = GenParams { max_tokens, speculate: false, stop_at_eot: false, ..Default::default() };
-    let (mut g, _) = Generator::new(model, None, prompt, params, eot, None)?;
+    let (mut g, _) = Generator::new(model, Proposer::None, prompt, params, eot, None)?;
     let mut stats = Vec::new();
     while g.finished.is_none() {
         let out = g.step()?;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::Loaded;
-use crate::decode::{Finish, GenParams, Generator, SpecStats, TokenOut};
+use crate::decode::{Finish, GenParams, Generator, Proposer, SpecStats, TokenOut};
 use crate::drafter::Drafter;
 use crate::metrics::Metrics;
 
@@ -109,7 +109,8 @@ fn start<'m>(model: &'m crate::model::Gpt, drafter: Option<&'m Drafter>, job: Jo
     let mut params = job.params;
     params.cascade = params.cascade || cfg.cascade;
     params.exit_confidence = cfg.exit_confidence;
-    match Generator::new(model, drafter, &job.prompt, params, eot, job.echo_logprobs) {
+    let proposer = drafter.map_or(Proposer::None, Proposer::Tree);
+    match Generator::new(model, proposer, &job.prompt, params, eot, job.echo_logprobs) {
         Ok((gen, echo)) => {
             job.events.send(Event::Started { echo }).ok()?;
             Some(Active { gen, events: job.events, cancel: job.cancel })

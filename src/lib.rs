@@ -12,7 +12,7 @@
 //! tensors. The model takes its KV cache as an argument, so one model serves
 //! many sequences.
 
-// pub mod bench;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;

@@ -55,10 +55,17 @@ enum Cmd {
     },
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Benchmarks: plain decode figures and speculative decoding side by side.
+    Bench(gpt_serve::bench::BenchOptions),
     /// Write the OpenAPI document of the HTTP API.
     Openapi {
         #[arg(long, default_value = "proto/openapi.json")]
         out: PathBuf,
+    },
+    /// Exit 0 when a local server answers /health with 200 (for container HEALTHCHECKs).
+    Healthcheck {
+        #[arg(long, env = "GPT_SERVE_PORT", default_value_t = 8000)]
+        port: u16,
     },
     /// Loss of every exit on text files.
     Eval {
@@ -172,6 +179,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+fn healthcheck(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("no server on port {port}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if resp.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!("unhealthy: {}", resp.lines().next().unwrap_or(""))
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -202,8 +223,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::TrainDrafter { model, data, val, opts } => {
             let loaded = checkpoint::load(&model, &candle_core::Device::Cpu)?;
-            let tr = train::data::load_tokens(&data, &loaded.tokenizer, None)?;
-            let va = train::data::load_tokens(&val, &loaded.tokenizer, None)?;
+            let cache = train::default_cache_dir();
+            let tr = train::data::load_tokens(&data, &loaded.tokenizer, cache.as_deref())?;
+            let va = train::data::load_tokens(&val, &loaded.tokenizer, cache.as_deref())?;
             let d = train::label::train_drafter(&model, &opts, &va, &tr)?;
             println!("{}", serde_json::to_string_pretty(&d.report)?);
         }
@@ -224,7 +246,8 @@ fn main() -> anyhow::Result<()> {
                 speculate: !no_speculate,
                 ..Default::default()
             };
-            let (mut g, _) = Generator::new(&gpt, drafter.as_ref(), &ids, params, tok.eot(), None).context("prompt")?;
+            let proposer = drafter.as_ref().map_or(gpt_serve::decode::Proposer::None, gpt_serve::decode::Proposer::Tree);
+            let (mut g, _) = Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
             let t0 = std::time::Instant::now();
             let out = g.run()?;
             let secs = t0.elapsed().as_secs_f64();
@@ -241,6 +264,13 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Cmd::Serve(a) => serve(a)?,
+        Cmd::Bench(o) => {
+            let r = gpt_serve::bench::run(&o)?;
+            let md = gpt_serve::bench::markdown(&r);
+            std::fs::write(o.out.with_extension("md"), &md)?;
+            println!("{md}");
+        }
+        Cmd::Healthcheck { port } => healthcheck(port)?,
         Cmd::Openapi { out } => {
             std::fs::write(&out, gpt_serve::server::openapi_json() + "\n").with_context(|| format!("writing {}", out.display()))?;
         }

@@ -250,7 +250,7 @@ fn build_tokenizer(o: &TrainOptions, docs_sample: impl FnOnce() -> anyhow::Resul
     })
 }
 
-fn default_cache_dir() -> Option<PathBuf> {
+pub fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

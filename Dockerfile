@@ -1,0 +1,23 @@
+# gpt-serve: build with the Rust toolchain, run on a slim Debian with the
+# default model inside. Configuration by GPT_SERVE_* environment variables
+# (see `gpt-serve serve --help`).
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+RUN cargo build --release --locked --bin gpt-serve
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home gptserve
+COPY --from=build /src/target/release/gpt-serve /usr/local/bin/gpt-serve
+COPY models/default /models/default
+ENV GPT_SERVE_HOST=0.0.0.0 \
+    GPT_SERVE_PORT=8000 \
+    GPT_SERVE_MODEL=/models/default \
+    GPT_SERVE_MODEL_ID=default
+USER gptserve
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s CMD ["gpt-serve", "healthcheck"]
+# gpt-serve handles SIGTERM: stops accepting, finishes in-flight requests.
+ENTRYPOINT ["gpt-serve"]
+CMD ["serve"]

@@ -1,0 +1,312 @@
+//! `gpt-serve bench`: every figure side by side in one run, on one machine.
+//!
+//! - plain: decode and prefill tokens/s and the cost of verifying k tokens
+//!   vs one, for the served model and random-weight `small` and `gpt2`
+//!   shapes;
+//! - speculative: the same prompts (val split and text the model never saw)
+//!   decoded plainly and with (a) the tree, (b) the tree + exit cascade,
+//!   (c) prompt lookup, (d) an oracle drafter (the model's own greedy
+//!   output), greedy and at temperature 0.8; outputs are checked equal to
+//!   plain decoding (differences at near-ties, top-2 logit gap < 1e-3, are
+//!   counted separately).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::{json, Value};
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::decode::{GenParams, Generator, Proposer, SpecStats};
+use crate::drafter::Drafter;
+use crate::model::{init_weights, Gpt};
+use crate::sampling::SamplingParams;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchOptions {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// Only the plain decoding figures.
+    #[arg(long)]
+    pub plain: bool,
+    /// Skip the random-weight gpt2-shaped model (slow).
+    #[arg(long)]
+    pub no_gpt2: bool,
+    #[arg(long, default_value = "../shared/data/gutenberg/val.txt.gz")]
+    pub val: PathBuf,
+    /// Text the model never saw.
+    #[arg(long, default_value = "../shared/data/tinyshakespeare.txt")]
+    pub unseen: PathBuf,
+    /// Prompts per source.
+    #[arg(long, default_value_t = 12)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench/results.json")]
+    pub out: PathBuf,
+}
+
+/// Best-of-3 seconds of `f`.
+fn time<F: FnMut() -> anyhow::Result<()>>(mut f: F) -> anyhow::Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Decode/prefill/verify figures of one model.
+pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value> {
+    let cfg = &model.cfg;
+    let dev = model.device().clone();
+    let last = cfg.exits.len() - 1;
+    let prompt: Vec<u32> = (0..16u32).map(|i| i * 7 % cfg.vocab_size as u32).collect();
+    let n = decode_tokens.min(cfg.block_size - prompt.len() - 1);
+    let params = GenParams { max_tokens: n, speculate: false, stop_at_eot: false, ..Default::default() };
+    let decode = time(|| {
+        let (mut g, _) = Generator::new(model, Proposer::None, &prompt, params.clone(), u32::MAX, None)?;
+        g.run()?;
+        Ok(())
+    })?;
+    let pre_n = 64.min(cfg.block_size);
+    let pre_ids: Vec<u32> = (0..pre_n as u32).map(|i| i * 13 % cfg.vocab_size as u32).collect();
+    let prefill = time(|| {
+        let mut cache = model.new_cache()?;
+        let idx = Tensor::from_slice(&pre_ids, (1, pre_n), &dev)?;
+        let mut s = model.embed(&idx, 0)?;
+        model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+        model.exit_logits(&s, last, pre_n - 1..pre_n)?.to_vec3::<f32>()?;
+        Ok(())
+    })?;
+    // Verify k rows after a context of 128 (or half the window).
+    let ctx = 128.min(cfg.block_size / 2);
+    let mut cache = model.new_cache()?;
+    let ids: Vec<u32> = (0..ctx as u32).map(|i| i * 3 % cfg.vocab_size as u32).collect();
+    let mut s = model.embed(&Tensor::from_slice(&ids, (1, ctx), &dev)?, 0)?;
+    model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+    let mut verify = |k: usize| -> anyhow::Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..10 {
+            let rows: Vec<u32> = (0..k as u32).collect();
+            let t = Instant::now();
+            let mut s = model.embed(&Tensor::from_slice(&rows, (1, k), &dev)?, ctx)?;
+            model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+            model.exit_logits(&s, last, 0..k)?.to_vec3::<f32>()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            cache.truncate(ctx);
+        }
+        Ok(best)
+    };
+    let v1 = verify(1)?;
+    let (v4, v8) = (verify(4)? / v1, verify(8)? / v1);
+    Ok(json!({
+        "config": format!("{} x {}, vocab {}", cfg.n_layer, cfg.n_embd, cfg.vocab_size),
+        "decode_tok_s": n as f64 / decode,
+        "prefill_64_tok_s": pre_n as f64 / prefill,
+        "verify_4_over_1": v4,
+        "verify_8_over_1": v8,
+    }))
+}
+
+fn random_model(preset: &str) -> anyhow::Result<Gpt> {
+    let mut cfg = Config::preset(preset)?;
+    cfg.exits = vec![crate::config::Exit { block: cfg.n_layer, weight: 1.0 }];
+    let w: std::collections::HashMap<String, Tensor> = init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
+    Ok(Gpt::new(&cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), true)?)
+}
+
+/// Distinct 4-gram ratio of a token sequence.
+pub fn distinct4(ids: &[u32]) -> f64 {
+    if ids.len() < 4 {
+        return 1.0;
+    }
+    let grams: std::collections::HashSet<&[u32]> = ids.windows(4).collect();
+    grams.len() as f64 / (ids.len() - 3) as f64
+}
+
+struct Run {
+    tokens: Vec<Vec<u32>>,
+    secs: Vec<f64>,
+    gaps: Vec<Vec<f32>>,
+    stats: SpecStats,
+}
+
+fn decode_all<'a>(model: &'a Gpt, prompts: &[Vec<u32>], n: usize, temp: f32, proposer: &dyn Fn(usize) -> Proposer<'a>, cascade: bool) -> anyhow::Result<Run> {
+    let mut r = Run { tokens: vec![], secs: vec![], gaps: vec![], stats: SpecStats::default() };
+    for (i, p) in prompts.iter().enumerate() {
+        let params = GenParams {
+            max_tokens: n,
+            sampling: SamplingParams { temperature: temp, seed: 1000 + i as u64, ..Default::default() },
+            speculate: true,
+            cascade,
+            stop_at_eot: false,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (mut g, _) = Generator::new(model, proposer(i), p, params, u32::MAX, None)?;
+        let out = g.run()?;
+        r.secs.push(t.elapsed().as_secs_f64());
+        r.tokens.push(out.iter().map(|t| t.id).collect());
+        r.gaps.push(out.iter().map(|t| t.gap).collect());
+        r.stats.add(&g.stats);
+    }
+    Ok(r)
+}
+
+/// Compares a run with plain decoding: (identical outputs, near-tie
+/// divergences, real divergences).
+fn compare(plain: &Run, other: &Run) -> (usize, usize, usize) {
+    let (mut same, mut ties, mut diff) = (0, 0, 0);
+    for ((a, b), gaps) in plain.tokens.iter().zip(&other.tokens).zip(&plain.gaps) {
+        match a.iter().zip(b).position(|(x, y)| x != y) {
+            None => same += 1,
+            Some(i) if gaps[i] < 1e-3 => ties += 1,
+            Some(_) => diff += 1,
+        }
+    }
+    (same, ties, diff)
+}
+
+fn summary(name: &str, plain: &Run, r: &Run, n_tokens: usize) -> Value {
+    let secs: f64 = r.secs.iter().sum();
+    let psecs: f64 = plain.secs.iter().sum();
+    let (same, ties, diff) = compare(plain, r);
+    // Speedup on prompts whose plain output does not loop.
+    let varied: Vec<usize> = (0..plain.tokens.len()).filter(|&i| distinct4(&plain.tokens[i]) >= 0.9).collect();
+    let varied_speedup = if varied.is_empty() {
+        Value::Null
+    } else {
+        json!(varied.iter().map(|&i| plain.secs[i]).sum::<f64>() / varied.iter().map(|&i| r.secs[i]).sum::<f64>())
+    };
+    let s = &r.stats;
+    json!({
+        "mode": name,
+        "tok_s": n_tokens as f64 / secs,
+        "speedup": psecs / secs,
+        "speedup_non_repeating": varied_speedup,
+        "non_repeating_prompts": varied.len(),
+        "tokens_per_step": n_tokens as f64 / s.steps.max(1) as f64,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance": s.accepted as f64 / s.drafted.max(1) as f64,
+        "accepted_by_pos": s.accepted_by_pos,
+        "drafted_by_pos": s.drafted_by_pos,
+        "truncated_by_exit": s.truncated_by_exit,
+        "no_draft_steps": s.no_draft_steps,
+        "identical_to_plain": same,
+        "near_tie_divergences": ties,
+        "divergences": diff,
+    })
+}
+
+fn prompts_from(path: &PathBuf, tok: &crate::tokenizer::Tokenizer, n: usize, len: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let text = crate::train::data::read_text(path).with_context(|| format!("bench prompts from {}", path.display()))?;
+    let ids = tok.encode(&text[..text.len().min(4 << 20)])?;
+    let stride = (ids.len() - len) / n.max(1);
+    Ok((0..n).map(|i| ids[i * stride..i * stride + len].to_vec()).collect())
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
+    let device = Device::Cpu;
+    let loaded = checkpoint::load(&o.model, &device)?;
+    let model = loaded.model(&device)?;
+    let mut plain_rows = vec![plain_figures(&model, 128)?];
+    eprintln!("bench: served model {}", plain_rows[0]);
+    if o.plain {
+        let small = random_model("small")?;
+        plain_rows.push(plain_figures(&small, 128)?);
+        eprintln!("bench: random small {}", plain_rows[1]);
+        if !o.no_gpt2 {
+            let g = random_model("gpt2")?;
+            plain_rows.push(plain_figures(&g, 32)?);
+            eprintln!("bench: random gpt2 {}", plain_rows[2]);
+        }
+    }
+    let mut result = json!({
+        "machine": format!("{} threads", rayon::current_num_threads()),
+        "plain": plain_rows,
+        "reference_issue_9": {"small_decode_llama_cpp": 605, "small_decode_pytorch_eager": 192, "gpt2_decode_llama_cpp": 40, "gpt2_decode_pytorch_eager": 34.5},
+    });
+    if !o.plain {
+        let drafter = Drafter::load(&o.model.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size)?;
+        let tok = &loaded.tokenizer;
+        let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);
+        let mut suites = Vec::new();
+        for (source, path) in [("val", &o.val), ("unseen", &o.unseen)] {
+            let prompts = prompts_from(path, tok, o.prompts, o.prompt_len)?;
+            for temp in [0.0f32, 0.8] {
+                let plain = decode_all(&model, &prompts, n, temp, &|_| Proposer::None, false)?;
+                let total: usize = plain.tokens.iter().map(Vec::len).sum();
+                let conts = plain.tokens.clone();
+                let mut rows = vec![summary("plain", &plain, &plain, total)];
+                for (name, cascade) in [("tree", false), ("tree+exits", true), ("prompt-lookup", false), ("oracle", false)] {
+                    let prop = |i: usize| match name {
+                        "prompt-lookup" => Proposer::Lookup { k: drafter.k_max },
+                        "oracle" => Proposer::Oracle { continuation: &conts[i], k: drafter.k_max },
+                        _ => Proposer::Tree(&drafter),
+                    };
+                    let r = decode_all(&model, &prompts, n, temp, &prop, cascade)?;
+                    let row = summary(name, &plain, &r, total);
+                    eprintln!("bench: {source} t={temp} {name}: {:.1} tok/s, speedup {:.2}x", row["tok_s"].as_f64().unwrap_or(0.0), row["speedup"].as_f64().unwrap_or(0.0));
+                    rows.push(row);
+                }
+                let d4 = plain.tokens.iter().map(|t| distinct4(t)).sum::<f64>() / plain.tokens.len() as f64;
+                suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "prompts": prompts.len(), "new_tokens": n, "distinct4": d4, "modes": rows}));
+            }
+        }
+        result["speculative"] = json!(suites);
+        result["drafter_threshold"] = json!(drafter.threshold);
+    }
+    if let Some(dir) = o.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&o.out, serde_json::to_string_pretty(&result)?)?;
+    Ok(result)
+}
+
+/// A markdown table of the speculative results.
+pub fn markdown(result: &Value) -> String {
+    let mut s = String::new();
+    for p in result["plain"].as_array().into_iter().flatten() {
+        s += &format!(
+            "plain {}: decode {:.0} tok/s, prefill-64 {:.0} tok/s, verify 4/1 {:.2}x, 8/1 {:.2}x\n",
+            p["config"].as_str().unwrap_or(""),
+            p["decode_tok_s"].as_f64().unwrap_or(0.0),
+            p["prefill_64_tok_s"].as_f64().unwrap_or(0.0),
+            p["verify_4_over_1"].as_f64().unwrap_or(0.0),
+            p["verify_8_over_1"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for suite in result["speculative"].as_array().into_iter().flatten() {
+        s += &format!(
+            "\n{} prompts, temperature {}, {} new tokens, distinct-4 {:.2}\n\n| mode | tok/s | speedup | non-repeating speedup | tokens/step | acceptance | identical / near-tie / diverged |\n|---|---|---|---|---|---|---|\n",
+            suite["source"].as_str().unwrap_or(""),
+            suite["temperature"],
+            suite["new_tokens"],
+            suite["distinct4"].as_f64().unwrap_or(0.0)
+        );
+        for m in suite["modes"].as_array().into_iter().flatten() {
+            s += &format!(
+                "| {} | {:.1} | {:.2}x | {} | {:.2} | {:.2} | {} / {} / {} |\n",
+                m["mode"].as_str().unwrap_or(""),
+                m["tok_s"].as_f64().unwrap_or(0.0),
+                m["speedup"].as_f64().unwrap_or(0.0),
+                m["speedup_non_repeating"].as_f64().map_or("-".into(), |x| format!("{x:.2}x")),
+                m["tokens_per_step"].as_f64().unwrap_or(0.0),
+                m["acceptance"].as_f64().unwrap_or(0.0),
+                m["identical_to_plain"],
+                m["near_tie_divergences"],
+                m["divergences"]
+            );
+        }
+    }
+    s
+}
