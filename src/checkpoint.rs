@@ -81,6 +81,13 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
         .map_err(werr)?;
     let tmp = tmp_path(path);
     candle_core::safetensors::save(&map, &tmp).map_err(werr)?;
+    // safetensors writes 0600; checkpoints are meant to be shared (and read
+    // by a container's non-root user).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
     std::fs::rename(&tmp, path).map_err(|e| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() })
 }
 

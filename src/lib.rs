@@ -18,6 +18,7 @@ pub mod config;
 pub mod decode;
 pub mod drafter;
 pub mod engine;
+pub mod export;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;

@@ -57,6 +57,13 @@ enum Cmd {
     Serve(ServeArgs),
     /// Benchmarks: plain decode figures and speculative decoding side by side.
     Bench(gpt_serve::bench::BenchOptions),
+    /// Export a baseline-architecture checkpoint to Hugging Face GPT2LMHeadModel format.
+    ExportHf {
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write the OpenAPI document of the HTTP API.
     Openapi {
         #[arg(long, default_value = "proto/openapi.json")]
@@ -264,6 +271,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Cmd::Serve(a) => serve(a)?,
+        Cmd::ExportHf { model, out } => gpt_serve::export::export_hf(&model, &out)?,
         Cmd::Bench(o) => {
             let r = gpt_serve::bench::run(&o)?;
             let md = gpt_serve::bench::markdown(&r);

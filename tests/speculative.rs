@@ -1,0 +1,169 @@
+//! Speculative decoding gives plain decoding's output: greedy and seeded
+//! sampling, with and without the exit cascade, logprobs, EOS and
+//! max_tokens inside accepted runs.
+//!
+//! With the shipped model (models/default) and ../shared/data present this
+//! runs on 200 val-split prompts; otherwise on a tiny model trained here.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use gpt_serve::checkpoint;
+use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
+use gpt_serve::drafter::Drafter;
+use gpt_serve::model::Gpt;
+use gpt_serve::sampling::SamplingParams;
+
+/// Positions whose top-2 logit gap is below this may flip between a k-row
+/// verify and a 1-row step (different summation order); such differences
+/// are counted, not failed.
+const NEAR_TIE: f32 = 1e-3;
+
+struct Fixture {
+    model: Gpt,
+    drafter: Drafter,
+    eot: u32,
+    prompts: Vec<Vec<u32>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn shipped(n_prompts: usize) -> Option<Fixture> {
+    let dir = root().join("models/default");
+    let val = root().join("../shared/data/gutenberg/val.txt.gz");
+    if !dir.join("drafter.json").exists() || !val.exists() {
+        eprintln!("models/default or ../shared/data is absent: using a tiny model trained here");
+        return None;
+    }
+    let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
+    let model = loaded.model(&Device::Cpu).unwrap();
+    let drafter = Drafter::load(&dir.join("drafter.json"), model.cfg.vocab_size).unwrap();
+    let text = gpt_serve::train::data::read_text(&val).unwrap();
+    let ids = loaded.tokenizer.encode(&text[..1 << 20]).unwrap();
+    let stride = ids.len() / n_prompts;
+    let prompts = (0..n_prompts).map(|i| ids[i * stride..i * stride + 24].to_vec()).collect();
+    Some(Fixture { model, drafter, eot: loaded.tokenizer.eot(), prompts, _tmp: None })
+}
+
+fn trained_here(n_prompts: usize) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"];
+    let mut s = String::new();
+    let mut x = 3u64;
+    for i in 0..20_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s.push_str(words[(x >> 35) as usize % words.len()]);
+        s.push(if i % 9 == 8 { '\n' } else { ' ' });
+    }
+    let data = tmp.path().join("c.txt");
+    std::fs::write(&data, &s).unwrap();
+    let out = tmp.path().join("ck");
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: gpt_serve::train::TrainOptions,
+    }
+    let o = <Cli as clap::Parser>::try_parse_from([
+        "t", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--preset", "tiny", "--vocab-size", "300", "--steps", "60",
+        "--batch-size", "8", "--context", "64", "--lr", "3e-3", "--warmup", "10", "--eval-every", "0", "--drafter-prompts", "24",
+        "--drafter-windows", "24", "--drafter-gen-tokens", "24", "--drafter-rounds", "10",
+    ])
+    .unwrap()
+    .o;
+    gpt_serve::train::run(o).unwrap();
+    let loaded = checkpoint::load(&out, &Device::Cpu).unwrap();
+    let model = loaded.model(&Device::Cpu).unwrap();
+    let drafter = Drafter::load(&out.join("drafter.json"), model.cfg.vocab_size).unwrap();
+    let ids = loaded.tokenizer.encode(&s).unwrap();
+    let prompts = (0..n_prompts).map(|i| ids[i * 37..i * 37 + 12].to_vec()).collect();
+    Fixture { model, drafter, eot: loaded.tokenizer.eot(), prompts, _tmp: Some(tmp) }
+}
+
+fn fixture(n: usize) -> Fixture {
+    shipped(n).unwrap_or_else(|| trained_here(n))
+}
+
+fn generate(f: &Fixture, prompt: &[u32], params: GenParams, proposer: Proposer) -> (Vec<TokenOut>, u64) {
+    generate_eot(f, prompt, params, proposer, f.eot)
+}
+
+fn generate_eot(f: &Fixture, prompt: &[u32], params: GenParams, proposer: Proposer, eot: u32) -> (Vec<TokenOut>, u64) {
+    let (mut g, _) = Generator::new(&f.model, proposer, prompt, params, eot, None).unwrap();
+    let out = g.run().unwrap();
+    (out, g.stats.accepted)
+}
+
+/// Compares plain and speculative outputs on every prompt; returns (real
+/// divergences, near-tie divergences, accepted drafts).
+fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
+    let (mut diverged, mut ties, mut accepted) = (0, 0, 0);
+    for p in &f.prompts {
+        let (plain, _) = generate(f, p, GenParams { speculate: false, ..params.clone() }, Proposer::None);
+        let (spec, acc) = generate(f, p, params.clone(), Proposer::Tree(&f.drafter));
+        accepted += acc;
+        match plain.iter().zip(&spec).position(|(a, b)| a.id != b.id) {
+            None => assert_eq!(plain.len(), spec.len()),
+            Some(i) if plain[i].gap < NEAR_TIE => ties += 1,
+            Some(i) => {
+                eprintln!("diverged at {i}: plain {} vs spec {} (gap {})", plain[i].id, spec[i].id, plain[i].gap);
+                diverged += 1;
+            }
+        }
+    }
+    (diverged, ties, accepted)
+}
+
+#[test]
+fn greedy_speculative_output_equals_plain_output() {
+    let f = fixture(200);
+    let params = GenParams { max_tokens: 24, stop_at_eot: false, ..Default::default() };
+    let (diverged, ties, accepted) = compare(&f, params.clone());
+    eprintln!("greedy: {} prompts, {diverged} diverged, {ties} near ties, {accepted} drafts accepted", f.prompts.len());
+    assert_eq!(diverged, 0);
+    assert!(accepted > 0, "the drafter never proposed an accepted token");
+    let (diverged, ties, _) = compare(&f, GenParams { cascade: true, ..params });
+    eprintln!("greedy + exit cascade: {diverged} diverged, {ties} near ties");
+    assert_eq!(diverged, 0);
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_tokens_speculatively() {
+    let f = fixture(60);
+    let params = GenParams {
+        max_tokens: 24,
+        sampling: SamplingParams { temperature: 0.8, top_p: 0.95, seed: 5, presence_penalty: 0.3, frequency_penalty: 0.2 },
+        stop_at_eot: false,
+        ..Default::default()
+    };
+    let (diverged, ties, _) = compare(&f, params);
+    eprintln!("t=0.8: {diverged} diverged, {ties} near ties");
+    assert_eq!(diverged, 0);
+}
+
+#[test]
+fn logprobs_eos_and_max_tokens_behave_as_in_plain_decoding() {
+    let f = fixture(20);
+    for p in &f.prompts {
+        let params = GenParams { max_tokens: 17, logprobs: Some(3), stop_at_eot: false, ..Default::default() };
+        let (plain, _) = generate(&f, p, GenParams { speculate: false, ..params.clone() }, Proposer::None);
+        let (spec, _) = generate(&f, p, params, Proposer::Tree(&f.drafter));
+        assert_eq!(spec.len(), 17, "max_tokens is exact inside accepted runs");
+        for (a, b) in plain.iter().zip(&spec) {
+            if a.id != b.id {
+                break;
+            }
+            assert!((a.logprob.unwrap() - b.logprob.unwrap()).abs() < 1e-4);
+            assert_eq!(a.top.len(), 3);
+        }
+        // Treat a token from the middle of the plain output as end-of-text.
+        let stop_tok = plain[8].id;
+        let first = plain.iter().position(|t| t.id == stop_tok).unwrap();
+        let params = GenParams { max_tokens: 17, ..Default::default() };
+        let (spec, _) = generate_eot(&f, p, params, Proposer::Tree(&f.drafter), stop_tok);
+        assert_eq!(spec.len(), first + 1, "generation stops at the end-of-text token");
+    }
+}
+
