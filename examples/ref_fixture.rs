@@ -11,10 +11,22 @@ fn main() -> anyhow::Result<()> {
     let mut base = Config::preset("tiny")?;
     base.vocab_size = 260;
     base.block_size = 16;
-    base.exits = vec![Exit { block: 2, weight: 0.3 }, Exit { block: 3, weight: 0.7 }];
+    base.exits = vec![
+        Exit {
+            block: 2,
+            weight: 0.3,
+        },
+        Exit {
+            block: 3,
+            weight: 0.7,
+        },
+    ];
     let mut full = base.clone();
     full.exit_head = ExitHead::Own;
-    full.dwa = Some(Dwa { dilation: 1, period: 1 });
+    full.dwa = Some(Dwa {
+        dilation: 1,
+        period: 1,
+    });
     full.x0_skip = true;
     for (name, cfg, seed) in [("baseline", base, 11u64), ("full", full, 12)] {
         let mut w = gpt_serve::model::init_weights(&cfg, seed, &Device::Cpu)?;
@@ -24,11 +36,19 @@ fn main() -> anyhow::Result<()> {
                 *t = (t.clone() + 0.25)?;
             }
         }
-        let ck = CheckpointConfig { format_version: FORMAT_VERSION, model: cfg, dtype: "f32".into(), training: serde_json::Value::Null };
+        let ck = CheckpointConfig {
+            format_version: FORMAT_VERSION,
+            model: cfg,
+            dtype: "f32".into(),
+            training: serde_json::Value::Null,
+        };
         checkpoint::save(&root.join(name), &ck, &w, &tok)?;
     }
     let x: Vec<u32> = (0..2 * 12).map(|i| (i * 37 + 5) % 260).collect();
     let y: Vec<u32> = (0..2 * 12).map(|i| (i * 53 + 11) % 260).collect();
-    std::fs::write(root.join("batch.json"), serde_json::json!({"shape": [2, 12], "x": x, "y": y}).to_string())?;
+    std::fs::write(
+        root.join("batch.json"),
+        serde_json::json!({"shape": [2, 12], "x": x, "y": y}).to_string(),
+    )?;
     Ok(())
 }

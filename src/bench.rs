@@ -70,26 +70,44 @@ pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value>
     let last = cfg.exits.len() - 1;
     let prompt: Vec<u32> = (0..16u32).map(|i| i * 7 % cfg.vocab_size as u32).collect();
     let n = decode_tokens.min(cfg.block_size - prompt.len() - 1);
-    let params = GenParams { max_tokens: n, speculate: false, stop_at_eot: false, ..Default::default() };
+    let params = GenParams {
+        max_tokens: n,
+        speculate: false,
+        stop_at_eot: false,
+        ..Default::default()
+    };
     let decode = time(|| {
-        let (mut g, _) = Generator::new(model, Proposer::None, &prompt, params.clone(), u32::MAX, None)?;
+        let (mut g, _) = Generator::new(
+            model,
+            Proposer::None,
+            &prompt,
+            params.clone(),
+            u32::MAX,
+            None,
+        )?;
         g.run()?;
         Ok(())
     })?;
     let pre_n = 64.min(cfg.block_size);
-    let pre_ids: Vec<u32> = (0..pre_n as u32).map(|i| i * 13 % cfg.vocab_size as u32).collect();
+    let pre_ids: Vec<u32> = (0..pre_n as u32)
+        .map(|i| i * 13 % cfg.vocab_size as u32)
+        .collect();
     let prefill = time(|| {
         let mut cache = model.new_cache()?;
         let idx = Tensor::from_slice(&pre_ids, (1, pre_n), &dev)?;
         let mut s = model.embed(&idx, 0)?;
         model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
-        model.exit_logits(&s, last, pre_n - 1..pre_n)?.to_vec3::<f32>()?;
+        model
+            .exit_logits(&s, last, pre_n - 1..pre_n)?
+            .to_vec3::<f32>()?;
         Ok(())
     })?;
     // Verify k rows after a context of 128 (or half the window).
     let ctx = 128.min(cfg.block_size / 2);
     let mut cache = model.new_cache()?;
-    let ids: Vec<u32> = (0..ctx as u32).map(|i| i * 3 % cfg.vocab_size as u32).collect();
+    let ids: Vec<u32> = (0..ctx as u32)
+        .map(|i| i * 3 % cfg.vocab_size as u32)
+        .collect();
     let mut s = model.embed(&Tensor::from_slice(&ids, (1, ctx), &dev)?, 0)?;
     model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
     let mut verify = |k: usize| -> anyhow::Result<f64> {
@@ -118,9 +136,17 @@ pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value>
 
 fn random_model(preset: &str) -> anyhow::Result<Gpt> {
     let mut cfg = Config::preset(preset)?;
-    cfg.exits = vec![crate::config::Exit { block: cfg.n_layer, weight: 1.0 }];
-    let w: std::collections::HashMap<String, Tensor> = init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
-    Ok(Gpt::new(&cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), true)?)
+    cfg.exits = vec![crate::config::Exit {
+        block: cfg.n_layer,
+        weight: 1.0,
+    }];
+    let w: std::collections::HashMap<String, Tensor> =
+        init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
+    Ok(Gpt::new(
+        &cfg,
+        VarBuilder::from_tensors(w, DType::F32, &Device::Cpu),
+        true,
+    )?)
 }
 
 /// Distinct 4-gram ratio of a token sequence.
@@ -139,12 +165,28 @@ struct Run {
     stats: SpecStats,
 }
 
-fn decode_all<'a>(model: &'a Gpt, prompts: &[Vec<u32>], n: usize, temp: f32, proposer: &dyn Fn(usize) -> Proposer<'a>, cascade: bool) -> anyhow::Result<Run> {
-    let mut r = Run { tokens: vec![], secs: vec![], gaps: vec![], stats: SpecStats::default() };
+fn decode_all<'a>(
+    model: &'a Gpt,
+    prompts: &[Vec<u32>],
+    n: usize,
+    temp: f32,
+    proposer: &dyn Fn(usize) -> Proposer<'a>,
+    cascade: bool,
+) -> anyhow::Result<Run> {
+    let mut r = Run {
+        tokens: vec![],
+        secs: vec![],
+        gaps: vec![],
+        stats: SpecStats::default(),
+    };
     for (i, p) in prompts.iter().enumerate() {
         let params = GenParams {
             max_tokens: n,
-            sampling: SamplingParams { temperature: temp, seed: 1000 + i as u64, ..Default::default() },
+            sampling: SamplingParams {
+                temperature: temp,
+                seed: 1000 + i as u64,
+                ..Default::default()
+            },
             speculate: true,
             cascade,
             stop_at_eot: false,
@@ -180,11 +222,16 @@ fn summary(name: &str, plain: &Run, r: &Run, n_tokens: usize) -> Value {
     let psecs: f64 = plain.secs.iter().sum();
     let (same, ties, diff) = compare(plain, r);
     // Speedup on prompts whose plain output does not loop.
-    let varied: Vec<usize> = (0..plain.tokens.len()).filter(|&i| distinct4(&plain.tokens[i]) >= 0.9).collect();
+    let varied: Vec<usize> = (0..plain.tokens.len())
+        .filter(|&i| distinct4(&plain.tokens[i]) >= 0.9)
+        .collect();
     let varied_speedup = if varied.is_empty() {
         Value::Null
     } else {
-        json!(varied.iter().map(|&i| plain.secs[i]).sum::<f64>() / varied.iter().map(|&i| r.secs[i]).sum::<f64>())
+        json!(
+            varied.iter().map(|&i| plain.secs[i]).sum::<f64>()
+                / varied.iter().map(|&i| r.secs[i]).sum::<f64>()
+        )
     };
     let s = &r.stats;
     json!({
@@ -207,11 +254,19 @@ fn summary(name: &str, plain: &Run, r: &Run, n_tokens: usize) -> Value {
     })
 }
 
-fn prompts_from(path: &PathBuf, tok: &crate::tokenizer::Tokenizer, n: usize, len: usize) -> anyhow::Result<Vec<Vec<u32>>> {
-    let text = crate::train::data::read_text(path).with_context(|| format!("bench prompts from {}", path.display()))?;
+fn prompts_from(
+    path: &std::path::Path,
+    tok: &crate::tokenizer::Tokenizer,
+    n: usize,
+    len: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let text = crate::train::data::read_text(path)
+        .with_context(|| format!("bench prompts from {}", path.display()))?;
     let ids = tok.encode(&text[..text.len().min(4 << 20)])?;
     let stride = (ids.len() - len) / n.max(1);
-    Ok((0..n).map(|i| ids[i * stride..i * stride + len].to_vec()).collect())
+    Ok((0..n)
+        .map(|i| ids[i * stride..i * stride + len].to_vec())
+        .collect())
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
@@ -236,7 +291,10 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
         "reference_issue_9": {"small_decode_llama_cpp": 605, "small_decode_pytorch_eager": 192, "gpt2_decode_llama_cpp": 40, "gpt2_decode_pytorch_eager": 34.5},
     });
     if !o.plain {
-        let drafter = Drafter::load(&o.model.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size)?;
+        let drafter = Drafter::load(
+            &o.model.join(checkpoint::DRAFTER_FILE),
+            model.cfg.vocab_size,
+        )?;
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);
         let mut suites = Vec::new();
@@ -247,18 +305,31 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
                 let total: usize = plain.tokens.iter().map(Vec::len).sum();
                 let conts = plain.tokens.clone();
                 let mut rows = vec![summary("plain", &plain, &plain, total)];
-                for (name, cascade) in [("tree", false), ("tree+exits", true), ("prompt-lookup", false), ("oracle", false)] {
+                for (name, cascade) in [
+                    ("tree", false),
+                    ("tree+exits", true),
+                    ("prompt-lookup", false),
+                    ("oracle", false),
+                ] {
                     let prop = |i: usize| match name {
                         "prompt-lookup" => Proposer::Lookup { k: drafter.k_max },
-                        "oracle" => Proposer::Oracle { continuation: &conts[i], k: drafter.k_max },
+                        "oracle" => Proposer::Oracle {
+                            continuation: &conts[i],
+                            k: drafter.k_max,
+                        },
                         _ => Proposer::Tree(&drafter),
                     };
                     let r = decode_all(&model, &prompts, n, temp, &prop, cascade)?;
                     let row = summary(name, &plain, &r, total);
-                    eprintln!("bench: {source} t={temp} {name}: {:.1} tok/s, speedup {:.2}x", row["tok_s"].as_f64().unwrap_or(0.0), row["speedup"].as_f64().unwrap_or(0.0));
+                    eprintln!(
+                        "bench: {source} t={temp} {name}: {:.1} tok/s, speedup {:.2}x",
+                        row["tok_s"].as_f64().unwrap_or(0.0),
+                        row["speedup"].as_f64().unwrap_or(0.0)
+                    );
                     rows.push(row);
                 }
-                let d4 = plain.tokens.iter().map(|t| distinct4(t)).sum::<f64>() / plain.tokens.len() as f64;
+                let d4 = plain.tokens.iter().map(|t| distinct4(t)).sum::<f64>()
+                    / plain.tokens.len() as f64;
                 suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "prompts": prompts.len(), "new_tokens": n, "distinct4": d4, "modes": rows}));
             }
         }
@@ -299,7 +370,9 @@ pub fn markdown(result: &Value) -> String {
                 m["mode"].as_str().unwrap_or(""),
                 m["tok_s"].as_f64().unwrap_or(0.0),
                 m["speedup"].as_f64().unwrap_or(0.0),
-                m["speedup_non_repeating"].as_f64().map_or("-".into(), |x| format!("{x:.2}x")),
+                m["speedup_non_repeating"]
+                    .as_f64()
+                    .map_or("-".into(), |x| format!("{x:.2}x")),
                 m["tokens_per_step"].as_f64().unwrap_or(0.0),
                 m["acceptance"].as_f64().unwrap_or(0.0),
                 m["identical_to_plain"],

@@ -30,13 +30,17 @@ pub const DRAFTER_FILE: &str = "drafter.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("checkpoint directory {0} does not exist (train one with `gpt-serve train --out DIR`)")]
+    #[error(
+        "checkpoint directory {0} does not exist (train one with `gpt-serve train --out DIR`)"
+    )]
     MissingDir(PathBuf),
     #[error("checkpoint file {0} is missing")]
     MissingFile(PathBuf),
     #[error("checkpoint file {path} is corrupt: {msg}")]
     Corrupt { path: PathBuf, msg: String },
-    #[error("checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}")]
+    #[error(
+        "checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write {path}: {msg}")]
     Write { path: PathBuf, msg: String },
@@ -57,7 +61,10 @@ pub struct CheckpointConfig {
 
 /// Writes `bytes` to `path` via a temp file in the same directory + rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let werr = |e: std::io::Error| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() };
+    let werr = |e: std::io::Error| CheckpointError::Write {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
     let tmp = tmp_path(path);
     let mut f = std::fs::File::create(&tmp).map_err(werr)?;
     f.write_all(bytes).map_err(werr)?;
@@ -73,7 +80,10 @@ fn tmp_path(path: &Path) -> PathBuf {
 
 /// Saves tensors as safetensors atomically, casting to `dtype`.
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
-    let werr = |e: candle_core::Error| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() };
+    let werr = |e: candle_core::Error| CheckpointError::Write {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
     let map: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
@@ -88,7 +98,10 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
     }
-    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::Write { path: path.to_path_buf(), msg: e.to_string() })
+    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::Write {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// Loads a safetensors file as f32 tensors.
@@ -96,7 +109,10 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     if !path.exists() {
         return Err(CheckpointError::MissingFile(path.to_path_buf()));
     }
-    let corrupt = |e: candle_core::Error| CheckpointError::Corrupt { path: path.to_path_buf(), msg: e.to_string() };
+    let corrupt = |e: candle_core::Error| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
     let map = candle_core::safetensors::load(path, device).map_err(corrupt)?;
     map.into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32).map_err(corrupt)?)))
@@ -113,18 +129,29 @@ pub fn load_config(dir: &Path) -> Result<CheckpointConfig> {
         return Err(CheckpointError::MissingDir(dir.to_path_buf()));
     }
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|_| CheckpointError::MissingFile(path.clone()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
-    let found = value.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    let text =
+        std::fs::read_to_string(&path).map_err(|_| CheckpointError::MissingFile(path.clone()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Corrupt {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+    let found = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as u32;
     if found != FORMAT_VERSION {
         return Err(CheckpointError::Version { path, found });
     }
     let cfg: CheckpointConfig =
-        serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
-    cfg.model
-        .validate()
-        .map_err(|e| CheckpointError::Corrupt { path, msg: e.to_string() })?;
+        serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+    cfg.model.validate().map_err(|e| CheckpointError::Corrupt {
+        path,
+        msg: e.to_string(),
+    })?;
     Ok(cfg)
 }
 
@@ -135,13 +162,21 @@ pub fn save(
     weights: &[(String, Tensor)],
     tokenizer: &Tokenizer,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Write { path: dir.to_path_buf(), msg: e.to_string() })?;
-    let dtype = if cfg.dtype == "f16" { DType::F16 } else { DType::F32 };
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Write {
+        path: dir.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let dtype = if cfg.dtype == "f16" {
+        DType::F16
+    } else {
+        DType::F32
+    };
     save_tensors(&dir.join(WEIGHTS_FILE), weights, dtype)?;
     let tok_path = dir.join(TOKENIZER_FILE);
-    let json = tokenizer
-        .to_json()
-        .map_err(|e| CheckpointError::Write { path: tok_path.clone(), msg: e.to_string() })?;
+    let json = tokenizer.to_json().map_err(|e| CheckpointError::Write {
+        path: tok_path.clone(),
+        msg: e.to_string(),
+    })?;
     write_atomic(&tok_path, json.as_bytes())?;
     save_config(dir, cfg)
 }
@@ -159,8 +194,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     if !tok_path.exists() {
         return Err(CheckpointError::MissingFile(tok_path));
     }
-    let tokenizer = Tokenizer::from_file(&tok_path)
-        .map_err(|e| CheckpointError::Corrupt { path: tok_path.clone(), msg: e.to_string() })?;
+    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| CheckpointError::Corrupt {
+        path: tok_path.clone(),
+        msg: e.to_string(),
+    })?;
     if tokenizer.vocab_size() > config.model.vocab_size {
         return Err(CheckpointError::Corrupt {
             path: tok_path,
@@ -172,7 +209,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         });
     }
     let weights = load_tensors(&dir.join(WEIGHTS_FILE), device)?;
-    Ok(Loaded { config, tokenizer, weights })
+    Ok(Loaded {
+        config,
+        tokenizer,
+        weights,
+    })
 }
 
 impl Loaded {
@@ -180,6 +221,9 @@ impl Loaded {
     pub fn model(&self, device: &Device) -> Result<Gpt> {
         let path = PathBuf::from(WEIGHTS_FILE);
         let vb = VarBuilder::from_tensors(self.weights.clone(), DType::F32, device);
-        Gpt::new(&self.config.model, vb, true).map_err(|e| CheckpointError::Corrupt { path, msg: e.to_string() })
+        Gpt::new(&self.config.model, vb, true).map_err(|e| CheckpointError::Corrupt {
+            path,
+            msg: e.to_string(),
+        })
     }
 }

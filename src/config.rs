@@ -119,10 +119,14 @@ impl Config {
     /// None when no averaging happens after block i.
     pub fn dwa_inputs(&self, i: usize) -> Option<Vec<usize>> {
         let dwa = self.dwa?;
-        if i % dwa.period != 0 {
+        if !i.is_multiple_of(dwa.period) {
             return None;
         }
-        Some((0..=i).filter(|j| (i - j) % dwa.dilation == 0).collect())
+        Some(
+            (0..=i)
+                .filter(|j| (i - j).is_multiple_of(dwa.dilation))
+                .collect(),
+        )
     }
 
     /// Checks every field, naming the field and the limit on failure.
@@ -134,17 +138,23 @@ impl Config {
         if self.n_head == 0 || self.n_embd == 0 {
             return bad("n_head and n_embd must be positive".into());
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
                 self.n_embd, self.n_head
             ));
         }
         if self.block_size == 0 || self.block_size > 65536 {
-            return bad(format!("block_size must be in 1..=65536, got {}", self.block_size));
+            return bad(format!(
+                "block_size must be in 1..=65536, got {}",
+                self.block_size
+            ));
         }
         if self.vocab_size < 2 || self.vocab_size > u32::MAX as usize {
-            return bad(format!("vocab_size must be at least 2, got {}", self.vocab_size));
+            return bad(format!(
+                "vocab_size must be at least 2, got {}",
+                self.vocab_size
+            ));
         }
         if self.exits.is_empty() {
             return bad("exits must not be empty (the final exit is block n_layer)".into());
@@ -158,10 +168,16 @@ impl Config {
                 ));
             }
             if e.block <= prev {
-                return bad(format!("exit blocks must be strictly increasing, got {} after {prev}", e.block));
+                return bad(format!(
+                    "exit blocks must be strictly increasing, got {} after {prev}",
+                    e.block
+                ));
             }
             if !(e.weight > 0.0 && e.weight.is_finite()) {
-                return bad(format!("exit weight for block {} must be positive, got {}", e.block, e.weight));
+                return bad(format!(
+                    "exit weight for block {} must be positive, got {}",
+                    e.block, e.weight
+                ));
             }
             prev = e.block;
         }
@@ -218,8 +234,14 @@ mod tests {
     #[test]
     fn default_exits_for_twelve_blocks_are_the_seeds() {
         let e = default_exits(12);
-        assert_eq!(e.iter().map(|e| e.block).collect::<Vec<_>>(), vec![8, 10, 12]);
-        assert_eq!(e.iter().map(|e| e.weight).collect::<Vec<_>>(), vec![0.05, 0.15, 0.8]);
+        assert_eq!(
+            e.iter().map(|e| e.block).collect::<Vec<_>>(),
+            vec![8, 10, 12]
+        );
+        assert_eq!(
+            e.iter().map(|e| e.weight).collect::<Vec<_>>(),
+            vec![0.05, 0.15, 0.8]
+        );
     }
 
     #[test]
@@ -248,22 +270,42 @@ mod tests {
         let mut c = Config::preset("tiny").unwrap();
         c.n_embd = 33;
         let msg = c.validate().unwrap_err().to_string();
-        assert!(msg.contains("n_embd (33)") && msg.contains("n_head (2)"), "{msg}");
+        assert!(
+            msg.contains("n_embd (33)") && msg.contains("n_head (2)"),
+            "{msg}"
+        );
         let mut c = Config::preset("tiny").unwrap();
-        c.exits.push(Exit { block: 9, weight: 1.0 });
-        assert!(c.validate().unwrap_err().to_string().contains("exit block 9"));
+        c.exits.push(Exit {
+            block: 9,
+            weight: 1.0,
+        });
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("exit block 9"));
         let mut c = Config::preset("tiny").unwrap();
         c.exits[0].weight = 0.0;
-        assert!(c.validate().unwrap_err().to_string().contains("must be positive"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("must be positive"));
     }
 
     #[test]
     fn dwa_inputs_follow_dilation_and_period() {
         let mut c = Config::preset("small").unwrap();
-        c.dwa = Some(Dwa { dilation: 2, period: 2 });
+        c.dwa = Some(Dwa {
+            dilation: 2,
+            period: 2,
+        });
         assert_eq!(c.dwa_inputs(1), None);
         assert_eq!(c.dwa_inputs(4), Some(vec![0, 2, 4]));
-        c.dwa = Some(Dwa { dilation: 1, period: 1 });
+        c.dwa = Some(Dwa {
+            dilation: 1,
+            period: 1,
+        });
         assert_eq!(c.dwa_inputs(3), Some(vec![0, 1, 2, 3]));
     }
 

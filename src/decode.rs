@@ -164,7 +164,10 @@ impl<'m> Generator<'m> {
             );
         }
         if let Some(bad) = prompt.iter().find(|t| **t as usize >= cfg.vocab_size) {
-            candle_core::bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            );
         }
         let mut cache = model.new_cache()?;
         let n = prompt.len();
@@ -175,7 +178,10 @@ impl<'m> Generator<'m> {
             let last = cfg.exits.len() - 1;
             model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
             if let Some(top_n) = echo_logprobs {
-                let logits = model.exit_logits(&s, last, 0..n - 1)?.squeeze(0)?.to_vec2::<f32>()?;
+                let logits = model
+                    .exit_logits(&s, last, 0..n - 1)?
+                    .squeeze(0)?
+                    .to_vec2::<f32>()?;
                 for (i, row) in logits.iter().enumerate() {
                     let lp = sampling::log_softmax(row);
                     let id = prompt[i + 1];
@@ -201,7 +207,10 @@ impl<'m> Generator<'m> {
             tokens: prompt.to_vec(),
             prompt_len: n,
             counts: HashMap::new(),
-            verified: Verified { top1_prob: 0.5, entropy: 2.0 },
+            verified: Verified {
+                top1_prob: 0.5,
+                entropy: 2.0,
+            },
             k_cur,
             stats: SpecStats::default(),
             finished: None,
@@ -219,7 +228,9 @@ impl<'m> Generator<'m> {
     }
 
     fn remaining(&self) -> usize {
-        self.params.max_tokens.saturating_sub(self.tokens.len() - self.prompt_len)
+        self.params
+            .max_tokens
+            .saturating_sub(self.tokens.len() - self.prompt_len)
     }
 
     /// One verify step: returns the new tokens (at least one unless finished).
@@ -238,11 +249,17 @@ impl<'m> Generator<'m> {
         let drafts: Vec<u32> = match self.proposer {
             _ if !self.params.speculate || k == 0 => vec![],
             Proposer::None => vec![],
-            Proposer::Tree(d) => d.propose(&self.tokens, k, self.verified).into_iter().map(|d| d.token).collect(),
+            Proposer::Tree(d) => d
+                .propose(&self.tokens, k, self.verified)
+                .into_iter()
+                .map(|d| d.token)
+                .collect(),
             Proposer::Lookup { .. } => crate::drafter::prompt_lookup(&self.tokens, k, 2),
             Proposer::Oracle { continuation, .. } => {
                 let at = self.tokens.len() - self.prompt_len;
-                continuation.get(at..).map_or(vec![], |c| c.iter().take(k).copied().collect())
+                continuation
+                    .get(at..)
+                    .map_or(vec![], |c| c.iter().take(k).copied().collect())
             }
         };
         let pos = self.tokens.len() - 1;
@@ -258,8 +275,13 @@ impl<'m> Generator<'m> {
         }
         if self.params.cascade && kept > 1 {
             for e in 0..n_exits - 1 {
-                self.model.run_blocks(&mut s, cfg.exits[e].block, Some(&mut self.cache))?;
-                let logits = self.model.exit_logits(&s, e, 0..kept - 1)?.squeeze(0)?.to_vec2::<f32>()?;
+                self.model
+                    .run_blocks(&mut s, cfg.exits[e].block, Some(&mut self.cache))?;
+                let logits = self
+                    .model
+                    .exit_logits(&s, e, 0..kept - 1)?
+                    .squeeze(0)?
+                    .to_vec2::<f32>()?;
                 let cut = logits.iter().enumerate().position(|(i, row)| {
                     let (p1, _) = sampling::top1_and_entropy(row);
                     sampling::argmax(row) != rows[i + 1] && p1 >= self.params.exit_confidence
@@ -274,17 +296,30 @@ impl<'m> Generator<'m> {
                 }
             }
         }
-        self.model.run_blocks(&mut s, cfg.n_layer, Some(&mut self.cache))?;
-        let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?.squeeze(0)?.to_vec2::<f32>()?;
+        self.model
+            .run_blocks(&mut s, cfg.n_layer, Some(&mut self.cache))?;
+        let logits = self
+            .model
+            .exit_logits(&s, n_exits - 1, 0..kept)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
         // Accept while the draft equals the keyed sample at its position.
         let mut out = Vec::new();
         accept(&drafts, kept, |i| {
             let row = &logits[i];
             let mut l = row.clone();
             sampling::penalize(&mut l, &self.params.sampling, &self.counts);
-            let f = sampling::choose(&l, &self.params.sampling, self.params.choice, self.tokens.len());
+            let f = sampling::choose(
+                &l,
+                &self.params.sampling,
+                self.params.choice,
+                self.tokens.len(),
+            );
             let (p1, ent) = sampling::top1_and_entropy(row);
-            self.verified = Verified { top1_prob: p1, entropy: ent };
+            self.verified = Verified {
+                top1_prob: p1,
+                entropy: ent,
+            };
             let lp = self.params.logprobs.map(|n| {
                 let lp = sampling::log_softmax(row);
                 (lp[f as usize], sampling::top_logprobs(&lp, n))
@@ -363,7 +398,11 @@ impl<'m> Generator<'m> {
 /// draft d(i+1) is accepted iff it equals that token; the walk ends at the
 /// first mismatch, which yields the model's token in its place. Returns the
 /// committed tokens: at least one.
-pub fn accept(drafts: &[u32], kept: usize, mut choose: impl FnMut(usize) -> (u32, bool)) -> Vec<u32> {
+pub fn accept(
+    drafts: &[u32],
+    kept: usize,
+    mut choose: impl FnMut(usize) -> (u32, bool),
+) -> Vec<u32> {
     let mut out = Vec::new();
     for i in 0..kept.max(1) {
         let (f, stop) = choose(i);
@@ -377,8 +416,18 @@ pub fn accept(drafts: &[u32], kept: usize, mut choose: impl FnMut(usize) -> (u32
 
 /// Greedy continuation with the final head's top-1 probability and entropy
 /// at every generated position (the drafter's training data).
-pub fn greedy_with_stats(model: &Gpt, prompt: &[u32], max_tokens: usize, eot: u32) -> Result<(Vec<u32>, Vec<Verified>)> {
-    let params = GenParams { max_tokens, speculate: false, stop_at_eot: false, ..Default::default() };
+pub fn greedy_with_stats(
+    model: &Gpt,
+    prompt: &[u32],
+    max_tokens: usize,
+    eot: u32,
+) -> Result<(Vec<u32>, Vec<Verified>)> {
+    let params = GenParams {
+        max_tokens,
+        speculate: false,
+        stop_at_eot: false,
+        ..Default::default()
+    };
     let (mut g, _) = Generator::new(model, Proposer::None, prompt, params, eot, None)?;
     let mut stats = Vec::new();
     while g.finished.is_none() {
@@ -412,7 +461,11 @@ mod tests {
     /// Decodes 3 tokens after token 2 with drafts [0, 0] at every step,
     /// using `rule` to accept drafts.
     fn spec_decode(seed: u64, rule: &dyn Fn(u32, u32, &[f32]) -> bool) -> Vec<u32> {
-        let p = SamplingParams { temperature: 1.0, seed, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        };
         let mut seq = vec![2u32];
         while seq.len() < 4 {
             let drafts = [0u32, 0];
@@ -437,7 +490,9 @@ mod tests {
         for a in 0..3u32 {
             for b in 0..3u32 {
                 for c in 0..3u32 {
-                    let pr = toy(2)[a as usize] as f64 * toy(a)[b as usize] as f64 * toy(b)[c as usize] as f64;
+                    let pr = toy(2)[a as usize] as f64
+                        * toy(a)[b as usize] as f64
+                        * toy(b)[c as usize] as f64;
                     m.insert(vec![a, b, c], pr);
                 }
             }
@@ -451,7 +506,10 @@ mod tests {
         for seed in 0..n {
             *counts.entry(spec_decode(seed, rule)).or_default() += 1;
         }
-        exact().iter().map(|(k, p)| (counts.get(k).copied().unwrap_or(0) as f64 / n as f64 - p).abs()).fold(0.0, f64::max)
+        exact()
+            .iter()
+            .map(|(k, p)| (counts.get(k).copied().unwrap_or(0) as f64 / n as f64 - p).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]

@@ -23,9 +23,14 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub enum Event {
     /// Prefill finished; echo logprobs of the prompt when asked.
-    Started { echo: Vec<Option<TokenOut>> },
+    Started {
+        echo: Vec<Option<TokenOut>>,
+    },
     Tokens(Vec<TokenOut>),
-    Done { finish: Finish, stats: SpecStats },
+    Done {
+        finish: Finish,
+        stats: SpecStats,
+    },
     Error(String),
 }
 
@@ -60,7 +65,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; it builds the model from `loaded` and sets
     /// `ready` when it can take work.
-    pub fn spawn(loaded: Loaded, drafter: Option<Drafter>, config: EngineConfig, metrics: Arc<Metrics>) -> std::io::Result<Engine> {
+    pub fn spawn(
+        loaded: Loaded,
+        drafter: Option<Drafter>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Engine> {
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Engine {
             tx,
@@ -70,18 +80,28 @@ impl Engine {
             config: config.clone(),
         };
         let (ready, waiting) = (engine.ready.clone(), engine.waiting.clone());
-        std::thread::Builder::new().name("gpt-serve-engine".into()).spawn(move || {
-            let device = candle_core::Device::Cpu;
-            let model = match loaded.model(&device) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!("engine: cannot build the model: {e}");
-                    return;
-                }
-            };
-            ready.store(true, Ordering::SeqCst);
-            run(&model, drafter.as_ref(), rx, &config, &metrics, &waiting, loaded.tokenizer.eot());
-        })?;
+        std::thread::Builder::new()
+            .name("gpt-serve-engine".into())
+            .spawn(move || {
+                let device = candle_core::Device::Cpu;
+                let model = match loaded.model(&device) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!("engine: cannot build the model: {e}");
+                        return;
+                    }
+                };
+                ready.store(true, Ordering::SeqCst);
+                run(
+                    &model,
+                    drafter.as_ref(),
+                    rx,
+                    &config,
+                    &metrics,
+                    &waiting,
+                    loaded.tokenizer.eot(),
+                );
+            })?;
         Ok(engine)
     }
 
@@ -105,7 +125,13 @@ struct Active<'m> {
     cancel: Arc<AtomicBool>,
 }
 
-fn start<'m>(model: &'m crate::model::Gpt, drafter: Option<&'m Drafter>, job: Job, cfg: &EngineConfig, eot: u32) -> Option<Active<'m>> {
+fn start<'m>(
+    model: &'m crate::model::Gpt,
+    drafter: Option<&'m Drafter>,
+    job: Job,
+    cfg: &EngineConfig,
+    eot: u32,
+) -> Option<Active<'m>> {
     let mut params = job.params;
     params.cascade = params.cascade || cfg.cascade;
     params.exit_confidence = cfg.exit_confidence;
@@ -113,7 +139,11 @@ fn start<'m>(model: &'m crate::model::Gpt, drafter: Option<&'m Drafter>, job: Jo
     match Generator::new(model, proposer, &job.prompt, params, eot, job.echo_logprobs) {
         Ok((gen, echo)) => {
             job.events.send(Event::Started { echo }).ok()?;
-            Some(Active { gen, events: job.events, cancel: job.cancel })
+            Some(Active {
+                gen,
+                events: job.events,
+                cancel: job.cancel,
+            })
         }
         Err(e) => {
             let _ = job.events.send(Event::Error(e.to_string()));
@@ -135,7 +165,9 @@ fn run(
     loop {
         if active.is_empty() {
             metrics.set_running(0, waiting.load(Ordering::SeqCst));
-            let Some(job) = rx.blocking_recv() else { return };
+            let Some(job) = rx.blocking_recv() else {
+                return;
+            };
             waiting.fetch_sub(1, Ordering::SeqCst);
             active.extend(start(model, drafter, job, cfg, eot));
         }
@@ -164,7 +196,10 @@ fn run(
                     match a.gen.finished {
                         Some(finish) => {
                             metrics.record_spec(&a.gen.stats);
-                            let _ = a.events.send(Event::Done { finish, stats: a.gen.stats.clone() });
+                            let _ = a.events.send(Event::Done {
+                                finish,
+                                stats: a.gen.stats.clone(),
+                            });
                             false
                         }
                         None => true,

@@ -28,8 +28,13 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
         if name.starts_with("exits.") {
             continue;
         }
-        let conv1d = name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp."));
-        let t = if conv1d { t.t()?.contiguous()? } else { t.clone() };
+        let conv1d =
+            name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp."));
+        let t = if conv1d {
+            t.t()?.contiguous()?
+        } else {
+            t.clone()
+        };
         tensors.push((format!("transformer.{name}"), t));
     }
     checkpoint::save_tensors(&out.join("model.safetensors"), &tensors, DType::F32)?;
@@ -49,7 +54,13 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
         "bos_token_id": loaded.tokenizer.eot(),
         "eos_token_id": loaded.tokenizer.eot(),
     });
-    checkpoint::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf)?.as_bytes())?;
-    checkpoint::write_atomic(&out.join("tokenizer.json"), loaded.tokenizer.to_json()?.as_bytes())?;
+    checkpoint::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&hf)?.as_bytes(),
+    )?;
+    checkpoint::write_atomic(
+        &out.join("tokenizer.json"),
+        loaded.tokenizer.to_json()?.as_bytes(),
+    )?;
     Ok(())
 }

@@ -35,7 +35,10 @@ impl LayerCache {
         self.k.slice_set(&k_new.contiguous()?, 2, self.len)?;
         self.v.slice_set(&v_new.contiguous()?, 2, self.len)?;
         self.len += t;
-        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
     }
 
     pub fn len(&self) -> usize {

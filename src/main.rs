@@ -11,7 +11,11 @@ use gpt_serve::sampling::SamplingParams;
 use gpt_serve::train;
 
 #[derive(Parser)]
-#[command(name = "gpt-serve", version, about = "Train small multi-exit GPTs and serve them with speculative cascade decoding")]
+#[command(
+    name = "gpt-serve",
+    version,
+    about = "Train small multi-exit GPTs and serve them with speculative cascade decoding"
+)]
 struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "GPT_SERVE_THREADS")]
@@ -133,12 +137,16 @@ struct ServeArgs {
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use gpt_serve::{engine, metrics, server};
     let device = candle_core::Device::Cpu;
-    let loaded = checkpoint::load(&a.model, &device).with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
+    let loaded = checkpoint::load(&a.model, &device)
+        .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
     let cfg = loaded.config.model.clone();
     let drafter = if a.no_speculate {
         None
     } else {
-        match gpt_serve::drafter::Drafter::load(&a.model.join(checkpoint::DRAFTER_FILE), cfg.vocab_size) {
+        match gpt_serve::drafter::Drafter::load(
+            &a.model.join(checkpoint::DRAFTER_FILE),
+            cfg.vocab_size,
+        ) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("warning: {e}; serving without a drafter (plain decoding)");
@@ -147,14 +155,22 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let model_id = a.model_id.clone().unwrap_or_else(|| {
-        a.model.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "default".into())
+        a.model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "default".into())
     });
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let tokenizer = loaded.tokenizer.clone();
     let eng = engine::Engine::spawn(
         loaded,
         drafter,
-        engine::EngineConfig { max_active: a.max_active.max(1), cascade: a.cascade, exit_confidence: a.exit_confidence },
+        engine::EngineConfig {
+            max_active: a.max_active.max(1),
+            cascade: a.cascade,
+            exit_confidence: a.exit_confidence,
+        },
         metrics.clone(),
     )?;
     let opts = server::ServeOptions {
@@ -164,17 +180,35 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         max_waiting: a.max_waiting,
         body_limit: a.body_limit,
     };
-    let state = server::AppState::new(eng, tokenizer, model_id.clone(), cfg.block_size, cfg.vocab_size, metrics, opts);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let state = server::AppState::new(
+        eng,
+        tokenizer,
+        model_id.clone(),
+        cfg.block_size,
+        cfg.vocab_size,
+        metrics,
+        opts,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!("gpt-serve: serving `{model_id}` on http://{}", listener.local_addr()?);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "gpt-serve: serving `{model_id}` on http://{}",
+            listener.local_addr()?
+        );
         let deadline = a.shutdown_timeout;
         axum::serve(listener, server::router(state))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
-                eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
+                eprintln!(
+                    "gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)"
+                );
                 tokio::spawn(async move {
                     tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
                     eprintln!("gpt-serve: shutdown deadline passed, exiting");
@@ -188,7 +222,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 fn healthcheck(port: u16) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("no server on port {port}"))?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("no server on port {port}"))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
     s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut resp = String::new();
@@ -206,7 +241,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
@@ -216,19 +252,31 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // candle's CPU kernels and gemm read the rayon pool size.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     match cli.cmd {
         Cmd::Train(o) => {
             let s = train::run(*o)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
-        Cmd::TrainDrafter { model, data, val, opts } => {
+        Cmd::TrainDrafter {
+            model,
+            data,
+            val,
+            opts,
+        } => {
             let loaded = checkpoint::load(&model, &candle_core::Device::Cpu)?;
             let cache = train::default_cache_dir();
             let tr = train::data::load_tokens(&data, &loaded.tokenizer, cache.as_deref())?;
@@ -236,11 +284,22 @@ fn main() -> anyhow::Result<()> {
             let d = train::label::train_drafter(&model, &opts, &va, &tr)?;
             println!("{}", serde_json::to_string_pretty(&d.report)?);
         }
-        Cmd::Sample { model, prompt, max_tokens, temperature, seed, no_speculate } => {
+        Cmd::Sample {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+            no_speculate,
+        } => {
             let device = candle_core::Device::Cpu;
             let loaded = checkpoint::load(&model, &device)?;
             let gpt = loaded.model(&device)?;
-            let drafter = gpt_serve::drafter::Drafter::load(&model.join(checkpoint::DRAFTER_FILE), gpt.cfg.vocab_size).ok();
+            let drafter = gpt_serve::drafter::Drafter::load(
+                &model.join(checkpoint::DRAFTER_FILE),
+                gpt.cfg.vocab_size,
+            )
+            .ok();
             let tok = &loaded.tokenizer;
             let mut ids = tok.encode(&prompt)?;
             if ids.is_empty() {
@@ -249,12 +308,20 @@ fn main() -> anyhow::Result<()> {
             let max_tokens = max_tokens.min(gpt.cfg.block_size.saturating_sub(ids.len()));
             let params = GenParams {
                 max_tokens,
-                sampling: SamplingParams { temperature, seed, ..Default::default() },
+                sampling: SamplingParams {
+                    temperature,
+                    seed,
+                    ..Default::default()
+                },
                 speculate: !no_speculate,
                 ..Default::default()
             };
-            let proposer = drafter.as_ref().map_or(gpt_serve::decode::Proposer::None, gpt_serve::decode::Proposer::Tree);
-            let (mut g, _) = Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
+            let proposer = drafter.as_ref().map_or(
+                gpt_serve::decode::Proposer::None,
+                gpt_serve::decode::Proposer::Tree,
+            );
+            let (mut g, _) =
+                Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
             let t0 = std::time::Instant::now();
             let out = g.run()?;
             let secs = t0.elapsed().as_secs_f64();
@@ -280,14 +347,24 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Healthcheck { port } => healthcheck(port)?,
         Cmd::Openapi { out } => {
-            std::fs::write(&out, gpt_serve::server::openapi_json() + "\n").with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(&out, gpt_serve::server::openapi_json() + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
         }
-        Cmd::Eval { model, data, max_windows } => {
+        Cmd::Eval {
+            model,
+            data,
+            max_windows,
+        } => {
             let device = candle_core::Device::Cpu;
             let loaded = checkpoint::load(&model, &device)?;
             let gpt = loaded.model(&device)?;
             let tokens = train::data::load_tokens(&data, &loaded.tokenizer, None)?;
-            let losses = train::eval::exit_losses_sequential(&gpt, &tokens, gpt.cfg.block_size, max_windows)?;
+            let losses = train::eval::exit_losses_sequential(
+                &gpt,
+                &tokens,
+                gpt.cfg.block_size,
+                max_windows,
+            )?;
             for (e, l) in gpt.cfg.exits.iter().zip(losses) {
                 println!("exit {:>3}: loss {l:.4}", e.block);
             }

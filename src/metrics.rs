@@ -63,22 +63,86 @@ impl Metrics {
             spec_truncated_by_exit: Family::default(),
             registry: Registry::default(),
         };
-        r.register("vllm:prompt_tokens", "Prompt tokens processed", m.prompt_tokens.clone());
-        r.register("vllm:generation_tokens", "Tokens generated", m.generation_tokens.clone());
-        r.register("vllm:request_success", "Finished requests by finish reason", m.requests_success.clone());
-        r.register("vllm:time_to_first_token_seconds", "Time to first token", m.ttft.clone());
-        r.register("vllm:time_per_output_token_seconds", "Inter-token latency", m.itl.clone());
-        r.register("vllm:e2e_request_latency_seconds", "End-to-end request latency", m.e2e.clone());
-        r.register("gpt_serve:decode_step_seconds", "Time of one decode step of one sequence", m.step_seconds.clone());
-        r.register("vllm:num_requests_running", "Sequences decoding", m.running.clone());
-        r.register("vllm:num_requests_waiting", "Sequences queued", m.waiting.clone());
-        r.register("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", m.spec_draft_tokens.clone());
-        r.register("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", m.spec_accepted_tokens.clone());
-        r.register("vllm:spec_decode_num_drafts", "Verify steps", m.spec_drafts.clone());
-        r.register("gpt_serve:spec_decode_no_draft_steps", "Steps where the drafter said __MODEL__", m.spec_no_draft_steps.clone());
-        r.register("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position", m.spec_accepted_per_pos.clone());
-        r.register("gpt_serve:spec_decode_num_draft_tokens_per_pos", "Drafts by position", m.spec_drafted_per_pos.clone());
-        r.register("gpt_serve:spec_decode_truncated_by_exit", "Drafts dropped by each early exit", m.spec_truncated_by_exit.clone());
+        r.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "vllm:generation_tokens",
+            "Tokens generated",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "vllm:request_success",
+            "Finished requests by finish reason",
+            m.requests_success.clone(),
+        );
+        r.register(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token",
+            m.ttft.clone(),
+        );
+        r.register(
+            "vllm:time_per_output_token_seconds",
+            "Inter-token latency",
+            m.itl.clone(),
+        );
+        r.register(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency",
+            m.e2e.clone(),
+        );
+        r.register(
+            "gpt_serve:decode_step_seconds",
+            "Time of one decode step of one sequence",
+            m.step_seconds.clone(),
+        );
+        r.register(
+            "vllm:num_requests_running",
+            "Sequences decoding",
+            m.running.clone(),
+        );
+        r.register(
+            "vllm:num_requests_waiting",
+            "Sequences queued",
+            m.waiting.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_draft_tokens",
+            "Draft tokens proposed",
+            m.spec_draft_tokens.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Draft tokens accepted",
+            m.spec_accepted_tokens.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_drafts",
+            "Verify steps",
+            m.spec_drafts.clone(),
+        );
+        r.register(
+            "gpt_serve:spec_decode_no_draft_steps",
+            "Steps where the drafter said __MODEL__",
+            m.spec_no_draft_steps.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafts by position",
+            m.spec_accepted_per_pos.clone(),
+        );
+        r.register(
+            "gpt_serve:spec_decode_num_draft_tokens_per_pos",
+            "Drafts by position",
+            m.spec_drafted_per_pos.clone(),
+        );
+        r.register(
+            "gpt_serve:spec_decode_truncated_by_exit",
+            "Drafts dropped by each early exit",
+            m.spec_truncated_by_exit.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -100,12 +164,16 @@ impl Metrics {
             self.spec_drafted_per_pos.get_or_create(&pos(i)).inc_by(*n);
         }
         for (i, n) in s.truncated_by_exit.iter().enumerate() {
-            self.spec_truncated_by_exit.get_or_create(&vec![("exit".to_string(), i.to_string())]).inc_by(*n);
+            self.spec_truncated_by_exit
+                .get_or_create(&vec![("exit".to_string(), i.to_string())])
+                .inc_by(*n);
         }
     }
 
     pub fn finished(&self, reason: &str) {
-        self.requests_success.get_or_create(&vec![("finished_reason".to_string(), reason.to_string())]).inc();
+        self.requests_success
+            .get_or_create(&vec![("finished_reason".to_string(), reason.to_string())])
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -115,4 +183,3 @@ impl Metrics {
         out
     }
 }
-

@@ -110,7 +110,9 @@ impl Attention {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
-        let qkv = qkv.reshape((b, t, 3, self.n_head, hs))?.permute((2, 0, 3, 1, 4))?; // (3, B, nh, T, hs)
+        let qkv = qkv
+            .reshape((b, t, 3, self.n_head, hs))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B, nh, T, hs)
         let q = qkv.get(0)?.contiguous()?;
         let (k, v) = (qkv.get(1)?, qkv.get(2)?);
         let (k, v) = match cache {
@@ -150,7 +152,8 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // GELU with the tanh approximation, as GPT-2 ("gelu_new").
-        self.c_proj.forward(&crate::ops::gelu_tanh(&self.c_fc.forward(x)?)?)
+        self.c_proj
+            .forward(&crate::ops::gelu_tanh(&self.c_fc.forward(x)?)?)
     }
 }
 
@@ -168,7 +171,11 @@ struct Block {
 impl Block {
     fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
         let c = cfg.n_embd;
-        let skip = if cfg.x0_skip { Some(vb.get(2, "skip")?) } else { None };
+        let skip = if cfg.x0_skip {
+            Some(vb.get(2, "skip")?)
+        } else {
+            None
+        };
         let dwa = match cfg.dwa_inputs(i + 1) {
             Some(inputs) => Some(vb.get(inputs.len(), "dwa")?),
             None => None,
@@ -190,7 +197,9 @@ impl Block {
         cache: Option<&mut LayerCache>,
         fused: bool,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x, fused)?, mask, cache, fused)?)?;
+        let x = (x + self
+            .attn
+            .forward(&self.ln_1.forward(x, fused)?, mask, cache, fused)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x, fused)?)?
     }
 }
@@ -268,17 +277,30 @@ impl Gpt {
             .enumerate()
             .map(|(k, e)| {
                 if k == last {
-                    return Ok(ExitLayer { ln: Norm::new(c, cfg.bias, vb.pp("ln_f"))?, lm_head: None });
+                    return Ok(ExitLayer {
+                        ln: Norm::new(c, cfg.bias, vb.pp("ln_f"))?,
+                        lm_head: None,
+                    });
                 }
                 let vb = vb.pp(format!("exits.{}", e.block));
                 let lm_head = match cfg.exit_head {
                     ExitHead::Tied => None,
                     ExitHead::Own => Some(vb.get((cfg.vocab_size, c), "lm_head.weight")?),
                 };
-                Ok(ExitLayer { ln: Norm::new(c, cfg.bias, vb.pp("ln"))?, lm_head })
+                Ok(ExitLayer {
+                    ln: Norm::new(c, cfg.bias, vb.pp("ln"))?,
+                    lm_head,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg: cfg.clone(), wte, wpe, blocks, exits, fused })
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            exits,
+            fused,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -303,15 +325,33 @@ impl Gpt {
                 self.cfg.block_size
             );
         }
-        let tok = self.wte.embedding(&idx.flatten_all()?)?.reshape((b, t, self.cfg.n_embd))?;
+        let tok = self
+            .wte
+            .embedding(&idx.flatten_all()?)?
+            .reshape((b, t, self.cfg.n_embd))?;
         let x = tok.broadcast_add(&self.wpe.narrow(0, pos, t)?)?; // (B, T, C)
-        let xs = if self.cfg.dwa.is_some() { vec![x.clone()] } else { vec![] };
-        Ok(Stream { x: x.clone(), x0: x, xs, pos, block: 0 })
+        let xs = if self.cfg.dwa.is_some() {
+            vec![x.clone()]
+        } else {
+            vec![]
+        };
+        Ok(Stream {
+            x: x.clone(),
+            x0: x,
+            xs,
+            pos,
+            block: 0,
+        })
     }
 
     /// Runs blocks `s.block..to` on the rows of `s`, appending their keys and
     /// values to `cache` (or attending causally among themselves without one).
-    pub fn run_blocks(&self, s: &mut Stream, to: usize, mut cache: Option<&mut KvCache>) -> Result<()> {
+    pub fn run_blocks(
+        &self,
+        s: &mut Stream,
+        to: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<()> {
         let t = s.rows();
         if t == 0 {
             s.block = to.max(s.block);
@@ -333,7 +373,10 @@ impl Gpt {
             let layer = cache.as_deref_mut().map(|c| c.layer_mut(i));
             if let Some(l) = &layer {
                 if l.len() != offset {
-                    candle_core::bail!("kv cache layer {i} holds {} rows, expected {offset}", l.len());
+                    candle_core::bail!(
+                        "kv cache layer {i} holds {} rows, expected {offset}",
+                        l.len()
+                    );
                 }
             }
             x = block.forward(&x, mask.as_ref(), layer, self.fused)?;
@@ -359,10 +402,18 @@ impl Gpt {
 
     /// Logits (B, rows.len(), V) of exit `exit` (index into `cfg.exits`) for
     /// the rows `rows` of `s`; `s` must have run exactly to that exit's block.
-    pub fn exit_logits(&self, s: &Stream, exit: usize, rows: std::ops::Range<usize>) -> Result<Tensor> {
+    pub fn exit_logits(
+        &self,
+        s: &Stream,
+        exit: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         let block = self.cfg.exits[exit].block;
         if s.block != block {
-            candle_core::bail!("exit {exit} reads block {block}, stream is at block {}", s.block);
+            candle_core::bail!(
+                "exit {exit} reads block {block}, stream is at block {}",
+                s.block
+            );
         }
         let x = s.x.narrow(1, rows.start, rows.len())?;
         let e = &self.exits[exit];
@@ -401,11 +452,15 @@ impl Gpt {
             self.run_blocks(&mut s, e.block, None)?;
             let (x, y, w) = match (&opt.exit_rows, k < last) {
                 (Some(rows), true) => (
-                    s.x.index_select(rows, 1)?,    // (B, n, C)
+                    s.x.index_select(rows, 1)?,     // (B, n, C)
                     targets.index_select(rows, 1)?, // (B, n)
                     e.weight as f64 * opt.exit_scale,
                 ),
-                (None, true) => (s.x.clone(), targets.clone(), e.weight as f64 * opt.exit_scale),
+                (None, true) => (
+                    s.x.clone(),
+                    targets.clone(),
+                    e.weight as f64 * opt.exit_scale,
+                ),
                 _ => (s.x.clone(), targets.clone(), e.weight as f64),
             };
             let ex = &self.exits[k];
@@ -419,7 +474,10 @@ impl Gpt {
             });
             per_exit.push(ce);
         }
-        Ok(Losses { total: total.expect("the final exit always runs"), per_exit })
+        Ok(Losses {
+            total: total.expect("the final exit always runs"),
+            per_exit,
+        })
     }
 }
 
@@ -436,7 +494,11 @@ pub struct LossOptions {
 
 impl Default for LossOptions {
     fn default() -> Self {
-        Self { exits: true, exit_rows: None, exit_scale: 1.0 }
+        Self {
+            exits: true,
+            exit_rows: None,
+            exit_scale: 1.0,
+        }
     }
 }
 
@@ -448,7 +510,15 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor
     }
     let l = offset + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..l).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(mask, (t, l), device)?))
 }

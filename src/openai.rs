@@ -102,7 +102,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None }
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
     }
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
@@ -126,11 +132,16 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
             .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
             .map(str::to_string);
         let message = match (&param, msg.starts_with("unknown field")) {
-            (Some(p), true) => format!("unsupported parameter `{p}`: gpt-serve does not implement it"),
+            (Some(p), true) => {
+                format!("unsupported parameter `{p}`: gpt-serve does not implement it")
+            }
             _ if e.is_syntax() || e.is_eof() => format!("malformed JSON body: {msg}"),
             _ => format!("invalid request: {msg}"),
         };
-        ApiError { param, ..ApiError::invalid("", message) }
+        ApiError {
+            param,
+            ..ApiError::invalid("", message)
+        }
     })
 }
 
@@ -172,7 +183,10 @@ pub struct Limits<'a> {
 
 fn range(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
     if !(lo..=hi).contains(&v) || v.is_nan() {
-        return Err(ApiError::invalid(param, format!("{param} must be between {lo} and {hi}, got {v}")));
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {v}"),
+        ));
     }
     Ok(v)
 }
@@ -182,14 +196,26 @@ impl CompletionRequest {
         if self.model != lim.model_id {
             return Err(ApiError {
                 code: Some("model_not_found"),
-                ..ApiError::invalid("model", format!("model `{}` is not served here; this server serves `{}`", self.model, lim.model_id))
+                ..ApiError::invalid(
+                    "model",
+                    format!(
+                        "model `{}` is not served here; this server serves `{}`",
+                        self.model, lim.model_id
+                    ),
+                )
             });
         }
         if self.best_of.is_some_and(|b| b != 1) {
-            return Err(ApiError::invalid("best_of", "best_of other than 1 is not supported"));
+            return Err(ApiError::invalid(
+                "best_of",
+                "best_of other than 1 is not supported",
+            ));
         }
         if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::invalid("logit_bias", "logit_bias is not supported (only an empty map)"));
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias is not supported (only an empty map)",
+            ));
         }
         if self.suffix.is_some() {
             return Err(ApiError::invalid("suffix", "suffix is not supported"));
@@ -197,19 +223,38 @@ impl CompletionRequest {
         let temperature = range("temperature", self.temperature.unwrap_or(1.0), 0.0, 2.0)?;
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
         }
         let n = self.n.unwrap_or(1);
         if !(1..=MAX_N).contains(&n) {
-            return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_N}, got {n}")));
+            return Err(ApiError::invalid(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ));
         }
         if let Some(l) = self.logprobs {
             if l > MAX_LOGPROBS {
-                return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}")));
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}"),
+                ));
             }
         }
-        let presence_penalty = range("presence_penalty", self.presence_penalty.unwrap_or(0.0), -2.0, 2.0)?;
-        let frequency_penalty = range("frequency_penalty", self.frequency_penalty.unwrap_or(0.0), -2.0, 2.0)?;
+        let presence_penalty = range(
+            "presence_penalty",
+            self.presence_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+        )?;
+        let frequency_penalty = range(
+            "frequency_penalty",
+            self.frequency_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+        )?;
         let prompts = self.prompt_tokens(lim)?;
         let stop = match self.stop {
             None => vec![],
@@ -217,10 +262,16 @@ impl CompletionRequest {
             Some(Stop::Many(v)) => v,
         };
         if stop.len() > MAX_STOP {
-            return Err(ApiError::invalid("stop", format!("at most {MAX_STOP} stop sequences, got {}", stop.len())));
+            return Err(ApiError::invalid(
+                "stop",
+                format!("at most {MAX_STOP} stop sequences, got {}", stop.len()),
+            ));
         }
         if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+            return Err(ApiError::invalid(
+                "stop",
+                "stop sequences must not be empty",
+            ));
         }
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut max_tokens = self.max_tokens.unwrap_or(16) as usize;
@@ -263,7 +314,10 @@ impl CompletionRequest {
 
     fn prompt_tokens(&self, lim: &Limits) -> Result<Vec<Vec<u32>>, ApiError> {
         let encode = |s: &str| -> Result<Vec<u32>, ApiError> {
-            let mut ids = lim.tokenizer.encode(s).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+            let mut ids = lim
+                .tokenizer
+                .encode(s)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
             if ids.is_empty() {
                 // An empty prompt starts a new document.
                 ids.push(lim.tokenizer.eot());
@@ -272,10 +326,19 @@ impl CompletionRequest {
         };
         let check_ids = |ids: &Vec<u32>| -> Result<(), ApiError> {
             if ids.is_empty() {
-                return Err(ApiError::invalid("prompt", "a token prompt must not be empty"));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "a token prompt must not be empty",
+                ));
             }
             if let Some(t) = ids.iter().find(|t| **t as usize >= lim.vocab_size) {
-                return Err(ApiError::invalid("prompt", format!("token id {t} is outside the vocabulary (0..{})", lim.vocab_size)));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!(
+                        "token id {t} is outside the vocabulary (0..{})",
+                        lim.vocab_size
+                    ),
+                ));
             }
             Ok(())
         };
@@ -286,10 +349,19 @@ impl CompletionRequest {
             Prompt::TokenLists(v) => v.clone(),
         };
         if prompts.is_empty() {
-            return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must not be an empty list",
+            ));
         }
         if prompts.len() > MAX_PROMPTS {
-            return Err(ApiError::invalid("prompt", format!("at most {MAX_PROMPTS} prompts per request, got {}", prompts.len())));
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "at most {MAX_PROMPTS} prompts per request, got {}",
+                    prompts.len()
+                ),
+            ));
         }
         for p in &prompts {
             check_ids(p)?;
@@ -395,11 +467,21 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        Tokenizer::train_bpe(["hello world, hello there. ".repeat(50).as_str()].into_iter(), 300).unwrap()
+        Tokenizer::train_bpe(
+            ["hello world, hello there. ".repeat(50).as_str()].into_iter(),
+            300,
+        )
+        .unwrap()
     }
 
     fn lim(t: &Tokenizer) -> Limits<'_> {
-        Limits { model_id: "m", block_size: 64, vocab_size: t.vocab_size(), truncate_max_tokens: false, tokenizer: t }
+        Limits {
+            model_id: "m",
+            block_size: 64,
+            vocab_size: t.vocab_size(),
+            truncate_max_tokens: false,
+            tokenizer: t,
+        }
     }
 
     fn req(json: &str) -> Result<Validated, ApiError> {
@@ -410,7 +492,10 @@ mod tests {
     #[test]
     fn defaults_follow_openai() {
         let v = req(r#"{"model":"m","prompt":"hello"}"#).unwrap();
-        assert_eq!((v.max_tokens, v.temperature, v.n, v.top_p), (16, 1.0, 1, 1.0));
+        assert_eq!(
+            (v.max_tokens, v.temperature, v.n, v.top_p),
+            (16, 1.0, 1, 1.0)
+        );
         assert!(v.speculate && !v.stream && v.logprobs.is_none());
     }
 
@@ -423,8 +508,15 @@ mod tests {
 
     #[test]
     fn harmless_defaults_are_accepted() {
-        req(r#"{"model":"m","prompt":"x","best_of":1,"logit_bias":{},"suffix":null,"user":"u"}"#).unwrap();
-        assert_eq!(req(r#"{"model":"m","prompt":"x","best_of":2}"#).unwrap_err().param.as_deref(), Some("best_of"));
+        req(r#"{"model":"m","prompt":"x","best_of":1,"logit_bias":{},"suffix":null,"user":"u"}"#)
+            .unwrap();
+        assert_eq!(
+            req(r#"{"model":"m","prompt":"x","best_of":2}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("best_of")
+        );
     }
 
     #[test]
@@ -455,17 +547,38 @@ mod tests {
 
     #[test]
     fn every_prompt_shape_is_understood() {
-        assert_eq!(req(r#"{"model":"m","prompt":["a","b"]}"#).unwrap().prompts.len(), 2);
-        assert_eq!(req(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap().prompts, vec![vec![1, 2, 3]]);
-        assert_eq!(req(r#"{"model":"m","prompt":[[1],[2,3]]}"#).unwrap().prompts.len(), 2);
+        assert_eq!(
+            req(r#"{"model":"m","prompt":["a","b"]}"#)
+                .unwrap()
+                .prompts
+                .len(),
+            2
+        );
+        assert_eq!(
+            req(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap().prompts,
+            vec![vec![1, 2, 3]]
+        );
+        assert_eq!(
+            req(r#"{"model":"m","prompt":[[1],[2,3]]}"#)
+                .unwrap()
+                .prompts
+                .len(),
+            2
+        );
         assert!(!req(r#"{"model":"m","prompt":""}"#).unwrap().prompts[0].is_empty());
     }
 
     #[test]
     fn truncation_flag_clamps_max_tokens() {
         let t = tok();
-        let l = Limits { truncate_max_tokens: true, ..lim(&t) };
-        let v = parse_request(br#"{"model":"m","prompt":"hello","max_tokens":1000}"#).unwrap().validate(&l).unwrap();
+        let l = Limits {
+            truncate_max_tokens: true,
+            ..lim(&t)
+        };
+        let v = parse_request(br#"{"model":"m","prompt":"hello","max_tokens":1000}"#)
+            .unwrap()
+            .validate(&l)
+            .unwrap();
         assert_eq!(v.max_tokens + v.prompts[0].len(), 64);
     }
 }

@@ -47,11 +47,13 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
-            for (o, i) in y.iter_mut().zip(x) {
-                *o = gelu(*i);
-            }
-        });
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(y, x)| {
+                for (o, i) in y.iter_mut().zip(x) {
+                    *o = gelu(*i);
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -59,11 +61,13 @@ impl CustomOp1 for Gelu {
         let x = to_vec(arg)?;
         let g = to_vec(grad)?;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(g.par_chunks(4096))).for_each(|(o, (x, g))| {
-            for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
-                *o = g * gelu_grad(*x);
-            }
-        });
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+            .for_each(|(o, (x, g))| {
+                for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
+                    *o = g * gelu_grad(*x);
+                }
+            });
         Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
     }
 }
@@ -137,7 +141,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     match logits.device() {
         Device::Cpu => {
             let targets = targets.to_vec1::<u32>()?;
-            logits.contiguous()?.apply_op1(CrossEntropy { targets })?.mean_all()
+            logits
+                .contiguous()?
+                .apply_op1(CrossEntropy { targets })?
+                .mean_all()
         }
         _ => candle_nn::loss::cross_entropy(logits, targets),
     }

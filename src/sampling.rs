@@ -19,7 +19,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -50,7 +56,11 @@ pub fn argmax(xs: &[f32]) -> u32 {
 
 /// Applies presence/frequency penalties (OpenAI's rule: over the tokens
 /// generated before this position, `counts[t]` times token t appeared).
-pub fn penalize(logits: &mut [f32], p: &SamplingParams, counts: &std::collections::HashMap<u32, u32>) {
+pub fn penalize(
+    logits: &mut [f32],
+    p: &SamplingParams,
+    counts: &std::collections::HashMap<u32, u32>,
+) {
     if p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
         return;
     }
@@ -101,7 +111,12 @@ pub fn choose(logits: &[f32], p: &SamplingParams, choice: u32, pos: usize) -> u3
 /// log-softmax of raw logits.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let m = logits.iter().copied().fold(f32::MIN, f32::max);
-    let lse = logits.iter().map(|l| ((l - m) as f64).exp()).sum::<f64>().ln() as f32 + m;
+    let lse = logits
+        .iter()
+        .map(|l| ((l - m) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + m;
     logits.iter().map(|l| l - lse).collect()
 }
 
@@ -119,7 +134,11 @@ pub fn top1_and_entropy(logits: &[f32]) -> (f32, f32) {
 
 /// The `n` most likely tokens with their logprobs.
 pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<(u32, f32)> = logprobs.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
+    let mut idx: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, *l))
+        .collect();
     let n = n.min(idx.len());
     if n == 0 {
         return vec![];
@@ -151,12 +170,19 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_argmax() {
-        assert_eq!(choose(&[0.1, 3.0, 2.0], &SamplingParams::default(), 0, 5), 1);
+        assert_eq!(
+            choose(&[0.1, 3.0, 2.0], &SamplingParams::default(), 0, 5),
+            1
+        );
     }
 
     #[test]
     fn the_same_key_draws_the_same_token() {
-        let p = SamplingParams { temperature: 1.0, seed: 42, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
         let l = [1.0, 1.1, 0.9, 1.05];
         let a: Vec<u32> = (0..50).map(|pos| choose(&l, &p, 0, pos)).collect();
         let b: Vec<u32> = (0..50).map(|pos| choose(&l, &p, 0, pos)).collect();
@@ -167,22 +193,37 @@ mod tests {
 
     #[test]
     fn sampling_follows_the_distribution() {
-        let p = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let l = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
-        let ones = (0..20_000).filter(|&pos| choose(&l, &p, 0, pos) == 1).count();
+        let ones = (0..20_000)
+            .filter(|&pos| choose(&l, &p, 0, pos) == 1)
+            .count();
         assert!((ones as f64 / 20_000.0 - 0.75).abs() < 0.015, "{ones}");
     }
 
     #[test]
     fn top_p_drops_the_tail() {
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: 3, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 3,
+            ..Default::default()
+        };
         let l = [5.0, 0.0, 0.0, 0.0];
         assert!((0..1000).all(|pos| choose(&l, &p, 0, pos) == 0));
     }
 
     #[test]
     fn penalties_lower_repeated_tokens() {
-        let p = SamplingParams { presence_penalty: 1.0, frequency_penalty: 0.5, ..Default::default() };
+        let p = SamplingParams {
+            presence_penalty: 1.0,
+            frequency_penalty: 0.5,
+            ..Default::default()
+        };
         let mut l = vec![2.0, 1.0];
         penalize(&mut l, &p, &[(0u32, 2u32)].into_iter().collect());
         assert_eq!(l, vec![0.0, 1.0]);

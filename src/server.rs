@@ -42,7 +42,13 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        Self { api_key: None, request_timeout: Duration::from_secs(600), truncate_max_tokens: false, max_waiting: 64, body_limit: 1 << 20 }
+        Self {
+            api_key: None,
+            request_timeout: Duration::from_secs(600),
+            truncate_max_tokens: false,
+            max_waiting: 64,
+            body_limit: 1 << 20,
+        }
     }
 }
 
@@ -62,7 +68,15 @@ pub struct Inner {
 pub struct AppState(pub Arc<Inner>);
 
 impl AppState {
-    pub fn new(engine: Engine, tokenizer: Tokenizer, model_id: String, block_size: usize, vocab_size: usize, metrics: Arc<Metrics>, opts: ServeOptions) -> Self {
+    pub fn new(
+        engine: Engine,
+        tokenizer: Tokenizer,
+        model_id: String,
+        block_size: usize,
+        vocab_size: usize,
+        metrics: Arc<Metrics>,
+        opts: ServeOptions,
+    ) -> Self {
         let permits = engine.config.max_active + opts.max_waiting;
         AppState(Arc::new(Inner {
             engine,
@@ -86,7 +100,10 @@ impl AppState {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl IntoResponse for ApiError {
@@ -94,14 +111,21 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, Json(self.body())).into_response();
         if self.status == 429 || self.status == 503 {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
 }
 
 fn server_error(kind: &'static str, status: u16, message: &str) -> ApiError {
-    ApiError { status, message: message.to_string(), kind, param: None, code: None }
+    ApiError {
+        status,
+        message: message.to_string(),
+        kind,
+        param: None,
+        code: None,
+    }
 }
 
 /// The request body as bytes, with size and read errors as OpenAI errors.
@@ -114,24 +138,52 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             Ok(b) => Ok(Body(b)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError {
                 status: 413,
-                ..ApiError::invalid("", "request body is larger than the server's limit (--body-limit)")
+                ..ApiError::invalid(
+                    "",
+                    "request body is larger than the server's limit (--body-limit)",
+                )
             }),
-            Err(e) => Err(ApiError::invalid("", format!("cannot read the request body: {e}"))),
+            Err(e) => Err(ApiError::invalid(
+                "",
+                format!("cannot read the request body: {e}"),
+            )),
         }
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "gpt-serve", description = "OpenAI-compatible completions with speculative cascade decoding"),
+    info(
+        title = "gpt-serve",
+        description = "OpenAI-compatible completions with speculative cascade decoding"
+    ),
     paths(completions, list_models, tokenize, detokenize, health, metrics),
-    components(schemas(CompletionRequest, CompletionResponse, Choice, Logprobs, Usage, ErrorBody, ErrorDetail, ModelList, ModelCard, TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse, Prompt, Stop, StreamOptions))
+    components(schemas(
+        CompletionRequest,
+        CompletionResponse,
+        Choice,
+        Logprobs,
+        Usage,
+        ErrorBody,
+        ErrorDetail,
+        ModelList,
+        ModelCard,
+        TokenizeRequest,
+        TokenizeResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        Prompt,
+        Stop,
+        StreamOptions
+    ))
 )]
 pub struct ApiDoc;
 
 /// The OpenAPI document of this server (what `proto/openapi.json` holds).
 pub fn openapi_json() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes")
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
 }
 
 pub fn router(state: AppState) -> Router {
@@ -145,12 +197,20 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
         .layer(DefaultBodyLimit::max(state.0.opts.body_limit))
         .with_state(state)
 }
 
-async fn auth(State(st): State<AppState>, headers: HeaderMap, req: Request, next: axum::middleware::Next) -> Response {
+async fn auth(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
     if let Some(key) = &st.0.opts.api_key {
         let ok = headers
             .get(header::AUTHORIZATION)
@@ -158,8 +218,12 @@ async fn auth(State(st): State<AppState>, headers: HeaderMap, req: Request, next
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| t == key);
         if !ok {
-            return ApiError { status: 401, code: Some("invalid_api_key"), ..ApiError::invalid("", "missing or invalid API key (Authorization: Bearer ...)") }
-                .into_response();
+            return ApiError {
+                status: 401,
+                code: Some("invalid_api_key"),
+                ..ApiError::invalid("", "missing or invalid API key (Authorization: Bearer ...)")
+            }
+            .into_response();
         }
     }
     next.run(req).await
@@ -176,40 +240,83 @@ async fn health(State(st): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String)))]
 async fn metrics(State(st): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.0.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.0.metrics.render(),
+    )
+        .into_response()
 }
 
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 async fn list_models(State(st): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: vec![ModelCard { id: st.0.model_id.clone(), object: "model".into(), created: st.0.created, owned_by: "gpt-serve".into(), max_model_len: st.0.block_size }],
+        data: vec![ModelCard {
+            id: st.0.model_id.clone(),
+            object: "model".into(),
+            created: st.0.created,
+            owned_by: "gpt-serve".into(),
+            max_model_len: st.0.block_size,
+        }],
     })
 }
 
 fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
     match model {
-        Some(m) if *m != st.0.model_id => Err(ApiError { code: Some("model_not_found"), ..ApiError::invalid("model", format!("model `{m}` is not served here; this server serves `{}`", st.0.model_id)) }),
+        Some(m) if *m != st.0.model_id => Err(ApiError {
+            code: Some("model_not_found"),
+            ..ApiError::invalid(
+                "model",
+                format!(
+                    "model `{m}` is not served here; this server serves `{}`",
+                    st.0.model_id
+                ),
+            )
+        }),
         _ => Ok(()),
     }
 }
 
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody)))]
-async fn tokenize(State(st): State<AppState>, Body(body): Body) -> Result<Json<TokenizeResponse>, ApiError> {
-    let req: TokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))?;
+async fn tokenize(
+    State(st): State<AppState>,
+    Body(body): Body,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let req: TokenizeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))?;
     check_model(&st, &req.model)?;
-    let tokens = st.0.tokenizer.encode(&req.prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    Ok(Json(TokenizeResponse { count: tokens.len(), tokens, max_model_len: st.0.block_size }))
+    let tokens =
+        st.0.tokenizer
+            .encode(&req.prompt)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        tokens,
+        max_model_len: st.0.block_size,
+    }))
 }
 
 #[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorBody)))]
-async fn detokenize(State(st): State<AppState>, Body(body): Body) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let req: DetokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))?;
+async fn detokenize(
+    State(st): State<AppState>,
+    Body(body): Body,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let req: DetokenizeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))?;
     check_model(&st, &req.model)?;
     if let Some(t) = req.tokens.iter().find(|t| **t as usize >= st.0.vocab_size) {
-        return Err(ApiError::invalid("tokens", format!("token id {t} is outside the vocabulary (0..{})", st.0.vocab_size)));
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "token id {t} is outside the vocabulary (0..{})",
+                st.0.vocab_size
+            ),
+        ));
     }
-    let prompt = st.0.tokenizer.decode(&req.tokens).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    let prompt =
+        st.0.tokenizer
+            .decode(&req.tokens)
+            .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
@@ -231,14 +338,17 @@ struct ChoiceState {
 
 impl ChoiceState {
     fn top_map(tok: &Tokenizer, top: &[(u32, f32)]) -> std::collections::BTreeMap<String, f32> {
-        top.iter().map(|(id, lp)| (tok.token_text(*id), *lp)).collect()
+        top.iter()
+            .map(|(id, lp)| (tok.token_text(*id), *lp))
+            .collect()
     }
 
     fn push_logprob(&mut self, tok: &Tokenizer, t: &Option<TokenOut>, id: u32, text_len: usize) {
         if let Some(lp) = &mut self.logprobs {
             lp.tokens.push(tok.token_text(id));
             lp.token_logprobs.push(t.as_ref().and_then(|t| t.logprob));
-            lp.top_logprobs.push(t.as_ref().map(|t| Self::top_map(tok, &t.top)));
+            lp.top_logprobs
+                .push(t.as_ref().map(|t| Self::top_map(tok, &t.top)));
             lp.text_offset.push(self.offset);
         }
         self.offset += text_len;
@@ -324,15 +434,25 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
     let capacity = st.0.engine.config.max_active + st.0.opts.max_waiting;
     if n_seq > capacity {
         let param = if v.n > 1 { "n" } else { "prompt" };
-        return Err(ApiError::invalid(param, format!("{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}")));
+        return Err(ApiError::invalid(
+            param,
+            format!("{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}"),
+        ));
     }
-    let permit = st.0.limiter.clone().try_acquire_many_owned(n_seq as u32).map_err(|_| ApiError {
-        status: 429,
-        message: format!("server is at capacity ({} sequences decoding or queued); retry shortly", st.0.engine.config.max_active + st.0.opts.max_waiting),
-        kind: "rate_limit_error",
-        param: None,
-        code: Some("overloaded"),
-    })?;
+    let permit =
+        st.0.limiter
+            .clone()
+            .try_acquire_many_owned(n_seq as u32)
+            .map_err(|_| ApiError {
+                status: 429,
+                message: format!(
+                    "server is at capacity ({} sequences decoding or queued); retry shortly",
+                    st.0.engine.config.max_active + st.0.opts.max_waiting
+                ),
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("overloaded"),
+            })?;
     let seed = v.seed.unwrap_or_else(rand::random);
     let mut states = Vec::with_capacity(n_seq);
     let mut receivers = Vec::with_capacity(n_seq);
@@ -342,7 +462,13 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
             let cancel = Arc::new(AtomicBool::new(false));
             let params = GenParams {
                 max_tokens: v.max_tokens,
-                sampling: SamplingParams { temperature: v.temperature, top_p: v.top_p, presence_penalty: v.presence_penalty, frequency_penalty: v.frequency_penalty, seed },
+                sampling: SamplingParams {
+                    temperature: v.temperature,
+                    top_p: v.top_p,
+                    presence_penalty: v.presence_penalty,
+                    frequency_penalty: v.frequency_penalty,
+                    seed,
+                },
                 choice: j as u32,
                 logprobs: v.logprobs,
                 speculate: v.speculate,
@@ -350,7 +476,13 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
             };
             let echo_lp = (v.echo && v.logprobs.is_some()).then_some(v.logprobs.unwrap_or(0));
             st.0.engine
-                .submit(Job { prompt: prompt.clone(), params, echo_logprobs: echo_lp, events: tx, cancel: cancel.clone() })
+                .submit(Job {
+                    prompt: prompt.clone(),
+                    params,
+                    echo_logprobs: echo_lp,
+                    events: tx,
+                    cancel: cancel.clone(),
+                })
                 .map_err(|e| server_error("server_error", 503, &e))?;
             states.push(ChoiceState {
                 index: i * v.n + j,
@@ -371,7 +503,12 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
     }
     let prompt_tokens = v.prompts.iter().map(Vec::len).sum::<usize>() * v.n;
     st.0.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-    Ok(Submitted { states, receivers, prompt_tokens, _permit: permit })
+    Ok(Submitted {
+        states,
+        receivers,
+        prompt_tokens,
+        _permit: permit,
+    })
 }
 
 /// Latency bookkeeping of one request.
@@ -405,7 +542,8 @@ fn spec_json(states: &[ChoiceState]) -> serde_json::Value {
         total.add(&s.stats);
     }
     let mut v = serde_json::to_value(&total).unwrap_or_default();
-    v["mean_accepted_per_step"] = serde_json::json!(total.accepted as f64 / total.steps.max(1) as f64);
+    v["mean_accepted_per_step"] =
+        serde_json::json!(total.accepted as f64 / total.steps.max(1) as f64);
     v
 }
 
@@ -416,7 +554,13 @@ async fn completions(State(st): State<AppState>, Body(body): Body) -> Result<Res
     if !st.0.engine.ready.load(Ordering::SeqCst) {
         return Err(server_error("server_error", 503, "model is loading"));
     }
-    let limits = Limits { model_id: &st.0.model_id, block_size: st.0.block_size, vocab_size: st.0.vocab_size, truncate_max_tokens: st.0.opts.truncate_max_tokens, tokenizer: &st.0.tokenizer };
+    let limits = Limits {
+        model_id: &st.0.model_id,
+        block_size: st.0.block_size,
+        vocab_size: st.0.vocab_size,
+        truncate_max_tokens: st.0.opts.truncate_max_tokens,
+        tokenizer: &st.0.tokenizer,
+    };
     let v = parse_request(&body)?.validate(&limits)?;
     let sub = submit(&st, &v)?;
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
@@ -426,17 +570,38 @@ async fn completions(State(st): State<AppState>, Body(body): Body) -> Result<Res
         let timeout = st.0.opts.request_timeout;
         match tokio::time::timeout(timeout, collect(&st, &v, sub, id)).await {
             Ok(r) => r.map(|j| j.into_response()),
-            Err(_) => Err(server_error("timeout_error", 504, &format!("request exceeded the server's timeout of {}s", timeout.as_secs()))),
+            Err(_) => Err(server_error(
+                "timeout_error",
+                504,
+                &format!(
+                    "request exceeded the server's timeout of {}s",
+                    timeout.as_secs()
+                ),
+            )),
         }
     }
 }
 
-async fn collect(st: &AppState, v: &Validated, mut sub: Submitted, id: String) -> Result<Json<CompletionResponse>, ApiError> {
+async fn collect(
+    st: &AppState,
+    v: &Validated,
+    mut sub: Submitted,
+    id: String,
+) -> Result<Json<CompletionResponse>, ApiError> {
     let tok = &st.0.tokenizer;
     let m = &st.0.metrics;
-    let mut timing = Timing { start: Instant::now(), first: None, last: None };
+    let mut timing = Timing {
+        start: Instant::now(),
+        first: None,
+        last: None,
+    };
     let mut texts = vec![String::new(); sub.states.len()];
-    let mut merged = futures::stream::select_all(sub.receivers.drain(..).enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))));
+    let mut merged = futures::stream::select_all(
+        sub.receivers
+            .drain(..)
+            .enumerate()
+            .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
+    );
     while let Some((i, ev)) = merged.next().await {
         if let Event::Tokens(ts) = &ev {
             timing.tokens(m, ts.len());
@@ -457,7 +622,12 @@ async fn collect(st: &AppState, v: &Validated, mut sub: Submitted, id: String) -
         .map(|(s, text)| {
             let finish = s.finish.unwrap_or("length");
             m.finished(finish);
-            Choice { text, index: s.index, logprobs: s.logprobs.take(), finish_reason: Some(finish.to_string()) }
+            Choice {
+                text,
+                index: s.index,
+                logprobs: s.logprobs.take(),
+                finish_reason: Some(finish.to_string()),
+            }
         })
         .collect();
     Ok(Json(CompletionResponse {
@@ -466,13 +636,31 @@ async fn collect(st: &AppState, v: &Validated, mut sub: Submitted, id: String) -
         created: now(),
         model: v.model.clone(),
         choices,
-        usage: Some(Usage { prompt_tokens: sub.prompt_tokens, completion_tokens, total_tokens: sub.prompt_tokens + completion_tokens }),
+        usage: Some(Usage {
+            prompt_tokens: sub.prompt_tokens,
+            completion_tokens,
+            total_tokens: sub.prompt_tokens + completion_tokens,
+        }),
         spec_stats: v.spec_stats.then(|| spec_json(&sub.states)),
     }))
 }
 
-fn chunk(id: &str, model: &str, choices: Vec<Choice>, usage: Option<Usage>, spec: Option<serde_json::Value>) -> SseEvent {
-    let c = CompletionResponse { id: id.to_string(), object: "text_completion".into(), created: now(), model: model.to_string(), choices, usage, spec_stats: spec };
+fn chunk(
+    id: &str,
+    model: &str,
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+    spec: Option<serde_json::Value>,
+) -> SseEvent {
+    let c = CompletionResponse {
+        id: id.to_string(),
+        object: "text_completion".into(),
+        created: now(),
+        model: model.to_string(),
+        choices,
+        usage,
+        spec_stats: spec,
+    };
     SseEvent::default().data(serde_json::to_string(&c).unwrap_or_default())
 }
 
@@ -482,8 +670,17 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
         let tok = &st.0.tokenizer;
         let m = &st.0.metrics;
         let deadline = tokio::time::Instant::now() + st.0.opts.request_timeout;
-        let mut timing = Timing { start: Instant::now(), first: None, last: None };
-        let mut merged = futures::stream::select_all(sub.receivers.drain(..).enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))));
+        let mut timing = Timing {
+            start: Instant::now(),
+            first: None,
+            last: None,
+        };
+        let mut merged = futures::stream::select_all(
+            sub.receivers
+                .drain(..)
+                .enumerate()
+                .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
+        );
         loop {
             let next = match tokio::time::timeout_at(deadline, merged.next()).await {
                 Ok(Some(x)) => x,
@@ -492,8 +689,15 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
                     for s in &sub.states {
                         s.cancel.store(true, Ordering::Relaxed);
                     }
-                    let e = server_error("timeout_error", 504, "request exceeded the server's timeout");
-                    let _ = tx.send(Ok(SseEvent::default().data(serde_json::to_string(&e.body()).unwrap_or_default()))).await;
+                    let e = server_error(
+                        "timeout_error",
+                        504,
+                        "request exceeded the server's timeout",
+                    );
+                    let _ = tx
+                        .send(Ok(SseEvent::default()
+                            .data(serde_json::to_string(&e.body()).unwrap_or_default())))
+                        .await;
                     return;
                 }
             };
@@ -508,19 +712,34 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
                 Err(e) => {
                     tracing::error!("generation failed: {e}");
                     let body = server_error("server_error", 500, "generation failed").body();
-                    let _ = tx.send(Ok(SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default()))).await;
+                    let _ = tx
+                        .send(Ok(SseEvent::default()
+                            .data(serde_json::to_string(&body).unwrap_or_default())))
+                        .await;
                     return;
                 }
             };
             let finish = if !was_finished { s.finish } else { None };
-            if text.is_empty() && finish.is_none() && s.logprobs.as_ref().is_none_or(|l| l.tokens.is_empty()) {
+            if text.is_empty()
+                && finish.is_none()
+                && s.logprobs.as_ref().is_none_or(|l| l.tokens.is_empty())
+            {
                 continue;
             }
             if let Some(f) = finish {
                 m.finished(f);
             }
-            let choice = Choice { text, index: s.index, logprobs: s.take_logprobs_delta(), finish_reason: finish.map(str::to_string) };
-            if tx.send(Ok(chunk(&id, &v.model, vec![choice], None, None))).await.is_err() {
+            let choice = Choice {
+                text,
+                index: s.index,
+                logprobs: s.take_logprobs_delta(),
+                finish_reason: finish.map(str::to_string),
+            };
+            if tx
+                .send(Ok(chunk(&id, &v.model, vec![choice], None, None)))
+                .await
+                .is_err()
+            {
                 // Client gone: stop every sequence of this request.
                 for s in &sub.states {
                     s.cancel.store(true, Ordering::Relaxed);
@@ -531,8 +750,20 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
         m.e2e.observe(timing.start.elapsed().as_secs_f64());
         if v.include_usage || v.spec_stats {
             let completion_tokens: usize = sub.states.iter().map(|s| s.completion_tokens).sum();
-            let usage = v.include_usage.then_some(Usage { prompt_tokens: sub.prompt_tokens, completion_tokens, total_tokens: sub.prompt_tokens + completion_tokens });
-            let _ = tx.send(Ok(chunk(&id, &v.model, vec![], usage, v.spec_stats.then(|| spec_json(&sub.states))))).await;
+            let usage = v.include_usage.then_some(Usage {
+                prompt_tokens: sub.prompt_tokens,
+                completion_tokens,
+                total_tokens: sub.prompt_tokens + completion_tokens,
+            });
+            let _ = tx
+                .send(Ok(chunk(
+                    &id,
+                    &v.model,
+                    vec![],
+                    usage,
+                    v.spec_stats.then(|| spec_json(&sub.states)),
+                )))
+                .await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     });

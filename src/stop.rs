@@ -18,12 +18,20 @@ pub struct StopText {
 
 impl StopText {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops, held: String::new() }
+        Self {
+            stops,
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, piece: &str) -> Piece {
         self.held.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..at].to_string();
             self.held.clear();
             return Piece::Stopped(out);

@@ -51,7 +51,11 @@ impl Tokenizer {
                     .unwrap_or(false)
             })
             .collect();
-        Ok(Self { inner, eot, word_start })
+        Ok(Self {
+            inner,
+            eot,
+            word_start,
+        })
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -67,7 +71,10 @@ impl Tokenizer {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .build()
-            .map_err(|e| TokenizerError::Load { path: dir.display().to_string(), msg: e.to_string() })?;
+            .map_err(|e| TokenizerError::Load {
+                path: dir.display().to_string(),
+                msg: e.to_string(),
+            })?;
         let mut t = HfTokenizer::new(bpe);
         t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         t.with_decoder(Some(ByteLevel::default()));
@@ -76,7 +83,10 @@ impl Tokenizer {
     }
 
     /// Trains a byte-level BPE of `vocab_size` tokens (EOT included) on `texts`.
-    pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Self> {
+    pub fn train_bpe<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+    ) -> Result<Self> {
         if vocab_size < 257 + 1 {
             return Err(TokenizerError::Other(format!(
                 "vocab_size must be at least 258 for a byte-level BPE (256 bytes + {EOT}), got {vocab_size}"
@@ -126,7 +136,12 @@ impl Tokenizer {
 
     /// Encodes text; `<|endoftext|>` in the text is the special token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(other)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(other)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Encodes many texts on all threads.
@@ -191,7 +206,9 @@ impl StreamDecoder {
 
     /// Whatever is still held back (an unfinished character at the end).
     pub fn flush(&mut self, tok: &Tokenizer) -> String {
-        let text = tok.decode(&self.ids[self.prefix_start..]).unwrap_or_default();
+        let text = tok
+            .decode(&self.ids[self.prefix_start..])
+            .unwrap_or_default();
         let rest = text.get(self.emitted..).unwrap_or("").to_string();
         self.prefix_start = self.ids.len();
         self.emitted = 0;
@@ -204,7 +221,8 @@ mod tests {
     use super::*;
 
     fn trained() -> Tokenizer {
-        let text = "the cat sat on the mat. the dog sat on the log. ünïcödé and 日本語 text.\n".repeat(20);
+        let text =
+            "the cat sat on the mat. the dog sat on the log. ünïcödé and 日本語 text.\n".repeat(20);
         Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap()
     }
 
@@ -235,7 +253,9 @@ mod tests {
 
     #[test]
     fn a_too_small_vocab_is_refused_with_the_limit() {
-        let e = Tokenizer::train_bpe(["abc"].into_iter(), 100).err().unwrap();
+        let e = Tokenizer::train_bpe(["abc"].into_iter(), 100)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("at least 258"));
     }
 }

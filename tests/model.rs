@@ -12,9 +12,25 @@ fn full_config() -> Config {
     let mut c = Config::preset("tiny").unwrap();
     c.vocab_size = 300;
     c.block_size = 16;
-    c.exits = vec![Exit { block: 1, weight: 0.2 }, Exit { block: 2, weight: 0.3 }, Exit { block: 3, weight: 0.5 }];
+    c.exits = vec![
+        Exit {
+            block: 1,
+            weight: 0.2,
+        },
+        Exit {
+            block: 2,
+            weight: 0.3,
+        },
+        Exit {
+            block: 3,
+            weight: 0.5,
+        },
+    ];
     c.exit_head = ExitHead::Own;
-    c.dwa = Some(Dwa { dilation: 1, period: 1 });
+    c.dwa = Some(Dwa {
+        dilation: 1,
+        period: 1,
+    });
     c.x0_skip = true;
     c
 }
@@ -27,7 +43,10 @@ fn weights(cfg: &Config, seed: u64) -> Vec<(String, Tensor)> {
         .into_iter()
         .map(|(n, t)| {
             if n.ends_with(".dwa") || n.ends_with(".skip") || n.ends_with("ln_1.weight") {
-                let jitter = (seeded_randn(t.elem_count(), seed) * 0.3).unwrap().reshape(t.shape()).unwrap();
+                let jitter = (seeded_randn(t.elem_count(), seed) * 0.3)
+                    .unwrap()
+                    .reshape(t.shape())
+                    .unwrap();
                 (n, (t + jitter).unwrap())
             } else {
                 (n, t)
@@ -41,7 +60,12 @@ fn seeded_randn(n: usize, seed: u64) -> Tensor {
     use rand_distr::Distribution;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let normal = rand_distr::Normal::new(0f32, 1.0).unwrap();
-    Tensor::from_vec((0..n).map(|_| normal.sample(&mut rng)).collect::<Vec<_>>(), n, &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        (0..n).map(|_| normal.sample(&mut rng)).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn build(cfg: &Config, w: &[(String, Tensor)], fused: bool) -> (Gpt, Vec<(String, Var)>) {
@@ -52,18 +76,39 @@ fn build(cfg: &Config, w: &[(String, Tensor)], fused: bool) -> (Gpt, Vec<(String
         varmap.data().lock().unwrap().insert(n.clone(), v.clone());
         vars.push((n.clone(), v));
     }
-    let m = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), fused).unwrap();
+    let m = Gpt::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        fused,
+    )
+    .unwrap();
     (m, vars)
 }
 
 fn batch(cfg: &Config) -> (Tensor, Tensor) {
-    let x: Vec<u32> = (0..2 * 8).map(|i| (i * 7 + 3) % cfg.vocab_size as u32).collect();
-    let y: Vec<u32> = (0..2 * 8).map(|i| (i * 5 + 1) % cfg.vocab_size as u32).collect();
-    (Tensor::from_vec(x, (2, 8), &Device::Cpu).unwrap(), Tensor::from_vec(y, (2, 8), &Device::Cpu).unwrap())
+    let x: Vec<u32> = (0..2 * 8)
+        .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+        .collect();
+    let y: Vec<u32> = (0..2 * 8)
+        .map(|i| (i * 5 + 1) % cfg.vocab_size as u32)
+        .collect();
+    (
+        Tensor::from_vec(x, (2, 8), &Device::Cpu).unwrap(),
+        Tensor::from_vec(y, (2, 8), &Device::Cpu).unwrap(),
+    )
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -76,21 +121,39 @@ fn every_parameter_gets_the_finite_difference_gradient() {
     let loss_at = |name: &str, dir: &Tensor, eps: f64| -> f64 {
         let moved: Vec<(String, Tensor)> = w
             .iter()
-            .map(|(n, t)| if n == name { (n.clone(), (t + (dir * eps).unwrap()).unwrap()) } else { (n.clone(), t.clone()) })
+            .map(|(n, t)| {
+                if n == name {
+                    (n.clone(), (t + (dir * eps).unwrap()).unwrap())
+                } else {
+                    (n.clone(), t.clone())
+                }
+            })
             .collect();
         let (m, _) = build(&cfg, &moved, false);
         m.loss(&x, &y).unwrap().total.to_scalar::<f32>().unwrap() as f64
     };
     assert_eq!(vars.len(), gpt_serve::model::param_shapes(&cfg).len());
     for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
         // Directional derivative along a random direction.
-        let dir = seeded_randn(var.shape().elem_count(), name.len() as u64).reshape(var.shape()).unwrap();
-        let analytic = (g * &dir).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let dir = seeded_randn(var.shape().elem_count(), name.len() as u64)
+            .reshape(var.shape())
+            .unwrap();
+        let analytic = (g * &dir)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let eps = 5e-4;
         let numeric = (loss_at(name, &dir, eps) - loss_at(name, &dir, -eps)) / (2.0 * eps);
         let tol = 2e-2 * numeric.abs().max(analytic.abs()) + 2e-3;
-        assert!((analytic - numeric).abs() < tol, "{name}: analytic {analytic} vs numeric {numeric}");
+        assert!(
+            (analytic - numeric).abs() < tol,
+            "{name}: analytic {analytic} vs numeric {numeric}"
+        );
         assert!(analytic.abs() > 1e-6, "{name}: zero gradient");
     }
 }
@@ -102,7 +165,12 @@ fn fused_inference_ops_match_the_training_ops() {
     let (x, _) = batch(&cfg);
     let (train, _) = build(&cfg, &w, false);
     let (infer, _) = build(&cfg, &w, true);
-    for (a, b) in train.forward_all_exits(&x).unwrap().iter().zip(infer.forward_all_exits(&x).unwrap()) {
+    for (a, b) in train
+        .forward_all_exits(&x)
+        .unwrap()
+        .iter()
+        .zip(infer.forward_all_exits(&x).unwrap())
+    {
         assert!(max_abs_diff(a, &b) < 1e-4);
     }
 }
@@ -117,8 +185,16 @@ fn incremental(model: &Gpt, tokens: &[u32]) -> Vec<Tensor> {
         .map(|(pos, t)| {
             let idx = Tensor::from_slice(&[*t], (1, 1), &Device::Cpu).unwrap();
             let mut s = model.embed(&idx, pos).unwrap();
-            model.run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache)).unwrap();
-            model.exit_logits(&s, last, 0..1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap()
+            model
+                .run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache))
+                .unwrap();
+            model
+                .exit_logits(&s, last, 0..1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
         })
         .collect()
 }
@@ -131,10 +207,15 @@ fn kv_cache_decoding_equals_a_full_forward() {
     let cfg = full_config();
     let (model, _) = build(&cfg, &weights(&cfg, 5), true);
     let tokens: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 61).collect();
-    let full = model.forward_all_exits(&Tensor::from_slice(&tokens, (1, 12), &Device::Cpu).unwrap()).unwrap();
+    let full = model
+        .forward_all_exits(&Tensor::from_slice(&tokens, (1, 12), &Device::Cpu).unwrap())
+        .unwrap();
     let full = full.last().unwrap().squeeze(0).unwrap();
     for (i, row) in incremental(&model, &tokens).iter().enumerate() {
-        assert!(max_abs_diff(row, &full.get(i).unwrap()) < TOL, "position {i}");
+        assert!(
+            max_abs_diff(row, &full.get(i).unwrap()) < TOL,
+            "position {i}"
+        );
     }
 }
 
@@ -148,12 +229,18 @@ fn a_forward_split_at_every_exit_and_resumed_equals_one_forward() {
     // Prefill 4 with a cache, then 6 more rows block by block, reading exits.
     let mut cache = model.new_cache().unwrap();
     let mut s = model.embed(&idx.narrow(1, 0, 4).unwrap(), 0).unwrap();
-    model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache)).unwrap();
+    model
+        .run_blocks(&mut s, cfg.n_layer, Some(&mut cache))
+        .unwrap();
     let mut s = model.embed(&idx.narrow(1, 4, 6).unwrap(), 4).unwrap();
     for (k, e) in cfg.exits.iter().enumerate() {
         model.run_blocks(&mut s, e.block, Some(&mut cache)).unwrap();
         let part = model.exit_logits(&s, k, 0..6).unwrap();
-        assert!(max_abs_diff(&part, &full[k].narrow(1, 4, 6).unwrap()) < TOL, "exit {}", e.block);
+        assert!(
+            max_abs_diff(&part, &full[k].narrow(1, 4, 6).unwrap()) < TOL,
+            "exit {}",
+            e.block
+        );
     }
 }
 
@@ -168,18 +255,33 @@ fn dropping_rows_mid_forward_and_truncating_the_cache_equals_a_fresh_prefill() {
         // Feed all 14 rows, but drop rows after `cut + 2` at the first exit.
         let idx = Tensor::from_slice(&tokens, (1, 14), &Device::Cpu).unwrap();
         let mut s = model.embed(&idx.narrow(1, 0, cut + 3).unwrap(), 0).unwrap();
-        model.run_blocks(&mut s, cfg.exits[0].block, Some(&mut cache)).unwrap();
+        model
+            .run_blocks(&mut s, cfg.exits[0].block, Some(&mut cache))
+            .unwrap();
         s.truncate(cut + 1).unwrap();
-        model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache)).unwrap();
+        model
+            .run_blocks(&mut s, cfg.n_layer, Some(&mut cache))
+            .unwrap();
         // Roll back to `cut` rows, then extend one row at a time.
         cache.truncate(cut);
         let last = cfg.exits.len() - 1;
         for pos in cut..14 {
             let idx = Tensor::from_slice(&tokens[pos..pos + 1], (1, 1), &Device::Cpu).unwrap();
             let mut s = model.embed(&idx, pos).unwrap();
-            model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache)).unwrap();
-            let l = model.exit_logits(&s, last, 0..1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap();
-            assert!(max_abs_diff(&l, &reference[pos]) < TOL, "cut {cut}, position {pos}");
+            model
+                .run_blocks(&mut s, cfg.n_layer, Some(&mut cache))
+                .unwrap();
+            let l = model
+                .exit_logits(&s, last, 0..1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            assert!(
+                max_abs_diff(&l, &reference[pos]) < TOL,
+                "cut {cut}, position {pos}"
+            );
         }
     }
 }
@@ -189,14 +291,22 @@ fn dwa_and_skips_at_init_are_exactly_the_baseline() {
     let mut base = Config::preset("tiny").unwrap();
     base.vocab_size = 61;
     let mut dense = base.clone();
-    dense.dwa = Some(Dwa { dilation: 1, period: 1 });
+    dense.dwa = Some(Dwa {
+        dilation: 1,
+        period: 1,
+    });
     dense.x0_skip = true;
     let wb = init_weights(&base, 9, &Device::Cpu).unwrap();
     let wd = init_weights(&dense, 9, &Device::Cpu).unwrap();
     let (mb, _) = build(&base, &wb, true);
     let (md, _) = build(&dense, &wd, true);
     let (x, _) = batch(&base);
-    for (a, b) in mb.forward_all_exits(&x).unwrap().iter().zip(md.forward_all_exits(&x).unwrap()) {
+    for (a, b) in mb
+        .forward_all_exits(&x)
+        .unwrap()
+        .iter()
+        .zip(md.forward_all_exits(&x).unwrap())
+    {
         assert!(max_abs_diff(a, &b) < 1e-6);
     }
 }
@@ -207,14 +317,28 @@ fn a_checkpoint_round_trip_gives_identical_logits() {
     let cfg = full_config();
     let w = weights(&cfg, 8);
     let dir = tempfile::tempdir().unwrap();
-    let tok = gpt_serve::tokenizer::Tokenizer::train_bpe(["some text for a tokenizer, some text."].into_iter(), 260).unwrap();
-    let ck = CheckpointConfig { format_version: FORMAT_VERSION, model: cfg.clone(), dtype: "f32".into(), training: serde_json::Value::Null };
+    let tok = gpt_serve::tokenizer::Tokenizer::train_bpe(
+        ["some text for a tokenizer, some text."].into_iter(),
+        260,
+    )
+    .unwrap();
+    let ck = CheckpointConfig {
+        format_version: FORMAT_VERSION,
+        model: cfg.clone(),
+        dtype: "f32".into(),
+        training: serde_json::Value::Null,
+    };
     checkpoint::save(dir.path(), &ck, &w, &tok).unwrap();
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let m2 = loaded.model(&Device::Cpu).unwrap();
     let (m1, _) = build(&cfg, &w, true);
     let (x, _) = batch(&cfg);
-    for (a, b) in m1.forward_all_exits(&x).unwrap().iter().zip(m2.forward_all_exits(&x).unwrap()) {
+    for (a, b) in m1
+        .forward_all_exits(&x)
+        .unwrap()
+        .iter()
+        .zip(m2.forward_all_exits(&x).unwrap())
+    {
         assert_eq!(max_abs_diff(a, &b), 0.0);
     }
     assert_eq!(loaded.config.model, cfg);
@@ -226,11 +350,26 @@ fn a_checkpoint_of_another_format_version_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = serde_json::json!({"format_version": 99, "model": full_config(), "dtype": "f32"});
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let e = checkpoint::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("format version 99") && e.contains("reads version 1"), "{e}");
-    let e = checkpoint::load(std::path::Path::new("/nonexistent/ck"), &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("/nonexistent/ck") && e.contains("does not exist"), "{e}");
+    let e = checkpoint::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("format version 99") && e.contains("reads version 1"),
+        "{e}"
+    );
+    let e = checkpoint::load(std::path::Path::new("/nonexistent/ck"), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("/nonexistent/ck") && e.contains("does not exist"),
+        "{e}"
+    );
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
-    let e = checkpoint::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let e = checkpoint::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("corrupt"), "{e}");
 }

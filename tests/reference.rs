@@ -10,18 +10,47 @@ use gpt_serve::model::Gpt;
 
 fn close(name: &str, ours: &Tensor, reference: &Tensor) {
     assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
-    let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff <= 1e-4 * scale + 1e-7, "{name}: max diff {diff} vs scale {scale}");
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 1e-4 * scale + 1e-7,
+        "{name}: max diff {diff} vs scale {scale}"
+    );
 }
 
 fn check(name: &str) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref").join(name);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ref")
+        .join(name);
     let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
-    let reference = checkpoint::load_tensors(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let batch: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("../batch.json")).unwrap()).unwrap();
+    let reference =
+        checkpoint::load_tensors(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let batch: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("../batch.json")).unwrap()).unwrap();
     let ids = |k: &str| -> Tensor {
-        let v: Vec<u32> = batch[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let v: Vec<u32> = batch[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         Tensor::from_vec(v, (2, 12), &Device::Cpu).unwrap()
     };
     let (x, y) = (ids("x"), ids("y"));
@@ -33,17 +62,37 @@ fn check(name: &str) {
         vars.push((n.clone(), v));
     }
     let cfg = &loaded.config.model;
-    let model = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), false).unwrap();
+    let model = Gpt::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        false,
+    )
+    .unwrap();
     for (k, l) in model.forward_all_exits(&x).unwrap().iter().enumerate() {
-        close(&format!("{name} logits of exit {k}"), l, &reference[&format!("logits.{k}")]);
+        close(
+            &format!("{name} logits of exit {k}"),
+            l,
+            &reference[&format!("logits.{k}")],
+        );
     }
     let losses = model.loss(&x, &y).unwrap();
-    close(&format!("{name} loss"), &losses.total.reshape(1).unwrap(), &reference["loss"]);
+    close(
+        &format!("{name} loss"),
+        &losses.total.reshape(1).unwrap(),
+        &reference["loss"],
+    );
     let grads = losses.total.backward().unwrap();
     for (n, v) in &vars {
-        close(&format!("{name} gradient of {n}"), grads.get(v.as_tensor()).unwrap(), &reference[&format!("grad.{n}")]);
+        close(
+            &format!("{name} gradient of {n}"),
+            grads.get(v.as_tensor()).unwrap(),
+            &reference[&format!("grad.{n}")],
+        );
     }
-    assert_eq!(vars.len(), reference.keys().filter(|k| k.starts_with("grad.")).count());
+    assert_eq!(
+        vars.len(),
+        reference.keys().filter(|k| k.starts_with("grad.")).count()
+    );
 }
 
 #[test]

@@ -16,13 +16,19 @@ use serde_json::{json, Value};
 /// A tiny random-weight checkpoint with a real tokenizer.
 fn checkpoint_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let text = "The quick brown fox jumps over the lazy dog. Ünïcödé — 日本語 «text» here.\n".repeat(40);
+    let text =
+        "The quick brown fox jumps over the lazy dog. Ünïcödé — 日本語 «text» here.\n".repeat(40);
     let tok = gpt_serve::tokenizer::Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
     let mut cfg = Config::preset("tiny").unwrap();
     cfg.vocab_size = tok.vocab_size();
     cfg.block_size = 128;
     let w = gpt_serve::model::init_weights(&cfg, 1, &Device::Cpu).unwrap();
-    let ck = CheckpointConfig { format_version: FORMAT_VERSION, model: cfg, dtype: "f32".into(), training: Value::Null };
+    let ck = CheckpointConfig {
+        format_version: FORMAT_VERSION,
+        model: cfg,
+        dtype: "f32".into(),
+        training: Value::Null,
+    };
     checkpoint::save(dir.path(), &ck, &w, &tok).unwrap();
     dir
 }
@@ -39,39 +45,87 @@ async fn start(opts: ServeOptions, max_active: usize) -> Server {
     let cfg = loaded.config.model.clone();
     let tok = loaded.tokenizer.clone();
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::spawn(loaded, None, EngineConfig { max_active, cascade: false, exit_confidence: 0.5 }, metrics.clone()).unwrap();
-    let state = AppState::new(engine, tok, "tiny".into(), cfg.block_size, cfg.vocab_size, metrics, opts);
+    let engine = Engine::spawn(
+        loaded,
+        None,
+        EngineConfig {
+            max_active,
+            cascade: false,
+            exit_confidence: 0.5,
+        },
+        metrics.clone(),
+    )
+    .unwrap();
+    let state = AppState::new(
+        engine,
+        tok,
+        "tiny".into(),
+        cfg.block_size,
+        cfg.vocab_size,
+        metrics,
+        opts,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = router(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     for _ in 0..100 {
-        if state.0.engine.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        if state
+            .0
+            .engine
+            .ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Server { url, _dir: dir, state }
+    Server {
+        url,
+        _dir: dir,
+        state,
+    }
 }
 
 async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new().post(format!("{}{path}", s.url)).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
 async fn stream_events(s: &Server, body: Value) -> Vec<String> {
-    let r = reqwest::Client::new().post(format!("{}/v1/completions", s.url)).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let text = r.text().await.unwrap();
-    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_has_openais_shape_and_usage() {
     let s = start(ServeOptions::default(), 4).await;
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "The quick", "max_tokens": 7, "temperature": 0})).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "The quick", "max_tokens": 7, "temperature": 0}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["object"], "text_completion");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
@@ -80,12 +134,20 @@ async fn a_completion_has_openais_shape_and_usage() {
     assert_eq!(c["index"], 0);
     assert!(c["finish_reason"] == "length" || c["finish_reason"] == "stop");
     let u = &v["usage"];
-    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
     if c["finish_reason"] == "length" {
         assert_eq!(u["completion_tokens"], 7);
     }
     // Greedy is deterministic.
-    let (_, v2) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "The quick", "max_tokens": 7, "temperature": 0})).await;
+    let (_, v2) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "The quick", "max_tokens": 7, "temperature": 0}),
+    )
+    .await;
     assert_eq!(v["choices"][0]["text"], v2["choices"][0]["text"]);
 }
 
@@ -96,20 +158,45 @@ async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
                       "presence_penalty": 0.5, "frequency_penalty": 0.5, "user": "u1"});
     let (_, a) = post(&s, "/v1/completions", body.clone()).await;
     let (_, b) = post(&s, "/v1/completions", body).await;
-    let texts = |v: &Value| v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let texts = |v: &Value| {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(texts(&a), texts(&b));
     assert_eq!(texts(&a).len(), 3);
-    let idx: Vec<u64> = a["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let idx: Vec<u64> = a["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(idx, vec![0, 1, 2]);
-    assert!(texts(&a)[0] != texts(&a)[1] || texts(&a)[1] != texts(&a)[2], "choices should differ");
+    assert!(
+        texts(&a)[0] != texts(&a)[1] || texts(&a)[1] != texts(&a)[2],
+        "choices should differ"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prompt_shape_and_echo_logprobs_for_evaluation_harnesses() {
     let s = start(ServeOptions::default(), 4).await;
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2, "temperature": 0})).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
     assert_eq!((st, v["choices"].as_array().unwrap().len()), (200, 2));
-    let (_, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": [[5, 6], [7]], "max_tokens": 1, "temperature": 0})).await;
+    let (_, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": [[5, 6], [7]], "max_tokens": 1, "temperature": 0}),
+    )
+    .await;
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     // lm-eval style scoring: token prompt, echo, logprobs, max_tokens 0.
     let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": [10, 20, 30, 40], "echo": true, "logprobs": 1, "max_tokens": 0, "temperature": 0})).await;
@@ -121,7 +208,12 @@ async fn every_prompt_shape_and_echo_logprobs_for_evaluation_harnesses() {
         assert!(lp["token_logprobs"][i].as_f64().unwrap() <= 0.0);
         assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 1);
     }
-    let off: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let off: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert!(off.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(v["usage"]["completion_tokens"], 0);
     // With max_tokens 1, the generated token follows the echoed prompt.
@@ -139,12 +231,29 @@ async fn streaming_sends_chunks_then_usage_then_done_and_matches_the_json_text()
     let body = json!({"model": "tiny", "prompt": "日本", "max_tokens": 20, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}, "logprobs": 2});
     let events = stream_events(&s, body.clone()).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let usage = chunks.last().unwrap();
     assert!(usage["choices"].as_array().unwrap().is_empty());
-    let streamed: String = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap().iter().map(|x| x["text"].as_str().unwrap().to_string())).collect();
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["text"].as_str().unwrap().to_string())
+        })
+        .collect();
     assert!(!streamed.contains('\u{FFFD}') || !streamed.is_empty());
-    let finishes: Vec<&Value> = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
     assert_eq!(finishes.len(), 1);
     let mut plain = body.clone();
     plain["stream"] = json!(false);
@@ -152,14 +261,26 @@ async fn streaming_sends_chunks_then_usage_then_done_and_matches_the_json_text()
     let (_, v) = post(&s, "/v1/completions", plain).await;
     assert_eq!(streamed, v["choices"][0]["text"].as_str().unwrap());
     assert_eq!(usage["usage"], v["usage"]);
-    let n_lp: usize = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).map(|c| c["logprobs"]["tokens"].as_array().map_or(0, |a| a.len())).sum();
-    assert_eq!(n_lp as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+    let n_lp: usize = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .map(|c| c["logprobs"]["tokens"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    assert_eq!(
+        n_lp as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_string_cuts_the_text_and_finishes_with_stop() {
     let s = start(ServeOptions::default(), 4).await;
-    let (_, full) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "The", "max_tokens": 30, "temperature": 0})).await;
+    let (_, full) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "The", "max_tokens": 30, "temperature": 0}),
+    )
+    .await;
     let text = full["choices"][0]["text"].as_str().unwrap().to_string();
     // Pick a stop string from the middle of the greedy text.
     let chars: Vec<char> = text.chars().collect();
@@ -176,23 +297,52 @@ async fn a_stop_string_cuts_the_text_and_finishes_with_stop() {
     let streamed: String = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .flat_map(|c| c["choices"].as_array().unwrap().iter().map(|x| x["text"].as_str().unwrap().to_string()).collect::<Vec<_>>())
+        .flat_map(|c| {
+            c["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["text"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(streamed, cut);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_get_openai_errors_naming_the_field() {
-    let s = start(ServeOptions { body_limit: 4096, ..Default::default() }, 4).await;
+    let s = start(
+        ServeOptions {
+            body_limit: 4096,
+            ..Default::default()
+        },
+        4,
+    )
+    .await;
     let cases = [
-        (json!({"model": "tiny", "prompt": "x", "temperature": -0.5}), "temperature"),
-        (json!({"model": "tiny", "prompt": "x", "max_tokens": 100000}), "max_tokens"),
+        (
+            json!({"model": "tiny", "prompt": "x", "temperature": -0.5}),
+            "temperature",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 100000}),
+            "max_tokens",
+        ),
         (json!({"model": "nope", "prompt": "x"}), "model"),
-        (json!({"model": "tiny", "prompt": "x", "logprobs": 9}), "logprobs"),
+        (
+            json!({"model": "tiny", "prompt": "x", "logprobs": 9}),
+            "logprobs",
+        ),
         (json!({"model": "tiny", "prompt": "x", "n": 0}), "n"),
-        (json!({"model": "tiny", "prompt": "x", "functions": []}), "functions"),
+        (
+            json!({"model": "tiny", "prompt": "x", "functions": []}),
+            "functions",
+        ),
         (json!({"model": "tiny", "prompt": [1, 2, 999999]}), "prompt"),
-        (json!({"model": "tiny", "prompt": "x", "best_of": 3}), "best_of"),
+        (
+            json!({"model": "tiny", "prompt": "x", "best_of": 3}),
+            "best_of",
+        ),
     ];
     for (body, param) in cases {
         let (st, v) = post(&s, "/v1/completions", body.clone()).await;
@@ -201,10 +351,27 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
-    let r = reqwest::Client::new().post(format!("{}/v1/completions", s.url)).header("content-type", "application/json").body("{\"model\": ").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("malformed JSON"));
-    let r = reqwest::Client::new().post(format!("{}/v1/completions", s.url)).body(format!("{{\"model\":\"tiny\",\"prompt\":\"{}\"}}", "a".repeat(10_000))).send().await.unwrap();
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("malformed JSON"));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .body(format!(
+            "{{\"model\":\"tiny\",\"prompt\":\"{}\"}}",
+            "a".repeat(10_000)
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
 }
@@ -212,7 +379,12 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_clients_all_get_correct_answers() {
     let s = Arc::new(start(ServeOptions::default(), 32).await);
-    let (_, reference) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "lazy dog", "max_tokens": 10, "temperature": 0})).await;
+    let (_, reference) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "lazy dog", "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
     let mut tasks = Vec::new();
     for i in 0..32 {
         let s = s.clone();
@@ -228,25 +400,59 @@ async fn thirty_two_concurrent_clients_all_get_correct_answers() {
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), reference["choices"][0]["text"].as_str().unwrap());
+        assert_eq!(
+            t.await.unwrap(),
+            reference["choices"][0]["text"].as_str().unwrap()
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after() {
-    let s = start(ServeOptions { max_waiting: 2, ..Default::default() }, 1).await;
+    let s = start(
+        ServeOptions {
+            max_waiting: 2,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
     let url = format!("{}/v1/completions", s.url);
     // More sequences than the server can ever hold: 400 naming n.
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "b", "max_tokens": 1, "n": 4})).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "b", "max_tokens": 1, "n": 4}),
+    )
+    .await;
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("n")));
     // Every slot taken (as by other clients): 429 with Retry-After.
-    let held = s.state.limiter().clone().acquire_many_owned(3).await.unwrap();
-    let r = reqwest::Client::new().post(&url).json(&json!({"model": "tiny", "prompt": "b", "max_tokens": 1})).send().await.unwrap();
+    let held = s
+        .state
+        .limiter()
+        .clone()
+        .acquire_many_owned(3)
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"model": "tiny", "prompt": "b", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "1");
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "rate_limit_error"
+    );
     drop(held);
-    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "b", "max_tokens": 1})).await;
+    let (st, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "b", "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(st, 200);
 }
 
@@ -266,38 +472,115 @@ async fn a_client_that_disconnects_stops_its_generation() {
     let mut idle = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let m = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+        let m = reqwest::get(format!("{}/metrics", s.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if m.lines().any(|l| l == "vllm:num_requests_running 0") {
             idle = true;
             break;
         }
     }
     assert!(idle, "generation kept running after the client left");
-    let m = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
-    let generated: f64 = m.lines().find(|l| l.starts_with("vllm:generation_tokens_total")).unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    assert!(generated < 120.0, "{generated} tokens generated for a client that left");
+    let m = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let generated: f64 = m
+        .lines()
+        .find(|l| l.starts_with("vllm:generation_tokens_total"))
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        generated < 120.0,
+        "{generated} tokens generated for a client that left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_models_health_metrics_and_tokenize_endpoints() {
-    let s = start(ServeOptions { api_key: Some("sekret".into()), ..Default::default() }, 4).await;
+    let s = start(
+        ServeOptions {
+            api_key: Some("sekret".into()),
+            ..Default::default()
+        },
+        4,
+    )
+    .await;
     let c = reqwest::Client::new();
     let r = c.get(format!("{}/v1/models", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = c.get(format!("{}/v1/models", s.url)).bearer_auth("sekret").send().await.unwrap();
+    let r = c
+        .get(format!("{}/v1/models", s.url))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"][0]["id"], "tiny");
-    assert_eq!(c.get(format!("{}/health", s.url)).send().await.unwrap().status(), 200);
-    let r = c.post(format!("{}/tokenize", s.url)).bearer_auth("sekret").json(&json!({"prompt": "The quick"})).send().await.unwrap();
+    assert_eq!(
+        c.get(format!("{}/health", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = c
+        .post(format!("{}/tokenize", s.url))
+        .bearer_auth("sekret")
+        .json(&json!({"prompt": "The quick"}))
+        .send()
+        .await
+        .unwrap();
     let t: Value = r.json().await.unwrap();
     let ids = t["tokens"].clone();
-    assert_eq!(t["count"].as_u64().unwrap() as usize, ids.as_array().unwrap().len());
-    let r = c.post(format!("{}/detokenize", s.url)).bearer_auth("sekret").json(&json!({"tokens": ids})).send().await.unwrap();
+    assert_eq!(
+        t["count"].as_u64().unwrap() as usize,
+        ids.as_array().unwrap().len()
+    );
+    let r = c
+        .post(format!("{}/detokenize", s.url))
+        .bearer_auth("sekret")
+        .json(&json!({"tokens": ids}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["prompt"], "The quick");
-    let r = c.post(format!("{}/v1/completions", s.url)).bearer_auth("sekret").json(&json!({"model": "tiny", "prompt": "x", "max_tokens": 3})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth("sekret")
+        .json(&json!({"model": "tiny", "prompt": "x", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let m = c.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-    for name in ["vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_count", "vllm:e2e_request_latency_seconds_sum", "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:spec_decode_num_draft_tokens_total"] {
+    let m = c
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:time_per_output_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_sum",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:spec_decode_num_draft_tokens_total",
+    ] {
         assert!(m.contains(name), "missing {name}");
     }
     let _ = &s.state;
@@ -306,8 +589,13 @@ async fn auth_models_health_metrics_and_tokenize_endpoints() {
 #[test]
 fn the_committed_openapi_document_matches_the_code() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/openapi.json");
-    let committed = std::fs::read_to_string(&path).expect("proto/openapi.json exists (gpt-serve openapi writes it)");
-    assert_eq!(committed.trim(), gpt_serve::server::openapi_json().trim(), "run `gpt-serve openapi` to refresh proto/openapi.json");
+    let committed = std::fs::read_to_string(&path)
+        .expect("proto/openapi.json exists (gpt-serve openapi writes it)");
+    assert_eq!(
+        committed.trim(),
+        gpt_serve::server::openapi_json().trim(),
+        "run `gpt-serve openapi` to refresh proto/openapi.json"
+    );
 }
 
 #[test]
@@ -318,7 +606,15 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
         l.local_addr().unwrap().port()
     };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
-        .args(["serve", "--model", dir.path().to_str().unwrap(), "--port", &port.to_string(), "--model-id", "tiny"])
+        .args([
+            "serve",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--model-id",
+            "tiny",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -326,7 +622,10 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     rt.block_on(async {
         let url = format!("http://127.0.0.1:{port}");
         for _ in 0..200 {
-            if reqwest::get(format!("{url}/health")).await.is_ok_and(|r| r.status() == 200) {
+            if reqwest::get(format!("{url}/health"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -343,9 +642,15 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
                 .unwrap()
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         let v = req.await.unwrap();
-        assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() + 0, v["usage"]["completion_tokens"].as_u64().unwrap());
+        assert!(
+            v["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+            "the in-flight request finished: {v}"
+        );
         assert!(v["choices"][0]["text"].is_string(), "{v}");
     });
     let status = child.wait().unwrap();

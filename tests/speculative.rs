@@ -44,17 +44,29 @@ fn shipped(n_prompts: usize) -> Option<Fixture> {
     let text = gpt_serve::train::data::read_text(&val).unwrap();
     let ids = loaded.tokenizer.encode(&text[..1 << 20]).unwrap();
     let stride = ids.len() / n_prompts;
-    let prompts = (0..n_prompts).map(|i| ids[i * stride..i * stride + 24].to_vec()).collect();
-    Some(Fixture { model, drafter, eot: loaded.tokenizer.eot(), prompts, _tmp: None })
+    let prompts = (0..n_prompts)
+        .map(|i| ids[i * stride..i * stride + 24].to_vec())
+        .collect();
+    Some(Fixture {
+        model,
+        drafter,
+        eot: loaded.tokenizer.eot(),
+        prompts,
+        _tmp: None,
+    })
 }
 
 fn trained_here(n_prompts: usize) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"];
+    let words = [
+        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home",
+    ];
     let mut s = String::new();
     let mut x = 3u64;
     for i in 0..20_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         s.push_str(words[(x >> 35) as usize % words.len()]);
         s.push(if i % 9 == 8 { '\n' } else { ' ' });
     }
@@ -67,9 +79,34 @@ fn trained_here(n_prompts: usize) -> Fixture {
         o: gpt_serve::train::TrainOptions,
     }
     let o = <Cli as clap::Parser>::try_parse_from([
-        "t", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--preset", "tiny", "--vocab-size", "300", "--steps", "60",
-        "--batch-size", "8", "--context", "64", "--lr", "3e-3", "--warmup", "10", "--eval-every", "0", "--drafter-prompts", "24",
-        "--drafter-windows", "24", "--drafter-gen-tokens", "24", "--drafter-rounds", "10",
+        "t",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--steps",
+        "60",
+        "--batch-size",
+        "8",
+        "--context",
+        "64",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "10",
+        "--eval-every",
+        "0",
+        "--drafter-prompts",
+        "24",
+        "--drafter-windows",
+        "24",
+        "--drafter-gen-tokens",
+        "24",
+        "--drafter-rounds",
+        "10",
     ])
     .unwrap()
     .o;
@@ -78,19 +115,38 @@ fn trained_here(n_prompts: usize) -> Fixture {
     let model = loaded.model(&Device::Cpu).unwrap();
     let drafter = Drafter::load(&out.join("drafter.json"), model.cfg.vocab_size).unwrap();
     let ids = loaded.tokenizer.encode(&s).unwrap();
-    let prompts = (0..n_prompts).map(|i| ids[i * 37..i * 37 + 12].to_vec()).collect();
-    Fixture { model, drafter, eot: loaded.tokenizer.eot(), prompts, _tmp: Some(tmp) }
+    let prompts = (0..n_prompts)
+        .map(|i| ids[i * 37..i * 37 + 12].to_vec())
+        .collect();
+    Fixture {
+        model,
+        drafter,
+        eot: loaded.tokenizer.eot(),
+        prompts,
+        _tmp: Some(tmp),
+    }
 }
 
 fn fixture(n: usize) -> Fixture {
     shipped(n).unwrap_or_else(|| trained_here(n))
 }
 
-fn generate(f: &Fixture, prompt: &[u32], params: GenParams, proposer: Proposer) -> (Vec<TokenOut>, u64) {
+fn generate(
+    f: &Fixture,
+    prompt: &[u32],
+    params: GenParams,
+    proposer: Proposer,
+) -> (Vec<TokenOut>, u64) {
     generate_eot(f, prompt, params, proposer, f.eot)
 }
 
-fn generate_eot(f: &Fixture, prompt: &[u32], params: GenParams, proposer: Proposer, eot: u32) -> (Vec<TokenOut>, u64) {
+fn generate_eot(
+    f: &Fixture,
+    prompt: &[u32],
+    params: GenParams,
+    proposer: Proposer,
+    eot: u32,
+) -> (Vec<TokenOut>, u64) {
     let (mut g, _) = Generator::new(&f.model, proposer, prompt, params, eot, None).unwrap();
     let out = g.run().unwrap();
     (out, g.stats.accepted)
@@ -101,14 +157,25 @@ fn generate_eot(f: &Fixture, prompt: &[u32], params: GenParams, proposer: Propos
 fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
     let (mut diverged, mut ties, mut accepted) = (0, 0, 0);
     for p in &f.prompts {
-        let (plain, _) = generate(f, p, GenParams { speculate: false, ..params.clone() }, Proposer::None);
+        let (plain, _) = generate(
+            f,
+            p,
+            GenParams {
+                speculate: false,
+                ..params.clone()
+            },
+            Proposer::None,
+        );
         let (spec, acc) = generate(f, p, params.clone(), Proposer::Tree(&f.drafter));
         accepted += acc;
         match plain.iter().zip(&spec).position(|(a, b)| a.id != b.id) {
             None => assert_eq!(plain.len(), spec.len()),
             Some(i) if plain[i].gap < NEAR_TIE => ties += 1,
             Some(i) => {
-                eprintln!("diverged at {i}: plain {} vs spec {} (gap {})", plain[i].id, spec[i].id, plain[i].gap);
+                eprintln!(
+                    "diverged at {i}: plain {} vs spec {} (gap {})",
+                    plain[i].id, spec[i].id, plain[i].gap
+                );
                 diverged += 1;
             }
         }
@@ -119,12 +186,25 @@ fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
 #[test]
 fn greedy_speculative_output_equals_plain_output() {
     let f = fixture(200);
-    let params = GenParams { max_tokens: 24, stop_at_eot: false, ..Default::default() };
+    let params = GenParams {
+        max_tokens: 24,
+        stop_at_eot: false,
+        ..Default::default()
+    };
     let (diverged, ties, accepted) = compare(&f, params.clone());
-    eprintln!("greedy: {} prompts, {diverged} diverged, {ties} near ties, {accepted} drafts accepted", f.prompts.len());
+    eprintln!(
+        "greedy: {} prompts, {diverged} diverged, {ties} near ties, {accepted} drafts accepted",
+        f.prompts.len()
+    );
     assert_eq!(diverged, 0);
     assert!(accepted > 0, "the drafter never proposed an accepted token");
-    let (diverged, ties, _) = compare(&f, GenParams { cascade: true, ..params });
+    let (diverged, ties, _) = compare(
+        &f,
+        GenParams {
+            cascade: true,
+            ..params
+        },
+    );
     eprintln!("greedy + exit cascade: {diverged} diverged, {ties} near ties");
     assert_eq!(diverged, 0);
 }
@@ -134,7 +214,13 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
     let f = fixture(60);
     let params = GenParams {
         max_tokens: 24,
-        sampling: SamplingParams { temperature: 0.8, top_p: 0.95, seed: 5, presence_penalty: 0.3, frequency_penalty: 0.2 },
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: 5,
+            presence_penalty: 0.3,
+            frequency_penalty: 0.2,
+        },
         stop_at_eot: false,
         ..Default::default()
     };
@@ -147,8 +233,21 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
 fn logprobs_eos_and_max_tokens_behave_as_in_plain_decoding() {
     let f = fixture(20);
     for p in &f.prompts {
-        let params = GenParams { max_tokens: 17, logprobs: Some(3), stop_at_eot: false, ..Default::default() };
-        let (plain, _) = generate(&f, p, GenParams { speculate: false, ..params.clone() }, Proposer::None);
+        let params = GenParams {
+            max_tokens: 17,
+            logprobs: Some(3),
+            stop_at_eot: false,
+            ..Default::default()
+        };
+        let (plain, _) = generate(
+            &f,
+            p,
+            GenParams {
+                speculate: false,
+                ..params.clone()
+            },
+            Proposer::None,
+        );
         let (spec, _) = generate(&f, p, params, Proposer::Tree(&f.drafter));
         assert_eq!(spec.len(), 17, "max_tokens is exact inside accepted runs");
         for (a, b) in plain.iter().zip(&spec) {
@@ -161,9 +260,15 @@ fn logprobs_eos_and_max_tokens_behave_as_in_plain_decoding() {
         // Treat a token from the middle of the plain output as end-of-text.
         let stop_tok = plain[8].id;
         let first = plain.iter().position(|t| t.id == stop_tok).unwrap();
-        let params = GenParams { max_tokens: 17, ..Default::default() };
+        let params = GenParams {
+            max_tokens: 17,
+            ..Default::default()
+        };
         let (spec, _) = generate_eot(&f, p, params, Proposer::Tree(&f.drafter), stop_tok);
-        assert_eq!(spec.len(), first + 1, "generation stops at the end-of-text token");
+        assert_eq!(
+            spec.len(),
+            first + 1,
+            "generation stops at the end-of-text token"
+        );
     }
 }
-

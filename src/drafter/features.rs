@@ -35,17 +35,27 @@ impl Tables {
         for (prev, last, next) in triples {
             *bi.entry(last).or_default().entry(next).or_default() += 1;
             if let Some(p) = prev {
-                *tri.entry(tri_key(p, last)).or_default().entry(next).or_default() += 1;
+                *tri.entry(tri_key(p, last))
+                    .or_default()
+                    .entry(next)
+                    .or_default() += 1;
             }
         }
         fn top(m: HashMap<u32, u32>) -> Entry {
             let total: u32 = m.values().sum();
-            let (t, c) = m.into_iter().max_by_key(|(t, c)| (*c, std::cmp::Reverse(*t))).expect("non-empty");
+            let (t, c) = m
+                .into_iter()
+                .max_by_key(|(t, c)| (*c, std::cmp::Reverse(*t)))
+                .expect("non-empty");
             (t, c as f32 / total as f32, total)
         }
         Tables {
             bigram: bi.into_iter().map(|(k, m)| (k, top(m))).collect(),
-            trigram: tri.into_iter().map(|(k, m)| (k, top(m))).filter(|(_, e)| e.2 >= min_count).collect(),
+            trigram: tri
+                .into_iter()
+                .map(|(k, m)| (k, top(m)))
+                .filter(|(_, e)| e.2 >= min_count)
+                .collect(),
         }
     }
 }
@@ -171,7 +181,12 @@ pub fn features(inp: &FeatureInput) -> (Vec<f32>, Candidates) {
     let (ctx_count, ctx_share, ctx_next) = context_successor(ctx);
     let cls = |t: Option<u32>| t.map_or(-1.0, |t| (inp.class_of)(t) as f32);
     let same = |a: Option<u32>, b: Option<u32>| f32::from(a.is_some() && a == b);
-    let cand = Candidates { trigram: tri.map(|e| e.0), bigram: bi.map(|e| e.0), suffix: suf, context: ctx_next };
+    let cand = Candidates {
+        trigram: tri.map(|e| e.0),
+        bigram: bi.map(|e| e.0),
+        suffix: suf,
+        context: ctx_next,
+    };
     let row = vec![
         inp.depth as f32,
         (inp.class_of)(last) as f32,
@@ -213,7 +228,13 @@ mod tests {
     #[test]
     fn tables_keep_the_models_most_frequent_successor() {
         let t = Tables::build(
-            [(None, 1, 2), (Some(0), 1, 2), (Some(0), 1, 3), (Some(0), 1, 2)].into_iter(),
+            [
+                (None, 1, 2),
+                (Some(0), 1, 2),
+                (Some(0), 1, 3),
+                (Some(0), 1, 2),
+            ]
+            .into_iter(),
             2,
         );
         assert_eq!(t.bigram[&1].0, 2);

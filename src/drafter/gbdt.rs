@@ -61,8 +61,15 @@ pub type Target = Vec<(u32, f32)>;
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 enum Node {
-    Split { feature: u16, threshold: f32, left: u32, right: u32 },
-    Leaf { values: u32 },
+    Split {
+        feature: u16,
+        threshold: f32,
+        left: u32,
+        right: u32,
+    },
+    Leaf {
+        values: u32,
+    },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -141,7 +148,9 @@ fn softmax_into(raw: &[f32], out: &mut [f32]) {
 
 fn soft_ce(raw: &[f32], t: &Target, scratch: &mut [f32]) -> f64 {
     softmax_into(raw, scratch);
-    t.iter().map(|&(c, w)| -(w as f64) * (scratch[c as usize].max(1e-12) as f64).ln()).sum()
+    t.iter()
+        .map(|&(c, w)| -(w as f64) * (scratch[c as usize].max(1e-12) as f64).ln())
+        .sum()
 }
 
 impl Gbdt {
@@ -156,14 +165,25 @@ impl Gbdt {
     ) -> Result<Gbdt, GbdtError> {
         let n = rows.len();
         if n == 0 || rows.len() != targets.len() {
-            return Err(GbdtError::Invalid(format!("need rows and targets of equal, positive length ({n} vs {})", targets.len())));
+            return Err(GbdtError::Invalid(format!(
+                "need rows and targets of equal, positive length ({n} vs {})",
+                targets.len()
+            )));
         }
         let nf = rows[0].len();
         if rows.iter().any(|r| r.len() != nf) {
-            return Err(GbdtError::Invalid("rows have different feature counts".into()));
+            return Err(GbdtError::Invalid(
+                "rows have different feature counts".into(),
+            ));
         }
-        if targets.iter().flatten().any(|(c, _)| *c as usize >= n_classes) {
-            return Err(GbdtError::Invalid(format!("a target class is >= n_classes ({n_classes})")));
+        if targets
+            .iter()
+            .flatten()
+            .any(|(c, _)| *c as usize >= n_classes)
+        {
+            return Err(GbdtError::Invalid(format!(
+                "a target class is >= n_classes ({n_classes})"
+            )));
         }
         let c = n_classes;
         let binned = bin_features(rows, p.max_bins.clamp(2, 255));
@@ -187,7 +207,12 @@ impl Gbdt {
             valid_loss: vec![],
         };
         let mut raw: Vec<f32> = base.iter().copied().cycle().take(n * c).collect();
-        let mut vraw: Vec<f32> = base.iter().copied().cycle().take(valid.0.len() * c).collect();
+        let mut vraw: Vec<f32> = base
+            .iter()
+            .copied()
+            .cycle()
+            .take(valid.0.len() * c)
+            .collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed);
         let (mut best, mut best_round) = (f64::MAX, 0usize);
         let mut grad = vec![0f32; n * c];
@@ -209,7 +234,10 @@ impl Gbdt {
                 });
             let sample_rows: Vec<u32> = if p.subsample < 1.0 {
                 let m = ((n as f64 * p.subsample) as usize).max(1);
-                let mut v: Vec<u32> = sample(&mut rng, n, m).into_iter().map(|i| i as u32).collect();
+                let mut v: Vec<u32> = sample(&mut rng, n, m)
+                    .into_iter()
+                    .map(|i| i as u32)
+                    .collect();
                 v.sort_unstable();
                 v
             } else {
@@ -226,12 +254,14 @@ impl Gbdt {
                     r[k] += v[k];
                 }
             });
-            vraw.par_chunks_mut(c).zip(valid.0.par_iter()).for_each(|(r, x)| {
-                let v = leaf_raw(t, x, leaves, c);
-                for k in 0..c {
-                    r[k] += v[k];
-                }
-            });
+            vraw.par_chunks_mut(c)
+                .zip(valid.0.par_iter())
+                .for_each(|(r, x)| {
+                    let v = leaf_raw(t, x, leaves, c);
+                    for k in 0..c {
+                        r[k] += v[k];
+                    }
+                });
             model.trees.push(tree);
             let vloss = if valid.0.is_empty() {
                 0.0
@@ -255,7 +285,15 @@ impl Gbdt {
         Ok(model)
     }
 
-    fn grow(&mut self, b: &Binned, grad: &[f32], hess: &[f32], sketch: &[usize], rows: Vec<u32>, p: &GbdtParams) -> Tree {
+    fn grow(
+        &mut self,
+        b: &Binned,
+        grad: &[f32],
+        hess: &[f32],
+        sketch: &[usize],
+        rows: Vec<u32>,
+        p: &GbdtParams,
+    ) -> Tree {
         let c = self.n_classes;
         let d = sketch.len();
         let nf = b.cols.len();
@@ -272,12 +310,18 @@ impl Gbdt {
                 Some((f, bin, gain)) => {
                     self.importance[f] += gain;
                     let col = &b.cols[f];
-                    let (l, r): (Vec<u32>, Vec<u32>) = rows.iter().partition(|&&i| col[i as usize] <= bin);
+                    let (l, r): (Vec<u32>, Vec<u32>) =
+                        rows.iter().partition(|&&i| col[i as usize] <= bin);
                     let li = nodes.len();
                     nodes.push(Node::Leaf { values: 0 });
                     nodes.push(Node::Leaf { values: 0 });
                     let threshold = b.edges[f][bin as usize];
-                    nodes[node] = Node::Split { feature: f as u16, threshold, left: li as u32, right: li as u32 + 1 };
+                    nodes[node] = Node::Split {
+                        feature: f as u16,
+                        threshold,
+                        left: li as u32,
+                        right: li as u32 + 1,
+                    };
                     frontier.push((li, l, depth + 1));
                     frontier.push((li + 1, r, depth + 1));
                 }
@@ -293,8 +337,9 @@ impl Gbdt {
                         }
                     }
                     let at = (self.leaves.len() / c) as u32;
-                    self.leaves
-                        .extend((0..c).map(|k| (-(p.learning_rate as f64) * gs[k] / (hs[k] + p.lambda as f64)) as f32));
+                    self.leaves.extend((0..c).map(|k| {
+                        (-(p.learning_rate as f64) * gs[k] / (hs[k] + p.lambda as f64)) as f32
+                    }));
                     nodes[node] = Node::Leaf { values: at };
                 }
             }
@@ -342,7 +387,14 @@ fn top_outputs(grad: &[f32], c: usize, rows: &[u32], dim: usize) -> Vec<usize> {
 
 /// Best (feature, bin, gain) split of `rows` on the sketched gradients, with
 /// gain = sum_d G_L^2/(n_L+l) + G_R^2/(n_R+l) - G^2/(n+l).
-fn best_split(b: &Binned, grad: &[f32], c: usize, sketch: &[usize], rows: &[u32], p: &GbdtParams) -> Option<(usize, u8, f64)> {
+fn best_split(
+    b: &Binned,
+    grad: &[f32],
+    c: usize,
+    sketch: &[usize],
+    rows: &[u32],
+    p: &GbdtParams,
+) -> Option<(usize, u8, f64)> {
     let d = sketch.len();
     let lambda = p.lambda as f64;
     (0..b.cols.len())
@@ -371,7 +423,8 @@ fn best_split(b: &Binned, grad: &[f32], c: usize, sketch: &[usize], rows: &[u32]
                 }
             }
             let n = rows.len();
-            let score = |g: &[f64], m: usize| g.iter().map(|x| x * x).sum::<f64>() / (m as f64 + lambda);
+            let score =
+                |g: &[f64], m: usize| g.iter().map(|x| x * x).sum::<f64>() / (m as f64 + lambda);
             let parent = score(&tot, n);
             let mut left = vec![0f64; d];
             let mut nl = 0usize;
@@ -400,8 +453,15 @@ fn leaf_binned<'a>(t: &Tree, b: &Binned, row: usize, leaves: &'a [f32], c: usize
     let mut n = 0usize;
     loop {
         match &t.nodes[n] {
-            Node::Leaf { values } => return &leaves[*values as usize * c..(*values as usize + 1) * c],
-            Node::Split { feature, threshold, left, right } => {
+            Node::Leaf { values } => {
+                return &leaves[*values as usize * c..(*values as usize + 1) * c]
+            }
+            Node::Split {
+                feature,
+                threshold,
+                left,
+                right,
+            } => {
                 let edges = &b.edges[*feature as usize];
                 let bin = b.cols[*feature as usize][row];
                 // Left holds bins whose upper edge is <= threshold.
@@ -416,9 +476,20 @@ fn leaf_raw<'a>(t: &Tree, x: &[f32], leaves: &'a [f32], c: usize) -> &'a [f32] {
     let mut n = 0usize;
     loop {
         match &t.nodes[n] {
-            Node::Leaf { values } => return &leaves[*values as usize * c..(*values as usize + 1) * c],
-            Node::Split { feature, threshold, left, right } => {
-                n = if x[*feature as usize] <= *threshold { *left } else { *right } as usize;
+            Node::Leaf { values } => {
+                return &leaves[*values as usize * c..(*values as usize + 1) * c]
+            }
+            Node::Split {
+                feature,
+                threshold,
+                left,
+                right,
+            } => {
+                n = if x[*feature as usize] <= *threshold {
+                    *left
+                } else {
+                    *right
+                } as usize;
             }
         }
     }
@@ -437,12 +508,22 @@ mod tests {
         // class = (x0 > 0.5) * 2 + (x1 > 0.3), x2 is noise.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         use rand::Rng;
-        let rows: Vec<Vec<f32>> = (0..4000).map(|_| vec![rng.random(), rng.random(), rng.random()]).collect();
+        let rows: Vec<Vec<f32>> = (0..4000)
+            .map(|_| vec![rng.random(), rng.random(), rng.random()])
+            .collect();
         let label = |r: &Vec<f32>| (u32::from(r[0] > 0.5)) * 2 + u32::from(r[1] > 0.3);
         let targets: Vec<Target> = rows.iter().map(|r| hard(label(r))).collect();
-        let p = GbdtParams { rounds: 30, max_depth: 3, min_rows_leaf: 5, sketch_dim: 2, ..Default::default() };
+        let p = GbdtParams {
+            rounds: 30,
+            max_depth: 3,
+            min_rows_leaf: 5,
+            sketch_dim: 2,
+            ..Default::default()
+        };
         let m = Gbdt::fit(&rows, &targets, 4, (&[], &[]), &p).unwrap();
-        let test: Vec<Vec<f32>> = (0..1000).map(|_| vec![rng.random(), rng.random(), rng.random()]).collect();
+        let test: Vec<Vec<f32>> = (0..1000)
+            .map(|_| vec![rng.random(), rng.random(), rng.random()])
+            .collect();
         let wrong = test
             .iter()
             .filter(|r| {
@@ -458,11 +539,28 @@ mod tests {
     #[test]
     fn soft_targets_give_split_probabilities() {
         let rows: Vec<Vec<f32>> = (0..1000).map(|i| vec![(i % 2) as f32]).collect();
-        let targets: Vec<Target> = rows.iter().map(|r| if r[0] > 0.5 { vec![(0, 0.5), (1, 0.5)] } else { hard(2) }).collect();
-        let p = GbdtParams { rounds: 60, max_depth: 1, min_rows_leaf: 1, ..Default::default() };
+        let targets: Vec<Target> = rows
+            .iter()
+            .map(|r| {
+                if r[0] > 0.5 {
+                    vec![(0, 0.5), (1, 0.5)]
+                } else {
+                    hard(2)
+                }
+            })
+            .collect();
+        let p = GbdtParams {
+            rounds: 60,
+            max_depth: 1,
+            min_rows_leaf: 1,
+            ..Default::default()
+        };
         let m = Gbdt::fit(&rows, &targets, 3, (&[], &[]), &p).unwrap();
         let pr = m.predict_proba(&[1.0]);
-        assert!((pr[0] - 0.5).abs() < 0.05 && (pr[1] - 0.5).abs() < 0.05, "{pr:?}");
+        assert!(
+            (pr[0] - 0.5).abs() < 0.05 && (pr[1] - 0.5).abs() < 0.05,
+            "{pr:?}"
+        );
         assert!(m.predict_proba(&[0.0])[2] > 0.95);
     }
 
@@ -470,7 +568,13 @@ mod tests {
     fn early_stopping_keeps_the_best_round() {
         let rows: Vec<Vec<f32>> = (0..500).map(|i| vec![(i % 7) as f32]).collect();
         let targets: Vec<Target> = rows.iter().map(|r| hard((r[0] as u32) % 2)).collect();
-        let p = GbdtParams { rounds: 200, max_depth: 2, min_rows_leaf: 1, early_stopping: 3, ..Default::default() };
+        let p = GbdtParams {
+            rounds: 200,
+            max_depth: 2,
+            min_rows_leaf: 1,
+            early_stopping: 3,
+            ..Default::default()
+        };
         let m = Gbdt::fit(&rows, &targets, 2, (&rows[..100], &targets[..100]), &p).unwrap();
         assert!(m.n_trees() < 200);
     }

@@ -34,10 +34,16 @@ pub enum DrafterError {
     Read { path: String, msg: String },
     #[error("drafter file {path} is corrupt or truncated: {msg}")]
     Corrupt { path: String, msg: String },
-    #[error("drafter file {path} has format version {found}; this build reads version {FORMAT_VERSION}")]
+    #[error(
+        "drafter file {path} has format version {found}; this build reads version {FORMAT_VERSION}"
+    )]
     Version { path: String, found: u32 },
     #[error("drafter file {path} was trained for vocab_size {found}, the model has {expected}")]
-    Vocab { path: String, found: usize, expected: usize },
+    Vocab {
+        path: String,
+        found: usize,
+        expected: usize,
+    },
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -114,11 +120,19 @@ impl Drafter {
 
     /// Class index of a token (K when it is not one of the K classes).
     pub fn class_of(&self, t: u32) -> usize {
-        self.class_index.get(t as usize).copied().unwrap_or(self.classes.len() as u32) as usize
+        self.class_index
+            .get(t as usize)
+            .copied()
+            .unwrap_or(self.classes.len() as u32) as usize
     }
 
     /// Feature row and candidates for predicting the token after `ctx`.
-    pub fn features(&self, ctx: &[u32], depth: usize, verified: Verified) -> (Vec<f32>, Candidates) {
+    pub fn features(
+        &self,
+        ctx: &[u32],
+        depth: usize,
+        verified: Verified,
+    ) -> (Vec<f32>, Candidates) {
         let class_of = |t: u32| self.class_of(t);
         features::features(&FeatureInput {
             ctx,
@@ -137,7 +151,10 @@ impl Drafter {
         if (self.class_of(next) as u32) < k {
             hits.push(self.class_of(next) as u32);
         }
-        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context].iter().enumerate() {
+        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context]
+            .iter()
+            .enumerate()
+        {
             if *c == Some(next) {
                 hits.push(k + i as u32);
             }
@@ -166,13 +183,19 @@ impl Drafter {
                 add(self.classes[i], q);
             }
         }
-        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context].iter().enumerate() {
+        for (i, c) in [cand.trigram, cand.bigram, cand.suffix, cand.context]
+            .iter()
+            .enumerate()
+        {
             if let Some(t) = c {
                 add(*t, p[k + i]);
             }
         }
         let best = mass.into_iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
-        (best.1 > p[self.model_class()]).then_some(Draft { token: best.0, prob: best.1 })
+        (best.1 > p[self.model_class()]).then_some(Draft {
+            token: best.0,
+            prob: best.1,
+        })
     }
 
     /// Drafts up to `k` tokens after `ctx` (stops at `__MODEL__` or when a
@@ -181,7 +204,13 @@ impl Drafter {
         self.propose_with(ctx, k, verified, self.threshold)
     }
 
-    pub fn propose_with(&self, ctx: &[u32], k: usize, verified: Verified, threshold: f32) -> Vec<Draft> {
+    pub fn propose_with(
+        &self,
+        ctx: &[u32],
+        k: usize,
+        verified: Verified,
+        threshold: f32,
+    ) -> Vec<Draft> {
         let mut ext = ctx.to_vec();
         let mut out = Vec::new();
         while out.len() < k.min(self.k_max) {
@@ -197,30 +226,56 @@ impl Drafter {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), DrafterError> {
-        let json = serde_json::to_vec(self).map_err(|e| DrafterError::Read { path: path.display().to_string(), msg: e.to_string() })?;
-        crate::checkpoint::write_atomic(path, &json)
-            .map_err(|e| DrafterError::Read { path: path.display().to_string(), msg: e.to_string() })
+        let json = serde_json::to_vec(self).map_err(|e| DrafterError::Read {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        crate::checkpoint::write_atomic(path, &json).map_err(|e| DrafterError::Read {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })
     }
 
     /// Loads and checks a drafter file for a model of `vocab_size`.
     pub fn load(path: &Path, vocab_size: usize) -> Result<Drafter, DrafterError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| DrafterError::Read { path: p.clone(), msg: e.to_string() })?;
+        let bytes = std::fs::read(path).map_err(|e| DrafterError::Read {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| DrafterError::Corrupt { path: p.clone(), msg: e.to_string() })?;
+            serde_json::from_slice(&bytes).map_err(|e| DrafterError::Corrupt {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
         let found = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
         if found != FORMAT_VERSION {
             return Err(DrafterError::Version { path: p, found });
         }
-        let mut d: Drafter = serde_json::from_value(v).map_err(|e| DrafterError::Corrupt { path: p.clone(), msg: e.to_string() })?;
+        let mut d: Drafter = serde_json::from_value(v).map_err(|e| DrafterError::Corrupt {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         if d.gbdt.version != gbdt::FORMAT_VERSION {
-            return Err(DrafterError::Version { path: p, found: d.gbdt.version });
+            return Err(DrafterError::Version {
+                path: p,
+                found: d.gbdt.version,
+            });
         }
         if d.vocab_size != vocab_size {
-            return Err(DrafterError::Vocab { path: p, found: d.vocab_size, expected: vocab_size });
+            return Err(DrafterError::Vocab {
+                path: p,
+                found: d.vocab_size,
+                expected: vocab_size,
+            });
         }
-        if d.gbdt.n_classes != d.classes.len() + N_POINTERS + 1 || d.gbdt.n_features != features::N_FEATURES {
-            return Err(DrafterError::Corrupt { path: p, msg: "class or feature counts disagree with the trees".into() });
+        if d.gbdt.n_classes != d.classes.len() + N_POINTERS + 1
+            || d.gbdt.n_features != features::N_FEATURES
+        {
+            return Err(DrafterError::Corrupt {
+                path: p,
+                msg: "class or feature counts disagree with the trees".into(),
+            });
         }
         d.index();
         Ok(d)
@@ -289,7 +344,11 @@ pub fn replay(
         let drafts = propose(&seq[..pos], pos - 1);
         let room = seq.len() - pos;
         let drafts = &drafts[..drafts.len().min(room.saturating_sub(1))];
-        let a = drafts.iter().zip(&seq[pos..]).take_while(|(d, s)| d == s).count();
+        let a = drafts
+            .iter()
+            .zip(&seq[pos..])
+            .take_while(|(d, s)| d == s)
+            .count();
         r.drafted += drafts.len();
         r.accepted += a;
         r.tokens += a + 1;
@@ -314,7 +373,12 @@ mod tests {
     #[test]
     fn an_oracle_replay_accepts_every_draft() {
         let seq: Vec<u32> = (0..100).collect();
-        let r = replay(&seq, 10, |ctx, _| seq[ctx.len()..(ctx.len() + 4).min(seq.len())].to_vec(), &|k| 1.0 + 0.1 * k as f64);
+        let r = replay(
+            &seq,
+            10,
+            |ctx, _| seq[ctx.len()..(ctx.len() + 4).min(seq.len())].to_vec(),
+            &|k| 1.0 + 0.1 * k as f64,
+        );
         assert_eq!(r.tokens, 90);
         assert_eq!(r.accepted, r.drafted);
         assert_eq!(r.steps, 18);

@@ -24,7 +24,11 @@ pub enum DataError {
     #[error("the corpus is empty (no text in {0})")]
     Empty(String),
     #[error("the {split} split has {have} tokens; a batch needs at least block_size + 1 = {need}")]
-    TooShort { split: &'static str, have: usize, need: usize },
+    TooShort {
+        split: &'static str,
+        have: usize,
+        need: usize,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 }
@@ -36,25 +40,39 @@ pub fn read_text(path: &Path) -> Result<String> {
     if !path.exists() {
         return Err(DataError::Missing(path.to_path_buf()));
     }
-    let unreadable = |e: std::io::Error| DataError::Unreadable { path: path.to_path_buf(), msg: e.to_string() };
+    let unreadable = |e: std::io::Error| DataError::Unreadable {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
     let raw = std::fs::read(path).map_err(unreadable)?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(unreadable)?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(unreadable)?;
         out
     } else {
         raw
     };
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 { path: path.to_path_buf(), offset: e.utf8_error().valid_up_to() })
+    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
+        path: path.to_path_buf(),
+        offset: e.utf8_error().valid_up_to(),
+    })
 }
 
 /// Splits `text` into the books listed in a sibling `books.tsv` when the
 /// sizes of the rows of this split ("train" for train.txt.gz) add up to the
 /// file (books joined by "\n\n"); otherwise the file is one document.
 fn split_documents(path: &Path, text: String) -> Vec<String> {
-    let split = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('.').next()).unwrap_or("");
+    let split = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('.').next())
+        .unwrap_or("");
     let tsv = path.with_file_name("books.tsv");
-    let Ok(index) = std::fs::read_to_string(&tsv) else { return vec![text] };
+    let Ok(index) = std::fs::read_to_string(&tsv) else {
+        return vec![text];
+    };
     let sizes: Vec<usize> = index
         .lines()
         .skip(1)
@@ -119,7 +137,9 @@ pub fn encode_documents(tok: &Tokenizer, docs: &[String]) -> Result<Vec<u32>> {
         }
     }
     let texts: Vec<&str> = pieces.iter().map(|p| p.1).collect();
-    let encoded = tok.encode_batch(&texts).map_err(|e| DataError::Tokenizer(e.to_string()))?;
+    let encoded = tok
+        .encode_batch(&texts)
+        .map_err(|e| DataError::Tokenizer(e.to_string()))?;
     let mut out = Vec::with_capacity(encoded.iter().map(Vec::len).sum::<usize>() + docs.len());
     for (i, ids) in encoded.into_iter().enumerate() {
         out.extend(ids);
@@ -148,7 +168,10 @@ fn cache_key(paths: &[PathBuf], tok: &Tokenizer) -> u64 {
         if let Ok(m) = std::fs::metadata(p) {
             h = fnv1a(&m.len().to_le_bytes(), h);
             if let Ok(t) = m.modified() {
-                let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let secs = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 h = fnv1a(&secs.to_le_bytes(), h);
             }
         }
@@ -157,15 +180,31 @@ fn cache_key(paths: &[PathBuf], tok: &Tokenizer) -> u64 {
 }
 
 /// Token stream of `paths`, from the cache in `cache_dir` when present.
-pub fn load_tokens(paths: &[PathBuf], tok: &Tokenizer, cache_dir: Option<&Path>) -> Result<Vec<u32>> {
+pub fn load_tokens(
+    paths: &[PathBuf],
+    tok: &Tokenizer,
+    cache_dir: Option<&Path>,
+) -> Result<Vec<u32>> {
     let wide = tok.vocab_size() > u16::MAX as usize;
-    let file = cache_dir.map(|d| d.join(format!("tokens-{:016x}.{}", cache_key(paths, tok), if wide { "u32" } else { "u16" })));
+    let file = cache_dir.map(|d| {
+        d.join(format!(
+            "tokens-{:016x}.{}",
+            cache_key(paths, tok),
+            if wide { "u32" } else { "u16" }
+        ))
+    });
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             return Ok(if wide {
-                bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
             } else {
-                bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                    .collect()
             });
         }
     }
@@ -175,7 +214,10 @@ pub fn load_tokens(paths: &[PathBuf], tok: &Tokenizer, cache_dir: Option<&Path>)
         let bytes: Vec<u8> = if wide {
             tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
         } else {
-            tokens.iter().flat_map(|t| (*t as u16).to_le_bytes()).collect()
+            tokens
+                .iter()
+                .flat_map(|t| (*t as u16).to_le_bytes())
+                .collect()
         };
         // A cache that cannot be written only costs time next run.
         if std::fs::create_dir_all(f.parent().unwrap_or(Path::new("."))).is_ok() {
@@ -188,7 +230,11 @@ pub fn load_tokens(paths: &[PathBuf], tok: &Tokenizer, cache_dir: Option<&Path>)
 /// Splits documents into train and val reproducibly: with 20+ documents,
 /// about `val_frac` of them by a seeded hash of their index (at least one);
 /// with fewer, the last `val_frac` of the token stream.
-pub fn split_by_document(docs: Vec<String>, val_frac: f64, seed: u64) -> (Vec<String>, Vec<String>) {
+pub fn split_by_document(
+    docs: Vec<String>,
+    val_frac: f64,
+    seed: u64,
+) -> (Vec<String>, Vec<String>) {
     if docs.len() < 20 {
         return (docs, vec![]);
     }
@@ -211,7 +257,8 @@ pub fn split_by_document(docs: Vec<String>, val_frac: f64, seed: u64) -> (Vec<St
 /// A seeded batch of `b` windows of `t + 1` tokens: inputs and targets,
 /// (b * t) each, row-major. Batch `step` of a run is always the same.
 pub fn batch(tokens: &[u32], b: usize, t: usize, seed: u64, step: u64) -> (Vec<u32>, Vec<u32>) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9E3779B97F4A7C15));
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9E3779B97F4A7C15));
     let mut x = Vec::with_capacity(b * t);
     let mut y = Vec::with_capacity(b * t);
     for _ in 0..b {
@@ -225,7 +272,11 @@ pub fn batch(tokens: &[u32], b: usize, t: usize, seed: u64, step: u64) -> (Vec<u
 /// Checks that a split can fill one window of `block` tokens.
 pub fn check_len(split: &'static str, tokens: &[u32], block: usize) -> Result<()> {
     if tokens.len() < block + 1 {
-        return Err(DataError::TooShort { split, have: tokens.len(), need: block + 1 });
+        return Err(DataError::TooShort {
+            split,
+            have: tokens.len(),
+            need: block + 1,
+        });
     }
     Ok(())
 }
@@ -263,17 +314,24 @@ mod tests {
     #[test]
     fn books_tsv_splits_a_file_into_books() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("books.tsv"), "split\tbytes\tbook\ntrain\t3\ta\ntrain\t4\tb\nval\t9\tc\n").unwrap();
+        std::fs::write(
+            dir.path().join("books.tsv"),
+            "split\tbytes\tbook\ntrain\t3\ta\ntrain\t4\tb\nval\t9\tc\n",
+        )
+        .unwrap();
         let p = dir.path().join("train.txt");
         std::fs::write(&p, "abc\n\ndefg").unwrap();
-        assert_eq!(read_documents(&[p]).unwrap(), vec!["abc".to_string(), "defg".to_string()]);
+        assert_eq!(
+            read_documents(&[p]).unwrap(),
+            vec!["abc".to_string(), "defg".to_string()]
+        );
     }
 
     #[test]
     fn encoding_chunks_split_only_at_character_boundaries() {
         let doc = "é“".repeat(40_000);
         let tok = Tokenizer::train_bpe([doc.as_str()].into_iter(), 300).unwrap();
-        let ids = encode_documents(&tok, &[doc.clone()]).unwrap();
+        let ids = encode_documents(&tok, std::slice::from_ref(&doc)).unwrap();
         assert_eq!(tok.decode(&ids[..ids.len() - 1]).unwrap(), doc);
     }
 

@@ -6,10 +6,16 @@ use candle_core::{Result, Tensor};
 use crate::model::Gpt;
 
 /// Seed of the evaluation windows (distinct from any training seed use).
-const EVAL_SEED: u64 = 0x5EED_0F_E7A1;
+const EVAL_SEED: u64 = 0x005E_ED0F_E7A1;
 
 /// Mean loss of each exit over `batches` batches of `b` x `t` tokens.
-pub fn exit_losses(model: &Gpt, tokens: &[u32], b: usize, t: usize, batches: u64) -> Result<Vec<f32>> {
+pub fn exit_losses(
+    model: &Gpt,
+    tokens: &[u32],
+    b: usize,
+    t: usize,
+    batches: u64,
+) -> Result<Vec<f32>> {
     let device = model.device().clone();
     let mut sums = vec![0f64; model.cfg.exits.len()];
     for i in 0..batches.max(1) {
@@ -21,12 +27,20 @@ pub fn exit_losses(model: &Gpt, tokens: &[u32], b: usize, t: usize, batches: u64
             *s += l.detach().to_scalar::<f32>()? as f64;
         }
     }
-    Ok(sums.into_iter().map(|s| (s / batches.max(1) as f64) as f32).collect())
+    Ok(sums
+        .into_iter()
+        .map(|s| (s / batches.max(1) as f64) as f32)
+        .collect())
 }
 
 /// Mean loss of each exit over consecutive windows covering `tokens`
 /// (`gpt-serve eval`): every token is scored once, up to `max_windows`.
-pub fn exit_losses_sequential(model: &Gpt, tokens: &[u32], t: usize, max_windows: usize) -> Result<Vec<f32>> {
+pub fn exit_losses_sequential(
+    model: &Gpt,
+    tokens: &[u32],
+    t: usize,
+    max_windows: usize,
+) -> Result<Vec<f32>> {
     let device = model.device().clone();
     let mut sums = vec![0f64; model.cfg.exits.len()];
     let mut n = 0usize;
@@ -40,7 +54,11 @@ pub fn exit_losses_sequential(model: &Gpt, tokens: &[u32], t: usize, max_windows
         n += 1;
     }
     if n == 0 {
-        candle_core::bail!("eval text has {} tokens, fewer than one window of {}", tokens.len(), t + 1);
+        candle_core::bail!(
+            "eval text has {} tokens, fewer than one window of {}",
+            tokens.len(),
+            t + 1
+        );
     }
     Ok(sums.into_iter().map(|s| (s / n as f64) as f32).collect())
 }

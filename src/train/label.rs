@@ -6,6 +6,7 @@
 //!    next generated token.
 //! 2. Teacher-forced windows of train text: the top-1 of every position in
 //!    one forward, cheap rows.
+//!
 //! The first part of both builds the next-token tables (features), the rest
 //! becomes GBDT rows, with the draft depth j drawn at random and the
 //! "verified" statistics taken j positions back, as at draft time.
@@ -60,7 +61,15 @@ pub struct Continuation {
 }
 
 /// Greedy continuations of `n` prompts of `plen` tokens drawn from `tokens`.
-pub fn continuations(model: &Gpt, tokens: &[u32], n: usize, plen: usize, gen: usize, seed: u64, eot: u32) -> anyhow::Result<Vec<Continuation>> {
+pub fn continuations(
+    model: &Gpt,
+    tokens: &[u32],
+    n: usize,
+    plen: usize,
+    gen: usize,
+    seed: u64,
+    eot: u32,
+) -> anyhow::Result<Vec<Continuation>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let gen = gen.min(model.cfg.block_size.saturating_sub(plen));
     (0..n)
@@ -68,13 +77,26 @@ pub fn continuations(model: &Gpt, tokens: &[u32], n: usize, plen: usize, gen: us
             let start = rng.random_range(0..tokens.len() - plen);
             let prompt = &tokens[start..start + plen];
             let (seq, verified) = greedy_with_stats(model, prompt, gen, eot)?;
-            Ok(Continuation { tokens: seq, prompt: plen, verified })
+            Ok(Continuation {
+                tokens: seq,
+                prompt: plen,
+                verified,
+            })
         })
         .collect()
 }
 
 /// Teacher-forced windows: (tokens, model top-1 at each position, stats).
-fn teacher_forced(model: &Gpt, tokens: &[u32], n: usize, t: usize, seed: u64) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>, Vec<Verified>)>> {
+/// A window of text, the model's top-1 after each position, and its stats.
+type Window = (Vec<u32>, Vec<u32>, Vec<Verified>);
+
+fn teacher_forced(
+    model: &Gpt,
+    tokens: &[u32],
+    n: usize,
+    t: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<Window>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let last = model.cfg.exits.len() - 1;
     (0..n)
@@ -84,13 +106,19 @@ fn teacher_forced(model: &Gpt, tokens: &[u32], n: usize, t: usize, seed: u64) ->
             let idx = Tensor::from_slice(&w, (1, t), model.device())?;
             let mut s = model.embed(&idx, 0)?;
             model.run_blocks(&mut s, model.cfg.n_layer, None)?;
-            let logits = model.exit_logits(&s, last, 0..t)?.squeeze(0)?.to_vec2::<f32>()?;
+            let logits = model
+                .exit_logits(&s, last, 0..t)?
+                .squeeze(0)?
+                .to_vec2::<f32>()?;
             let top: Vec<u32> = logits.iter().map(|r| sampling::argmax(r)).collect();
             let stats = logits
                 .iter()
                 .map(|r| {
                     let (p, e) = sampling::top1_and_entropy(r);
-                    Verified { top1_prob: p, entropy: e }
+                    Verified {
+                        top1_prob: p,
+                        entropy: e,
+                    }
                 })
                 .collect();
             Ok((w, top, stats))
@@ -102,7 +130,9 @@ fn teacher_forced(model: &Gpt, tokens: &[u32], n: usize, t: usize, seed: u64) ->
 /// at a context of half the window.
 pub fn verify_costs(model: &Gpt, k_max: usize) -> anyhow::Result<Vec<f64>> {
     let ctx = (model.cfg.block_size / 2).max(1);
-    let prompt: Vec<u32> = (0..ctx as u32).map(|i| i % model.cfg.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..ctx as u32)
+        .map(|i| i % model.cfg.vocab_size as u32)
+        .collect();
     let idx = Tensor::from_slice(&prompt, (1, ctx), model.device())?;
     let mut cache = model.new_cache()?;
     let mut s = model.embed(&idx, 0)?;
@@ -147,7 +177,12 @@ fn rows_of(
 }
 
 /// Trains the drafter for the checkpoint in `dir` and saves `drafter.json`.
-pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32]) -> anyhow::Result<Drafter> {
+pub fn train_drafter(
+    dir: &Path,
+    o: &DrafterOptions,
+    val: &[u32],
+    train: &[u32],
+) -> anyhow::Result<Drafter> {
     let t0 = Instant::now();
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
@@ -156,8 +191,19 @@ pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32])
     let eot = tok.eot();
     let t = model.cfg.block_size.min(256);
     let plen = 32.min(t / 2);
-    eprintln!("drafter: labelling with the model ({} continuations, {} windows)", o.drafter_prompts, o.drafter_windows);
-    let conts = continuations(&model, train, o.drafter_prompts, plen, o.drafter_gen_tokens, 11, eot)?;
+    eprintln!(
+        "drafter: labelling with the model ({} continuations, {} windows)",
+        o.drafter_prompts, o.drafter_windows
+    );
+    let conts = continuations(
+        &model,
+        train,
+        o.drafter_prompts,
+        plen,
+        o.drafter_gen_tokens,
+        11,
+        eot,
+    )?;
     let windows = teacher_forced(&model, train, o.drafter_windows, t, 12)?;
     // Halves: tables from the first, rows from the second; a held-out slice
     // of continuations tunes the threshold.
@@ -168,7 +214,11 @@ pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32])
     let mut triples: Vec<(Option<u32>, u32, u32)> = Vec::new();
     for c in c_tab {
         for i in c.prompt - 1..c.tokens.len() - 1 {
-            triples.push(((i > 0).then(|| c.tokens[i - 1]), c.tokens[i], c.tokens[i + 1]));
+            triples.push((
+                (i > 0).then(|| c.tokens[i - 1]),
+                c.tokens[i],
+                c.tokens[i + 1],
+            ));
         }
     }
     for (w, top, _) in w_tab {
@@ -183,37 +233,87 @@ pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32])
     }
     let mut by_freq: Vec<(u32, usize)> = freq.into_iter().collect();
     by_freq.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let classes: Vec<u32> = by_freq.iter().take(o.drafter_classes).map(|x| x.0).collect();
+    let classes: Vec<u32> = by_freq
+        .iter()
+        .take(o.drafter_classes)
+        .map(|x| x.0)
+        .collect();
     let tables = Tables::build(triples.into_iter(), 2);
     let vocab = model.cfg.vocab_size;
-    let placeholder = Gbdt::fit(&[vec![0.0; N_FEATURES]], &[vec![(0, 1.0)]], classes.len() + drafter::N_POINTERS + 1, (&[], &[]), &GbdtParams { rounds: 0, ..Default::default() })?;
+    let placeholder = Gbdt::fit(
+        &[vec![0.0; N_FEATURES]],
+        &[vec![(0, 1.0)]],
+        classes.len() + drafter::N_POINTERS + 1,
+        (&[], &[]),
+        &GbdtParams {
+            rounds: 0,
+            ..Default::default()
+        },
+    )?;
     let mut ws = tok.word_start().to_vec();
     ws.resize(vocab, false);
-    let mut d = Drafter::new(vocab, classes, tables, placeholder, ws, 0.5, o.drafter_k_max);
+    let mut d = Drafter::new(
+        vocab,
+        classes,
+        tables,
+        placeholder,
+        ws,
+        0.5,
+        o.drafter_k_max,
+    );
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
     let mut data = (Vec::new(), Vec::new());
     for c in c_rows {
         let gen_start = c.prompt - 1;
-        rows_of(&d, &c.tokens, &|i| c.tokens[i + 1], &|i| c.verified.get(i.saturating_sub(gen_start + 1)).copied().unwrap_or_default(), c.prompt - 1, &mut rng, &mut data);
+        rows_of(
+            &d,
+            &c.tokens,
+            &|i| c.tokens[i + 1],
+            &|i| {
+                c.verified
+                    .get(i.saturating_sub(gen_start + 1))
+                    .copied()
+                    .unwrap_or_default()
+            },
+            c.prompt - 1,
+            &mut rng,
+            &mut data,
+        );
     }
     let n_gen_rows = data.0.len();
     for (w, top, stats) in w_rows {
-        rows_of(&d, w, &|i| top[i], &|i| stats[i.saturating_sub(1)], 1, &mut rng, &mut data);
+        rows_of(
+            &d,
+            w,
+            &|i| top[i],
+            &|i| stats[i.saturating_sub(1)],
+            1,
+            &mut rng,
+            &mut data,
+        );
     }
     let n = data.0.len();
     let n_valid = n / 10;
     // Interleaved validation rows.
     let (mut tr, mut va) = ((vec![], vec![]), (vec![], vec![]));
     for (i, (x, y)) in data.0.into_iter().zip(data.1).enumerate() {
-        let dst = if i % 10 == 0 && va.0.len() < n_valid { &mut va } else { &mut tr };
+        let dst = if i % 10 == 0 && va.0.len() < n_valid {
+            &mut va
+        } else {
+            &mut tr
+        };
         dst.0.push(x);
         dst.1.push(y);
     }
     let label_secs = t0.elapsed().as_secs_f64();
     eprintln!("drafter: {n} rows ({n_gen_rows} from continuations) in {label_secs:.0}s; fitting");
     let t_fit = Instant::now();
-    let params = GbdtParams { rounds: o.drafter_rounds, max_depth: o.drafter_depth, ..Default::default() };
+    let params = GbdtParams {
+        rounds: o.drafter_rounds,
+        max_depth: o.drafter_depth,
+        ..Default::default()
+    };
     d.gbdt = Gbdt::fit(&tr.0, &tr.1, d.n_classes(), (&va.0, &va.1), &params)?;
     let fit_secs = t_fit.elapsed().as_secs_f64();
 
@@ -249,13 +349,22 @@ pub fn train_drafter(dir: &Path, o: &DrafterOptions, val: &[u32], train: &[u32])
         "trees": d.gbdt.n_trees(), "valid_loss": d.gbdt.valid_loss, "threshold": d.threshold,
         "verify_cost": costs, "threshold_curve_tune": curve, "val_replay": report, "feature_importance": importance,
     });
-    d.save(&dir.join(checkpoint::DRAFTER_FILE)).context("saving the drafter")?;
-    eprintln!("drafter: {}", serde_json::to_string(&d.report["val_replay"])?);
+    d.save(&dir.join(checkpoint::DRAFTER_FILE))
+        .context("saving the drafter")?;
+    eprintln!(
+        "drafter: {}",
+        serde_json::to_string(&d.report["val_replay"])?
+    );
     Ok(d)
 }
 
 /// Replays the tree drafter at `threshold` over continuations.
-pub fn replay_tree(d: &Drafter, conts: &[Continuation], threshold: f32, cost: &dyn Fn(usize) -> f64) -> Replay {
+pub fn replay_tree(
+    d: &Drafter,
+    conts: &[Continuation],
+    threshold: f32,
+    cost: &dyn Fn(usize) -> f64,
+) -> Replay {
     let mut total = Replay::default();
     for c in conts {
         let gen_start = c.prompt - 1;
@@ -263,8 +372,15 @@ pub fn replay_tree(d: &Drafter, conts: &[Continuation], threshold: f32, cost: &d
             &c.tokens,
             c.prompt,
             |ctx, vi| {
-                let v = c.verified.get(vi.saturating_sub(gen_start + 1)).copied().unwrap_or_default();
-                d.propose_with(ctx, d.k_max, v, threshold).into_iter().map(|x| x.token).collect()
+                let v = c
+                    .verified
+                    .get(vi.saturating_sub(gen_start + 1))
+                    .copied()
+                    .unwrap_or_default();
+                d.propose_with(ctx, d.k_max, v, threshold)
+                    .into_iter()
+                    .map(|x| x.token)
+                    .collect()
             },
             cost,
         );
@@ -274,17 +390,29 @@ pub fn replay_tree(d: &Drafter, conts: &[Continuation], threshold: f32, cost: &d
 }
 
 /// Tree vs prompt lookup vs oracle on the same continuations.
-pub fn replay_report(d: &Drafter, conts: &[Continuation], cost: &dyn Fn(usize) -> f64) -> serde_json::Value {
+pub fn replay_report(
+    d: &Drafter,
+    conts: &[Continuation],
+    cost: &dyn Fn(usize) -> f64,
+) -> serde_json::Value {
     let tree = replay_tree(d, conts, d.threshold, cost);
     let mut lookup = Replay::default();
     let mut oracle = Replay::default();
     for c in conts {
-        lookup.add(&drafter::replay(&c.tokens, c.prompt, |ctx, _| drafter::prompt_lookup(ctx, d.k_max, 2), cost));
+        lookup.add(&drafter::replay(
+            &c.tokens,
+            c.prompt,
+            |ctx, _| drafter::prompt_lookup(ctx, d.k_max, 2),
+            cost,
+        ));
         let seq = &c.tokens;
-        oracle.add(&drafter::replay(seq, c.prompt, |ctx, _| seq[ctx.len()..(ctx.len() + d.k_max).min(seq.len())].to_vec(), cost));
+        oracle.add(&drafter::replay(
+            seq,
+            c.prompt,
+            |ctx, _| seq[ctx.len()..(ctx.len() + d.k_max).min(seq.len())].to_vec(),
+            cost,
+        ));
     }
-    let row = |r: &Replay| {
-        serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(), "precision": r.precision(), "drafted": r.drafted, "accepted": r.accepted, "tokens": r.tokens})
-    };
+    let row = |r: &Replay| serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(), "precision": r.precision(), "drafted": r.drafted, "accepted": r.accepted, "tokens": r.tokens});
     serde_json::json!({"tree": row(&tree), "prompt_lookup": row(&lookup), "oracle": row(&oracle), "tree_share_of_oracle": (tree.speedup() - 1.0) / (oracle.speedup() - 1.0).max(1e-9)})
 }

@@ -174,14 +174,25 @@ pub struct TrainSummary {
 
 fn parse_exits(s: &str, n_layer: usize) -> anyhow::Result<Vec<Exit>> {
     if s == "final" {
-        return Ok(vec![Exit { block: n_layer, weight: 1.0 }]);
+        return Ok(vec![Exit {
+            block: n_layer,
+            weight: 1.0,
+        }]);
     }
     s.split(',')
         .map(|p| {
-            let (b, w) = p.split_once(':').with_context(|| format!("--exits entry `{p}` is not BLOCK:WEIGHT"))?;
+            let (b, w) = p
+                .split_once(':')
+                .with_context(|| format!("--exits entry `{p}` is not BLOCK:WEIGHT"))?;
             Ok(Exit {
-                block: b.trim().parse().with_context(|| format!("--exits block `{b}` is not a number"))?,
-                weight: w.trim().parse().with_context(|| format!("--exits weight `{w}` is not a number"))?,
+                block: b
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--exits block `{b}` is not a number"))?,
+                weight: w
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--exits weight `{w}` is not a number"))?,
             })
         })
         .collect()
@@ -203,9 +214,15 @@ pub fn model_config(o: &TrainOptions, vocab_size: usize) -> anyhow::Result<Confi
     if let Some(e) = &o.exits {
         c.exits = parse_exits(e, c.n_layer)?;
     }
-    c.exit_head = if o.exit_head == "own" { ExitHead::Own } else { ExitHead::Tied };
+    c.exit_head = if o.exit_head == "own" {
+        ExitHead::Own
+    } else {
+        ExitHead::Tied
+    };
     if let Some(d) = &o.dwa {
-        let (a, b) = d.split_once('x').with_context(|| format!("--dwa `{d}` is not DILATIONxPERIOD"))?;
+        let (a, b) = d
+            .split_once('x')
+            .with_context(|| format!("--dwa `{d}` is not DILATIONxPERIOD"))?;
         c.dwa = Some(Dwa {
             dilation: a.parse().with_context(|| format!("--dwa dilation `{a}`"))?,
             period: b.parse().with_context(|| format!("--dwa period `{b}`"))?,
@@ -235,7 +252,10 @@ fn check_options(o: &TrainOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_tokenizer(o: &TrainOptions, docs_sample: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<Tokenizer> {
+fn build_tokenizer(
+    o: &TrainOptions,
+    docs_sample: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<Tokenizer> {
     if let Some(dir) = &o.init_from {
         return Ok(Tokenizer::from_file(&dir.join(checkpoint::TOKENIZER_FILE))?);
     }
@@ -243,7 +263,9 @@ fn build_tokenizer(o: &TrainOptions, docs_sample: impl FnOnce() -> anyhow::Resul
         "gpt2" => Tokenizer::gpt2(&o.gpt2_dir)?,
         "bpe" => {
             let sample = docs_sample()?;
-            let vocab = o.vocab_size.unwrap_or(Config::preset(&o.preset)?.vocab_size);
+            let vocab = o
+                .vocab_size
+                .unwrap_or(Config::preset(&o.preset)?.vocab_size);
             Tokenizer::train_bpe(sample.lines(), vocab)?
         }
         path => Tokenizer::from_file(Path::new(path))?,
@@ -259,9 +281,11 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 
 /// Checks the output directory can be written before spending time.
 fn prepare_out(out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", out.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output directory {} is not writable", out.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -270,14 +294,26 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
     prepare_out(&cli.out)?;
     let resumed: Option<TrainerState> = if cli.resume {
         let p = cli.out.join(TRAINER_FILE);
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("--resume: no trainer state at {} (nothing to resume)", p.display()))?;
-        Some(serde_json::from_str(&text).with_context(|| format!("--resume: {} is corrupt", p.display()))?)
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "--resume: no trainer state at {} (nothing to resume)",
+                p.display()
+            )
+        })?;
+        Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("--resume: {} is corrupt", p.display()))?,
+        )
     } else {
         None
     };
     let mut o = match &resumed {
-        Some(s) => TrainOptions { out: cli.out.clone(), resume: true, stop_after: cli.stop_after, ..s.options.clone() },
+        Some(s) => TrainOptions {
+            out: cli.out.clone(),
+            resume: true,
+            stop_after: cli.stop_after,
+            ..s.options.clone()
+        },
         None => cli,
     };
     check_options(&o)?;
@@ -339,13 +375,27 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         let w = checkpoint::load_tensors(&o.out.join(checkpoint::WEIGHTS_FILE), &device)?;
         crate::model::param_shapes(&cfg)
             .into_iter()
-            .map(|(n, _)| Ok((n.clone(), w.get(&n).with_context(|| format!("checkpoint lacks `{n}`"))?.clone())))
+            .map(|(n, _)| {
+                Ok((
+                    n.clone(),
+                    w.get(&n)
+                        .with_context(|| format!("checkpoint lacks `{n}`"))?
+                        .clone(),
+                ))
+            })
             .collect::<anyhow::Result<_>>()?
     } else if let Some(dir) = &o.init_from {
         let w = checkpoint::load_tensors(&dir.join(checkpoint::WEIGHTS_FILE), &device)?;
         crate::model::param_shapes(&cfg)
             .into_iter()
-            .map(|(n, _)| Ok((n.clone(), w.get(&n).with_context(|| format!("--init-from lacks `{n}`"))?.clone())))
+            .map(|(n, _)| {
+                Ok((
+                    n.clone(),
+                    w.get(&n)
+                        .with_context(|| format!("--init-from lacks `{n}`"))?
+                        .clone(),
+                ))
+            })
             .collect::<anyhow::Result<_>>()?
     } else {
         init_weights(&cfg, o.seed, &device)?
@@ -359,7 +409,11 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
             vars.push((name, v));
         }
     }
-    let model = Gpt::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device), false)?;
+    let model = Gpt::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        false,
+    )?;
     let mut opt = optim::AdamW::new(
         vars.clone(),
         optim::AdamWConfig {
@@ -380,11 +434,21 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
             s
         }
         None => {
-            let total = o.steps.or(o.tokens.map(|n| n.div_ceil(tokens_per_step))).unwrap_or(u64::MAX);
+            let total = o
+                .steps
+                .or(o.tokens.map(|n| n.div_ceil(tokens_per_step)))
+                .unwrap_or(u64::MAX);
             let mut sched = Schedule::new(o.schedule, o.lr, o.warmup, total);
             sched.hyper_beta = o.hyper_beta;
             let _ = std::fs::remove_file(o.out.join(METRICS_FILE));
-            TrainerState { step: 0, total_steps: total, tokens_seen: 0, elapsed_secs: 0.0, schedule: sched, options: o.clone() }
+            TrainerState {
+                step: 0,
+                total_steps: total,
+                tokens_seen: 0,
+                elapsed_secs: 0.0,
+                schedule: sched,
+                options: o.clone(),
+            }
         }
     };
 
@@ -408,15 +472,27 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         let lopt = LossOptions {
             exits: exits_on,
             exit_scale: o.exit_every as f64 * t as f64 / n_rows as f64,
-            exit_rows: exit_rows.map(|r| Tensor::from_vec(r, n_rows, &device)).transpose()?,
+            exit_rows: exit_rows
+                .map(|r| Tensor::from_vec(r, n_rows, &device))
+                .transpose()?,
         };
         let losses = model.loss_with(&x, &y, &lopt)?;
         let grads = losses.total.backward()?;
         let stats = opt.step(&grads, lr)?;
         // Step cost in units of one block; each computed exit head ~ one block.
-        let n_heads = if exits_on { (cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64 } else { 0.0 };
-        state.schedule.observe(step, stats.hyper_cos, (cheap_cost + n_heads) / cheap_cost);
-        last_loss = losses.per_exit.last().expect("final exit").to_scalar::<f32>()?;
+        let n_heads = if exits_on {
+            (cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64
+        } else {
+            0.0
+        };
+        state
+            .schedule
+            .observe(step, stats.hyper_cos, (cheap_cost + n_heads) / cheap_cost);
+        last_loss = losses
+            .per_exit
+            .last()
+            .expect("final exit")
+            .to_scalar::<f32>()?;
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         state.elapsed_secs = elapsed0 + run_start.elapsed().as_secs_f64();
@@ -437,8 +513,13 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
             "step": state.step, "lr": lr, "loss": losses.total.to_scalar::<f32>()?, "grad_norm": stats.grad_norm,
             "tokens": state.tokens_seen, "elapsed": state.elapsed_secs, "tok_per_s": tok_s,
         });
-        let computed: Vec<&Exit> =
-            cfg.exits.iter().enumerate().filter(|(k, _)| exits_on || *k == cfg.exits.len() - 1).map(|(_, e)| e).collect();
+        let computed: Vec<&Exit> = cfg
+            .exits
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| exits_on || *k == cfg.exits.len() - 1)
+            .map(|(_, e)| e)
+            .collect();
         for (e, l) in computed.iter().zip(&losses.per_exit) {
             rec[format!("train_loss_{}", e.block)] = serde_json::json!(l.to_scalar::<f32>()?);
         }
@@ -452,7 +533,10 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
                 "step {} | train {:.4} | val {} | lr {:.2e} | {:.0} tok/s",
                 state.step,
                 last_loss,
-                vl.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join("/"),
+                vl.iter()
+                    .map(|l| format!("{l:.4}"))
+                    .collect::<Vec<_>>()
+                    .join("/"),
                 lr,
                 tok_s
             ));
@@ -465,7 +549,15 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         pb.set_message(format!("loss {last_loss:.3} | {tok_s:.0} tok/s"));
         let stop_now = o.stop_after.is_some_and(|n| steps_this_run >= n);
         if (o.save_every > 0 && state.step % o.save_every == 0) || last || stop_now {
-            save_training(&o.out, &cfg, &varmap, &opt, &tokenizer, &state, if last { &o.save_dtype } else { "f32" })?;
+            save_training(
+                &o.out,
+                &cfg,
+                &varmap,
+                &opt,
+                &tokenizer,
+                &state,
+                if last { &o.save_dtype } else { "f32" },
+            )?;
         }
         if stop_now {
             break;
@@ -497,7 +589,10 @@ fn sample_rows(t: usize, frac: f64, seed: u64, step: u64) -> Vec<u32> {
     use rand::SeedableRng;
     let n = ((frac * t as f64).ceil() as usize).clamp(1, t);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(0xE717) ^ step);
-    let mut rows: Vec<u32> = sample(&mut rng, t, n).into_iter().map(|i| i as u32).collect();
+    let mut rows: Vec<u32> = sample(&mut rng, t, n)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
     rows.sort_unstable();
     rows
 }
@@ -513,17 +608,30 @@ fn save_training(
 ) -> anyhow::Result<()> {
     let weights: Vec<(String, Tensor)> = {
         let data = varmap.data().lock().expect("varmap lock");
-        let mut w: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let mut w: Vec<_> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
         w.sort_by(|a, b| a.0.cmp(&b.0));
         w
     };
-    let prev_training = checkpoint::load_config(out).map(|c| c.training).unwrap_or_default();
-    let ck = CheckpointConfig { format_version: FORMAT_VERSION, model: cfg.clone(), dtype: dtype.to_string(), training: prev_training };
+    let prev_training = checkpoint::load_config(out)
+        .map(|c| c.training)
+        .unwrap_or_default();
+    let ck = CheckpointConfig {
+        format_version: FORMAT_VERSION,
+        model: cfg.clone(),
+        dtype: dtype.to_string(),
+        training: prev_training,
+    };
     // Optimizer and trainer state first: a crash between files leaves the
     // previous weights with newer state only if the trainer file is last.
     checkpoint::save_tensors(&out.join(OPTIMIZER_FILE), &opt.state(), DType::F32)?;
     checkpoint::save(out, &ck, &weights, tok)?;
-    checkpoint::write_atomic(&out.join(TRAINER_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    checkpoint::write_atomic(
+        &out.join(TRAINER_FILE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     Ok(())
 }
 

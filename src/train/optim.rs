@@ -21,7 +21,14 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0, hypergradient: false }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            hypergradient: false,
+        }
     }
 }
 
@@ -69,13 +76,21 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { params, cfg, step: 0 })
+        Ok(Self {
+            params,
+            cfg,
+            step: 0,
+        })
     }
 
     /// One AdamW update at learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats> {
         let mut sq = 0f64;
-        let present: Vec<Option<Tensor>> = self.params.iter().map(|p| grads.get(p.var.as_tensor()).cloned()).collect();
+        let present: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|p| grads.get(p.var.as_tensor()).cloned())
+            .collect();
         for g in present.iter().flatten() {
             sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         }
@@ -112,8 +127,15 @@ impl AdamW {
                 p.prev_update = Some(update);
             }
         }
-        let hyper_cos = if gn > 0.0 && un > 0.0 { dot / (gn.sqrt() * un.sqrt()) } else { 0.0 };
-        Ok(StepStats { grad_norm, hyper_cos })
+        let hyper_cos = if gn > 0.0 && un > 0.0 {
+            dot / (gn.sqrt() * un.sqrt())
+        } else {
+            0.0
+        };
+        Ok(StepStats {
+            grad_norm,
+            hyper_cos,
+        })
     }
 
     /// Optimizer state as named tensors (`m.{name}`, `v.{name}`, `u.{name}`).
@@ -130,7 +152,11 @@ impl AdamW {
     }
 
     /// Restores state saved by [`AdamW::state`].
-    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for p in &mut self.params {
             let get = |k: String| {
                 state

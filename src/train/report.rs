@@ -9,6 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 
+/// A named series of (x, y) points; thick when the flag is set.
+pub type Curve = (String, Vec<(f64, f64)>, bool);
+
 pub fn progress(total: u64, pos: u64) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
@@ -21,13 +24,18 @@ pub fn progress(total: u64, pos: u64) -> ProgressBar {
 }
 
 pub fn append_log(path: &Path, rec: &serde_json::Value) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(f, "{rec}")
 }
 
 /// Drops log lines past `step` (a run killed after its last checkpoint).
 pub fn truncate_log(path: &Path, step: u64) -> std::io::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -65,7 +73,12 @@ fn register_font() -> bool {
     ] {
         if let Ok(bytes) = std::fs::read(p) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            return plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok();
+            return plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                bytes,
+            )
+            .is_ok();
         }
     }
     false
@@ -73,13 +86,21 @@ fn register_font() -> bool {
 
 /// Loss per exit vs step: thin lines for train, thick for val.
 pub fn plot(log: &Path, png: &Path, cfg: &Config) -> anyhow::Result<()> {
-    let curves: Vec<(String, Vec<(f64, f64)>, bool)> = cfg
+    let curves: Vec<Curve> = cfg
         .exits
         .iter()
         .flat_map(|e| {
             [
-                (format!("train exit {}", e.block), smooth(&series(log, &format!("train_loss_{}", e.block)), 20), false),
-                (format!("val exit {}", e.block), series(log, &format!("val_loss_{}", e.block)), true),
+                (
+                    format!("train exit {}", e.block),
+                    smooth(&series(log, &format!("train_loss_{}", e.block)), 20),
+                    false,
+                ),
+                (
+                    format!("val exit {}", e.block),
+                    series(log, &format!("val_loss_{}", e.block)),
+                    true,
+                ),
             ]
         })
         .filter(|c| !c.1.is_empty())
@@ -99,7 +120,7 @@ pub fn smooth(xs: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
 }
 
 /// A line plot of named series (thick when the flag is set).
-pub fn multi_plot(png: &Path, title: &str, x_label: &str, curves: &[(String, Vec<(f64, f64)>, bool)]) -> anyhow::Result<()> {
+pub fn multi_plot(png: &Path, title: &str, x_label: &str, curves: &[Curve]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let pts = curves.iter().flat_map(|c| c.1.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -115,24 +136,39 @@ pub fn multi_plot(png: &Path, title: &str, x_label: &str, curves: &[(String, Vec
     let root = BitMapBackend::new(png, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut b = ChartBuilder::on(&root);
-    b.margin(15).x_label_area_size(if text { 35 } else { 5 }).y_label_area_size(if text { 50 } else { 5 });
+    b.margin(15)
+        .x_label_area_size(if text { 35 } else { 5 })
+        .y_label_area_size(if text { 50 } else { 5 });
     if text {
         b.caption(title, ("sans-serif", 22));
     }
     let mut chart = b.build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - 0.05)..(y1 + 0.05))?;
     if text {
-        chart.configure_mesh().x_desc(x_label).y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc("loss")
+            .draw()?;
     }
     for (i, (name, pts, thick)) in curves.iter().enumerate() {
         let color = Palette99::pick(i / 2 * 2 + usize::from(*thick)).to_rgba();
-        let style = ShapeStyle { color, filled: false, stroke_width: if *thick { 3 } else { 1 } };
+        let style = ShapeStyle {
+            color,
+            filled: false,
+            stroke_width: if *thick { 3 } else { 1 },
+        };
         let s = chart.draw_series(LineSeries::new(pts.iter().copied(), style))?;
         if text {
-            s.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            s.label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
     }
     if text {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
     root.present()?;
     Ok(())

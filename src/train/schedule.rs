@@ -46,7 +46,16 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(kind: ScheduleKind, peak: f64, warmup: u64, total: u64) -> Self {
-        Self { kind, peak, warmup, total, min_ratio: 0.1, decay_frac: 0.2, hyper_beta: 0.02, hyper_lr: peak }
+        Self {
+            kind,
+            peak,
+            warmup,
+            total,
+            min_ratio: 0.1,
+            decay_frac: 0.2,
+            hyper_beta: 0.02,
+            hyper_lr: peak,
+        }
     }
 
     /// Learning rate for step `step` (0-based).
