@@ -3,14 +3,18 @@
 # (see `gpt-serve serve --help`).
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# Dependencies first, in their own layer: source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked --bin gpt-serve && rm -rf src
 COPY src src
-RUN cargo build --release --locked --bin gpt-serve
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin gpt-serve
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home gptserve
 COPY --from=build /src/target/release/gpt-serve /usr/local/bin/gpt-serve
 COPY models/default /models/default
+RUN chmod -R a+rX /models
 ENV GPT_SERVE_HOST=0.0.0.0 \
     GPT_SERVE_PORT=8000 \
     GPT_SERVE_MODEL=/models/default \

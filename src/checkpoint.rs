@@ -36,6 +36,8 @@ pub enum CheckpointError {
     MissingDir(PathBuf),
     #[error("checkpoint file {0} is missing")]
     MissingFile(PathBuf),
+    #[error("checkpoint file {path} cannot be read: {msg}")]
+    Unreadable { path: PathBuf, msg: String },
     #[error("checkpoint file {path} is corrupt: {msg}")]
     Corrupt { path: PathBuf, msg: String },
     #[error(
