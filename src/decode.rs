@@ -133,8 +133,12 @@ pub struct Generator<'m> {
     prompt_len: usize,
     counts: HashMap<u32, u32>,
     verified: Verified,
-    /// Adaptive draft length.
+    /// Adaptive draft length (prompt lookup and oracle).
     k_cur: usize,
+    /// Running estimate of the per-draft acceptance rate (tree drafter).
+    ema_accept: f64,
+    /// Verify cost of k drafts relative to a plain step (tree drafter).
+    verify_costs: Vec<f64>,
     pub stats: SpecStats,
     pub finished: Option<Finish>,
     eot: u32,
@@ -212,6 +216,11 @@ impl<'m> Generator<'m> {
                 entropy: 2.0,
             },
             k_cur,
+            ema_accept: 0.6,
+            verify_costs: match proposer {
+                Proposer::Tree(d) => d.verify_costs(),
+                _ => vec![],
+            },
             stats: SpecStats::default(),
             finished: None,
             eot,
@@ -245,7 +254,17 @@ impl<'m> Generator<'m> {
         let cfg = &self.model.cfg;
         // Drafts, clamped so the step cannot pass max_tokens or the window.
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
-        let k = self.k_cur.min(room);
+        let k = match self.proposer {
+            Proposer::Tree(_) => self.best_k(),
+            _ => self.k_cur,
+        }
+        .min(room);
+        // When drafting does not pay, still ask the tree for its first token
+        // (microseconds) to keep the acceptance estimate current.
+        let shadow = match self.proposer {
+            Proposer::Tree(d) if k == 0 && self.params.speculate => d.propose(&self.tokens, 1, self.verified).first().map(|d| d.token),
+            _ => None,
+        };
         let drafts: Vec<u32> = match self.proposer {
             _ if !self.params.speculate || k == 0 => vec![],
             Proposer::None => vec![],
@@ -340,6 +359,9 @@ impl<'m> Generator<'m> {
             (f, self.finished.is_some())
         });
         let accepted = out.len() - 1;
+        if let Some(t) = shadow {
+            self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));
+        }
         self.record(&drafts, accepted);
         // Roll back: the cache holds every committed token but the pending one.
         self.cache.truncate(self.tokens.len() - 1);
@@ -364,17 +386,24 @@ impl<'m> Generator<'m> {
                 st.accepted_by_pos[i] += 1;
             }
         }
-        // Adapt k to recent acceptance: grow after full acceptance, shrink
-        // after an early rejection.
-        if let Proposer::Tree(d) = self.proposer {
-            if !drafts.is_empty() {
-                self.k_cur = if accepted == drafts.len() {
-                    (self.k_cur + 1).min(d.k_max)
-                } else {
-                    (accepted + 2).clamp(2, d.k_max)
-                };
+        if !drafts.is_empty() {
+            self.ema_accept = 0.8 * self.ema_accept + 0.2 * accepted as f64 / drafts.len() as f64;
+        }
+    }
+
+    /// The draft length with the most expected tokens per unit of verify
+    /// cost: with per-draft acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a)
+    /// tokens for cost c(k) (measured at training); 0 means a plain step.
+    fn best_k(&self) -> usize {
+        let a = self.ema_accept.clamp(0.01, 0.99);
+        let mut best = (0, 0.0f64);
+        for (k, c) in self.verify_costs.iter().enumerate() {
+            let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / c.max(1e-9);
+            if gain > best.1 {
+                best = (k, gain);
             }
         }
+        best.0
     }
 
     /// Runs to the end; returns the generated tokens.
