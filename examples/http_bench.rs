@@ -22,14 +22,21 @@ const TOKENS: usize = 64;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// One streaming request: (time to first token, inter-token gaps, total).
 async fn stream_one(url: &str, prompt: &str) -> (f64, Vec<f64>, f64) {
     let t0 = Instant::now();
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "stream": true});
-    let r = reqwest::Client::new().post(format!("{url}/v1/completions")).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut s = r.bytes_stream();
     let (mut first, mut last, mut gaps) = (None, None, vec![]);
     while let Some(chunk) = s.next().await {
@@ -50,21 +57,33 @@ async fn stream_one(url: &str, prompt: &str) -> (f64, Vec<f64>, f64) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(args.get(1).map(String::as_str).unwrap_or("models/default"));
-    let out = args.get(2).cloned().unwrap_or_else(|| "bench/http.json".into());
+    let out = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "bench/http.json".into());
     let loaded = checkpoint::load(&dir, &Device::Cpu)?;
     let model = loaded.model(&Device::Cpu)?;
     let drafter = Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size).ok();
     let tok = loaded.tokenizer.clone();
-    let prompts: Vec<String> = ["The old house stood", "It was a dark night and", "She said that the", "In the morning the men", "When he came back to"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let prompts: Vec<String> = [
+        "The old house stood",
+        "It was a dark night and",
+        "She said that the",
+        "In the morning the men",
+        "When he came back to",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
 
     // Direct decode loop: the same requests without HTTP.
     let t = Instant::now();
     for p in &prompts {
         let ids = tok.encode(p)?;
-        let params = GenParams { max_tokens: TOKENS, ..Default::default() };
+        let params = GenParams {
+            max_tokens: TOKENS,
+            ..Default::default()
+        };
         let proposer = drafter.as_ref().map_or(Proposer::None, Proposer::Tree);
         let (mut g, _) = Generator::new(&model, proposer, &ids, params, tok.eot(), None)?;
         g.run()?;
@@ -74,16 +93,41 @@ fn main() -> anyhow::Result<()> {
     let direct = t.elapsed().as_secs_f64();
 
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::spawn(loaded, drafter, EngineConfig { max_active: 32, cascade: false, exit_confidence: 0.5 }, metrics.clone())?;
+    let engine = Engine::spawn(
+        loaded,
+        drafter,
+        EngineConfig {
+            max_active: 32,
+            cascade: false,
+            exit_confidence: 0.5,
+        },
+        metrics.clone(),
+    )?;
     let cfg = model.cfg.clone();
-    let state = AppState::new(engine, tok, "m".into(), cfg.block_size, cfg.vocab_size, metrics, ServeOptions::default());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let state = AppState::new(
+        engine,
+        tok,
+        "m".into(),
+        cfg.block_size,
+        cfg.vocab_size,
+        metrics,
+        ServeOptions::default(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = router(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        while !state.0.engine.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        while !state
+            .0
+            .engine
+            .ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let t = Instant::now();

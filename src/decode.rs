@@ -262,7 +262,10 @@ impl<'m> Generator<'m> {
         // When drafting does not pay, still ask the tree for its first token
         // (microseconds) to keep the acceptance estimate current.
         let shadow = match self.proposer {
-            Proposer::Tree(d) if k == 0 && self.params.speculate => d.propose(&self.tokens, 1, self.verified).first().map(|d| d.token),
+            Proposer::Tree(d) if k == 0 && self.params.speculate => d
+                .propose(&self.tokens, 1, self.verified)
+                .first()
+                .map(|d| d.token),
             _ => None,
         };
         let drafts: Vec<u32> = match self.proposer {

@@ -569,11 +569,21 @@ mod tests {
         // Labels are noise: the validation loss stops improving within a
         // few rounds, and the model keeps the rounds up to its best one.
         let noise = |i: usize| ((i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 63) as u32;
-        let rows: Vec<Vec<f32>> = (0..2000).map(|i| vec![(i % 7) as f32, (i % 13) as f32]).collect();
+        let rows: Vec<Vec<f32>> = (0..2000)
+            .map(|i| vec![(i % 7) as f32, (i % 13) as f32])
+            .collect();
         let targets: Vec<Target> = (0..2000).map(|i| hard(noise(i))).collect();
-        let valid: Vec<Vec<f32>> = (0..500).map(|i| vec![(i % 7) as f32, (i % 11) as f32]).collect();
+        let valid: Vec<Vec<f32>> = (0..500)
+            .map(|i| vec![(i % 7) as f32, (i % 11) as f32])
+            .collect();
         let vt: Vec<Target> = (0..500).map(|i| hard(noise(i + 7919))).collect();
-        let p = GbdtParams { rounds: 200, max_depth: 4, min_rows_leaf: 1, early_stopping: 3, ..Default::default() };
+        let p = GbdtParams {
+            rounds: 200,
+            max_depth: 4,
+            min_rows_leaf: 1,
+            early_stopping: 3,
+            ..Default::default()
+        };
         let m = Gbdt::fit(&rows, &targets, 2, (&valid, &vt), &p).unwrap();
         assert!(m.n_trees() < 50, "{} trees", m.n_trees());
         let best = m.valid_loss.iter().copied().fold(f64::MAX, f64::min);

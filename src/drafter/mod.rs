@@ -129,7 +129,9 @@ impl Drafter {
     /// Measured cost of verifying k drafts relative to a plain step (index
     /// k = 0..=k_max), from training; a linear guess when absent.
     pub fn verify_costs(&self) -> Vec<f64> {
-        let measured: Vec<f64> = self.report["verify_cost"].as_array().map_or(vec![], |v| v.iter().filter_map(|x| x.as_f64()).collect());
+        let measured: Vec<f64> = self.report["verify_cost"]
+            .as_array()
+            .map_or(vec![], |v| v.iter().filter_map(|x| x.as_f64()).collect());
         if measured.len() > self.k_max {
             let mut c = measured;
             c[0] = 1.0;
