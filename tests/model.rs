@@ -7,6 +7,9 @@ use candle_nn::{VarBuilder, VarMap};
 use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
 use gpt_serve::model::{init_weights, Gpt};
 
+mod common;
+use common::max_abs_diff;
+
 /// Tiny config with every option on, so every kind of parameter exists.
 fn full_config() -> Config {
     let mut c = Config::preset("tiny").unwrap();
@@ -96,19 +99,6 @@ fn batch(cfg: &Config) -> (Tensor, Tensor) {
         Tensor::from_vec(x, (2, 8), &Device::Cpu).unwrap(),
         Tensor::from_vec(y, (2, 8), &Device::Cpu).unwrap(),
     )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

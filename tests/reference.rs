@@ -8,27 +8,13 @@ use candle_nn::{VarBuilder, VarMap};
 use gpt_serve::checkpoint;
 use gpt_serve::model::Gpt;
 
+mod common;
+use common::{max_abs, max_abs_diff};
+
 fn close(name: &str, ours: &Tensor, reference: &Tensor) {
     assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(reference);
+    let diff = max_abs_diff(ours, reference);
     assert!(
         diff <= 1e-4 * scale + 1e-7,
         "{name}: max diff {diff} vs scale {scale}"

@@ -117,6 +117,22 @@ async fn stream_events(s: &Server, body: Value) -> Vec<String> {
         .collect()
 }
 
+/// The completion text of a stream: every chunk's choices before `[DONE]`.
+fn streamed_text(events: &[String]) -> String {
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["text"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_has_openais_shape_and_usage() {
     let s = start(ServeOptions::default(), 4).await;
@@ -237,16 +253,7 @@ async fn streaming_sends_chunks_then_usage_then_done_and_matches_the_json_text()
         .collect();
     let usage = chunks.last().unwrap();
     assert!(usage["choices"].as_array().unwrap().is_empty());
-    let streamed: String = chunks
-        .iter()
-        .flat_map(|c| {
-            c["choices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x["text"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let streamed = streamed_text(&events);
     assert!(!streamed.contains('\u{FFFD}') || !streamed.is_empty());
     let finishes: Vec<&Value> = chunks
         .iter()
@@ -294,18 +301,7 @@ async fn a_stop_string_cuts_the_text_and_finishes_with_stop() {
     assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 30);
     let events = stream_events(&s, json!({"model": "tiny", "prompt": "The", "max_tokens": 30, "temperature": 0, "stop": stop, "stream": true})).await;
-    let streamed: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .flat_map(|c| {
-            c["choices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x["text"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let streamed = streamed_text(&events);
     assert_eq!(streamed, cut);
 }
 
@@ -392,8 +388,7 @@ async fn thirty_two_concurrent_clients_all_get_correct_answers() {
             let stream = i % 2 == 0;
             let body = json!({"model": "tiny", "prompt": "lazy dog", "max_tokens": 10, "temperature": 0, "stream": stream});
             if stream {
-                let ev = stream_events(&s, body).await;
-                ev[..ev.len() - 1].iter().map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string()).collect::<String>()
+                streamed_text(&stream_events(&s, body).await)
             } else {
                 post(&s, "/v1/completions", body).await.1["choices"][0]["text"].as_str().unwrap().to_string()
             }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use gpt_serve::train::{self, TrainOptions};
 
+mod common;
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -165,16 +167,7 @@ fn a_run_stopped_and_resumed_ends_exactly_where_an_uninterrupted_run_does() {
     assert_eq!(resumed.steps, 16);
     let (wa, wb) = (weights(&a), weights(&b));
     for (k, ta) in &wa {
-        let d = (ta - &wb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(ta, &wb[k]);
         assert!(d < 1e-6, "{k} differs by {d}");
     }
     // The metrics log has each step once.

@@ -154,6 +154,20 @@ fn soft_ce(raw: &[f32], t: &Target, scratch: &mut [f32]) -> f64 {
 }
 
 impl Gbdt {
+    /// A model without trees: every row gets the uniform distribution.
+    pub fn constant(n_features: usize, n_classes: usize) -> Gbdt {
+        Gbdt {
+            version: FORMAT_VERSION,
+            n_features,
+            n_classes,
+            base: vec![0.0; n_classes],
+            trees: vec![],
+            leaves: vec![],
+            importance: vec![0.0; n_features],
+            valid_loss: vec![],
+        }
+    }
+
     /// Fits on `rows` (n x features) with soft `targets`; `valid` is used for
     /// early stopping and the reported loss curve.
     pub fn fit(
@@ -449,7 +463,13 @@ fn best_split(
         .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
 }
 
-fn leaf_binned<'a>(t: &Tree, b: &Binned, row: usize, leaves: &'a [f32], c: usize) -> &'a [f32] {
+/// Walks a tree; `go_left(feature, threshold)` decides each split.
+fn leaf<'a>(
+    t: &Tree,
+    leaves: &'a [f32],
+    c: usize,
+    go_left: impl Fn(usize, f32) -> bool,
+) -> &'a [f32] {
     let mut n = 0usize;
     loop {
         match &t.nodes[n] {
@@ -462,30 +482,7 @@ fn leaf_binned<'a>(t: &Tree, b: &Binned, row: usize, leaves: &'a [f32], c: usize
                 left,
                 right,
             } => {
-                let edges = &b.edges[*feature as usize];
-                let bin = b.cols[*feature as usize][row];
-                // Left holds bins whose upper edge is <= threshold.
-                let go_left = (bin as usize) < edges.len() && edges[bin as usize] <= *threshold;
-                n = if go_left { *left } else { *right } as usize;
-            }
-        }
-    }
-}
-
-fn leaf_raw<'a>(t: &Tree, x: &[f32], leaves: &'a [f32], c: usize) -> &'a [f32] {
-    let mut n = 0usize;
-    loop {
-        match &t.nodes[n] {
-            Node::Leaf { values } => {
-                return &leaves[*values as usize * c..(*values as usize + 1) * c]
-            }
-            Node::Split {
-                feature,
-                threshold,
-                left,
-                right,
-            } => {
-                n = if x[*feature as usize] <= *threshold {
+                n = if go_left(*feature as usize, *threshold) {
                     *left
                 } else {
                     *right
@@ -493,6 +490,19 @@ fn leaf_raw<'a>(t: &Tree, x: &[f32], leaves: &'a [f32], c: usize) -> &'a [f32] {
             }
         }
     }
+}
+
+/// Leaf of a training row, from its bins: left holds the bins whose upper
+/// edge is <= threshold.
+fn leaf_binned<'a>(t: &Tree, b: &Binned, row: usize, leaves: &'a [f32], c: usize) -> &'a [f32] {
+    leaf(t, leaves, c, |f, threshold| {
+        let bin = b.cols[f][row] as usize;
+        b.edges[f].get(bin).is_some_and(|e| *e <= threshold)
+    })
+}
+
+fn leaf_raw<'a>(t: &Tree, x: &[f32], leaves: &'a [f32], c: usize) -> &'a [f32] {
+    leaf(t, leaves, c, |f, threshold| x[f] <= threshold)
 }
 
 #[cfg(test)]

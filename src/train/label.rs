@@ -240,27 +240,11 @@ pub fn train_drafter(
         .collect();
     let tables = Tables::build(triples.into_iter(), 2);
     let vocab = model.cfg.vocab_size;
-    let placeholder = Gbdt::fit(
-        &[vec![0.0; N_FEATURES]],
-        &[vec![(0, 1.0)]],
-        classes.len() + drafter::N_POINTERS + 1,
-        (&[], &[]),
-        &GbdtParams {
-            rounds: 0,
-            ..Default::default()
-        },
-    )?;
+    // Features need the classes and tables only; the trees come below.
+    let untrained = Gbdt::constant(N_FEATURES, classes.len() + drafter::N_POINTERS + 1);
     let mut ws = tok.word_start().to_vec();
     ws.resize(vocab, false);
-    let mut d = Drafter::new(
-        vocab,
-        classes,
-        tables,
-        placeholder,
-        ws,
-        0.5,
-        o.drafter_k_max,
-    );
+    let mut d = Drafter::new(vocab, classes, tables, untrained, ws, 0.5, o.drafter_k_max);
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
     let mut data = (Vec::new(), Vec::new());
