@@ -22,7 +22,10 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::decode::{GenParams, Generator, Proposer, SpecStats};
 use crate::drafter::Drafter;
+use crate::fast::{FastGpt, WeightDtype};
+use crate::forward::Forward;
 use crate::model::{init_weights, Gpt};
+
 use crate::sampling::SamplingParams;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -63,10 +66,9 @@ fn time<F: FnMut() -> anyhow::Result<()>>(mut f: F) -> anyhow::Result<f64> {
     Ok(best)
 }
 
-/// Decode/prefill/verify figures of one model.
-pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value> {
-    let cfg = &model.cfg;
-    let dev = model.device().clone();
+/// Decode/prefill/verify figures of one model on one backend.
+pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Result<Value> {
+    let cfg = model.config().clone();
     let last = cfg.exits.len() - 1;
     let prompt: Vec<u32> = (0..16u32).map(|i| i * 7 % cfg.vocab_size as u32).collect();
     let n = decode_tokens.min(cfg.block_size - prompt.len() - 1);
@@ -94,12 +96,9 @@ pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value>
         .collect();
     let prefill = time(|| {
         let mut cache = model.new_cache()?;
-        let idx = Tensor::from_slice(&pre_ids, (1, pre_n), &dev)?;
-        let mut s = model.embed(&idx, 0)?;
-        model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
-        model
-            .exit_logits(&s, last, pre_n - 1..pre_n)?
-            .to_vec3::<f32>()?;
+        let mut s = model.embed(&pre_ids, 0)?;
+        model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+        model.exit_logits(&s, last, pre_n - 1..pre_n)?;
         Ok(())
     })?;
     // Verify k rows after a context of 128 (or half the window).
@@ -108,18 +107,18 @@ pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value>
     let ids: Vec<u32> = (0..ctx as u32)
         .map(|i| i * 3 % cfg.vocab_size as u32)
         .collect();
-    let mut s = model.embed(&Tensor::from_slice(&ids, (1, ctx), &dev)?, 0)?;
-    model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+    let mut s = model.embed(&ids, 0)?;
+    model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
     let mut verify = |k: usize| -> anyhow::Result<f64> {
         let mut best = f64::MAX;
         for _ in 0..10 {
             let rows: Vec<u32> = (0..k as u32).collect();
             let t = Instant::now();
-            let mut s = model.embed(&Tensor::from_slice(&rows, (1, k), &dev)?, ctx)?;
-            model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
-            model.exit_logits(&s, last, 0..k)?.to_vec3::<f32>()?;
+            let mut s = model.embed(&rows, ctx)?;
+            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+            model.exit_logits(&s, last, 0..k)?;
             best = best.min(t.elapsed().as_secs_f64());
-            cache.truncate(ctx);
+            model.truncate_cache(&mut cache, ctx);
         }
         Ok(best)
     };
@@ -134,19 +133,38 @@ pub fn plain_figures(model: &Gpt, decode_tokens: usize) -> anyhow::Result<Value>
     }))
 }
 
-fn random_model(preset: &str) -> anyhow::Result<Gpt> {
+/// The plain figures of one model's weights on every CPU backend: candle's
+/// model, the fast path with f32 weights and with f16 weights.
+pub fn plain_backends(
+    cfg: &Config,
+    w: &std::collections::HashMap<String, Tensor>,
+    decode_tokens: usize,
+) -> anyhow::Result<Value> {
+    let fast32 = FastGpt::from_tensors(cfg, w, WeightDtype::F32)?;
+    let fast16 = FastGpt::from_tensors(cfg, w, WeightDtype::F16)?;
+    let gpt = Gpt::new(
+        cfg,
+        VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+        true,
+    )?;
+    Ok(json!({
+        "fast_f32": plain_figures(&fast32, decode_tokens)?,
+        "fast_f16": plain_figures(&fast16, decode_tokens)?,
+        "candle_f32": plain_figures(&gpt, decode_tokens)?,
+    }))
+}
+
+/// Random weights (seeded) for a preset with one exit.
+fn random_weights(
+    preset: &str,
+) -> anyhow::Result<(Config, std::collections::HashMap<String, Tensor>)> {
     let mut cfg = Config::preset(preset)?;
     cfg.exits = vec![crate::config::Exit {
         block: cfg.n_layer,
         weight: 1.0,
     }];
-    let w: std::collections::HashMap<String, Tensor> =
-        init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
-    Ok(Gpt::new(
-        &cfg,
-        VarBuilder::from_tensors(w, DType::F32, &Device::Cpu),
-        true,
-    )?)
+    let w = init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
+    Ok((cfg, w))
 }
 
 /// Distinct 4-gram ratio of a token sequence.
@@ -166,7 +184,7 @@ struct Run {
 }
 
 fn decode_all<'a>(
-    model: &'a Gpt,
+    model: &'a FastGpt,
     prompts: &[Vec<u32>],
     n: usize,
     temp: f32,
@@ -272,16 +290,20 @@ fn prompts_from(
 pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(&o.model, &device)?;
-    let model = loaded.model(&device)?;
-    let mut plain_rows = vec![plain_figures(&model, 128)?];
+    let model = loaded.fast(WeightDtype::F32)?;
+    let mut plain_rows = vec![
+        json!({"model": "served", "backends": plain_backends(&loaded.config.model, &loaded.weights, 128)?}),
+    ];
     eprintln!("bench: served model {}", plain_rows[0]);
     if o.plain {
-        let small = random_model("small")?;
-        plain_rows.push(plain_figures(&small, 128)?);
+        let (cfg, w) = random_weights("small")?;
+        plain_rows
+            .push(json!({"model": "random small", "backends": plain_backends(&cfg, &w, 128)?}));
         eprintln!("bench: random small {}", plain_rows[1]);
         if !o.no_gpt2 {
-            let g = random_model("gpt2")?;
-            plain_rows.push(plain_figures(&g, 32)?);
+            let (cfg, w) = random_weights("gpt2")?;
+            plain_rows
+                .push(json!({"model": "random gpt2", "backends": plain_backends(&cfg, &w, 32)?}));
             eprintln!("bench: random gpt2 {}", plain_rows[2]);
         }
     }
@@ -346,10 +368,20 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
 /// A markdown table of the speculative results.
 pub fn markdown(result: &Value) -> String {
     let mut s = String::new();
-    for p in result["plain"].as_array().into_iter().flatten() {
+    s += "| model | backend | decode tok/s | prefill-64 tok/s | verify 4/1 | verify 8/1 |\n|---|---|---|---|---|---|\n";
+    let rows = result["plain"].as_array().into_iter().flatten();
+    for (name, p) in rows.flat_map(|r| {
+        let model = format!(
+            "{} ({})",
+            r["model"].as_str().unwrap_or(""),
+            r["backends"]["fast_f32"]["config"].as_str().unwrap_or("")
+        );
+        ["fast_f32", "fast_f16", "candle_f32"]
+            .map(|b| (format!("| {model} | {b}"), r["backends"][b].clone()))
+    }) {
         s += &format!(
-            "plain {}: decode {:.0} tok/s, prefill-64 {:.0} tok/s, verify 4/1 {:.2}x, 8/1 {:.2}x\n",
-            p["config"].as_str().unwrap_or(""),
+            "{} | {:.0} | {:.0} | {:.2}x | {:.2}x |\n",
+            name,
             p["decode_tok_s"].as_f64().unwrap_or(0.0),
             p["prefill_64_tok_s"].as_f64().unwrap_or(0.0),
             p["verify_4_over_1"].as_f64().unwrap_or(0.0),

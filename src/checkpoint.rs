@@ -219,6 +219,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
+    /// Builds the CPU inference model ([`crate::fast`]).
+    pub fn fast(&self, dtype: crate::fast::WeightDtype) -> Result<crate::fast::FastGpt> {
+        crate::fast::FastGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(|e| {
+            CheckpointError::Corrupt {
+                path: PathBuf::from(WEIGHTS_FILE),
+                msg: e.to_string(),
+            }
+        })
+    }
+
     /// Builds the model for inference (fused kernels).
     pub fn model(&self, device: &Device) -> Result<Gpt> {
         let path = PathBuf::from(WEIGHTS_FILE);

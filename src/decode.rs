@@ -18,12 +18,12 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 
 use crate::drafter::features::Verified;
 use crate::drafter::Drafter;
-use crate::kv_cache::KvCache;
-use crate::model::Gpt;
+use crate::fast::FastGpt;
+use crate::forward::Forward;
 use crate::sampling::{self, SamplingParams};
 
 /// Where draft tokens come from.
@@ -124,11 +124,11 @@ pub enum Finish {
 
 /// One sequence being decoded. Invariant: `cache` holds `tokens[..len-1]`;
 /// the last token is pending.
-pub struct Generator<'m> {
-    model: &'m Gpt,
+pub struct Generator<'m, M: Forward = FastGpt> {
+    model: &'m M,
     proposer: Proposer<'m>,
     pub params: GenParams,
-    cache: KvCache,
+    cache: M::Cache,
     tokens: Vec<u32>,
     prompt_len: usize,
     counts: HashMap<u32, u32>,
@@ -144,18 +144,18 @@ pub struct Generator<'m> {
     eot: u32,
 }
 
-impl<'m> Generator<'m> {
+impl<'m, M: Forward> Generator<'m, M> {
     /// Prefills `prompt` (at least one token). With `echo_logprobs`, returns
     /// each prompt token's logprob and top alternatives (None for the first).
     pub fn new(
-        model: &'m Gpt,
+        model: &'m M,
         proposer: Proposer<'m>,
         prompt: &[u32],
         params: GenParams,
         eot: u32,
         echo_logprobs: Option<usize>,
     ) -> Result<(Self, Vec<Option<TokenOut>>)> {
-        let cfg = &model.cfg;
+        let cfg = model.config();
         if prompt.is_empty() {
             candle_core::bail!("prompt must have at least one token");
         }
@@ -177,15 +177,11 @@ impl<'m> Generator<'m> {
         let n = prompt.len();
         let mut echo = vec![None];
         if n > 1 {
-            let idx = Tensor::from_slice(&prompt[..n - 1], (1, n - 1), model.device())?;
-            let mut s = model.embed(&idx, 0)?;
+            let mut s = model.embed(&prompt[..n - 1], 0)?;
             let last = cfg.exits.len() - 1;
-            model.run_blocks(&mut s, cfg.n_layer, Some(&mut cache))?;
+            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
             if let Some(top_n) = echo_logprobs {
-                let logits = model
-                    .exit_logits(&s, last, 0..n - 1)?
-                    .squeeze(0)?
-                    .to_vec2::<f32>()?;
+                let logits = model.exit_logits(&s, last, 0..n - 1)?;
                 for (i, row) in logits.iter().enumerate() {
                     let lp = sampling::log_softmax(row);
                     let id = prompt[i + 1];
@@ -251,7 +247,7 @@ impl<'m> Generator<'m> {
             self.finished = Some(Finish::Length);
             return Ok(vec![]);
         }
-        let cfg = &self.model.cfg;
+        let cfg = self.model.config();
         // Drafts, clamped so the step cannot pass max_tokens or the window.
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
         let k = match self.proposer {
@@ -288,8 +284,7 @@ impl<'m> Generator<'m> {
         let mut rows = Vec::with_capacity(drafts.len() + 1);
         rows.push(*self.tokens.last().expect("non-empty"));
         rows.extend(&drafts);
-        let idx = Tensor::from_slice(&rows, (1, rows.len()), self.model.device())?;
-        let mut s = self.model.embed(&idx, pos)?;
+        let mut s = self.model.embed(&rows, pos)?;
         let mut kept = rows.len();
         let n_exits = cfg.exits.len();
         if self.stats.truncated_by_exit.len() < n_exits - 1 {
@@ -298,12 +293,8 @@ impl<'m> Generator<'m> {
         if self.params.cascade && kept > 1 {
             for e in 0..n_exits - 1 {
                 self.model
-                    .run_blocks(&mut s, cfg.exits[e].block, Some(&mut self.cache))?;
-                let logits = self
-                    .model
-                    .exit_logits(&s, e, 0..kept - 1)?
-                    .squeeze(0)?
-                    .to_vec2::<f32>()?;
+                    .run_blocks(&mut s, cfg.exits[e].block, &mut self.cache)?;
+                let logits = self.model.exit_logits(&s, e, 0..kept - 1)?;
                 let cut = logits.iter().enumerate().position(|(i, row)| {
                     let (p1, _) = sampling::top1_and_entropy(row);
                     sampling::argmax(row) != rows[i + 1] && p1 >= self.params.exit_confidence
@@ -311,7 +302,7 @@ impl<'m> Generator<'m> {
                 if let Some(i) = cut {
                     self.stats.truncated_by_exit[e] += (kept - 1 - i) as u64;
                     kept = i + 1;
-                    s.truncate(kept)?;
+                    self.model.keep_rows(&mut s, kept)?;
                 }
                 if kept == 1 {
                     break;
@@ -319,12 +310,8 @@ impl<'m> Generator<'m> {
             }
         }
         self.model
-            .run_blocks(&mut s, cfg.n_layer, Some(&mut self.cache))?;
-        let logits = self
-            .model
-            .exit_logits(&s, n_exits - 1, 0..kept)?
-            .squeeze(0)?
-            .to_vec2::<f32>()?;
+            .run_blocks(&mut s, cfg.n_layer, &mut self.cache)?;
+        let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?;
         // Accept while the draft equals the keyed sample at its position.
         let mut out = Vec::new();
         accept(&drafts, kept, |i| {
@@ -367,7 +354,8 @@ impl<'m> Generator<'m> {
         }
         self.record(&drafts, accepted);
         // Roll back: the cache holds every committed token but the pending one.
-        self.cache.truncate(self.tokens.len() - 1);
+        self.model
+            .truncate_cache(&mut self.cache, self.tokens.len() - 1);
         Ok(out)
     }
 
@@ -420,7 +408,7 @@ impl<'m> Generator<'m> {
 
     /// Cache length (for tests of the invariant).
     pub fn cache_len(&self) -> usize {
-        self.cache.len()
+        self.model.cache_len(&self.cache)
     }
 }
 
@@ -448,8 +436,8 @@ pub fn accept(
 
 /// Greedy continuation with the final head's top-1 probability and entropy
 /// at every generated position (the drafter's training data).
-pub fn greedy_with_stats(
-    model: &Gpt,
+pub fn greedy_with_stats<M: Forward>(
+    model: &M,
     prompt: &[u32],
     max_tokens: usize,
     eot: u32,

@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use crate::checkpoint::Loaded;
 use crate::decode::{Finish, GenParams, Generator, Proposer, SpecStats, TokenOut};
 use crate::drafter::Drafter;
+use crate::fast::WeightDtype;
+use crate::forward::Forward;
 use crate::metrics::Metrics;
 
 /// What a sequence reports back, in order: `Started`, `Tokens`..., `Done`
@@ -47,9 +49,19 @@ pub struct Job {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub max_active: usize,
+    pub backend: Backend,
     /// Early exits truncate drafts before the final blocks.
     pub cascade: bool,
     pub exit_confidence: f32,
+}
+
+/// Which forward the engine decodes with.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// The CPU inference path (`crate::fast`), weights stored as given.
+    Fast(WeightDtype),
+    /// candle's model on a device (CUDA builds).
+    Candle(candle_core::Device),
 }
 
 /// Handle to the engine thread.
@@ -83,24 +95,22 @@ impl Engine {
         std::thread::Builder::new()
             .name("gpt-serve-engine".into())
             .spawn(move || {
-                let device = candle_core::Device::Cpu;
-                let model = match loaded.model(&device) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::error!("engine: cannot build the model: {e}");
-                        return;
-                    }
+                let eot = loaded.tokenizer.eot();
+                let d = drafter.as_ref();
+                let built = match &config.backend {
+                    Backend::Fast(dt) => loaded.fast(*dt).map(|m| {
+                        drop(loaded);
+                        ready.store(true, Ordering::SeqCst);
+                        run(&m, d, rx, &config, &metrics, &waiting, eot)
+                    }),
+                    Backend::Candle(device) => loaded.model(device).map(|m| {
+                        ready.store(true, Ordering::SeqCst);
+                        run(&m, d, rx, &config, &metrics, &waiting, eot)
+                    }),
                 };
-                ready.store(true, Ordering::SeqCst);
-                run(
-                    &model,
-                    drafter.as_ref(),
-                    rx,
-                    &config,
-                    &metrics,
-                    &waiting,
-                    loaded.tokenizer.eot(),
-                );
+                if let Err(e) = built {
+                    tracing::error!("engine: cannot build the model: {e}");
+                }
             })?;
         Ok(engine)
     }
@@ -119,19 +129,19 @@ impl Engine {
     }
 }
 
-struct Active<'m> {
-    gen: Generator<'m>,
+struct Active<'m, M: Forward> {
+    gen: Generator<'m, M>,
     events: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
 }
 
-fn start<'m>(
-    model: &'m crate::model::Gpt,
+fn start<'m, M: Forward>(
+    model: &'m M,
     drafter: Option<&'m Drafter>,
     job: Job,
     cfg: &EngineConfig,
     eot: u32,
-) -> Option<Active<'m>> {
+) -> Option<Active<'m, M>> {
     let mut params = job.params;
     params.cascade = params.cascade || cfg.cascade;
     params.exit_confidence = cfg.exit_confidence;
@@ -152,8 +162,8 @@ fn start<'m>(
     }
 }
 
-fn run(
-    model: &crate::model::Gpt,
+fn run<M: Forward>(
+    model: &M,
     drafter: Option<&Drafter>,
     mut rx: mpsc::UnboundedReceiver<Job>,
     cfg: &EngineConfig,
@@ -161,7 +171,7 @@ fn run(
     waiting: &AtomicUsize,
     eot: u32,
 ) {
-    let mut active: Vec<Active> = Vec::new();
+    let mut active: Vec<Active<M>> = Vec::new();
     loop {
         if active.is_empty() {
             metrics.set_running(0, waiting.load(Ordering::SeqCst));

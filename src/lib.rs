@@ -19,6 +19,8 @@ pub mod decode;
 pub mod drafter;
 pub mod engine;
 pub mod export;
+pub mod fast;
+pub mod forward;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;

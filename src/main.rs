@@ -132,6 +132,17 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Weight storage of the CPU inference path: f32, or f16 (half the
+    /// memory traffic, for models larger than the CPU caches).
+    #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["f32", "f16"], default_value = "f32")]
+    weights: String,
+}
+
+fn weight_dtype(s: &str) -> gpt_serve::fast::WeightDtype {
+    match s {
+        "f16" => gpt_serve::fast::WeightDtype::F16,
+        _ => gpt_serve::fast::WeightDtype::F32,
+    }
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -168,6 +179,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         drafter,
         engine::EngineConfig {
             max_active: a.max_active.max(1),
+            backend: engine::Backend::Fast(weight_dtype(&a.weights)),
             cascade: a.cascade,
             exit_confidence: a.exit_confidence,
         },
@@ -294,7 +306,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let loaded = checkpoint::load(&model, &device)?;
-            let gpt = loaded.model(&device)?;
+            let gpt = loaded.fast(gpt_serve::fast::WeightDtype::F32)?;
             let drafter = gpt_serve::drafter::Drafter::load(
                 &model.join(checkpoint::DRAFTER_FILE),
                 gpt.cfg.vocab_size,

@@ -15,6 +15,10 @@ use serde_json::{json, Value};
 
 /// A tiny random-weight checkpoint with a real tokenizer.
 fn checkpoint_dir() -> tempfile::TempDir {
+    checkpoint_dir_with(|_| {})
+}
+
+fn checkpoint_dir_with(tweak: impl FnOnce(&mut Config)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let text =
         "The quick brown fox jumps over the lazy dog. Ünïcödé — 日本語 «text» here.\n".repeat(40);
@@ -22,6 +26,7 @@ fn checkpoint_dir() -> tempfile::TempDir {
     let mut cfg = Config::preset("tiny").unwrap();
     cfg.vocab_size = tok.vocab_size();
     cfg.block_size = 128;
+    tweak(&mut cfg);
     let w = gpt_serve::model::init_weights(&cfg, 1, &Device::Cpu).unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
@@ -40,7 +45,10 @@ struct Server {
 }
 
 async fn start(opts: ServeOptions, max_active: usize) -> Server {
-    let dir = checkpoint_dir();
+    start_with(opts, max_active, checkpoint_dir()).await
+}
+
+async fn start_with(opts: ServeOptions, max_active: usize, dir: tempfile::TempDir) -> Server {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let cfg = loaded.config.model.clone();
     let tok = loaded.tokenizer.clone();
@@ -49,6 +57,7 @@ async fn start(opts: ServeOptions, max_active: usize) -> Server {
         loaded,
         None,
         EngineConfig {
+            backend: gpt_serve::engine::Backend::Fast(gpt_serve::fast::WeightDtype::F32),
             max_active,
             cascade: false,
             exit_confidence: 0.5,
@@ -453,10 +462,19 @@ async fn a_full_queue_answers_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_stops_its_generation() {
-    let s = start(ServeOptions::default(), 4).await;
+    // A model slow enough (~1 ms a token) that 1000 tokens outlast the
+    // disconnect by far.
+    let dir = checkpoint_dir_with(|c| {
+        c.n_layer = 4;
+        c.n_embd = 256;
+        c.n_head = 4;
+        c.block_size = 1024;
+        c.exits = gpt_serve::config::default_exits(4);
+    });
+    let s = start_with(ServeOptions::default(), 4, dir).await;
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
-        .json(&json!({"model": "tiny", "prompt": "a", "max_tokens": 120, "stream": true, "temperature": 0}))
+        .json(&json!({"model": "tiny", "prompt": "a", "max_tokens": 1000, "stream": true, "temperature": 0}))
         .send()
         .await
         .unwrap();
@@ -495,7 +513,7 @@ async fn a_client_that_disconnects_stops_its_generation() {
         .parse()
         .unwrap();
     assert!(
-        generated < 120.0,
+        generated < 1000.0,
         "{generated} tokens generated for a client that left"
     );
 }

@@ -1,0 +1,42 @@
+//! Loops a k-row verify step of the served model on the CPU inference path,
+//! for `perf record` (where does a verify step's time go?).
+//!
+//! `cargo run --release --example verify_profile -- models/default 4 f16`
+
+use gpt_serve::checkpoint;
+use gpt_serve::fast::WeightDtype;
+use gpt_serve::forward::Forward;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args.get(1).map_or("models/default", String::as_str);
+    let k: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;
+    let dt = match args.get(3).map(String::as_str) {
+        Some("f32") => WeightDtype::F32,
+        _ => WeightDtype::F16,
+    };
+    let loaded = checkpoint::load(std::path::Path::new(dir), &candle_core::Device::Cpu)?;
+    let m = loaded.fast(dt)?;
+    let cfg = m.cfg.clone();
+    let ctx = 128.min(cfg.block_size / 2);
+    let ids: Vec<u32> = (0..ctx as u32)
+        .map(|i| i * 3 % cfg.vocab_size as u32)
+        .collect();
+    let mut cache = m.new_cache();
+    let mut s = m.embed(&ids, 0)?;
+    m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+    let rows: Vec<u32> = (0..k as u32).collect();
+    let t = std::time::Instant::now();
+    let n = 2000;
+    for _ in 0..n {
+        let mut s = m.embed(&rows, ctx)?;
+        m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+        Forward::exit_logits(&m, &s, cfg.exits.len() - 1, 0..k)?;
+        cache.truncate(ctx);
+    }
+    println!(
+        "verify {k}: {:.1} us",
+        t.elapsed().as_secs_f64() / n as f64 * 1e6
+    );
+    Ok(())
+}

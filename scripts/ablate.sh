@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Training-efficiency ablation (issue #6): the `small` preset on the Gutenberg
+# train split, baseline vs each option alone vs all combined, 2 seeds, same
+# data order (batch s depends only on (seed, s)), equal tokens per arm.
+#
+#   scripts/ablate.sh train   # every arm x seed, resumable, skips finished arms
+#   scripts/ablate.sh speed   # tokens/s of every arm side by side (quiet machine!)
+#   scripts/ablate.sh report  # table + plot into bench/ablation.{md,json,png}
+#
+# Env: BIN (gpt-serve binary), RUNS (run dir), STEPS, BATCH, CTX, SEEDS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release/gpt-serve}
+RUNS=${RUNS:-runs/ablation}
+DATA=${DATA:-../shared/data/gutenberg}
+STEPS=${STEPS:-160}
+BATCH=${BATCH:-8}
+CTX=${CTX:-64}
+SEEDS=${SEEDS:-"1 2"}
+[ -f "$DATA/train.txt.gz" ] || { echo "ablate: $DATA/train.txt.gz not found (needs ../shared/data)"; exit 1; }
+mkdir -p "$RUNS"
+
+# name | extra flags. Exits "final" = one head; default exits = 4/5/6 at 0.05/0.15/0.8.
+ARMS=(
+  "base|--exits final"
+  "exits|"
+  "exits-frac|--exit-frac 0.25"
+  "dwa|--exits final --dwa 1x1"
+  "compress-skip|--exits final --n-embd 256 --n-head 4 --x0-skip"
+  "hyper|--exits final --schedule hyper"
+  "hyper-speed|--exit-frac 0.25 --exit-every 2 --schedule hyper-speed"
+  "wsd|--exits final --schedule wsd"
+  "combo|--n-embd 256 --n-head 4 --x0-skip --dwa 1x1 --exit-frac 0.25"
+)
+
+tokenizer() {
+  # One BPE for all arms, so every arm sees the same token stream.
+  if [ ! -f "$RUNS/tokenizer.json" ]; then
+    "$BIN" train "$DATA/train.txt.gz" --val "$DATA/val.txt.gz" --out "$RUNS/_tok" \
+      --preset small --steps 1 --batch-size 1 --context 8 --drafter false --eval-batches 1 >/dev/null
+    cp "$RUNS/_tok/tokenizer.json" "$RUNS/tokenizer.json"
+  fi
+}
+
+common() {
+  echo "$DATA/train.txt.gz --val $DATA/val.txt.gz --preset small --tokenizer $RUNS/tokenizer.json \
+    --batch-size $BATCH --context $CTX --warmup 20 --eval-every 40 --eval-batches 16 \
+    --save-every 40 --drafter false"
+}
+
+train_arms() {
+  tokenizer
+  for seed in $SEEDS; do
+    for arm in "${ARMS[@]}"; do
+      name=${arm%%|*}; flags=${arm#*|}
+      dir="$RUNS/$name-s$seed"
+      if [ -f "$dir/done" ]; then continue; fi
+      echo "== $name seed $seed $(date +%T)"
+      if [ -f "$dir/trainer.json" ]; then
+        "$BIN" train $(common) --out "$dir" --resume 2>"$dir.log"
+      else
+        # shellcheck disable=SC2086
+        "$BIN" train $(common) --out "$dir" --seed "$seed" --steps "$STEPS" $flags 2>"$dir.log"
+      fi
+      touch "$dir/done"
+    done
+  done
+}
+
+speed_arms() {
+  tokenizer
+  # 12 steps of every arm back to back; tok/s from steps 3..12 of each.
+  for arm in "${ARMS[@]}"; do
+    name=${arm%%|*}; flags=${arm#*|}
+    dir="$RUNS/speed/$name"
+    rm -rf "$dir"; mkdir -p "$dir"
+    # shellcheck disable=SC2086
+    "$BIN" train $(common) --out "$dir" --seed 1 --steps 12 --eval-every 0 --save-every 0 $flags 2>/dev/null
+  done
+}
+
+case "${1:-}" in
+  train) train_arms ;;
+  speed) speed_arms ;;
+  report) cargo run --release --example ablation_report -- "$RUNS" bench ;;
+  *) echo "usage: $0 train|speed|report"; exit 2 ;;
+esac

@@ -1,0 +1,441 @@
+//! The CPU inference path: the same model as [`crate::model::Gpt`] (built
+//! from the same checkpoint tensors, same names, same split forward), run
+//! on plain buffers with the kernels in [`kernels`] instead of candle ops.
+//!
+//! Why a second forward: decoding is 1..16 rows per step, where candle's
+//! per-op allocation and per-call weight packing dominate (see
+//! `kernels`). Training keeps candle (it needs autograd); this path is
+//! checked against it by `tests/fast.rs` for every option (DWA, x0 skips,
+//! own exit heads) and for split forwards with truncation.
+//!
+//! The KV cache here is a preallocated buffer per layer, laid out
+//! `[head][position][head_size]`, written in place; rolling back is
+//! setting a length (the invariant is the one in `kv_cache.rs`).
+
+pub mod kernels;
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::{bail, Result, Tensor};
+use half::f16;
+
+use crate::config::{Config, ExitHead};
+use kernels::Matrix;
+
+const LN_EPS: f32 = 1e-5;
+
+/// Storage of the matrices: f32, or f16 (half the memory traffic; decode
+/// of models that do not fit in cache is memory-bound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+}
+
+enum Mat {
+    F32(Matrix<f32>),
+    F16(Matrix<f16>),
+}
+
+impl Mat {
+    fn new(w: &[f32], n: usize, k: usize, bias: Option<Vec<f32>>, dt: WeightDtype) -> Self {
+        match dt {
+            WeightDtype::F32 => Mat::F32(Matrix::from_out_in(w, n, k, bias)),
+            WeightDtype::F16 => Mat::F16(Matrix::from_out_in(w, n, k, bias)),
+        }
+    }
+
+    /// y (m, n) = x (m, k) W^T + b.
+    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let n = match self {
+            Mat::F32(a) => a.n,
+            Mat::F16(a) => a.n,
+        };
+        let mut y = vec![0f32; m * n];
+        match self {
+            Mat::F32(a) => a.forward(x, m, &mut y),
+            Mat::F16(a) => a.forward(x, m, &mut y),
+        }
+        y
+    }
+}
+
+struct Norm {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+}
+
+impl Norm {
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        kernels::layer_norm(x, &self.w, self.b.as_deref(), LN_EPS, &mut y);
+        y
+    }
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Mat,
+    attn_proj: Mat,
+    ln_2: Norm,
+    c_fc: Mat,
+    mlp_proj: Mat,
+    skip: Option<[f32; 2]>,
+    dwa: Option<Vec<f32>>,
+}
+
+struct Exit {
+    ln: Norm,
+    /// None: tied to `wte`.
+    head: Option<Mat>,
+}
+
+pub struct FastGpt {
+    pub cfg: Config,
+    wte: Vec<f32>, // (V, C)
+    wpe: Vec<f32>, // (block_size, C)
+    /// wte as a (C -> V) projection, for the tied heads.
+    wte_head: Mat,
+    blocks: Vec<Block>,
+    exits: Vec<Exit>,
+}
+
+/// Per-sequence KV cache: `k[layer]`, `v[layer]` of (nh, block_size, hs).
+pub struct FastCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: Vec<usize>,
+    cap: usize,
+}
+
+impl FastCache {
+    /// Rows held by every layer (the minimum over layers).
+    pub fn len(&self) -> usize {
+        self.len.iter().copied().min().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn layer_len(&self, i: usize) -> usize {
+        self.len[i]
+    }
+
+    /// Rolls every layer back to at most `len` rows.
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.len {
+            *l = (*l).min(len);
+        }
+    }
+}
+
+/// Rows in flight through the blocks (as [`crate::model::Stream`]).
+pub struct FastStream {
+    /// (T, C) residual stream after `block` blocks.
+    x: Vec<f32>,
+    /// (T, C) embedding, for x0 skips.
+    x0: Vec<f32>,
+    /// DWA's X_0..X_block.
+    xs: Vec<Vec<f32>>,
+    rows: usize,
+    pub pos: usize,
+    pub block: usize,
+}
+
+impl FastStream {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Keeps the first `rows` rows.
+    pub fn truncate(&mut self, rows: usize, c: usize) {
+        if rows >= self.rows {
+            return;
+        }
+        self.rows = rows;
+        self.x.truncate(rows * c);
+        self.x0.truncate(rows * c);
+        for t in &mut self.xs {
+            t.truncate(rows * c);
+        }
+    }
+}
+
+fn get(w: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = w
+        .get(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("weights lack `{name}`")))?;
+    let v = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if v.len() != len {
+        bail!("`{name}` has {} elements, expected {len}", v.len());
+    }
+    Ok(v)
+}
+
+impl FastGpt {
+    /// Builds the inference model from checkpoint tensors (GPT-2 names).
+    pub fn from_tensors(
+        cfg: &Config,
+        w: &HashMap<String, Tensor>,
+        dt: WeightDtype,
+    ) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let bias = |p: &str, n: usize| -> Result<Option<Vec<f32>>> {
+            if cfg.bias {
+                Ok(Some(get(w, &format!("{p}.bias"), n)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let norm = |p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: get(w, &format!("{p}.weight"), c)?,
+                b: bias(p, c)?,
+            })
+        };
+        let linear = |p: &str, n: usize, k: usize| -> Result<Mat> {
+            Ok(Mat::new(
+                &get(w, &format!("{p}.weight"), n * k)?,
+                n,
+                k,
+                bias(p, n)?,
+                dt,
+            ))
+        };
+        let wte = get(w, "wte.weight", v * c)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = format!("h.{i}");
+                Ok(Block {
+                    ln_1: norm(&format!("{p}.ln_1"))?,
+                    c_attn: linear(&format!("{p}.attn.c_attn"), 3 * c, c)?,
+                    attn_proj: linear(&format!("{p}.attn.c_proj"), c, c)?,
+                    ln_2: norm(&format!("{p}.ln_2"))?,
+                    c_fc: linear(&format!("{p}.mlp.c_fc"), 4 * c, c)?,
+                    mlp_proj: linear(&format!("{p}.mlp.c_proj"), c, 4 * c)?,
+                    skip: match cfg.x0_skip {
+                        true => {
+                            let s = get(w, &format!("{p}.skip"), 2)?;
+                            Some([s[0], s[1]])
+                        }
+                        false => None,
+                    },
+                    dwa: match cfg.dwa_inputs(i + 1) {
+                        Some(inputs) => Some(get(w, &format!("{p}.dwa"), inputs.len())?),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let last = cfg.exits.len() - 1;
+        let exits = cfg
+            .exits
+            .iter()
+            .enumerate()
+            .map(|(k, e)| {
+                if k == last {
+                    return Ok(Exit {
+                        ln: norm("ln_f")?,
+                        head: None,
+                    });
+                }
+                let p = format!("exits.{}", e.block);
+                Ok(Exit {
+                    ln: norm(&format!("{p}.ln"))?,
+                    head: match cfg.exit_head {
+                        ExitHead::Tied => None,
+                        ExitHead::Own => Some(Mat::new(
+                            &get(w, &format!("{p}.lm_head.weight"), v * c)?,
+                            v,
+                            c,
+                            None,
+                            dt,
+                        )),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte_head: Mat::new(&wte, v, c, None, dt),
+            wte,
+            wpe: get(w, "wpe.weight", cfg.block_size * c)?,
+            blocks,
+            exits,
+        })
+    }
+
+    pub fn new_cache(&self) -> FastCache {
+        let (c, cap) = (self.cfg.n_embd, self.cfg.block_size);
+        let n = self.cfg.n_layer;
+        FastCache {
+            k: vec![vec![0f32; cap * c]; n],
+            v: vec![vec![0f32; cap * c]; n],
+            len: vec![0; n],
+            cap,
+        }
+    }
+
+    /// Embeds `tokens` at positions `pos..pos + T`.
+    pub fn embed(&self, tokens: &[u32], pos: usize) -> Result<FastStream> {
+        let (c, t) = (self.cfg.n_embd, tokens.len());
+        if pos + t > self.cfg.block_size {
+            bail!(
+                "sequence of {} positions exceeds block_size {}",
+                pos + t,
+                self.cfg.block_size
+            );
+        }
+        let mut x = vec![0f32; t * c];
+        for (r, &tok) in tokens.iter().enumerate() {
+            let tok = tok as usize;
+            if tok >= self.cfg.vocab_size {
+                bail!(
+                    "token id {tok} is outside the vocabulary (size {})",
+                    self.cfg.vocab_size
+                );
+            }
+            let (e, p) = (&self.wte[tok * c..][..c], &self.wpe[(pos + r) * c..][..c]);
+            for (o, (a, b)) in x[r * c..][..c].iter_mut().zip(e.iter().zip(p)) {
+                *o = a + b;
+            }
+        }
+        Ok(FastStream {
+            xs: if self.cfg.dwa.is_some() {
+                vec![x.clone()]
+            } else {
+                vec![]
+            },
+            x0: x.clone(),
+            x,
+            rows: t,
+            pos,
+            block: 0,
+        })
+    }
+
+    /// Runs blocks `s.block..to` on the rows of `s`, appending their keys
+    /// and values to `cache`.
+    pub fn run_blocks(&self, s: &mut FastStream, to: usize, cache: &mut FastCache) -> Result<()> {
+        let (c, t) = (self.cfg.n_embd, s.rows);
+        if t == 0 {
+            s.block = to.max(s.block);
+            return Ok(());
+        }
+        for i in s.block..to {
+            let offset = cache.len[i];
+            if offset != s.pos {
+                bail!("kv cache layer {i} holds {offset} rows, expected {}", s.pos);
+            }
+            if offset + t > cache.cap {
+                bail!(
+                    "kv cache overflow: {offset} cached + {t} new rows exceed block_size {}",
+                    cache.cap
+                );
+            }
+            let b = &self.blocks[i];
+            let mut x = std::mem::take(&mut s.x);
+            if let Some([a, bb]) = b.skip {
+                for (xv, x0) in x.iter_mut().zip(&s.x0) {
+                    *xv = a * *xv + bb * x0;
+                }
+            }
+            // Attention.
+            let qkv = b.c_attn.forward(&b.ln_1.forward(&x), t); // (T, 3C)
+            let y = self.attend(&qkv, t, offset, &mut cache.k[i], &mut cache.v[i]); // (T, C)
+            cache.len[i] = offset + t;
+            add(&mut x, &b.attn_proj.forward(&y, t));
+            // MLP.
+            let mut f = b.c_fc.forward(&b.ln_2.forward(&x), t); // (T, 4C)
+            kernels::gelu_tanh(&mut f);
+            add(&mut x, &b.mlp_proj.forward(&f, t));
+            // DWA: the new block output joins the history, then the mix.
+            if self.cfg.dwa.is_some() {
+                s.xs.push(x.clone());
+            }
+            if let (Some(alpha), Some(inputs)) = (&b.dwa, self.cfg.dwa_inputs(i + 1)) {
+                let mut mix = vec![0f32; t * c];
+                for (a, j) in alpha.iter().zip(&inputs) {
+                    kernels::axpy(&mut mix, *a, &s.xs[*j]);
+                }
+                x = mix;
+            }
+            s.x = x;
+        }
+        s.block = to;
+        Ok(())
+    }
+
+    /// Causal attention of `t` new rows (their q, k, v in `qkv`, (T, 3C)) over
+    /// `offset` cached rows plus themselves; writes their k, v into the cache.
+    fn attend(
+        &self,
+        qkv: &[f32],
+        t: usize,
+        offset: usize,
+        kc: &mut [f32],
+        vc: &mut [f32],
+    ) -> Vec<f32> {
+        let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
+        let (hs, cap) = (c / nh, self.cfg.block_size);
+        for r in 0..t {
+            let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
+            for h in 0..nh {
+                let at = (h * cap + offset + r) * hs;
+                kc[at..at + hs].copy_from_slice(&row[c + h * hs..][..hs]);
+                vc[at..at + hs].copy_from_slice(&row[2 * c + h * hs..][..hs]);
+            }
+        }
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut y = vec![0f32; t * c];
+        let mut att = vec![0f32; offset + t];
+        for r in 0..t {
+            let len = offset + r + 1;
+            for h in 0..nh {
+                let q = &qkv[r * 3 * c + h * hs..][..hs];
+                let (kh, vh) = (
+                    &kc[h * cap * hs..][..len * hs],
+                    &vc[h * cap * hs..][..len * hs],
+                );
+                let out = &mut y[r * c + h * hs..][..hs];
+                kernels::attend_head(q, kh, vh, scale, &mut att[..len], out);
+            }
+        }
+        y
+    }
+
+    /// Logits (rows.len(), V), row-major, of exit `exit` for rows `rows`
+    /// of `s`, which must have run exactly to that exit's block.
+    pub fn exit_logits(&self, s: &FastStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
+        let block = self.cfg.exits[exit].block;
+        if s.block != block {
+            bail!(
+                "exit {exit} reads block {block}, stream is at block {}",
+                s.block
+            );
+        }
+        let c = self.cfg.n_embd;
+        if rows.end > s.rows {
+            bail!("rows {rows:?} outside the {} rows in flight", s.rows);
+        }
+        let e = &self.exits[exit];
+        let h = e.ln.forward(&s.x[rows.start * c..rows.end * c]);
+        Ok(e.head
+            .as_ref()
+            .unwrap_or(&self.wte_head)
+            .forward(&h, rows.len()))
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,104 @@
+//! The split forward that decoding needs, over either backend: candle's
+//! [`Gpt`] (any device; CUDA) or the CPU inference path [`FastGpt`].
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+
+use crate::config::Config;
+use crate::fast::{FastCache, FastGpt, FastStream};
+use crate::kv_cache::KvCache;
+use crate::model::{Gpt, Stream};
+
+pub trait Forward {
+    type Cache;
+    type Stream;
+    fn config(&self) -> &Config;
+    fn new_cache(&self) -> Result<Self::Cache>;
+    /// Embeds `tokens` at positions `pos..`.
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<Self::Stream>;
+    /// Runs blocks up to `to`, appending keys and values to `cache`.
+    fn run_blocks(&self, s: &mut Self::Stream, to: usize, cache: &mut Self::Cache) -> Result<()>;
+    /// Logits of exit `exit` for `rows`, one Vec per row.
+    fn exit_logits(
+        &self,
+        s: &Self::Stream,
+        exit: usize,
+        rows: Range<usize>,
+    ) -> Result<Vec<Vec<f32>>>;
+    /// Keeps the first `rows` rows in flight.
+    fn keep_rows(&self, s: &mut Self::Stream, rows: usize) -> Result<()>;
+    fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
+    fn cache_len(&self, cache: &Self::Cache) -> usize;
+}
+
+impl Forward for Gpt {
+    type Cache = KvCache;
+    type Stream = Stream;
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+    fn new_cache(&self) -> Result<KvCache> {
+        Gpt::new_cache(self)
+    }
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<Stream> {
+        let idx = Tensor::from_slice(tokens, (1, tokens.len()), self.device())?;
+        Gpt::embed(self, &idx, pos)
+    }
+    fn run_blocks(&self, s: &mut Stream, to: usize, cache: &mut KvCache) -> Result<()> {
+        Gpt::run_blocks(self, s, to, Some(cache))
+    }
+    fn exit_logits(&self, s: &Stream, exit: usize, rows: Range<usize>) -> Result<Vec<Vec<f32>>> {
+        Gpt::exit_logits(self, s, exit, rows)?
+            .squeeze(0)?
+            .to_vec2::<f32>()
+    }
+    fn keep_rows(&self, s: &mut Stream, rows: usize) -> Result<()> {
+        s.truncate(rows)
+    }
+    fn truncate_cache(&self, cache: &mut KvCache, len: usize) {
+        cache.truncate(len)
+    }
+    fn cache_len(&self, cache: &KvCache) -> usize {
+        cache.len()
+    }
+}
+
+impl Forward for FastGpt {
+    type Cache = FastCache;
+    type Stream = FastStream;
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+    fn new_cache(&self) -> Result<FastCache> {
+        Ok(FastGpt::new_cache(self))
+    }
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<FastStream> {
+        FastGpt::embed(self, tokens, pos)
+    }
+    fn run_blocks(&self, s: &mut FastStream, to: usize, cache: &mut FastCache) -> Result<()> {
+        FastGpt::run_blocks(self, s, to, cache)
+    }
+    fn exit_logits(
+        &self,
+        s: &FastStream,
+        exit: usize,
+        rows: Range<usize>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let v = self.cfg.vocab_size;
+        Ok(FastGpt::exit_logits(self, s, exit, rows)?
+            .chunks_exact(v)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+    fn keep_rows(&self, s: &mut FastStream, rows: usize) -> Result<()> {
+        s.truncate(rows, self.cfg.n_embd);
+        Ok(())
+    }
+    fn truncate_cache(&self, cache: &mut FastCache, len: usize) {
+        cache.truncate(len)
+    }
+    fn cache_len(&self, cache: &FastCache) -> usize {
+        cache.len()
+    }
+}

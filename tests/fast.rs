@@ -1,0 +1,178 @@
+//! The CPU inference path (`fast`) against candle's model: same logits at
+//! every exit for every option (DWA with dilation/period, x0 skips, own and
+//! tied exit heads, no biases), for a prefill, for k-row verify steps after
+//! a cache, for rows dropped mid-way (cascade), and after cache rollback.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
+use gpt_serve::fast::{FastGpt, WeightDtype};
+use gpt_serve::forward::Forward;
+use gpt_serve::model::{init_weights, Gpt};
+
+fn configs() -> Vec<(&'static str, Config)> {
+    let mut base = Config::preset("tiny").unwrap();
+    base.vocab_size = 300;
+    base.block_size = 24;
+    base.n_layer = 4;
+    base.exits = vec![
+        Exit {
+            block: 2,
+            weight: 0.2,
+        },
+        Exit {
+            block: 3,
+            weight: 0.3,
+        },
+        Exit {
+            block: 4,
+            weight: 0.5,
+        },
+    ];
+    let mut full = base.clone();
+    full.exit_head = ExitHead::Own;
+    full.dwa = Some(Dwa {
+        dilation: 1,
+        period: 1,
+    });
+    full.x0_skip = true;
+    let mut dilated = base.clone();
+    dilated.dwa = Some(Dwa {
+        dilation: 2,
+        period: 2,
+    });
+    dilated.bias = false;
+    vec![
+        ("baseline", base),
+        ("dwa+skips+own heads", full),
+        ("dwa 2x2, no bias", dilated),
+    ]
+}
+
+/// Seeded weights with DWA/skip scalars off their identity init.
+fn weights(cfg: &Config) -> HashMap<String, Tensor> {
+    init_weights(cfg, 7, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            if n.ends_with(".dwa") || n.ends_with(".skip") {
+                let k = t.elem_count();
+                let j: Vec<f32> = (0..k)
+                    .map(|i| 0.3 * ((i * 37 % 11) as f32 / 11.0 - 0.5))
+                    .collect();
+                let t = (t + Tensor::from_vec(j, k, &Device::Cpu).unwrap()).unwrap();
+                (n, t)
+            } else {
+                (n, t)
+            }
+        })
+        .collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Logits of every exit for `tokens` fed as: prefill of `split` tokens,
+/// then the rest in chunks of `chunk` rows.
+fn run<M: Forward>(m: &M, tokens: &[u32], split: usize, chunk: usize) -> Vec<Vec<Vec<f32>>> {
+    let cfg = m.config().clone();
+    let mut cache = m.new_cache().unwrap();
+    let mut per_exit = vec![Vec::new(); cfg.exits.len()];
+    let mut pos = 0;
+    for part in std::iter::once(&tokens[..split]).chain(tokens[split..].chunks(chunk)) {
+        let mut s = m.embed(part, pos).unwrap();
+        for (e, ex) in cfg.exits.iter().enumerate() {
+            m.run_blocks(&mut s, ex.block, &mut cache).unwrap();
+            per_exit[e].extend(m.exit_logits(&s, e, 0..part.len()).unwrap());
+        }
+        pos += part.len();
+    }
+    per_exit
+}
+
+#[test]
+fn fast_logits_equal_candle_logits_at_every_exit_for_every_option() {
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 300).collect();
+    for (name, cfg) in configs() {
+        let w = weights(&cfg);
+        let gpt = Gpt::new(
+            &cfg,
+            VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+            true,
+        )
+        .unwrap();
+        let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+        let want = run(&gpt, &tokens, 20, 1);
+        for (split, chunk) in [(20, 1), (1, 1), (7, 4), (5, 8)] {
+            let got = run(&fast, &tokens, split, chunk);
+            for e in 0..cfg.exits.len() {
+                let d = max_diff(&got[e], &want[e]);
+                assert!(
+                    d < 1e-4,
+                    "{name}, prefill {split} + chunks of {chunk}, exit {e}: max diff {d}"
+                );
+            }
+        }
+        let f16 = FastGpt::from_tensors(&cfg, &w, WeightDtype::F16).unwrap();
+        let got = run(&f16, &tokens, 7, 4);
+        let d = max_diff(got.last().unwrap(), want.last().unwrap());
+        assert!(d < 2e-2, "{name} f16 weights: max diff {d}");
+    }
+}
+
+#[test]
+fn dropping_rows_and_rolling_the_cache_back_equals_a_fresh_run() {
+    let (_, cfg) = configs().remove(1);
+    let w = weights(&cfg);
+    let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 300).collect();
+    let last = cfg.exits.len() - 1;
+    // Prefill 6, then a 5-row step whose rows 3.. are dropped after exit 0,
+    // then roll back to 8 committed rows and feed the true continuation.
+    let mut cache = fast.new_cache();
+    let mut s = fast.embed(&tokens[..6], 0).unwrap();
+    fast.run_blocks(&mut s, cfg.n_layer, &mut cache).unwrap();
+    let mut s = fast.embed(&[tokens[6], tokens[7], 99, 98, 97], 6).unwrap();
+    fast.run_blocks(&mut s, cfg.exits[0].block, &mut cache)
+        .unwrap();
+    Forward::keep_rows(&fast, &mut s, 3).unwrap();
+    fast.run_blocks(&mut s, cfg.n_layer, &mut cache).unwrap();
+    cache.truncate(8);
+    assert_eq!(cache.len(), 8);
+    let mut s = fast.embed(&tokens[8..], 8).unwrap();
+    fast.run_blocks(&mut s, cfg.n_layer, &mut cache).unwrap();
+    let got = Forward::exit_logits(&fast, &s, last, 0..4).unwrap();
+    let want = run(&fast, &tokens, 12, 1).remove(last).split_off(8);
+    assert!(max_diff(&got, &want) < 1e-5);
+}
+
+#[test]
+fn a_cache_that_does_not_hold_the_committed_rows_is_an_error_not_a_panic() {
+    let (_, cfg) = configs().remove(0);
+    let fast = FastGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
+    let mut cache = fast.new_cache();
+    let mut s = fast.embed(&[1, 2, 3], 5).unwrap();
+    let err = fast
+        .run_blocks(&mut s, cfg.n_layer, &mut cache)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("holds 0 rows, expected 5"),
+        "{err}"
+    );
+    assert!(fast.embed(&[1; 30], 0).is_err(), "past block_size");
+    let err = fast.embed(&[300], 0).err().unwrap();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let mut w = weights(&cfg);
+    w.remove("h.1.mlp.c_fc.weight");
+    let err = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("h.1.mlp.c_fc.weight"), "{err}");
+}
