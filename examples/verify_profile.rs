@@ -1,5 +1,7 @@
 //! Loops a k-row verify step of the served model on the CPU inference path,
-//! for `perf record` (where does a verify step's time go?).
+//! called from a plain thread and from inside a rayon pool (where the
+//! matmuls' fork/join is work stealing instead of a cross-thread wake-up);
+//! also the loop to `perf record`.
 //!
 //! `cargo run --release --example verify_profile -- models/default 4 f16`
 
@@ -26,17 +28,28 @@ fn main() -> anyhow::Result<()> {
     let mut s = m.embed(&ids, 0)?;
     m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
     let rows: Vec<u32> = (0..k as u32).collect();
-    let t = std::time::Instant::now();
-    let n = 2000;
-    for _ in 0..n {
+    let mut step = || -> anyhow::Result<()> {
         let mut s = m.embed(&rows, ctx)?;
         m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
         Forward::exit_logits(&m, &s, cfg.exits.len() - 1, 0..k)?;
         cache.truncate(ctx);
+        Ok(())
+    };
+    let n = 1000;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        step()?;
     }
-    println!(
-        "verify {k}: {:.1} us",
-        t.elapsed().as_secs_f64() / n as f64 * 1e6
-    );
+    let outside = t.elapsed().as_secs_f64() / n as f64 * 1e6;
+    let pool = rayon::ThreadPoolBuilder::new().build()?;
+    let t = std::time::Instant::now();
+    pool.install(|| -> anyhow::Result<()> {
+        for _ in 0..n {
+            step()?;
+        }
+        Ok(())
+    })?;
+    let inside = t.elapsed().as_secs_f64() / n as f64 * 1e6;
+    println!("verify {k}: {outside:.0} us from a plain thread, {inside:.0} us inside a rayon pool");
     Ok(())
 }

@@ -7,7 +7,8 @@
 #   scripts/ablate.sh speed   # tokens/s of every arm side by side (quiet machine!)
 #   scripts/ablate.sh report  # table + plot into bench/ablation.{md,json,png}
 #
-# Env: BIN (gpt-serve binary), RUNS (run dir), STEPS, BATCH, CTX, SEEDS.
+# Env: BIN (gpt-serve binary), RUNS (run dir), STEPS, BATCH, CTX, SEEDS,
+# ONLY (space-separated arm names; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/gpt-serve}
@@ -17,6 +18,7 @@ STEPS=${STEPS:-160}
 BATCH=${BATCH:-8}
 CTX=${CTX:-64}
 SEEDS=${SEEDS:-"1 2"}
+ONLY=${ONLY:-}
 [ -f "$DATA/train.txt.gz" ] || { echo "ablate: $DATA/train.txt.gz not found (needs ../shared/data)"; exit 1; }
 mkdir -p "$RUNS"
 
@@ -55,6 +57,7 @@ train_arms() {
       name=${arm%%|*}; flags=${arm#*|}
       dir="$RUNS/$name-s$seed"
       if [ -f "$dir/done" ]; then continue; fi
+      if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
       echo "== $name seed $seed $(date +%T)"
       if [ -f "$dir/trainer.json" ]; then
         "$BIN" train $(common) --out "$dir" --resume 2>"$dir.log"

@@ -210,10 +210,20 @@ fn decode_all<'a>(
             stop_at_eot: false,
             ..Default::default()
         };
-        let t = Instant::now();
-        let (mut g, _) = Generator::new(model, proposer(i), p, params, u32::MAX, None)?;
-        let out = g.run()?;
-        r.secs.push(t.elapsed().as_secs_f64());
+        // Best of 3 (decoding is deterministic, so every repeat yields the
+        // same tokens): the shared machine's noise only ever adds time.
+        let mut best = f64::MAX;
+        let mut last = None;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let (mut g, _) =
+                Generator::new(model, proposer(i), p, params.clone(), u32::MAX, None)?;
+            let out = g.run()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            last = Some((g, out));
+        }
+        let (g, out) = last.expect("three runs");
+        r.secs.push(best);
         r.tokens.push(out.iter().map(|t| t.id).collect());
         r.gaps.push(out.iter().map(|t| t.gap).collect());
         r.stats.add(&g.stats);
@@ -288,9 +298,13 @@ fn prompts_from(
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
+    crate::fast::in_pool(|| run_in_pool(o))
+}
+
+fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(&o.model, &device)?;
-    let model = loaded.fast(WeightDtype::F32)?;
+    let model = loaded.fast(loaded.serving_dtype())?;
     let mut plain_rows = vec![
         json!({"model": "served", "backends": plain_backends(&loaded.config.model, &loaded.weights, 128)?}),
     ];

@@ -229,6 +229,15 @@ impl Loaded {
         })
     }
 
+    /// The weight storage that serves this checkpoint exactly: f16 when it
+    /// was saved in f16 (no rounding beyond what is stored), else f32.
+    pub fn serving_dtype(&self) -> crate::fast::WeightDtype {
+        match self.config.dtype.as_str() {
+            "f16" => crate::fast::WeightDtype::F16,
+            _ => crate::fast::WeightDtype::F32,
+        }
+    }
+
     /// Builds the model for inference (fused kernels).
     pub fn model(&self, device: &Device) -> Result<Gpt> {
         let path = PathBuf::from(WEIGHTS_FILE);

@@ -314,21 +314,20 @@ impl<'m, M: Forward> Generator<'m, M> {
         let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?;
         // Accept while the draft equals the keyed sample at its position.
         let mut out = Vec::new();
+        let sp = &self.params.sampling;
+        let penalized = sp.presence_penalty != 0.0 || sp.frequency_penalty != 0.0;
+        let mut last_row = 0;
         accept(&drafts, kept, |i| {
             let row = &logits[i];
-            let mut l = row.clone();
-            sampling::penalize(&mut l, &self.params.sampling, &self.counts);
-            let f = sampling::choose(
-                &l,
-                &self.params.sampling,
-                self.params.choice,
-                self.tokens.len(),
-            );
-            let (p1, ent) = sampling::top1_and_entropy(row);
-            self.verified = Verified {
-                top1_prob: p1,
-                entropy: ent,
+            let pos = self.tokens.len();
+            let f = if penalized {
+                let mut l = row.to_vec();
+                sampling::penalize(&mut l, &self.params.sampling, &self.counts);
+                sampling::choose(&l, &self.params.sampling, self.params.choice, pos)
+            } else {
+                sampling::choose(row, &self.params.sampling, self.params.choice, pos)
             };
+            last_row = i;
             let lp = self.params.logprobs.map(|n| {
                 let lp = sampling::log_softmax(row);
                 (lp[f as usize], sampling::top_logprobs(&lp, n))
@@ -348,6 +347,12 @@ impl<'m, M: Forward> Generator<'m, M> {
             }
             (f, self.finished.is_some())
         });
+        // The drafter's features read the model's stats where it last committed.
+        let (p1, ent) = sampling::top1_and_entropy(&logits[last_row]);
+        self.verified = Verified {
+            top1_prob: p1,
+            entropy: ent,
+        };
         let accepted = out.len() - 1;
         if let Some(t) = shadow {
             self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));

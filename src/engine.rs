@@ -101,7 +101,7 @@ impl Engine {
                     Backend::Fast(dt) => loaded.fast(*dt).map(|m| {
                         drop(loaded);
                         ready.store(true, Ordering::SeqCst);
-                        run(&m, d, rx, &config, &metrics, &waiting, eot)
+                        crate::fast::in_pool(|| run(&m, d, rx, &config, &metrics, &waiting, eot))
                     }),
                     Backend::Candle(device) => loaded.model(device).map(|m| {
                         ready.store(true, Ordering::SeqCst);

@@ -10,6 +10,38 @@ use crate::fast::{FastCache, FastGpt, FastStream};
 use crate::kv_cache::KvCache;
 use crate::model::{Gpt, Stream};
 
+/// Logits of several rows, row-major (one allocation for all rows).
+pub struct Logits {
+    data: Vec<f32>,
+    vocab: usize,
+}
+
+impl Logits {
+    pub fn new(data: Vec<f32>, vocab: usize) -> Self {
+        debug_assert_eq!(data.len() % vocab.max(1), 0);
+        Self { data, vocab }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() / self.vocab.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.data.chunks_exact(self.vocab)
+    }
+}
+
+impl std::ops::Index<usize> for Logits {
+    type Output = [f32];
+    fn index(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
 pub trait Forward {
     type Cache;
     type Stream;
@@ -19,13 +51,8 @@ pub trait Forward {
     fn embed(&self, tokens: &[u32], pos: usize) -> Result<Self::Stream>;
     /// Runs blocks up to `to`, appending keys and values to `cache`.
     fn run_blocks(&self, s: &mut Self::Stream, to: usize, cache: &mut Self::Cache) -> Result<()>;
-    /// Logits of exit `exit` for `rows`, one Vec per row.
-    fn exit_logits(
-        &self,
-        s: &Self::Stream,
-        exit: usize,
-        rows: Range<usize>,
-    ) -> Result<Vec<Vec<f32>>>;
+    /// Logits of exit `exit` for `rows`.
+    fn exit_logits(&self, s: &Self::Stream, exit: usize, rows: Range<usize>) -> Result<Logits>;
     /// Keeps the first `rows` rows in flight.
     fn keep_rows(&self, s: &mut Self::Stream, rows: usize) -> Result<()>;
     fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
@@ -48,10 +75,11 @@ impl Forward for Gpt {
     fn run_blocks(&self, s: &mut Stream, to: usize, cache: &mut KvCache) -> Result<()> {
         Gpt::run_blocks(self, s, to, Some(cache))
     }
-    fn exit_logits(&self, s: &Stream, exit: usize, rows: Range<usize>) -> Result<Vec<Vec<f32>>> {
-        Gpt::exit_logits(self, s, exit, rows)?
-            .squeeze(0)?
-            .to_vec2::<f32>()
+    fn exit_logits(&self, s: &Stream, exit: usize, rows: Range<usize>) -> Result<Logits> {
+        let data = Gpt::exit_logits(self, s, exit, rows)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Logits::new(data, self.cfg.vocab_size))
     }
     fn keep_rows(&self, s: &mut Stream, rows: usize) -> Result<()> {
         s.truncate(rows)
@@ -79,17 +107,11 @@ impl Forward for FastGpt {
     fn run_blocks(&self, s: &mut FastStream, to: usize, cache: &mut FastCache) -> Result<()> {
         FastGpt::run_blocks(self, s, to, cache)
     }
-    fn exit_logits(
-        &self,
-        s: &FastStream,
-        exit: usize,
-        rows: Range<usize>,
-    ) -> Result<Vec<Vec<f32>>> {
-        let v = self.cfg.vocab_size;
-        Ok(FastGpt::exit_logits(self, s, exit, rows)?
-            .chunks_exact(v)
-            .map(<[f32]>::to_vec)
-            .collect())
+    fn exit_logits(&self, s: &FastStream, exit: usize, rows: Range<usize>) -> Result<Logits> {
+        Ok(Logits::new(
+            FastGpt::exit_logits(self, s, exit, rows)?,
+            self.cfg.vocab_size,
+        ))
     }
     fn keep_rows(&self, s: &mut FastStream, rows: usize) -> Result<()> {
         s.truncate(rows, self.cfg.n_embd);

@@ -132,16 +132,17 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
-    /// Weight storage of the CPU inference path: f32, or f16 (half the
-    /// memory traffic, for models larger than the CPU caches).
-    #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["f32", "f16"], default_value = "f32")]
+    /// Weight storage of the CPU inference path: auto (as the checkpoint
+    /// stores them), f32, or f16 (half the memory traffic).
+    #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["auto", "f32", "f16"], default_value = "auto")]
     weights: String,
 }
 
-fn weight_dtype(s: &str) -> gpt_serve::fast::WeightDtype {
+fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> gpt_serve::fast::WeightDtype {
     match s {
         "f16" => gpt_serve::fast::WeightDtype::F16,
-        _ => gpt_serve::fast::WeightDtype::F32,
+        "f32" => gpt_serve::fast::WeightDtype::F32,
+        _ => loaded.serving_dtype(),
     }
 }
 
@@ -174,12 +175,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let tokenizer = loaded.tokenizer.clone();
+    let backend = engine::Backend::Fast(weight_dtype(&a.weights, &loaded));
     let eng = engine::Engine::spawn(
         loaded,
         drafter,
         engine::EngineConfig {
             max_active: a.max_active.max(1),
-            backend: engine::Backend::Fast(weight_dtype(&a.weights)),
+            backend,
             cascade: a.cascade,
             exit_confidence: a.exit_confidence,
         },
@@ -306,7 +308,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let loaded = checkpoint::load(&model, &device)?;
-            let gpt = loaded.fast(gpt_serve::fast::WeightDtype::F32)?;
+            let gpt = loaded.fast(loaded.serving_dtype())?;
             let drafter = gpt_serve::drafter::Drafter::load(
                 &model.join(checkpoint::DRAFTER_FILE),
                 gpt.cfg.vocab_size,
@@ -335,7 +337,7 @@ fn main() -> anyhow::Result<()> {
             let (mut g, _) =
                 Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
             let t0 = std::time::Instant::now();
-            let out = g.run()?;
+            let out = gpt_serve::fast::in_pool(|| g.run())?;
             let secs = t0.elapsed().as_secs_f64();
             let ids: Vec<u32> = out.iter().map(|t| t.id).collect();
             println!("{prompt}{}", tok.decode(&ids)?);

@@ -257,31 +257,16 @@ mod simd {
             r += 2;
         }
         if r < m {
-            // One row: split k in two halves for 8 independent chains.
+            // One row, summed in the same order as the two-row path (so
+            // results do not depend on the row count).
             let x0 = x.as_ptr().add(r * k);
             let mut a = [init(0), init(1), init(2), init(3)];
-            let mut b = [_mm256_setzero_ps(); 4];
-            let half = k / 2;
-            for i in 0..half {
-                let (p, q) = (wp.add(i * TILE), wp.add((i + half) * TILE));
-                let (u, v) = (
-                    _mm256_set1_ps(*x0.add(i)),
-                    _mm256_set1_ps(*x0.add(i + half)),
-                );
-                for j in 0..4 {
-                    a[j] = _mm256_fmadd_ps(u, load8(p.add(8 * j)), a[j]);
-                    b[j] = _mm256_fmadd_ps(v, load8(q.add(8 * j)), b[j]);
-                }
-            }
-            for i in 2 * half..k {
+            for i in 0..k {
                 let p = wp.add(i * TILE);
                 let u = _mm256_set1_ps(*x0.add(i));
                 for j in 0..4 {
                     a[j] = _mm256_fmadd_ps(u, load8(p.add(8 * j)), a[j]);
                 }
-            }
-            for j in 0..4 {
-                a[j] = _mm256_add_ps(a[j], b[j]);
             }
             store(r, &a);
         }
@@ -315,10 +300,9 @@ mod simd {
     }
 }
 
-/// AVX-512: 32 registers hold 8 rows x 2 registers of 16 columns, so a
-/// verify step of up to 8 rows reads each weight once and issues 16
-/// independent FMAs per weight pair. Few rows split `k` instead, keeping 8+
-/// accumulation chains in flight to hide the FMA latency.
+/// AVX-512: rows four at a time, each with 2 registers of 16 columns and
+/// `k` split in two halves (16 accumulators, 16 independent FMAs per
+/// weight pair), so a verify step reads each weight once per 4 rows.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
@@ -357,24 +341,21 @@ mod avx512 {
         bias: &[f32],
         y: *mut f32,
     ) {
+        // Every row is summed in the same order (k in two halves, then
+        // bias + half 0 + half 1) whatever the chunk, so a row's result does
+        // not depend on how many rows share the call: a k-row verify gives
+        // bitwise the logits of k one-row steps, and speculative output
+        // equals plain output even at sampling boundaries.
         let mut r = 0;
         while r < m {
-            match m - r {
-                1 => rows::<W, 1, 4>(x, r, k, wt, n, c0, w, bias, y),
+            let n_rows = (m - r).min(4);
+            match n_rows {
+                1 => rows::<W, 1, 2>(x, r, k, wt, n, c0, w, bias, y),
                 2 => rows::<W, 2, 2>(x, r, k, wt, n, c0, w, bias, y),
                 3 => rows::<W, 3, 2>(x, r, k, wt, n, c0, w, bias, y),
-                4..=5 => rows::<W, 4, 1>(x, r, k, wt, n, c0, w, bias, y),
-                6..=7 => rows::<W, 6, 1>(x, r, k, wt, n, c0, w, bias, y),
-                _ => rows::<W, 8, 1>(x, r, k, wt, n, c0, w, bias, y),
+                _ => rows::<W, 4, 2>(x, r, k, wt, n, c0, w, bias, y),
             }
-            r += match m - r {
-                1 => 1,
-                2 => 2,
-                3 => 3,
-                4..=5 => 4,
-                6..=7 => 6,
-                _ => 8,
-            };
+            r += n_rows;
         }
     }
 
@@ -627,6 +608,22 @@ mod tests {
                     "f16 n {n} k {k} m {m}: max err {err}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_bitwise_the_same_result_whatever_the_row_count() {
+        let (n, k) = (70, 45);
+        let w = data(n * k, 6);
+        let b = data(n, 7);
+        let x = data(9 * k, 8);
+        let mat = Matrix::<f16>::from_out_in(&w, n, k, Some(b));
+        let mut all = vec![0f32; 9 * n];
+        mat.forward(&x, 9, &mut all);
+        for r in 0..9 {
+            let mut one = vec![0f32; n];
+            mat.forward(&x[r * k..(r + 1) * k], 1, &mut one);
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
         }
     }
 

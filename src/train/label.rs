@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,7 @@ use crate::decode::greedy_with_stats;
 use crate::drafter::features::{Tables, Verified, N_FEATURES};
 use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
 use crate::drafter::{self, Drafter, Replay};
-use crate::model::Gpt;
+use crate::forward::Forward;
 use crate::sampling;
 
 #[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
@@ -61,8 +61,8 @@ pub struct Continuation {
 }
 
 /// Greedy continuations of `n` prompts of `plen` tokens drawn from `tokens`.
-pub fn continuations(
-    model: &Gpt,
+pub fn continuations<M: Forward>(
+    model: &M,
     tokens: &[u32],
     n: usize,
     plen: usize,
@@ -71,7 +71,7 @@ pub fn continuations(
     eot: u32,
 ) -> anyhow::Result<Vec<Continuation>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let gen = gen.min(model.cfg.block_size.saturating_sub(plen));
+    let gen = gen.min(model.config().block_size.saturating_sub(plen));
     (0..n)
         .map(|_| {
             let start = rng.random_range(0..tokens.len() - plen);
@@ -90,27 +90,25 @@ pub fn continuations(
 /// A window of text, the model's top-1 after each position, and its stats.
 type Window = (Vec<u32>, Vec<u32>, Vec<Verified>);
 
-fn teacher_forced(
-    model: &Gpt,
+fn teacher_forced<M: Forward>(
+    model: &M,
     tokens: &[u32],
     n: usize,
     t: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Window>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let last = model.cfg.exits.len() - 1;
+    let cfg = model.config();
+    let last = cfg.exits.len() - 1;
     (0..n)
         .map(|_| {
             let start = rng.random_range(0..tokens.len() - t);
             let w = tokens[start..start + t].to_vec();
-            let idx = Tensor::from_slice(&w, (1, t), model.device())?;
-            let mut s = model.embed(&idx, 0)?;
-            model.run_blocks(&mut s, model.cfg.n_layer, None)?;
-            let logits = model
-                .exit_logits(&s, last, 0..t)?
-                .squeeze(0)?
-                .to_vec2::<f32>()?;
-            let top: Vec<u32> = logits.iter().map(|r| sampling::argmax(r)).collect();
+            let mut cache = model.new_cache()?;
+            let mut s = model.embed(&w, 0)?;
+            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+            let logits = model.exit_logits(&s, last, 0..t)?;
+            let top: Vec<u32> = logits.iter().map(sampling::argmax).collect();
             let stats = logits
                 .iter()
                 .map(|r| {
@@ -128,28 +126,25 @@ fn teacher_forced(
 
 /// Measured cost of verifying k drafts relative to a plain step, k = 0..=k_max,
 /// at a context of half the window.
-pub fn verify_costs(model: &Gpt, k_max: usize) -> anyhow::Result<Vec<f64>> {
-    let ctx = (model.cfg.block_size / 2).max(1);
-    let prompt: Vec<u32> = (0..ctx as u32)
-        .map(|i| i % model.cfg.vocab_size as u32)
-        .collect();
-    let idx = Tensor::from_slice(&prompt, (1, ctx), model.device())?;
+pub fn verify_costs<M: Forward>(model: &M, k_max: usize) -> anyhow::Result<Vec<f64>> {
+    let cfg = model.config();
+    let ctx = (cfg.block_size / 2).max(1);
+    let prompt: Vec<u32> = (0..ctx as u32).map(|i| i % cfg.vocab_size as u32).collect();
     let mut cache = model.new_cache()?;
-    let mut s = model.embed(&idx, 0)?;
-    model.run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache))?;
-    let last = model.cfg.exits.len() - 1;
+    let mut s = model.embed(&prompt, 0)?;
+    model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+    let last = cfg.exits.len() - 1;
     let mut time = |rows: usize| -> anyhow::Result<f64> {
         let reps = 12;
         let mut best = f64::MAX;
         for _ in 0..reps {
             let ids: Vec<u32> = (0..rows as u32).collect();
-            let idx = Tensor::from_slice(&ids, (1, rows), model.device())?;
             let t0 = Instant::now();
-            let mut s = model.embed(&idx, ctx)?;
-            model.run_blocks(&mut s, model.cfg.n_layer, Some(&mut cache))?;
-            let _ = model.exit_logits(&s, last, 0..rows)?.to_vec3::<f32>()?;
+            let mut s = model.embed(&ids, ctx)?;
+            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+            let _ = model.exit_logits(&s, last, 0..rows)?;
             best = best.min(t0.elapsed().as_secs_f64());
-            cache.truncate(ctx);
+            model.truncate_cache(&mut cache, ctx);
         }
         Ok(best)
     };
@@ -183,10 +178,21 @@ pub fn train_drafter(
     val: &[u32],
     train: &[u32],
 ) -> anyhow::Result<Drafter> {
+    // Decoding (and the measured verify costs) as the server runs it.
+    crate::fast::in_pool(|| train_drafter_in_pool(dir, o, val, train))
+}
+
+fn train_drafter_in_pool(
+    dir: &Path,
+    o: &DrafterOptions,
+    val: &[u32],
+    train: &[u32],
+) -> anyhow::Result<Drafter> {
     let t0 = Instant::now();
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
-    let model = loaded.model(&device)?;
+    // The serving path: continuations and verify costs as served.
+    let model = loaded.fast(loaded.serving_dtype())?;
     let tok = &loaded.tokenizer;
     let eot = tok.eot();
     let t = model.cfg.block_size.min(256);
