@@ -216,8 +216,7 @@ fn decode_all<'a>(
         let mut last = None;
         for _ in 0..3 {
             let t = Instant::now();
-            let (mut g, _) =
-                Generator::new(model, proposer(i), p, params.clone(), u32::MAX, None)?;
+            let (mut g, _) = Generator::new(model, proposer(i), p, params.clone(), u32::MAX, None)?;
             let out = g.run()?;
             best = best.min(t.elapsed().as_secs_f64());
             last = Some((g, out));

@@ -379,8 +379,16 @@ fn main() -> anyhow::Result<()> {
                 gpt.cfg.block_size,
                 max_windows,
             )?;
-            for (e, l) in gpt.cfg.exits.iter().zip(losses) {
-                println!("exit {:>3}: loss {l:.4}", e.block);
+            let fast = loaded.fast(loaded.serving_dtype())?;
+            let agree = gpt_serve::fast::in_pool(|| {
+                train::eval::exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows)
+            })?;
+            for ((e, l), a) in gpt.cfg.exits.iter().zip(losses).zip(agree) {
+                println!(
+                    "exit {:>3}: loss {l:.4}, top-1 agreement with the final head {:.1}%",
+                    e.block,
+                    100.0 * a
+                );
             }
         }
     }

@@ -62,3 +62,46 @@ pub fn exit_losses_sequential(
     }
     Ok(sums.into_iter().map(|s| (s / n as f64) as f32).collect())
 }
+
+/// Top-1 agreement of each exit with the final head over consecutive
+/// windows of `t` tokens (up to `max_windows`): the share of positions where
+/// an exit's argmax equals the final head's (1.0 for the final exit). An
+/// exit verifies drafts well only where it agrees with the final head.
+pub fn exit_agreement<M: crate::forward::Forward>(
+    model: &M,
+    tokens: &[u32],
+    t: usize,
+    max_windows: usize,
+) -> Result<Vec<f32>> {
+    let cfg = model.config().clone();
+    let n_exits = cfg.exits.len();
+    let mut same = vec![0usize; n_exits];
+    let mut n = 0usize;
+    for w in tokens.chunks_exact(t).take(max_windows) {
+        let mut cache = model.new_cache()?;
+        let mut s = model.embed(w, 0)?;
+        let mut tops = Vec::with_capacity(n_exits);
+        for (k, e) in cfg.exits.iter().enumerate() {
+            model.run_blocks(&mut s, e.block, &mut cache)?;
+            let logits = model.exit_logits(&s, k, 0..t)?;
+            tops.push(
+                logits
+                    .iter()
+                    .map(crate::sampling::argmax)
+                    .collect::<Vec<u32>>(),
+            );
+        }
+        let fin = &tops[n_exits - 1];
+        for (k, top) in tops.iter().enumerate() {
+            same[k] += top.iter().zip(fin).filter(|(a, b)| a == b).count();
+        }
+        n += t;
+    }
+    if n == 0 {
+        candle_core::bail!(
+            "eval text has {} tokens, fewer than one window of {t}",
+            tokens.len()
+        );
+    }
+    Ok(same.into_iter().map(|s| s as f32 / n as f32).collect())
+}

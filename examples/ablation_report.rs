@@ -1,0 +1,238 @@
+//! The training-efficiency ablation's report (issue #6), from the runs of
+//! `scripts/ablate.sh`: a table (val loss of the final exit at equal tokens
+//! and at equal wall-clock, parameters, tokens/s measured side by side,
+//! FLOPs per token, time to the baseline's final loss, exit agreement) and a
+//! plot of val loss vs wall-clock for every run.
+//!
+//! `cargo run --release --example ablation_report -- runs/ablation bench`
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use gpt_serve::checkpoint;
+use gpt_serve::train::report::{multi_plot, series, Curve};
+use serde_json::{json, Value};
+
+struct RunData {
+    arm: String,
+    seed: String,
+    /// (tokens, val loss of the final exit) at each evaluation.
+    val: Vec<(f64, f64)>,
+    params: usize,
+    flops_per_token: f64,
+    agreement: Vec<(usize, f32)>,
+}
+
+/// Tokens/s of an arm from its side-by-side speed run (steps 3..12).
+fn speed(runs: &Path, arm: &str) -> Option<f64> {
+    let log = runs.join("speed").join(arm).join("metrics.jsonl");
+    let el = series(&log, "elapsed");
+    let tok = series(&log, "tokens");
+    let (a, b) = (el.get(2)?, el.last()?);
+    let (ta, tb) = (tok.get(2)?, tok.last()?);
+    (b.1 > a.1).then(|| (tb.1 - ta.1) / (b.1 - a.1))
+}
+
+/// Linear interpolation of `pts` (sorted by x) at `x`; None outside.
+fn interp(pts: &[(f64, f64)], x: f64) -> Option<f64> {
+    let first = pts.first()?;
+    if x < first.0 {
+        return None;
+    }
+    for w in pts.windows(2) {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        if x >= x0 && x <= x1 {
+            return Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0).max(1e-12));
+        }
+    }
+    (x == pts.last()?.0)
+        .then(|| pts.last().map(|p| p.1))
+        .flatten()
+}
+
+/// First x where the curve reaches `target` (interpolated).
+fn reach(pts: &[(f64, f64)], target: f64) -> Option<f64> {
+    for w in pts.windows(2) {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        if y0 <= target {
+            return Some(x0);
+        }
+        if y1 <= target {
+            return Some(x0 + (x1 - x0) * (y0 - target) / (y0 - y1).max(1e-12));
+        }
+    }
+    None
+}
+
+fn load_run(
+    dir: &Path,
+    val_tokens: &mut BTreeMap<String, Vec<u32>>,
+    val: &Path,
+) -> anyhow::Result<RunData> {
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let (arm, seed) = name.rsplit_once("-s").context("run dir is not ARM-sSEED")?;
+    let ck = checkpoint::load_config(dir)?;
+    let cfg = ck.model.clone();
+    let trainer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json"))?)?;
+    let o = &trainer["options"];
+    let ctx = o["context"].as_u64().unwrap_or(64) as usize;
+    let frac = o["exit_frac"].as_f64().unwrap_or(1.0);
+    let every = o["exit_every"].as_f64().unwrap_or(1.0);
+    // FLOPs per token (forward): blocks + final head + the extra exit heads
+    // on the fraction of positions and steps where they are computed.
+    let c = cfg.n_embd as f64;
+    let head = 2.0 * c * cfg.vocab_size as f64;
+    let blocks = cfg.flops_per_token(ctx) - cfg.exits.len() as f64 * head;
+    let flops = blocks + head + (cfg.exits.len() - 1) as f64 * head * frac / every;
+    let last = cfg.exits.last().unwrap().block;
+    let log = dir.join("metrics.jsonl");
+    let tokens = series(&log, "tokens");
+    let vals = series(&log, &format!("val_loss_{last}"));
+    let val_pts: Vec<(f64, f64)> = vals
+        .iter()
+        .filter_map(|(step, l)| tokens.iter().find(|t| t.0 == *step).map(|t| (t.1, *l)))
+        .collect();
+    // Exit agreement on the val split, with the run's own tokenizer.
+    let loaded = checkpoint::load(dir, &candle_core::Device::Cpu)?;
+    let key = format!("{:?}", loaded.tokenizer.vocab_size());
+    if !val_tokens.contains_key(&key) {
+        let cache = gpt_serve::train::default_cache_dir();
+        let t = gpt_serve::train::data::load_tokens(
+            &[val.to_path_buf()],
+            &loaded.tokenizer,
+            cache.as_deref(),
+        )?;
+        val_tokens.insert(key.clone(), t);
+    }
+    let fast = loaded.fast(loaded.serving_dtype())?;
+    let agree = gpt_serve::fast::in_pool(|| {
+        gpt_serve::train::eval::exit_agreement(&fast, &val_tokens[&key], ctx, 40)
+    })?;
+    Ok(RunData {
+        arm: arm.to_string(),
+        seed: seed.to_string(),
+        val: val_pts,
+        params: cfg.n_params(),
+        flops_per_token: flops,
+        agreement: cfg.exits.iter().map(|e| e.block).zip(agree).collect(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = PathBuf::from(args.get(1).map_or("runs/ablation", String::as_str));
+    let out = PathBuf::from(args.get(2).map_or("bench", String::as_str));
+    let val = PathBuf::from(
+        args.get(3)
+            .map_or("../shared/data/gutenberg/val.txt.gz", String::as_str),
+    );
+    let mut val_tokens = BTreeMap::new();
+    let mut data = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&runs)
+        .with_context(|| format!("reading {}", runs.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("done").exists())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        match load_run(&d, &mut val_tokens, &val) {
+            Ok(r) => data.push(r),
+            Err(e) => eprintln!("skipping {}: {e:#}", d.display()),
+        }
+    }
+    anyhow::ensure!(!data.is_empty(), "no finished runs in {}", runs.display());
+    let speeds: BTreeMap<String, f64> = data
+        .iter()
+        .filter_map(|r| speed(&runs, &r.arm).map(|s| (r.arm.clone(), s)))
+        .collect();
+    // Wall-clock curves: tokens / the arm's side-by-side tokens/s.
+    let wall = |r: &RunData| -> Option<Vec<(f64, f64)>> {
+        let s = speeds.get(&r.arm)?;
+        Some(r.val.iter().map(|(t, l)| (t / s, *l)).collect())
+    };
+    let base: Vec<&RunData> = data.iter().filter(|r| r.arm == "base").collect();
+    let base_final = base
+        .iter()
+        .filter_map(|r| r.val.last().map(|p| p.1))
+        .sum::<f64>()
+        / base.len().max(1) as f64;
+    let base_time = base
+        .iter()
+        .filter_map(|r| wall(r).and_then(|w| w.last().map(|p| p.0)))
+        .fold(f64::NAN, f64::max);
+    // Equal wall-clock: the longest time every run covers.
+    let common_t = data
+        .iter()
+        .filter_map(|r| wall(r).and_then(|w| w.last().map(|p| p.0)))
+        .fold(f64::INFINITY, f64::min);
+    let spread = if base.len() >= 2 {
+        let f: Vec<f64> = base
+            .iter()
+            .filter_map(|r| r.val.last().map(|p| p.1))
+            .collect();
+        f.iter().copied().fold(f64::MIN, f64::max) - f.iter().copied().fold(f64::MAX, f64::min)
+    } else {
+        f64::NAN
+    };
+
+    let mut rows = Vec::new();
+    let mut md = format!(
+        "Final-exit val loss on the val split; equal tokens = each run's last evaluation; equal wall-clock = at {common_t:.0} s of measured throughput (the shortest run); baseline seed-to-seed spread {spread:.3} (differences below it are no difference).\n\n| arm | seed | params | FLOPs/token | tokens/s | val loss, equal tokens | val loss, equal wall-clock | time to baseline's final loss | exit agreement with final |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let mut curves: Vec<Curve> = Vec::new();
+    for r in &data {
+        let w = wall(r);
+        let at_t = w.as_ref().and_then(|w| interp(w, common_t));
+        let to_base = w
+            .as_ref()
+            .and_then(|w| reach(w, base_final))
+            .map(|t| t / base_time);
+        let final_loss = r.val.last().map(|p| p.1);
+        let agree = r
+            .agreement
+            .iter()
+            .take(r.agreement.len().saturating_sub(1))
+            .map(|(b, a)| format!("{b}: {:.0}%", 100.0 * a))
+            .collect::<Vec<_>>()
+            .join(", ");
+        md += &format!(
+            "| {} | {} | {:.2}M | {:.1}M | {} | {} | {} | {} | {} |\n",
+            r.arm,
+            r.seed,
+            r.params as f64 / 1e6,
+            r.flops_per_token / 1e6,
+            speeds.get(&r.arm).map_or("-".into(), |s| format!("{s:.0}")),
+            final_loss.map_or("-".into(), |l| format!("{l:.3}")),
+            at_t.map_or("-".into(), |l| format!("{l:.3}")),
+            to_base.map_or("not reached".into(), |x| format!("{x:.2}x")),
+            if agree.is_empty() { "-".into() } else { agree },
+        );
+        rows.push(json!({
+            "arm": r.arm, "seed": r.seed, "params": r.params, "flops_per_token": r.flops_per_token,
+            "tokens_per_s": speeds.get(&r.arm), "val_curve_tokens": r.val, "val_final": final_loss,
+            "val_at_equal_time": at_t, "time_to_base_final": to_base, "exit_agreement": r.agreement,
+        }));
+        if let Some(w) = w {
+            curves.push((format!("{} s{}", r.arm, r.seed), w, r.seed == "1"));
+        }
+    }
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("ablation.md"), &md)?;
+    std::fs::write(
+        out.join("ablation.json"),
+        serde_json::to_string_pretty(
+            &json!({"equal_time_s": common_t, "base_spread": spread, "runs": rows}),
+        )?,
+    )?;
+    if !curves.is_empty() {
+        multi_plot(
+            &out.join("ablation.png"),
+            "val loss vs wall-clock (s)",
+            "seconds",
+            &curves,
+        )?;
+    }
+    println!("{md}");
+    Ok(())
+}
