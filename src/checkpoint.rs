@@ -88,7 +88,7 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
     };
     let map: HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<std::result::Result<_, candle_core::Error>>()
         .map_err(werr)?;
     let tmp = tmp_path(path);

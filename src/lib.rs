@@ -16,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
+pub mod device;
 pub mod drafter;
 pub mod engine;
 pub mod export;

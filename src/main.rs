@@ -136,6 +136,10 @@ struct ServeArgs {
     /// stores them), f32, or f16 (half the memory traffic).
     #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["auto", "f32", "f16"], default_value = "auto")]
     weights: String,
+    /// cpu (the CPU inference path), or cuda[:N] (candle's model on the GPU;
+    /// builds with the `cuda` feature).
+    #[arg(long, env = "GPT_SERVE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> gpt_serve::fast::WeightDtype {
@@ -175,7 +179,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let tokenizer = loaded.tokenizer.clone();
-    let backend = engine::Backend::Fast(weight_dtype(&a.weights, &loaded));
+    let backend = match gpt_serve::device::parse(&a.device)? {
+        candle_core::Device::Cpu => engine::Backend::Fast(weight_dtype(&a.weights, &loaded)),
+        gpu => engine::Backend::Candle(gpu),
+    };
     let eng = engine::Engine::spawn(
         loaded,
         drafter,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +147,15 @@ pub struct TrainOptions {
     /// Stop after this many steps of this invocation (for tests of resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
+    /// Device: cpu, or cuda[:N] (builds with the `cuda` feature). A resumed
+    /// run may move to another device.
+    #[arg(long, default_value = "cpu")]
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 /// Trainer state saved beside the weights.
@@ -312,12 +321,13 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
             out: cli.out.clone(),
             resume: true,
             stop_after: cli.stop_after,
+            device: cli.device.clone(),
             ..s.options.clone()
         },
         None => cli,
     };
     check_options(&o)?;
-    let device = Device::Cpu;
+    let device = crate::device::parse(&o.device)?;
     let t_setup = Instant::now();
 
     // Tokenizer and token streams.

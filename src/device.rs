@@ -1,0 +1,52 @@
+//! `--device` values: `cpu`, or `cuda[:N]` in builds with the `cuda` feature
+//! (see `scripts/cuda-build.sh`).
+
+use candle_core::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("--device `{0}` is not `cpu` or `cuda[:N]`")]
+    Unknown(String),
+    #[error("--device `{0}` needs a build with the `cuda` feature (scripts/cuda-build.sh); this binary is CPU-only")]
+    NoCuda(String),
+    #[error("--device `{0}`: {1}")]
+    Open(String, String),
+}
+
+/// Parses and opens a device.
+pub fn parse(s: &str) -> Result<Device, DeviceError> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| DeviceError::Unknown(s.to_string()))?,
+        None => return Err(DeviceError::Unknown(s.to_string())),
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(DeviceError::NoCuda(s.to_string()));
+    }
+    Device::new_cuda(ordinal).map_err(|e| DeviceError::Open(s.to_string(), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_parses_and_bad_names_say_what_is_wrong() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert!(parse("gpu")
+            .unwrap_err()
+            .to_string()
+            .contains("not `cpu` or `cuda[:N]`"));
+        assert!(parse("cuda:x").unwrap_err().to_string().contains("cuda:x"));
+        if !cfg!(feature = "cuda") {
+            let e = parse("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("`cuda` feature"), "{e}");
+        }
+    }
+}
