@@ -427,8 +427,16 @@ impl FastGpt {
                 &kc[h * cap * hs..][..len * hs],
                 &vc[h * cap * hs..][..len * hs],
             );
-            let mut att = vec![0f32; len];
-            kernels::attend_head(q, kh, vh, scale, &mut att, out);
+            // Scores on the stack up to 1024 positions (no allocator churn).
+            let mut stack = [0f32; 1024];
+            let mut heap = Vec::new();
+            let att = if len <= stack.len() {
+                &mut stack[..len]
+            } else {
+                heap.resize(len, 0f32);
+                &mut heap[..]
+            };
+            kernels::attend_head(q, kh, vh, scale, att, out);
         };
         // Below ~64k multiply-adds the fork/join costs more than it saves.
         if t * nh * (offset + t) * hs < 1 << 16 {
