@@ -138,7 +138,8 @@ fn softmax_into(raw: &[f32], out: &mut [f32]) {
     let m = raw.iter().copied().fold(f32::MIN, f32::max);
     let mut s = 0.0;
     for (o, r) in out.iter_mut().zip(raw) {
-        *o = (r - m).exp();
+        // Polynomial exp: libm's expf was most of a single-row prediction.
+        *o = crate::fast::kernels::exp_neg(r - m);
         s += *o;
     }
     for o in out.iter_mut() {
