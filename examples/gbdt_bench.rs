@@ -45,7 +45,9 @@ fn main() -> anyhow::Result<()> {
         .zip(&vt)
         .filter(|(r, t)| {
             let pr = g.predict_proba(r);
-            let best = (0..pr.len()).max_by(|a, b| pr[*a].total_cmp(&pr[*b])).unwrap_or(0);
+            let best = (0..pr.len())
+                .max_by(|a, b| pr[*a].total_cmp(&pr[*b]))
+                .unwrap_or(0);
             best as u32 == t[0].0
         })
         .count() as f64
