@@ -24,13 +24,14 @@ struct RunData {
     agreement: Vec<(usize, f32)>,
 }
 
-/// Tokens/s of an arm from its side-by-side speed run (steps 3..12).
+/// Tokens/s of an arm from its side-by-side speed run (steps 3..11: the
+/// last step also evaluates and saves).
 fn speed(runs: &Path, arm: &str) -> Option<f64> {
     let log = runs.join("speed").join(arm).join("metrics.jsonl");
     let el = series(&log, "elapsed");
     let tok = series(&log, "tokens");
-    let (a, b) = (el.get(2)?, el.last()?);
-    let (ta, tb) = (tok.get(2)?, tok.last()?);
+    let (a, b) = (el.get(2)?, el.get(el.len().checked_sub(2)?)?);
+    let (ta, tb) = (tok.get(2)?, tok.get(tok.len().checked_sub(2)?)?);
     (b.1 > a.1).then(|| (tb.1 - ta.1) / (b.1 - a.1))
 }
 

@@ -72,13 +72,14 @@ train_arms() {
 
 speed_arms() {
   tokenizer
-  # 12 steps of every arm back to back; tok/s from steps 3..12 of each.
+  # 12 steps of every arm back to back; tok/s from steps 3..11 of each.
   for arm in "${ARMS[@]}"; do
     name=${arm%%|*}; flags=${arm#*|}
     dir="$RUNS/speed/$name"
     rm -rf "$dir"; mkdir -p "$dir"
     # shellcheck disable=SC2086
-    "$BIN" train $(common) --out "$dir" --seed 1 --steps 12 --eval-every 0 --save-every 0 $flags 2>/dev/null
+    # (the last step also evaluates and saves; the report times steps 3..11)
+    "$BIN" train $(common) --out "$dir" --seed 1 --steps 12 $flags > /dev/null 2> "$dir.log"
   done
 }
 
