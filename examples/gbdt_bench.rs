@@ -52,15 +52,36 @@ fn main() -> anyhow::Result<()> {
         })
         .count() as f64
         / vr.len() as f64;
-    let reps = 20_000;
-    let t = Instant::now();
+    // Single-row latency over varied rows: the packed layout (f16 leaves,
+    // trees walked side by side) that serving uses, and the plain f32 walk.
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let mut sink = 0f32;
+    let mut out = vec![0f32; k];
+    let t = Instant::now();
     for i in 0..reps {
-        sink += g.predict_proba(&vr[i % vr.len()])[0];
+        g.predict_proba_into(&vr[i % vr.len()], &mut out);
+        sink += out[0];
     }
-    let per_row_us = t.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    let packed_us = t.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    let t = Instant::now();
+    for i in 0..reps {
+        sink += g.predict_proba_f32(&vr[i % vr.len()])[0];
+    }
+    let walk_us = t.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    // The same row again and again: its leaves stay in L1, so the gap to
+    // the varied-row figure is the cost of fetching leaves.
+    let t = Instant::now();
+    for _ in 0..reps {
+        g.predict_proba_into(&vr[7], &mut out);
+        sink += out[0];
+    }
+    let hot_us = t.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    eprintln!("same row repeated (leaves in L1): {hot_us:.2} us");
     println!(
-        "{{\"rows\": {n}, \"features\": 32, \"classes\": {k}, \"trees\": {}, \"fit_s\": {fit_s:.1}, \"val_accuracy\": {acc:.3}, \"predict_us_per_row\": {per_row_us:.2}, \"sink\": {sink:.1}}}",
+        "{{\"rows\": {n}, \"features\": 32, \"classes\": {k}, \"trees\": {}, \"fit_s\": {fit_s:.1}, \"val_accuracy\": {acc:.3}, \"predict_us_per_row\": {packed_us:.2}, \"predict_us_per_row_f32_walk\": {walk_us:.2}, \"sink\": {sink:.1}}}",
         g.n_trees()
     );
     Ok(())

@@ -185,7 +185,15 @@ impl Drafter {
     /// to the same token add up); None when `__MODEL__` wins.
     pub fn predict(&self, ctx: &[u32], depth: usize, verified: Verified) -> Option<Draft> {
         let (row, cand) = self.features(ctx, depth, verified);
-        let p = self.gbdt.predict_proba(&row);
+        let mut p = [0f32; 512];
+        let mut heap;
+        let p: &mut [f32] = if self.gbdt.n_classes <= p.len() {
+            &mut p[..self.gbdt.n_classes]
+        } else {
+            heap = vec![0f32; self.gbdt.n_classes];
+            &mut heap
+        };
+        self.gbdt.predict_proba_into(&row, p);
         let k = self.classes.len();
         let mut mass: Vec<(u32, f32)> = Vec::with_capacity(8);
         let mut add = |t: u32, q: f32| match mass.iter_mut().find(|m| m.0 == t) {
@@ -292,6 +300,10 @@ impl Drafter {
                 msg: "class or feature counts disagree with the trees".into(),
             });
         }
+        d.gbdt.validate().map_err(|e| DrafterError::Corrupt {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         d.index();
         Ok(d)
     }

@@ -51,7 +51,30 @@ pub struct DrafterOptions {
     /// Longest draft chain.
     #[arg(long, default_value_t = 8)]
     pub drafter_k_max: usize,
+    /// Also write the labelled rows (features and soft targets, train and
+    /// validation parts) to this JSON file, to compare classifiers on them
+    /// (`examples/drafter_compare.rs`).
+    #[arg(long)]
+    #[serde(default)]
+    pub drafter_rows_out: Option<std::path::PathBuf>,
 }
+
+/// The labelled drafter rows, as `--drafter-rows-out` writes them.
+#[derive(Serialize, Deserialize)]
+pub struct RowsDump {
+    pub feature_names: Vec<String>,
+    pub n_classes: usize,
+    pub model_class: usize,
+    /// The token of each token class.
+    pub classes: Vec<u32>,
+    pub train: LabelledRows,
+    pub valid: LabelledRows,
+}
+
+/// (feature rows, soft targets, candidate token of each pointer class with
+/// `u32::MAX` for none): what a class predicts resolves to a token through
+/// `classes` or the candidates.
+pub type LabelledRows = (Vec<Vec<f32>>, Vec<Target>, Vec<[u32; 4]>);
 
 /// A continuation with the model's stats at each generated position.
 pub struct Continuation {
@@ -166,13 +189,16 @@ fn rows_of(
     verified: &dyn Fn(usize) -> Verified,
     from: usize,
     rng: &mut rand_chacha::ChaCha8Rng,
-    out: &mut (Vec<Vec<f32>>, Vec<Target>),
+    out: &mut LabelledRows,
 ) {
     for i in from..seq.len() - 1 {
         let depth = rng.random_range(0..4usize).min(i - from);
         let (row, cand) = d.features(&seq[..=i], depth, verified(i - depth));
         out.1.push(d.target(next(i), &cand));
         out.0.push(row);
+        out.2.push(
+            [cand.trigram, cand.bigram, cand.suffix, cand.context].map(|c| c.unwrap_or(u32::MAX)),
+        );
     }
 }
 
@@ -258,7 +284,7 @@ fn train_drafter_in_pool(
     let mut d = Drafter::new(vocab, classes, tables, untrained, ws, 0.5, o.drafter_k_max);
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
-    let mut data = (Vec::new(), Vec::new());
+    let mut data: LabelledRows = Default::default();
     for c in c_rows {
         let gen_start = c.prompt - 1;
         rows_of(
@@ -291,8 +317,8 @@ fn train_drafter_in_pool(
     let n = data.0.len();
     let n_valid = n / 10;
     // Interleaved validation rows.
-    let (mut tr, mut va) = ((vec![], vec![]), (vec![], vec![]));
-    for (i, (x, y)) in data.0.into_iter().zip(data.1).enumerate() {
+    let (mut tr, mut va) = (LabelledRows::default(), LabelledRows::default());
+    for (i, ((x, y), c)) in data.0.into_iter().zip(data.1).zip(data.2).enumerate() {
         let dst = if i % 10 == 0 && va.0.len() < n_valid {
             &mut va
         } else {
@@ -300,6 +326,24 @@ fn train_drafter_in_pool(
         };
         dst.0.push(x);
         dst.1.push(y);
+        dst.2.push(c);
+    }
+    if let Some(path) = &o.drafter_rows_out {
+        let dump = RowsDump {
+            feature_names: crate::drafter::features::FEATURE_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            n_classes: d.n_classes(),
+            model_class: d.model_class(),
+            classes: d.classes.clone(),
+            train: tr.clone(),
+            valid: va.clone(),
+        };
+        let json = serde_json::to_vec(&dump)?;
+        std::fs::write(path, json)
+            .with_context(|| format!("writing drafter rows to {}", path.display()))?;
+        eprintln!("drafter: rows written to {}", path.display());
     }
     let label_secs = t0.elapsed().as_secs_f64();
     eprintln!("drafter: {n} rows ({n_gen_rows} from continuations) in {label_secs:.0}s; fitting");
