@@ -149,7 +149,51 @@ fn per_row<T>(x: &[Vec<f32>], mut f: impl FnMut(&[f32]) -> T) -> f64 {
 }
 
 fn ours(d: &RowsDump, soft: bool) -> anyhow::Result<Row> {
-    let (x, t, _) = &d.train;
+    ours_masked(d, soft, &[])
+}
+
+/// Our GBDT without the `n` features of least split gain (their columns set
+/// to 0, so no tree can split on them): do they pay?
+fn ours_without_weakest(d: &RowsDump, n: usize) -> anyhow::Result<Row> {
+    let p = GbdtParams {
+        rounds: ROUNDS,
+        max_depth: DEPTH,
+        early_stopping: usize::MAX / 2,
+        ..Default::default()
+    };
+    let g = Gbdt::fit(&d.train.0, &d.train.1, d.n_classes, (&[], &[]), &p)?;
+    let mut order: Vec<usize> = (0..g.importance.len()).collect();
+    order.sort_by(|a, b| g.importance[*a].total_cmp(&g.importance[*b]));
+    let total: f64 = g.importance.iter().sum();
+    let weakest = &order[..n];
+    let share: f64 = weakest.iter().map(|f| g.importance[*f]).sum::<f64>() / total;
+    let names: Vec<&str> = weakest
+        .iter()
+        .map(|f| d.feature_names[*f].as_str())
+        .collect();
+    let mut r = ours_masked(d, true, weakest)?;
+    r.name = format!(
+        "gpt-serve GBDT (soft) without its {n} weakest features ({}: {:.1}% of split gain)",
+        names.join(", "),
+        share * 100.0
+    );
+    Ok(r)
+}
+
+fn ours_masked(d: &RowsDump, soft: bool, drop: &[usize]) -> anyhow::Result<Row> {
+    let mask = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        rows.iter()
+            .map(|r| {
+                let mut r = r.clone();
+                for f in drop {
+                    r[*f] = 0.0;
+                }
+                r
+            })
+            .collect()
+    };
+    let x = &mask(&d.train.0);
+    let t = &d.train.1;
     let targets: Vec<Target> = if soft {
         t.clone()
     } else {
@@ -163,7 +207,7 @@ fn ours(d: &RowsDump, soft: bool) -> anyhow::Result<Row> {
     };
     let (g, fit_s) = timed(|| Gbdt::fit(x, &targets, d.n_classes, (&[], &[]), &p));
     let g = g?;
-    let vx = &d.valid.0;
+    let vx = &mask(&d.valid.0);
     let probs: Vec<Vec<f32>> = vx.iter().map(|r| g.predict_proba(r)).collect();
     let (accuracy, curve) = score(d, &probs);
     let mut out = vec![0f32; d.n_classes];
@@ -332,6 +376,7 @@ fn main() -> anyhow::Result<()> {
         };
     run("ours soft", &|| ours(&d, true));
     run("ours hard", &|| ours(&d, false));
+    run("ours without weakest", &|| ours_without_weakest(&d, 6));
     #[cfg(feature = "lightgbm")]
     run("lightgbm", &|| lightgbm(&d));
     run("linfa depth 6", &|| linfa_tree(&d, Some(DEPTH)));
