@@ -29,7 +29,32 @@ pub fn parse(s: &str) -> Result<Device, DeviceError> {
     if !cfg!(feature = "cuda") {
         return Err(DeviceError::NoCuda(s.to_string()));
     }
-    Device::new_cuda(ordinal).map_err(|e| DeviceError::Open(s.to_string(), e.to_string()))
+    open_cuda(s, ordinal)
+}
+
+/// cudarc loads the CUDA driver library on first use and panics when it is
+/// not there (a machine without an NVIDIA driver): that panic becomes an
+/// error that says so, with the panic's own message silenced.
+fn open_cuda(s: &str, ordinal: usize) -> Result<Device, DeviceError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(r) => r.map_err(|e| DeviceError::Open(s.to_string(), e.to_string())),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|m| m.to_string()))
+                .unwrap_or_default();
+            let head = msg.split(" - ").next().unwrap_or("").trim().to_string();
+            Err(DeviceError::Open(
+                s.to_string(),
+                format!("no usable CUDA driver on this machine ({head}); is an NVIDIA driver installed and LD_LIBRARY_PATH pointing at the CUDA libraries (scripts/cuda-run.sh)?"),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
