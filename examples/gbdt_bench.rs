@@ -34,12 +34,17 @@ fn main() -> anyhow::Result<()> {
     let (rows, targets) = data(n, k, 1);
     let (vr, vt) = data(n / 10, k, 2);
     let p = GbdtParams {
+        rounds: std::env::var("ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50),
         early_stopping: usize::MAX / 2,
         ..Default::default()
     };
     let t = Instant::now();
     let g = Gbdt::fit(&rows, &targets, k, (&vr, &vt), &p)?;
     let fit_s = t.elapsed().as_secs_f64();
+    eprintln!("valid loss by round: {:?}", g.valid_loss);
     let acc = vr
         .iter()
         .zip(&vt)

@@ -305,6 +305,27 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn sum_rows_f16(acc: &mut [f32], src: &[half::f16], offsets: &[u32]) {
+        let n = acc.len();
+        let (a, p) = (acc.as_mut_ptr(), src.as_ptr());
+        let mut j = 0;
+        while j + 8 <= n {
+            let mut v = _mm256_loadu_ps(a.add(j));
+            for &o in offsets {
+                let h = _mm_loadu_si128(p.add(o as usize + j) as *const __m128i);
+                v = _mm256_add_ps(v, _mm256_cvtph_ps(h));
+            }
+            _mm256_storeu_ps(a.add(j), v);
+            j += 8;
+        }
+        for jj in j..n {
+            for &o in offsets {
+                *a.add(jj) += (*p.add(o as usize + jj)).to_f32();
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn add_f16(acc: &mut [f32], x: &[half::f16]) {
         let n = acc.len().min(x.len());
         let (a, p) = (acc.as_mut_ptr(), x.as_ptr());
@@ -345,6 +366,27 @@ mod avx512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         } else {
             _mm512_loadu_ps(p as *const f32)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn sum_rows_f16(acc: &mut [f32], src: &[half::f16], offsets: &[u32]) {
+        let n = acc.len();
+        let (a, p) = (acc.as_mut_ptr(), src.as_ptr());
+        let mut j = 0;
+        while j + 16 <= n {
+            let mut v = _mm512_loadu_ps(a.add(j));
+            for &o in offsets {
+                let h = _mm256_loadu_si256(p.add(o as usize + j) as *const __m256i);
+                v = _mm512_add_ps(v, _mm512_cvtph_ps(h));
+            }
+            _mm512_storeu_ps(a.add(j), v);
+            j += 16;
+        }
+        for jj in j..n {
+            for &o in offsets {
+                *a.add(jj) += (*p.add(o as usize + jj)).to_f32();
+            }
         }
     }
 
@@ -511,6 +553,33 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         return unsafe { simd::axpy(y, a, x) };
     }
     axpy_portable(y, a, x)
+}
+
+/// `acc[j] += sum over o in offsets of src[o + j]`, src in f16: the
+/// drafter's leaf vectors summed with each accumulator register loaded and
+/// stored once for all leaves (a leaf-by-leaf `add_f16` stores and reloads
+/// the accumulator for every leaf).
+///
+/// # Panics
+/// When an `o + acc.len()` is beyond `src`.
+pub fn sum_rows_f16(acc: &mut [f32], src: &[f16], offsets: &[u32]) {
+    let n = acc.len();
+    assert!(offsets.iter().all(|&o| o as usize + n <= src.len()));
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: features detected at run time; offsets checked above.
+        return unsafe { avx512::sum_rows_f16(acc, src, offsets) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: as above.
+        return unsafe { simd::sum_rows_f16(acc, src, offsets) };
+    }
+    for &o in offsets {
+        for (a, v) in acc.iter_mut().zip(&src[o as usize..o as usize + n]) {
+            *a += v.to_f32();
+        }
+    }
 }
 
 /// `acc += x`, x in f16 (the drafter's leaf vectors).
