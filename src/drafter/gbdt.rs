@@ -352,6 +352,7 @@ impl Gbdt {
         Ok(model)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn grow(
         &mut self,
         b: &Binned,

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use features::{Candidates, FeatureInput, Tables, Verified};
 use gbdt::Gbdt;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: 14 features (six that did not pay dropped).
+pub const FORMAT_VERSION: u32 = 2;
 /// Pointer classes after the K token classes, then `__MODEL__`.
 pub const N_POINTERS: usize = 4;
 pub const MODEL_CLASS_NAME: &str = "__MODEL__";
