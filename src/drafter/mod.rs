@@ -419,4 +419,97 @@ mod tests {
         assert_eq!((r.tokens, r.steps), (45, 45));
         assert!((r.speedup() - 1.0).abs() < 1e-12);
     }
+
+    /// A drafter over a 40-token vocabulary whose trees learned "next =
+    /// last + 1" from rows its own feature code made.
+    fn small_drafter() -> Drafter {
+        let vocab = 40usize;
+        let classes: Vec<u32> = (0..vocab as u32).collect();
+        let tables = Tables::build((1..vocab as u32 - 1).map(|t| (Some(t - 1), t, t + 1)), 1);
+        let n_classes = classes.len() + N_POINTERS + 1;
+        let mut d = Drafter::new(
+            vocab,
+            classes,
+            tables,
+            Gbdt::constant(features::N_FEATURES, n_classes),
+            vec![true; vocab],
+            0.5,
+            4,
+        );
+        let (mut rows, mut targets) = (vec![], vec![]);
+        for start in 0..30u32 {
+            let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
+            let next = (start + 6) % 39;
+            let (row, cand) = d.features(&ctx, 0, Verified::default());
+            targets.push(d.target(next, &cand));
+            rows.push(row);
+        }
+        let p = gbdt::GbdtParams {
+            rounds: 5,
+            max_depth: 3,
+            min_rows_leaf: 2,
+            ..Default::default()
+        };
+        d.gbdt = Gbdt::fit(&rows, &targets, n_classes, (&[], &[]), &p).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_saved_drafter_loads_back_with_identical_predictions() {
+        let d = small_drafter();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("drafter.json");
+        d.save(&path).unwrap();
+        let back = Drafter::load(&path, 40).unwrap();
+        for start in 0..30u32 {
+            let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
+            let (row, _) = d.features(&ctx, 0, Verified::default());
+            assert_eq!(d.gbdt.predict_proba(&row), back.gbdt.predict_proba(&row));
+            assert_eq!(
+                d.propose(&ctx, 4, Verified::default()),
+                back.propose(&ctx, 4, Verified::default())
+            );
+        }
+    }
+
+    fn load_err(path: &Path, vocab: usize) -> String {
+        match Drafter::load(path, vocab) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn truncated_corrupt_and_mismatched_drafter_files_are_clear_errors() {
+        let d = small_drafter();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("drafter.json");
+        d.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let load_bytes = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            load_err(&path, 40)
+        };
+        let e = load_bytes(&bytes[..bytes.len() / 2]);
+        assert!(
+            e.contains("corrupt or truncated") && e.contains("drafter.json"),
+            "{e}"
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["version"] = 1.into();
+        let e = load_bytes(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("format version 1"), "{e}");
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["gbdt"]["trees"][0]["nodes"][0] = serde_json::json!({"Split": {"feature": 0, "threshold": 0.5, "left": 900, "right": 901}});
+        let e = load_bytes(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("out of range"), "{e}");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = load_err(&path, 50);
+        assert!(e.contains("vocab_size 40") && e.contains("50"), "{e}");
+        let e = load_err(&tmp.path().join("missing.json"), 40);
+        assert!(
+            e.contains("missing.json") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
 }
