@@ -324,21 +324,6 @@ mod simd {
             }
         }
     }
-
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn add_f16(acc: &mut [f32], x: &[half::f16]) {
-        let n = acc.len().min(x.len());
-        let (a, p) = (acc.as_mut_ptr(), x.as_ptr());
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i));
-            _mm256_storeu_ps(a.add(i), _mm256_add_ps(_mm256_loadu_ps(a.add(i)), v));
-            i += 8;
-        }
-        for j in i..n {
-            *a.add(j) += (*p.add(j)).to_f32();
-        }
-    }
 }
 
 /// AVX-512: rows four at a time, each with 2 registers of 16 columns and
@@ -387,21 +372,6 @@ mod avx512 {
             for &o in offsets {
                 *a.add(jj) += (*p.add(o as usize + jj)).to_f32();
             }
-        }
-    }
-
-    #[target_feature(enable = "avx512f,f16c")]
-    pub unsafe fn add_f16(acc: &mut [f32], x: &[half::f16]) {
-        let n = acc.len().min(x.len());
-        let (a, p) = (acc.as_mut_ptr(), x.as_ptr());
-        let mut i = 0;
-        while i + 16 <= n {
-            let v = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i) as *const __m256i));
-            _mm512_storeu_ps(a.add(i), _mm512_add_ps(_mm512_loadu_ps(a.add(i)), v));
-            i += 16;
-        }
-        for j in i..n {
-            *a.add(j) += (*p.add(j)).to_f32();
         }
     }
 
@@ -557,7 +527,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// `acc[j] += sum over o in offsets of src[o + j]`, src in f16: the
 /// drafter's leaf vectors summed with each accumulator register loaded and
-/// stored once for all leaves (a leaf-by-leaf `add_f16` stores and reloads
+/// stored once for all leaves (adding leaf by leaf stores and reloads
 /// the accumulator for every leaf).
 ///
 /// # Panics
@@ -579,23 +549,6 @@ pub fn sum_rows_f16(acc: &mut [f32], src: &[f16], offsets: &[u32]) {
         for (a, v) in acc.iter_mut().zip(&src[o as usize..o as usize + n]) {
             *a += v.to_f32();
         }
-    }
-}
-
-/// `acc += x`, x in f16 (the drafter's leaf vectors).
-pub fn add_f16(acc: &mut [f32], x: &[f16]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: features detected at run time.
-        return unsafe { avx512::add_f16(acc, x) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() {
-        // SAFETY: features detected at run time.
-        return unsafe { simd::add_f16(acc, x) };
-    }
-    for (a, v) in acc.iter_mut().zip(x) {
-        *a += v.to_f32();
     }
 }
 
