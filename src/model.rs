@@ -12,7 +12,7 @@
 //! continue: [`Stream`] carries the rows in flight and their per-position
 //! state (x0, DWA's earlier block outputs).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{Config, ExitHead};
@@ -44,7 +44,7 @@ impl Norm {
         if fused {
             candle_nn::ops::layer_norm(x, &self.weight, bias, LN_EPS as f32)
         } else {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, bias, LN_EPS as f32)
+            crate::ops::layer_norm(x, &self.weight, bias, LN_EPS as f32)
         }
     }
 }
@@ -120,15 +120,18 @@ impl Attention {
             None => (k.contiguous()?, v.contiguous()?),
         };
         let scale = 1.0 / (hs as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, nh, T, L)
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
+        let att = q.matmul(&k.t()?)?; // (B, nh, T, L)
         let att = if fused {
+            let att = (att * scale)?;
+            let att = match mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
             candle_nn::ops::softmax_last_dim(&att)?
         } else {
-            candle_nn::ops::softmax(&att, D::Minus1)?
+            // The mask is always causal_mask(T, L - T): the fused training op
+            // applies it itself.
+            crate::ops::causal_softmax(&att, scale)?
         };
         let y = att.matmul(&v.contiguous()?)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)

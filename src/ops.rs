@@ -1,14 +1,18 @@
 //! Fused CPU training ops with their backward passes.
 //!
-//! candle builds cross-entropy and the tanh GELU from ~10 elementwise ops
-//! each (each allocating a tensor); their backward passes are longer still.
-//! On the `small` preset they cost more than the matmuls, so on the CPU we
-//! use one pass forward and one pass backward (measured by
+//! candle builds cross-entropy, the tanh GELU, LayerNorm (`layer_norm_slow`)
+//! and the masked softmax of attention from 5-10 elementwise ops each (each
+//! allocating a tensor); their backward passes are longer still. On the
+//! `small` preset they cost more than the matmuls, so on the CPU we use one
+//! pass forward and one pass backward (measured by
 //! `examples/profile_train.rs`). Other devices use candle's composite ops.
-//! The gradient test in `tests/model.rs` covers both.
+//! The gradient test in `tests/model.rs` covers both; exponentials use the
+//! vectorising [`exp_neg`] (relative error < 2e-5) instead of libm's.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use crate::fast::kernels::exp_neg;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = match s {
@@ -27,13 +31,20 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
+/// tanh from one exponential of -2|u| (vectorises; libm's tanhf does not).
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    let e = exp_neg(-2.0 * u.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(u)
+}
+
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 }
 
 fn gelu_grad(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    let t = u.tanh();
+    let t = tanh(u);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
@@ -104,7 +115,7 @@ impl CustomOp1 for CrossEntropy {
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
                 let m = row.iter().copied().fold(f32::MIN, f32::max);
-                let lse = row.iter().map(|r| (r - m).exp()).sum::<f32>().ln() + m;
+                let lse = row.iter().map(|r| exp_neg(r - m)).sum::<f32>().ln() + m;
                 lse - row[t as usize]
             })
             .collect();
@@ -123,7 +134,7 @@ impl CustomOp1 for CrossEntropy {
                 let m = row.iter().copied().fold(f32::MIN, f32::max);
                 let mut s = 0f32;
                 for (o, r) in o.iter_mut().zip(row) {
-                    *o = (r - m).exp();
+                    *o = exp_neg(r - m);
                     s += *o;
                 }
                 let k = g / s;
@@ -147,5 +158,291 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
                 .mean_all()
         }
         _ => candle_nn::loss::cross_entropy(logits, targets),
+    }
+}
+
+/// Mean and reciprocal standard deviation of a row (population variance).
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    /// x (..., C), weight (C,), bias (C,) -> (..., C).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let c = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            for ((y, x), (w, b)) in y.iter_mut().zip(x).zip(w.iter().zip(b)) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), dw = sum g xhat,
+    /// db = sum g (sums over rows).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, gs) = (to_vec(x)?, to_vec(w)?, to_vec(grad)?);
+        let c = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        // Rows in chunks of 64: each chunk sums its own dw, db.
+        let rows = 64 * c;
+        let (dw, db) = dx
+            .par_chunks_mut(rows)
+            .zip(xs.par_chunks(rows).zip(gs.par_chunks(rows)))
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                let mut xhat = vec![0f32; c];
+                for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut s_gw, mut s_gwx) = (0f32, 0f32);
+                    for i in 0..c {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let gw = g[i] * ws[i];
+                        s_gw += gw;
+                        s_gwx += gw * xhat[i];
+                        dw[i] += g[i] * xhat[i];
+                        db[i] += g[i];
+                    }
+                    let (m_gw, m_gwx) = (s_gw / c as f32, s_gwx / c as f32);
+                    for i in 0..c {
+                        dx[i] = rstd * (g[i] * ws[i] - m_gw - xhat[i] * m_gwx);
+                    }
+                }
+                (dw, db)
+            })
+            .reduce(
+                || (vec![0f32; c], vec![0f32; c]),
+                |(mut a, mut b), (c2, d)| {
+                    a.iter_mut().zip(&c2).for_each(|(a, c)| *a += c);
+                    b.iter_mut().zip(&d).for_each(|(b, d)| *b += d);
+                    (a, b)
+                },
+            );
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension, fused on the CPU (training: candle's
+/// fused `layer_norm` has no backward).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => x.contiguous()?.apply_op3(weight, bias, LayerNorm { eps }),
+        _ => candle_nn::ops::layer_norm_slow(x, weight, bias, eps),
+    }
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    /// scores (..., T, L) -> softmax(scale * scores) over L, where row i sees
+    /// keys j <= i + (L - T) (the others get probability 0).
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let dims = l.shape().dims();
+        let (t, len) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let offset = len - t;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let seen = offset + r % t + 1;
+                let m = x[..seen].iter().copied().fold(f32::MIN, f32::max);
+                let mut sum = 0f32;
+                for (y, x) in y[..seen].iter_mut().zip(&x[..seen]) {
+                    *y = exp_neg(self.scale * (x - m));
+                    sum += *y;
+                }
+                let k = 1.0 / sum;
+                y[..seen].iter_mut().for_each(|y| *y *= k);
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    /// dx = scale * y * (g - sum(g y)) along the row.
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let len = arg.dim(arg.rank() - 1)?;
+        let (y, g) = (to_vec(res)?, to_vec(grad)?);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(len)
+            .zip(y.par_chunks(len).zip(g.par_chunks(len)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = self.scale * y * (g - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Causal attention weights: softmax(scale * scores) over the last dimension
+/// of scores (B, nh, T, L), row i seeing keys j <= i + (L - T). Fused on the
+/// CPU; elsewhere candle's ops with an additive mask.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    match scores.device() {
+        Device::Cpu => scores.contiguous()?.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+        }),
+        _ => {
+            let (t, len) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..len).map(move |j| {
+                        if j > len - t + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, len), scores.device())?;
+            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks d/dx sum(f(x) * r) along a random direction against central
+    /// differences, for every input of `f`, and the forward against `reference`.
+    fn check(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let want = reference(inputs).unwrap();
+        let err = (&out - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            err.to_scalar::<f32>().unwrap() < 1e-4,
+            "forward differs from candle's ops"
+        );
+        let r = randn(out.dims(), 99);
+        let loss = |xs: &[Tensor]| -> f64 {
+            (f(xs).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads.get(v.as_tensor()).expect("input has a gradient");
+            let dir = randn(v.dims(), i as u64 + 7);
+            let analytic = (g * &dir)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let eps = 1e-2;
+            let moved = |s: f64| -> Vec<Tensor> {
+                let mut xs = inputs.to_vec();
+                xs[i] = (&xs[i] + (&dir * s).unwrap()).unwrap();
+                xs
+            };
+            let numeric = (loss(&moved(eps)) - loss(&moved(-eps))) / (2.0 * eps);
+            assert!(
+                (analytic - numeric).abs() < 1e-2 * numeric.abs().max(1e-1),
+                "input {i}: analytic {analytic} vs numeric {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_candle_and_its_finite_differences() {
+        let inputs = [randn(&[3, 5, 16], 1), randn(&[16], 2), randn(&[16], 3)];
+        check(
+            &inputs,
+            |x| layer_norm(&x[0], &x[1], &x[2], 1e-5),
+            |x| candle_nn::ops::layer_norm_slow(&x[0], &x[1], &x[2], 1e-5),
+        );
+    }
+
+    #[test]
+    fn fused_causal_softmax_matches_candle_and_its_finite_differences() {
+        // T = 4 new rows after 3 cached keys: L = 7.
+        let scores = (randn(&[2, 3, 4, 7], 4) * 3.0).unwrap();
+        let mask: Vec<f32> = (0..4)
+            .flat_map(|i| (0..7).map(move |j| if j > 3 + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (4, 7), &Device::Cpu).unwrap();
+        check(
+            &[scores],
+            |x| causal_softmax(&x[0], 0.5),
+            |x| candle_nn::ops::softmax(&(&x[0] * 0.5)?.broadcast_add(&mask)?, D::Minus1),
+        );
+    }
+
+    #[test]
+    fn fused_gelu_and_cross_entropy_match_their_finite_differences() {
+        let x = (randn(&[4, 9], 5) * 3.0).unwrap();
+        check(&[x], |x| gelu_tanh(&x[0]), |x| x[0].gelu());
+        let targets = Tensor::new(&[1u32, 0, 8, 3], &Device::Cpu).unwrap();
+        let logits = (randn(&[4, 9], 6) * 2.0).unwrap();
+        check(
+            &[logits],
+            |x| cross_entropy(&x[0], &targets),
+            |x| candle_nn::loss::cross_entropy(&x[0], &targets),
+        );
     }
 }
