@@ -53,6 +53,11 @@ pub struct BenchOptions {
     /// Where the JSON results go.
     #[arg(long, default_value = "bench/results.json")]
     pub out: PathBuf,
+    /// PyTorch eager / llama.cpp figures re-measured on this machine by
+    /// scripts/cpu_reference.py (run by scripts/cpu-reference.sh, which runs
+    /// this bench right after, so both come from one run); shown side by side.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
 }
 
 /// Best-of-3 seconds of `f`.
@@ -320,9 +325,23 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
             eprintln!("bench: random gpt2 {}", plain_rows[2]);
         }
     }
+    let reference = match &o.reference {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the reference figures {}", path.display()))?;
+            serde_json::from_str::<Value>(&text).with_context(|| {
+                format!(
+                    "{} is not the JSON of scripts/cpu_reference.py",
+                    path.display()
+                )
+            })?
+        }
+        None => Value::Null,
+    };
     let mut result = json!({
         "machine": format!("{} threads", rayon::current_num_threads()),
         "plain": plain_rows,
+        "reference": reference,
         "reference_issue_9": {"small_decode_llama_cpp": 605, "small_decode_pytorch_eager": 192, "gpt2_decode_llama_cpp": 40, "gpt2_decode_pytorch_eager": 34.5},
     });
     if !o.plain {
@@ -378,6 +397,50 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+/// The re-measured references (if any) as rows of the plain table, then
+/// ours over them for each random-weight model.
+fn reference_markdown(result: &Value) -> String {
+    let mut s = String::new();
+    let refs = result["reference"]["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let plain = result["plain"].as_array().cloned().unwrap_or_default();
+    let mut ratios = String::new();
+    for r in &refs {
+        let preset = r["preset"].as_str().unwrap_or("");
+        let ours = plain
+            .iter()
+            .find(|p| p["model"].as_str() == Some(&format!("random {preset}")));
+        for engine in ["pytorch_eager_f32", "llama_cpp_f32"] {
+            let p = &r[engine];
+            let Some(theirs) = p["decode_tok_s"].as_f64() else {
+                continue;
+            };
+            s += &format!(
+                "| random {preset} (reference) | {engine} | {:.0} | {:.0} | {:.2}x | {:.2}x |\n",
+                theirs,
+                p["prefill_64_tok_s"].as_f64().unwrap_or(0.0),
+                p["verify_4_over_1"].as_f64().unwrap_or(0.0),
+                p["verify_8_over_1"].as_f64().unwrap_or(0.0)
+            );
+            if let Some(o) = ours {
+                let f = |b: &str| o["backends"][b]["decode_tok_s"].as_f64().unwrap_or(0.0) / theirs;
+                ratios += &format!(
+                    "| random {preset} | {engine} | {:.2}x | {:.2}x |\n",
+                    f("fast_f32"),
+                    f("fast_f16")
+                );
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        s += "\n| model | reference | ours f32 / reference decode | ours f16 / reference decode |\n|---|---|---|---|\n";
+        s += &ratios;
+    }
+    s
+}
+
 /// A markdown table of the speculative results.
 pub fn markdown(result: &Value) -> String {
     let mut s = String::new();
@@ -401,6 +464,7 @@ pub fn markdown(result: &Value) -> String {
             p["verify_8_over_1"].as_f64().unwrap_or(0.0)
         );
     }
+    s += &reference_markdown(result);
     for suite in result["speculative"].as_array().into_iter().flatten() {
         s += &format!(
             "\n{} prompts, temperature {}, {} new tokens, distinct-4 {:.2}\n\n| mode | tok/s | speedup | non-repeating speedup | tokens/step | acceptance | identical / near-tie / diverged |\n|---|---|---|---|---|---|---|\n",
@@ -427,4 +491,36 @@ pub fn markdown(result: &Value) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_figures_print_beside_ours_with_ratios() {
+        let fig = |d: f64| json!({"decode_tok_s": d, "prefill_64_tok_s": 1000.0, "verify_4_over_1": 1.5, "verify_8_over_1": 2.0});
+        let result = json!({
+            "plain": [{"model": "random small", "backends": {"fast_f32": fig(300.0), "fast_f16": fig(600.0), "candle_f32": fig(100.0)}}],
+            "reference": {"rows": [{"preset": "small", "pytorch_eager_f32": fig(200.0), "llama_cpp_f32": fig(600.0)}]},
+        });
+        let md = markdown(&result);
+        assert!(
+            md.contains(
+                "| random small (reference) | llama_cpp_f32 | 600 | 1000 | 1.50x | 2.00x |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| random small | llama_cpp_f32 | 0.50x | 1.00x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| random small | pytorch_eager_f32 | 1.50x | 3.00x |"),
+            "{md}"
+        );
+        // Without a reference file nothing is added.
+        let plain_only = json!({"plain": result["plain"].clone()});
+        assert!(!markdown(&plain_only).contains("reference"));
+    }
 }
