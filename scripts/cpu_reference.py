@@ -48,6 +48,19 @@ def best(f, reps):
     return out
 
 
+def figures(decode, prefill, verify, n):
+    """The bench's figures from one engine's step functions (after a warm-up)."""
+    decode()
+    d, p = best(decode, 3), best(prefill, 3)
+    v1 = verify(1)
+    return {
+        "decode_tok_s": n / d,
+        "prefill_64_tok_s": 64 / p,
+        "verify_4_over_1": verify(4) / v1,
+        "verify_8_over_1": verify(8) / v1,
+    }
+
+
 def hf_model(preset):
     n_layer, n_head, n_embd, block, vocab, _ = PRESETS[preset]
     cfg = GPT2Config(
@@ -103,15 +116,7 @@ def torch_figures(model, preset):
 
         return best(once, 10)
 
-    decode()  # warm-up
-    d, p = best(decode, 3), best(prefill, 3)
-    v1 = verify(1)
-    return {
-        "decode_tok_s": n / d,
-        "prefill_64_tok_s": 64 / p,
-        "verify_4_over_1": verify(4) / v1,
-        "verify_8_over_1": verify(8) / v1,
-    }
+    return figures(decode, prefill, verify, n)
 
 
 def gpt2_vocab(vocab):
@@ -232,16 +237,7 @@ def llama_figures(model, preset, check_logits):
 
         return best(once, 10)
 
-    decode()
-    d, p = best(decode, 3), best(prefill, 3)
-    v1 = verify(1)
-    return {
-        "decode_tok_s": n / d,
-        "prefill_64_tok_s": 64 / p,
-        "verify_4_over_1": verify(4) / v1,
-        "verify_8_over_1": verify(8) / v1,
-        "max_logit_diff_vs_torch": err,
-    }
+    return {**figures(decode, prefill, verify, n), "max_logit_diff_vs_torch": err}
 
 
 def main():

@@ -507,7 +507,7 @@ impl Default for LossOptions {
 
 /// Additive causal mask (T, offset + T) for T new rows after `offset` cached
 /// rows; None when T == 1 (the single new row sees everything).
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+pub(crate) fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
     if t == 1 {
         return Ok(None);
     }

@@ -326,19 +326,11 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
         }),
         _ => {
             let (t, len) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..len).map(move |j| {
-                        if j > len - t + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, len), scores.device())?;
-            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+            let scaled = (scores * scale)?;
+            match crate::model::causal_mask(t, len - t, scores.device())? {
+                Some(mask) => candle_nn::ops::softmax(&scaled.broadcast_add(&mask)?, D::Minus1),
+                None => candle_nn::ops::softmax(&scaled, D::Minus1),
+            }
         }
     }
 }
