@@ -1,10 +1,14 @@
-"""PyTorch reference for `gpt-serve train --device cuda:0` (issue #8): the
-GPT-2 124M layout (12 x 768, vocab 50257, context 1024, tied head), batch
-16 x 1024, AdamW, bf16 autocast, random tokens; eager and torch.compile,
-final exit only and with exits after blocks 8/10 (tied heads). Prints
-tokens/s as JSON. Run on the GPU machine (its image has PyTorch):
+"""PyTorch reference for `gpt-serve train --device cuda:0`: a GPT-2 layout
+(default the 124M one: 12 x 768, vocab 50257, context 1024, tied head),
+AdamW, random tokens; eager and/or torch.compile, final exit only and with
+two earlier exits (tied heads, weights 0.05/0.15/0.8). `--dtype bf16` runs
+under bf16 autocast (the usual GPU recipe); `--dtype f32` keeps f32 weights
+and activations with TF32 matmuls, as `gpt-serve train` does on a GPU.
+Prints tokens/s as JSON. Run on the GPU machine (its image has PyTorch):
 
     python3 scripts/torch_gpu_reference.py --steps 40
+    python3 scripts/torch_gpu_reference.py --layers 6 --embd 256 --heads 4 \
+        --vocab 4096 --batch 128 --context 256 --dtype f32 --modes eager
 """
 import argparse
 import json
@@ -18,9 +22,17 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=40)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--context", type=int, default=1024)
+p.add_argument("--layers", type=int, default=12)
+p.add_argument("--embd", type=int, default=768)
+p.add_argument("--heads", type=int, default=12)
+p.add_argument("--vocab", type=int, default=50257)
+p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
+p.add_argument("--modes", default="eager,compiled")
+p.add_argument("--device", default="cuda")
 a = p.parse_args()
-V, C, L, H, T, B = 50257, 768, 12, 12, a.context, a.batch
-dev = "cuda"
+V, C, L, H, T, B = a.vocab, a.embd, a.layers, a.heads, a.context, a.batch
+dev = a.device
+sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
@@ -62,13 +74,13 @@ class Gpt(nn.Module):
 def run(exits, compiled):
     torch.manual_seed(0)
     m = Gpt(exits).to(dev)
-    opt = torch.optim.AdamW(m.parameters(), lr=6e-4, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=6e-4, weight_decay=0.1, fused=dev.startswith("cuda"))
     f = torch.compile(m) if compiled else m
     x = torch.randint(0, V, (B, T), device=dev)
     y = torch.randint(0, V, (B, T), device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             loss = f(x, y)
         loss.backward()
         opt.step()
@@ -76,16 +88,18 @@ def run(exits, compiled):
 
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    sync()
     t = time.time()
     for _ in range(a.steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return B * T * a.steps / (time.time() - t)
 
 
-out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": [B, T]}
-for name, exits in [("final", [(12, 1.0)]), ("exits_8_10_12", [(8, 0.05), (10, 0.15), (12, 0.8)])]:
-    out[f"{name}_eager_tok_s"] = run(exits, False)
-    out[f"{name}_compiled_tok_s"] = run(exits, True)
+out = {"gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "torch": torch.__version__,
+       "shape": [L, C, H, V], "batch": [B, T], "dtype": a.dtype}
+e1, e2 = round(L * 2 / 3), round(L * 5 / 6)
+for name, exits in [("final", [(L, 1.0)]), (f"exits_{e1}_{e2}_{L}", [(e1, 0.05), (e2, 0.15), (L, 0.8)])]:
+    for mode in a.modes.split(","):
+        out[f"{name}_{mode}_tok_s"] = run(exits, mode == "compiled")
 print(json.dumps(out, indent=1))

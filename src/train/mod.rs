@@ -469,6 +469,7 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
     let cheap_cost = cfg.n_layer as f64 + 1.0;
     let mut last_loss = f32::NAN;
     let mut steps_this_run = 0u64;
+    let mut warm_mark = 0f64;
     let mut window = (Instant::now(), 0u64);
     while state.step < state.total_steps {
         let step = state.step;
@@ -509,11 +510,17 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         steps_this_run += 1;
         window.1 += 1;
 
-        // Wall-clock budget: fix the step count once 10 steps are timed.
+        // Wall-clock budget: time steps 5..15 of this run (the first ones pay
+        // for allocator and kernel warm-up, on a GPU for PTX compilation), then
+        // fix the step count so that the time left at that pace fills it.
         if let (Some(min), u64::MAX) = (o.minutes, state.total_steps) {
-            if steps_this_run == 10 {
-                let per_step = run_start.elapsed().as_secs_f64() / 10.0;
-                state.total_steps = ((min * 60.0 / per_step) as u64).max(state.step + 1);
+            let now = run_start.elapsed().as_secs_f64();
+            if steps_this_run == 5 {
+                warm_mark = now;
+            } else if steps_this_run == 15 {
+                let per_step = (now - warm_mark) / 10.0;
+                let left = (min * 60.0 - now).max(0.0);
+                state.total_steps = state.step + ((left / per_step) as u64).max(1);
                 state.schedule.total = state.total_steps;
                 pb.set_length(state.total_steps);
             }
