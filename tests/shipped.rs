@@ -105,11 +105,11 @@ fn samples_of_the_shipped_model_are_mostly_english_words() {
     }
     let share = found as f64 / total as f64;
     eprintln!("{found} of {total} sampled words are words of the val split ({share:.3})");
-    // Measured: the session-3 model (val loss 5.27) 0.818, the current one
-    // (4.96) 0.863. Prose would score near 1.0 (the bar, not met yet):
-    // this guards against shipping a worse model.
+    // Measured: the CPU-trained 6 x 256 models (val loss 5.27 / 4.96) 0.818 /
+    // 0.863; the GPU-trained 6 x 384 one (3.81) 0.960. The bar sits between,
+    // so that shipping a model like the earlier ones fails.
     assert!(
-        share >= 0.85,
+        share >= 0.93,
         "only {share:.3} of the sampled words are English words"
     );
 }
