@@ -16,8 +16,9 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin gpt-ser
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home gptserve
 COPY --from=build /src/target/release/gpt-serve /usr/local/bin/gpt-serve
-COPY models/default /models/default
-RUN chmod -R a+rX /models
+# Readable by the non-root user whatever the checkout's modes; set while
+# copying (a separate `chmod -R` layer would store the model twice).
+COPY --chmod=755 models/default /models/default
 ENV GPT_SERVE_HOST=0.0.0.0 \
     GPT_SERVE_PORT=8000 \
     GPT_SERVE_MODEL=/models/default \
