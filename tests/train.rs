@@ -175,6 +175,50 @@ fn a_run_stopped_and_resumed_ends_exactly_where_an_uninterrupted_run_does() {
     assert_eq!(log.lines().count(), 16);
 }
 
+#[test]
+fn a_wall_clock_budget_fixes_the_step_count_after_the_warm_steps_and_the_schedule_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4000);
+    let out = dir.path().join("ck");
+    let summary = train::run(opts(&[
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--minutes",
+        "0.03",
+        "--batch-size",
+        "4",
+        "--context",
+        "32",
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--drafter",
+        "false",
+    ]))
+    .unwrap();
+    // Steps 5..15 are timed, so the budget is fixed after step 15.
+    assert!(summary.steps > 15, "{} steps", summary.steps);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(state["total_steps"].as_u64(), Some(summary.steps));
+    assert_eq!(state["schedule"]["total"].as_u64(), Some(summary.steps));
+    // The cosine schedule ran to its end: the last step's rate is near 10% of peak.
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let lr = last["lr"].as_f64().unwrap();
+    assert!(lr < 2e-4, "last lr {lr}");
+}
+
 fn err(args: &[&str]) -> String {
     match train::run(opts(args)) {
         Ok(_) => panic!("expected an error for {args:?}"),
