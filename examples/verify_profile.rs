@@ -8,6 +8,12 @@
 //! prints the cost of verifying 1..=9 rows relative to 1, inside the pool,
 //! the sizes interleaved round by round (so drift hits them alike), best of
 //! 9 rounds.
+//! `cargo run --release --example verify_profile -- models/default layerskip f16 0.770,0.877`
+//! measures self-speculative drafting with each early exit (LayerSkip): one
+//! row through the blocks up to the exit plus its head, and r rows continuing
+//! from that exit's states through the final head, against a plain step;
+//! then the greedy speedup those costs imply at the given per-token agreement
+//! of each exit with the final head (`gpt-serve eval`), for 1..=8 drafts.
 
 use gpt_serve::checkpoint;
 use gpt_serve::fast::WeightDtype;
@@ -17,7 +23,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args.get(1).map_or("models/default", String::as_str);
     let curve = args.get(2).is_some_and(|s| s == "curve");
-    let k: usize = if curve {
+    let layerskip = args.get(2).is_some_and(|s| s == "layerskip");
+    let k: usize = if curve || layerskip {
         1
     } else {
         args.get(2).map_or(Ok(4), |s| s.parse())?
@@ -36,6 +43,12 @@ fn main() -> anyhow::Result<()> {
     let mut cache = m.new_cache();
     let mut s = m.embed(&ids, 0)?;
     m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+    if layerskip {
+        let agree: Vec<f64> = args.get(4).map_or(Ok(vec![]), |a| {
+            a.split(',').map(str::parse).collect::<Result<_, _>>()
+        })?;
+        return layerskip_costs(&m, &mut cache, ctx, &agree);
+    }
     if curve {
         let pool = rayon::ThreadPoolBuilder::new().build()?;
         let mut best = [f64::MAX; 10];
@@ -89,5 +102,94 @@ fn main() -> anyhow::Result<()> {
     })?;
     let inside = t.elapsed().as_secs_f64() / n as f64 * 1e6;
     println!("verify {k}: {outside:.0} us from a plain thread, {inside:.0} us inside a rayon pool");
+    Ok(())
+}
+
+/// Best-of-9-rounds costs, relative to a plain 1-row step, of drafting one
+/// token with each non-final exit and of finishing r = 1..=8 rows from that
+/// exit's states; then the implied greedy speedup at agreement `agree[e]`.
+fn layerskip_costs(
+    m: &gpt_serve::fast::FastGpt,
+    cache: &mut gpt_serve::fast::FastCache,
+    ctx: usize,
+    agree: &[f64],
+) -> anyhow::Result<()> {
+    use std::time::Instant;
+    let cfg = m.cfg.clone();
+    let last = cfg.exits.len() - 1;
+    let pool = rayon::ThreadPoolBuilder::new().build()?;
+    // [plain, then per exit: draft, rest(1..=8)]
+    let mut plain = f64::MAX;
+    let mut draft = vec![f64::MAX; last];
+    let mut rest = vec![[f64::MAX; 9]; last];
+    pool.install(|| -> anyhow::Result<()> {
+        for _round in 0..9 {
+            let reps = 100;
+            let t = Instant::now();
+            for _ in 0..reps {
+                let mut s = m.embed(&[1], ctx)?;
+                m.run_blocks(&mut s, cfg.n_layer, cache)?;
+                Forward::exit_logits(m, &s, last, 0..1)?;
+                cache.truncate(ctx);
+            }
+            plain = plain.min(t.elapsed().as_secs_f64() / reps as f64);
+            for e in 0..last {
+                let block = cfg.exits[e].block;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    let mut s = m.embed(&[1], ctx)?;
+                    m.run_blocks(&mut s, block, cache)?;
+                    Forward::exit_logits(m, &s, e, 0..1)?;
+                    cache.truncate(ctx);
+                }
+                draft[e] = draft[e].min(t.elapsed().as_secs_f64() / reps as f64);
+                for (r, best) in rest[e].iter_mut().enumerate().skip(1) {
+                    let rows: Vec<u32> = (0..r as u32).collect();
+                    let mut spent = 0.0;
+                    for _ in 0..reps {
+                        let mut s = m.embed(&rows, ctx)?;
+                        m.run_blocks(&mut s, block, cache)?;
+                        let t = Instant::now();
+                        m.run_blocks(&mut s, cfg.n_layer, cache)?;
+                        Forward::exit_logits(m, &s, last, 0..r)?;
+                        spent += t.elapsed().as_secs_f64();
+                        cache.truncate(ctx);
+                    }
+                    *best = best.min(spent / reps as f64);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    println!("plain step: {:.0} us", plain * 1e6);
+    for e in 0..last {
+        let block = cfg.exits[e].block;
+        let d = draft[e] / plain;
+        let r: Vec<String> = (1..=8)
+            .map(|r| format!("{:.2}", rest[e][r] / plain))
+            .collect();
+        println!(
+            "exit {block}: draft one token {d:.2}x a plain step; finish r rows from block {block}: {}",
+            r.join(" / ")
+        );
+        let Some(&a) = agree.get(e) else { continue };
+        // k drafts d1..dk from the exit (k passes over pending, d1..d(k-1)),
+        // then those k rows finish from block `block`: m leading matches give
+        // m + 1 tokens (the final head's correction), all k give k.
+        let best = (1..=8usize)
+            .map(|k| {
+                let tokens: f64 = (0..k)
+                    .map(|m| a.powi(m as i32) * (1.0 - a) * (m + 1) as f64)
+                    .sum::<f64>()
+                    + a.powi(k as i32) * k as f64;
+                let cost = k as f64 * d + rest[e][k] / plain;
+                (k, tokens / cost)
+            })
+            .fold((0, 0.0), |b, x| if x.1 > b.1 { x } else { b });
+        println!(
+            "exit {block} at agreement {a:.3}: best {} drafts -> {:.2}x a plain step (greedy, implied)",
+            best.0, best.1
+        );
+    }
     Ok(())
 }
