@@ -16,8 +16,25 @@
 //! of each exit with the final head (`gpt-serve eval`), for 1..=8 drafts.
 
 use gpt_serve::checkpoint;
-use gpt_serve::fast::WeightDtype;
+use gpt_serve::fast::{FastCache, FastGpt, WeightDtype};
 use gpt_serve::forward::Forward;
+
+/// One forward of `rows` after the `ctx` cached tokens, through the blocks
+/// up to `to` and exit `exit`'s head; then the cache is rolled back to `ctx`.
+fn pass(
+    m: &FastGpt,
+    cache: &mut FastCache,
+    ctx: usize,
+    rows: &[u32],
+    to: usize,
+    exit: usize,
+) -> anyhow::Result<()> {
+    let mut s = m.embed(rows, ctx)?;
+    m.run_blocks(&mut s, to, cache)?;
+    Forward::exit_logits(m, &s, exit, 0..rows.len())?;
+    cache.truncate(ctx);
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -59,10 +76,7 @@ fn main() -> anyhow::Result<()> {
                     let reps = 200;
                     let t = std::time::Instant::now();
                     for _ in 0..reps {
-                        let mut s = m.embed(&rows, ctx)?;
-                        m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
-                        Forward::exit_logits(&m, &s, cfg.exits.len() - 1, 0..k)?;
-                        cache.truncate(ctx);
+                        pass(&m, &mut cache, ctx, &rows, cfg.n_layer, cfg.exits.len() - 1)?;
                     }
                     *b = b.min(t.elapsed().as_secs_f64() / reps as f64);
                 }
@@ -79,13 +93,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rows: Vec<u32> = (0..k as u32).collect();
-    let mut step = || -> anyhow::Result<()> {
-        let mut s = m.embed(&rows, ctx)?;
-        m.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
-        Forward::exit_logits(&m, &s, cfg.exits.len() - 1, 0..k)?;
-        cache.truncate(ctx);
-        Ok(())
-    };
+    let mut step = || pass(&m, &mut cache, ctx, &rows, cfg.n_layer, cfg.exits.len() - 1);
     let n = 1000;
     let t = std::time::Instant::now();
     for _ in 0..n {
@@ -109,16 +117,15 @@ fn main() -> anyhow::Result<()> {
 /// token with each non-final exit and of finishing r = 1..=8 rows from that
 /// exit's states; then the implied greedy speedup at agreement `agree[e]`.
 fn layerskip_costs(
-    m: &gpt_serve::fast::FastGpt,
-    cache: &mut gpt_serve::fast::FastCache,
+    m: &FastGpt,
+    cache: &mut FastCache,
     ctx: usize,
     agree: &[f64],
 ) -> anyhow::Result<()> {
     use std::time::Instant;
-    let cfg = m.cfg.clone();
+    let cfg = &m.cfg;
     let last = cfg.exits.len() - 1;
     let pool = rayon::ThreadPoolBuilder::new().build()?;
-    // [plain, then per exit: draft, rest(1..=8)]
     let mut plain = f64::MAX;
     let mut draft = vec![f64::MAX; last];
     let mut rest = vec![[f64::MAX; 9]; last];
@@ -127,20 +134,14 @@ fn layerskip_costs(
             let reps = 100;
             let t = Instant::now();
             for _ in 0..reps {
-                let mut s = m.embed(&[1], ctx)?;
-                m.run_blocks(&mut s, cfg.n_layer, cache)?;
-                Forward::exit_logits(m, &s, last, 0..1)?;
-                cache.truncate(ctx);
+                pass(m, cache, ctx, &[1], cfg.n_layer, last)?;
             }
             plain = plain.min(t.elapsed().as_secs_f64() / reps as f64);
             for e in 0..last {
                 let block = cfg.exits[e].block;
                 let t = Instant::now();
                 for _ in 0..reps {
-                    let mut s = m.embed(&[1], ctx)?;
-                    m.run_blocks(&mut s, block, cache)?;
-                    Forward::exit_logits(m, &s, e, 0..1)?;
-                    cache.truncate(ctx);
+                    pass(m, cache, ctx, &[1], block, e)?;
                 }
                 draft[e] = draft[e].min(t.elapsed().as_secs_f64() / reps as f64);
                 for (r, best) in rest[e].iter_mut().enumerate().skip(1) {

@@ -48,7 +48,7 @@ fi
 unxz "$PACK/train.txt.xz" "$W/train.txt"
 cp "$PACK/val.txt.gz" "$W/"
 TOK=models/default/tokenizer.json
-say "unpacked; $(cat "$W/gpu.csv" | tail -n1)"
+say "unpacked; $(tail -n1 "$W/gpu.csv")"
 
 # 1. Sanity (and the train split's token cache).
 for dev in "$DEV" cpu; do
@@ -87,18 +87,20 @@ say "candidates done: a rc=$ra, b rc=$rb"
 finish
 
 # 3. Throughput, one job at a time, each bounded by the time left.
-ours() { # name, seconds, args...
+bounded() { # name, seconds, command...: skipped unless it fits in the time left
   local name=$1 secs=$2; shift 2
   [ "$(left)" -gt $((secs + 20)) ] || { say "skip $name (time)"; return; }
-  timeout "$secs" "$BIN" train "$@" --out "$W/$name" --eval-every 0 --save-every 0 --drafter false \
-    --device "$DEV" --cache-dir "$W/cache" > "$W/$name.json" 2> "$W/$name.log"
+  timeout "$secs" "$@" > "$W/$name.json" 2> "$W/$name.log"
   say "$name rc=$?"
 }
-torchref() { # name, seconds, args...
+ours() { # name, seconds, train args...
   local name=$1 secs=$2; shift 2
-  [ "$(left)" -gt $((secs + 20)) ] || { say "skip $name (time)"; return; }
-  timeout "$secs" python3 scripts/torch_gpu_reference.py "$@" > "$W/$name.json" 2> "$W/$name.log"
-  say "$name rc=$?"
+  bounded "$name" "$secs" "$BIN" train "$@" --out "$W/$name" --eval-every 0 --save-every 0 \
+    --drafter false --device "$DEV" --cache-dir "$W/cache"
+}
+torchref() { # name, seconds, torch_gpu_reference.py args...
+  local name=$1 secs=$2; shift 2
+  bounded "$name" "$secs" python3 scripts/torch_gpu_reference.py "$@"
 }
 ours ours-small 60 "$W/train.txt" --val "$W/val.txt.gz" --tokenizer "$TOK" --n-layer 6 --n-embd 256 \
   --n-head 4 --block-size 256 --batch-size 128 --steps 40 --exit-frac 0.25

@@ -401,13 +401,12 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
 /// ours over them for each random-weight model.
 fn reference_markdown(result: &Value) -> String {
     let mut s = String::new();
-    let refs = result["reference"]["rows"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let plain = result["plain"].as_array().cloned().unwrap_or_default();
+    fn rows(v: &Value) -> &[Value] {
+        v.as_array().map_or(&[], Vec::as_slice)
+    }
+    let (refs, plain) = (rows(&result["reference"]["rows"]), rows(&result["plain"]));
     let mut ratios = String::new();
-    for r in &refs {
+    for r in refs {
         let preset = r["preset"].as_str().unwrap_or("");
         let ours = plain
             .iter()
