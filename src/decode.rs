@@ -52,7 +52,26 @@ pub struct GenParams {
     pub cascade: bool,
     /// An exit truncates when its top-1 probability is at least this.
     pub exit_confidence: f32,
+    /// When the proposer drafts nothing, draft with an early exit instead
+    /// (LayerSkip); None: a plain step.
+    pub self_draft: Option<SelfDraft>,
     pub stop_at_eot: bool,
+}
+
+/// Self-speculative drafting with an early exit (LayerSkip, arXiv
+/// 2404.16710): tokens go one at a time through the blocks up to the exit,
+/// whose head proposes the next token (the keyed sample at its position,
+/// so sampled drafts match the final head's wherever the two agree);
+/// drafting stops at `k_max` drafts or when the exit's top-1 probability
+/// falls below `min_confidence`. Verification then runs only the blocks
+/// after the exit, on the drafts' states, whose keys and values the lower
+/// blocks already cached.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelfDraft {
+    /// Index into `Config::exits` (not the last).
+    pub exit: usize,
+    pub k_max: usize,
+    pub min_confidence: f32,
 }
 
 impl Default for GenParams {
@@ -65,6 +84,7 @@ impl Default for GenParams {
             speculate: true,
             cascade: false,
             exit_confidence: 0.5,
+            self_draft: None,
             stop_at_eot: true,
         }
     }
@@ -93,6 +113,11 @@ pub struct SpecStats {
     pub drafted_by_pos: Vec<u64>,
     /// Steps where the drafter proposed nothing (`__MODEL__` or low confidence).
     pub no_draft_steps: u64,
+    /// Steps that drafted with an early exit (LayerSkip), their drafts and
+    /// how many of those the final head accepted.
+    pub exit_draft_steps: u64,
+    pub exit_drafted: u64,
+    pub exit_accepted: u64,
 }
 
 impl SpecStats {
@@ -101,6 +126,9 @@ impl SpecStats {
         self.drafted += o.drafted;
         self.accepted += o.accepted;
         self.no_draft_steps += o.no_draft_steps;
+        self.exit_draft_steps += o.exit_draft_steps;
+        self.exit_drafted += o.exit_drafted;
+        self.exit_accepted += o.exit_accepted;
         add_vec(&mut self.truncated_by_exit, &o.truncated_by_exit);
         add_vec(&mut self.accepted_by_pos, &o.accepted_by_pos);
         add_vec(&mut self.drafted_by_pos, &o.drafted_by_pos);
@@ -281,16 +309,33 @@ impl<'m, M: Forward> Generator<'m, M> {
             }
         };
         let pos = self.tokens.len() - 1;
-        let mut rows = Vec::with_capacity(drafts.len() + 1);
-        rows.push(*self.tokens.last().expect("non-empty"));
-        rows.extend(&drafts);
-        let mut s = self.model.embed(&rows, pos)?;
-        let mut kept = rows.len();
         let n_exits = cfg.exits.len();
+        // Self-drafting when the proposer gave nothing: the rows arrive
+        // already at the exit's block, their lower blocks cached.
+        let self_draft = match self.params.self_draft {
+            Some(sd) if drafts.is_empty() && self.params.speculate && room > 0 => {
+                (sd.exit + 1 < n_exits && sd.k_max > 0).then_some(sd)
+            }
+            _ => None,
+        };
+        let (drafts, mut s) = match self_draft {
+            Some(sd) => self.draft_with_exit(sd, room)?,
+            None => {
+                let mut rows = Vec::with_capacity(drafts.len() + 1);
+                rows.push(*self.tokens.last().expect("non-empty"));
+                rows.extend(&drafts);
+                let s = self.model.embed(&rows, pos)?;
+                (drafts, s)
+            }
+        };
+        let mut kept = drafts.len() + 1;
         if self.stats.truncated_by_exit.len() < n_exits - 1 {
             self.stats.truncated_by_exit.resize(n_exits - 1, 0);
         }
-        if self.params.cascade && kept > 1 {
+        if self.params.cascade && kept > 1 && self_draft.is_none() {
+            let rows: Vec<u32> = std::iter::once(*self.tokens.last().expect("non-empty"))
+                .chain(drafts.iter().copied())
+                .collect();
             for e in 0..n_exits - 1 {
                 self.model
                     .run_blocks(&mut s, cfg.exits[e].block, &mut self.cache)?;
@@ -357,11 +402,52 @@ impl<'m, M: Forward> Generator<'m, M> {
         if let Some(t) = shadow {
             self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));
         }
-        self.record(&drafts, accepted);
+        if self_draft.is_some() {
+            self.stats.steps += 1;
+            self.stats.exit_draft_steps += 1;
+            self.stats.exit_drafted += drafts.len() as u64;
+            self.stats.exit_accepted += accepted as u64;
+        } else {
+            self.record(&drafts, accepted);
+        }
         // Roll back: the cache holds every committed token but the pending one.
         self.model
             .truncate_cache(&mut self.cache, self.tokens.len() - 1);
         Ok(out)
+    }
+
+    /// LayerSkip drafting (see [`SelfDraft`]): returns the drafts and the
+    /// rows `[pending, d1..dk]` at the exit's block.
+    fn draft_with_exit(&mut self, sd: SelfDraft, room: usize) -> Result<(Vec<u32>, M::Stream)> {
+        let block = self.model.config().exits[sd.exit].block;
+        let pos = self.tokens.len() - 1;
+        let pending = *self.tokens.last().expect("non-empty");
+        let mut s = self.model.embed(&[pending], pos)?;
+        self.model.run_blocks(&mut s, block, &mut self.cache)?;
+        let mut drafts = Vec::new();
+        while drafts.len() < sd.k_max.min(room) {
+            let last = self.model.rows(&s) - 1;
+            let logits = self.model.exit_logits(&s, sd.exit, last..last + 1)?;
+            if sampling::top1_and_entropy(&logits[0]).0 < sd.min_confidence {
+                break;
+            }
+            // The token at absolute position pos + 1 + last, keyed as the
+            // final head's sample there will be.
+            let d = sampling::choose(
+                &logits[0],
+                &self.params.sampling,
+                self.params.choice,
+                pos + 1 + last,
+            );
+            drafts.push(d);
+            let mut next = self.model.embed(&[d], pos + 1 + last)?;
+            self.model.run_blocks(&mut next, block, &mut self.cache)?;
+            self.model.append_rows(&mut s, next)?;
+            if self.params.stop_at_eot && d == self.eot {
+                break;
+            }
+        }
+        Ok((drafts, s))
     }
 
     fn record(&mut self, drafts: &[u32], accepted: usize) {

@@ -55,6 +55,11 @@ pub trait Forward {
     fn exit_logits(&self, s: &Self::Stream, exit: usize, rows: Range<usize>) -> Result<Logits>;
     /// Keeps the first `rows` rows in flight.
     fn keep_rows(&self, s: &mut Self::Stream, rows: usize) -> Result<()>;
+    /// Rows in flight.
+    fn rows(&self, s: &Self::Stream) -> usize;
+    /// Appends `next`'s rows after `s`'s: both at the same block, `next`
+    /// starting at the position after `s`'s last row.
+    fn append_rows(&self, s: &mut Self::Stream, next: Self::Stream) -> Result<()>;
     fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
     fn cache_len(&self, cache: &Self::Cache) -> usize;
 }
@@ -83,6 +88,12 @@ impl Forward for Gpt {
     }
     fn keep_rows(&self, s: &mut Stream, rows: usize) -> Result<()> {
         s.truncate(rows)
+    }
+    fn rows(&self, s: &Stream) -> usize {
+        s.rows()
+    }
+    fn append_rows(&self, s: &mut Stream, next: Stream) -> Result<()> {
+        s.append(next)
     }
     fn truncate_cache(&self, cache: &mut KvCache, len: usize) {
         cache.truncate(len)
@@ -116,6 +127,12 @@ impl Forward for FastGpt {
     fn keep_rows(&self, s: &mut FastStream, rows: usize) -> Result<()> {
         s.truncate(rows, self.cfg.n_embd);
         Ok(())
+    }
+    fn rows(&self, s: &FastStream) -> usize {
+        s.rows()
+    }
+    fn append_rows(&self, s: &mut FastStream, next: FastStream) -> Result<()> {
+        s.append(next)
     }
     fn truncate_cache(&self, cache: &mut FastCache, len: usize) {
         cache.truncate(len)

@@ -244,6 +244,33 @@ impl Stream {
         }
         Ok(())
     }
+
+    /// Appends `next`'s rows (same block, the positions right after ours).
+    pub fn append(&mut self, next: Stream) -> Result<()> {
+        check_append(self.pos, self.rows(), self.block, next.pos, next.block)?;
+        self.x = Tensor::cat(&[&self.x, &next.x], 1)?;
+        self.x0 = Tensor::cat(&[&self.x0, &next.x0], 1)?;
+        for (t, n) in self.xs.iter_mut().zip(&next.xs) {
+            *t = Tensor::cat(&[&*t, n], 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Streams join only at the same block with consecutive positions.
+pub fn check_append(
+    pos: usize,
+    rows: usize,
+    block: usize,
+    next_pos: usize,
+    next_block: usize,
+) -> Result<()> {
+    if next_block != block || next_pos != pos + rows {
+        candle_core::bail!(
+            "cannot append rows at position {next_pos}, block {next_block} to {rows} rows at position {pos}, block {block}"
+        );
+    }
+    Ok(())
 }
 
 pub struct Gpt {

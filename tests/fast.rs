@@ -202,3 +202,92 @@ fn a_cache_that_does_not_hold_the_committed_rows_is_an_error_not_a_panic() {
         .unwrap();
     assert!(err.to_string().contains("h.1.mlp.c_fc.weight"), "{err}");
 }
+
+/// Tokens of `max` steps from `prompt`, and the generator's stats.
+fn decode<M: Forward>(
+    m: &M,
+    prompt: &[u32],
+    params: gpt_serve::decode::GenParams,
+) -> (Vec<u32>, gpt_serve::decode::SpecStats) {
+    use gpt_serve::decode::{Generator, Proposer};
+    let (mut g, _) = Generator::new(m, Proposer::None, prompt, params, u32::MAX, None).unwrap();
+    let mut out = Vec::new();
+    while g.finished.is_none() {
+        out.extend(g.step().unwrap().into_iter().map(|t| t.id));
+        assert_eq!(
+            g.cache_len(),
+            g.tokens().len() - 1,
+            "cache holds all but the pending token"
+        );
+    }
+    (out, g.stats.clone())
+}
+
+#[test]
+fn drafting_with_an_early_exit_gives_plain_tokens_on_both_backends_for_every_option() {
+    use gpt_serve::decode::{GenParams, SelfDraft};
+    use gpt_serve::sampling::SamplingParams;
+    let prompt = [5u32, 17, 42];
+    for (name, cfg) in configs() {
+        let w = weights(&cfg);
+        let gpt = Gpt::new(
+            &cfg,
+            VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+            true,
+        )
+        .unwrap();
+        let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+        for temperature in [0.0, 0.9] {
+            let plain = GenParams {
+                max_tokens: 18,
+                sampling: SamplingParams {
+                    temperature,
+                    seed: 3,
+                    ..Default::default()
+                },
+                speculate: false,
+                stop_at_eot: false,
+                ..Default::default()
+            };
+            let (want, _) = decode(&fast, &prompt, plain.clone());
+            for exit in 0..cfg.exits.len() - 1 {
+                let spec = GenParams {
+                    speculate: true,
+                    self_draft: Some(SelfDraft {
+                        exit,
+                        k_max: 3,
+                        min_confidence: 0.0,
+                    }),
+                    ..plain.clone()
+                };
+                let (got, st) = decode(&fast, &prompt, spec.clone());
+                assert_eq!(got, want, "{name}, t={temperature}, exit {exit}: fast");
+                // Every step drafts with the exit but a last one with no room.
+                assert!(st.exit_drafted > 0, "{name}: nothing drafted");
+                assert!(st.exit_draft_steps + 1 >= st.steps, "{name}: {st:?}");
+                let (got, _) = decode(&gpt, &prompt, spec);
+                assert_eq!(got, want, "{name}, t={temperature}, exit {exit}: candle");
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_join_a_stream_only_at_the_same_block_and_the_next_position() {
+    let (_, cfg) = configs().remove(0);
+    let fast = FastGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
+    let mut cache = fast.new_cache();
+    let mut s = fast.embed(&[1, 2], 0).unwrap();
+    let err = Forward::append_rows(&fast, &mut s, fast.embed(&[3], 3).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot append rows at position 3"),
+        "{err}"
+    );
+    fast.run_blocks(&mut s, 2, &mut cache).unwrap();
+    let err = Forward::append_rows(&fast, &mut s, fast.embed(&[3], 2).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("block 0"), "{err}");
+    let mut next = fast.embed(&[3], 2).unwrap();
+    fast.run_blocks(&mut next, 2, &mut cache).unwrap();
+    Forward::append_rows(&fast, &mut s, next).unwrap();
+    assert_eq!(Forward::rows(&fast, &s), 3);
+}

@@ -155,6 +155,10 @@ fn generate_eot(
 /// Compares plain and speculative outputs on every prompt; returns (real
 /// divergences, near-tie divergences, accepted drafts).
 fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
+    compare_with(f, params, Proposer::Tree(&f.drafter))
+}
+
+fn compare_with(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, usize, u64) {
     let (mut diverged, mut ties, mut accepted) = (0, 0, 0);
     for p in &f.prompts {
         let (plain, _) = generate(
@@ -166,8 +170,10 @@ fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
             },
             Proposer::None,
         );
-        let (spec, acc) = generate(f, p, params.clone(), Proposer::Tree(&f.drafter));
-        accepted += acc;
+        let (mut g, _) =
+            Generator::new(&f.model, proposer, p, params.clone(), f.eot, None).unwrap();
+        let spec = g.run().unwrap();
+        accepted += g.stats.accepted + g.stats.exit_accepted;
         match plain.iter().zip(&spec).position(|(a, b)| a.id != b.id) {
             None => assert_eq!(plain.len(), spec.len()),
             Some(i) if plain[i].gap < NEAR_TIE => ties += 1,
@@ -227,6 +233,38 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
     let (diverged, ties, _) = compare(&f, params);
     eprintln!("t=0.8: {diverged} diverged, {ties} near ties");
     assert_eq!(diverged, 0);
+}
+
+#[test]
+fn drafting_with_an_early_exit_gives_plain_output_alone_and_behind_the_tree() {
+    let f = fixture(60);
+    let self_draft = Some(gpt_serve::decode::SelfDraft {
+        exit: 0,
+        k_max: 4,
+        min_confidence: 0.3,
+    });
+    for temperature in [0.0, 0.8] {
+        let params = GenParams {
+            max_tokens: 24,
+            sampling: SamplingParams {
+                temperature,
+                seed: 9,
+                ..Default::default()
+            },
+            self_draft,
+            stop_at_eot: false,
+            ..Default::default()
+        };
+        for (name, proposer) in [
+            ("exit only", Proposer::None),
+            ("tree, then exit", Proposer::Tree(&f.drafter)),
+        ] {
+            let (diverged, ties, accepted) = compare_with(&f, params.clone(), proposer);
+            eprintln!("t={temperature} {name}: {diverged} diverged, {ties} near ties, {accepted} accepted");
+            assert_eq!(diverged, 0);
+            assert!(accepted > 0, "{name}: no draft was ever accepted");
+        }
+    }
 }
 
 #[test]

@@ -183,6 +183,18 @@ impl FastStream {
             t.truncate(rows * c);
         }
     }
+
+    /// Appends `next`'s rows (same block, the positions right after ours).
+    pub fn append(&mut self, next: FastStream) -> Result<()> {
+        crate::model::check_append(self.pos, self.rows, self.block, next.pos, next.block)?;
+        self.x.extend(next.x);
+        self.x0.extend(next.x0);
+        for (t, n) in self.xs.iter_mut().zip(next.xs) {
+            t.extend(n);
+        }
+        self.rows += next.rows;
+        Ok(())
+    }
 }
 
 fn get(w: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
