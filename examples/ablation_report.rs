@@ -27,6 +27,8 @@ struct RunData {
 /// Tokens/s of an arm from its side-by-side speed run (steps 3..11: the
 /// last step also evaluates and saves).
 fn speed(runs: &Path, arm: &str) -> Option<f64> {
+    // `base-lr2e-3` is `base` at another peak LR: the same step cost.
+    let arm = arm.split_once("-lr").map_or(arm, |(a, _)| a);
     let log = runs.join("speed").join(arm).join("metrics.jsonl");
     let el = series(&log, "elapsed");
     let tok = series(&log, "tokens");

@@ -33,6 +33,15 @@ ARMS=(
   "hyper-speed|--exit-frac 0.25 --exit-every 2 --schedule hyper-speed"
   "wsd|--exits final --schedule wsd"
   "combo|--n-embd 256 --n-head 4 --x0-skip --dwa 1x1 --exit-frac 0.25"
+  # Peak-LR sweep of the two fixed schedules (1e-3 is `base` / `wsd`); the
+  # best peak is picked by the last 20 steps' training loss (batches seen
+  # once: a slice of train), never by val.
+  "base-lr5e-4|--exits final --lr 5e-4"
+  "base-lr2e-3|--exits final --lr 2e-3"
+  "base-lr4e-3|--exits final --lr 4e-3"
+  "wsd-lr5e-4|--exits final --schedule wsd --lr 5e-4"
+  "wsd-lr2e-3|--exits final --schedule wsd --lr 2e-3"
+  "wsd-lr4e-3|--exits final --schedule wsd --lr 4e-3"
 )
 
 tokenizer() {
@@ -75,6 +84,9 @@ speed_arms() {
   # 12 steps of every arm back to back; tok/s from steps 3..11 of each.
   for arm in "${ARMS[@]}"; do
     name=${arm%%|*}; flags=${arm#*|}
+    # A peak LR does not change the step's cost: the sweep shares its
+    # schedule's figure.
+    [[ $name == *-lr* ]] && continue
     dir="$RUNS/speed/$name"
     rm -rf "$dir"; mkdir -p "$dir"
     # shellcheck disable=SC2086

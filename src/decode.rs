@@ -2,7 +2,10 @@
 //!
 //! One step feeds `[pending, d1..dk]` (k = 0 is a plain step):
 //! 1. the tree drafter proposes d1..dk (clamped by max_tokens and the
-//!    context window);
+//!    context window); when it proposes nothing the step is plain, or, with
+//!    [`SelfDraft`], an early exit drafts and the rows arrive at its block
+//!    (LayerSkip; off by default: slower than a plain step on the shipped
+//!    model, see the README);
 //! 2. blocks run up to each early exit; at the first row i where the exit
 //!    head confidently disagrees with d(i+1), rows i+1.. are dropped, and the
 //!    next blocks run on fewer rows (exits only truncate, never accept);
