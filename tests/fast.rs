@@ -71,6 +71,19 @@ fn weights(cfg: &Config) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// candle's model and the fast path (f32) on the same seeded weights.
+fn both_backends(cfg: &Config) -> (Gpt, FastGpt, HashMap<String, Tensor>) {
+    let w = weights(cfg);
+    let gpt = Gpt::new(
+        cfg,
+        VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+        true,
+    )
+    .unwrap();
+    let fast = FastGpt::from_tensors(cfg, &w, WeightDtype::F32).unwrap();
+    (gpt, fast, w)
+}
+
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -106,14 +119,7 @@ fn run<M: Forward>(m: &M, tokens: &[u32], split: usize, chunk: usize) -> Vec<Vec
 fn fast_logits_equal_candle_logits_at_every_exit_for_every_option() {
     let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 300).collect();
     for (name, cfg) in configs() {
-        let w = weights(&cfg);
-        let gpt = Gpt::new(
-            &cfg,
-            VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
-            true,
-        )
-        .unwrap();
-        let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+        let (gpt, fast, w) = both_backends(&cfg);
         let want = run(&gpt, &tokens, 20, 1);
         for (split, chunk) in [(20, 1), (1, 1), (7, 4), (5, 8)] {
             let got = run(&fast, &tokens, split, chunk);
@@ -229,14 +235,7 @@ fn drafting_with_an_early_exit_gives_plain_tokens_on_both_backends_for_every_opt
     use gpt_serve::sampling::SamplingParams;
     let prompt = [5u32, 17, 42];
     for (name, cfg) in configs() {
-        let w = weights(&cfg);
-        let gpt = Gpt::new(
-            &cfg,
-            VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
-            true,
-        )
-        .unwrap();
-        let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+        let (gpt, fast, _) = both_backends(&cfg);
         for temperature in [0.0, 0.9] {
             let plain = GenParams {
                 max_tokens: 18,
