@@ -22,6 +22,10 @@ struct RunData {
     params: usize,
     flops_per_token: f64,
     agreement: Vec<(usize, f32)>,
+    peak_lr: f64,
+    /// Mean training loss of the last 20 steps (batches seen once: a slice
+    /// of train, what the peak-LR sweep is judged on).
+    train_tail: f64,
 }
 
 /// Tokens/s of an arm from its side-by-side speed run (steps 3..11: the
@@ -81,6 +85,7 @@ fn load_run(
     let o = &trainer["options"];
     let ctx = o["context"].as_u64().unwrap_or(64) as usize;
     let frac = o["exit_frac"].as_f64().unwrap_or(1.0);
+    let peak_lr = trainer["schedule"]["peak"].as_f64().unwrap_or(f64::NAN);
     let every = o["exit_every"].as_f64().unwrap_or(1.0);
     // FLOPs per token (forward): blocks + final head + the extra exit heads
     // on the fraction of positions and steps where they are computed.
@@ -92,6 +97,9 @@ fn load_run(
     let log = dir.join("metrics.jsonl");
     let tokens = series(&log, "tokens");
     let vals = series(&log, &format!("val_loss_{last}"));
+    let losses = series(&log, "loss");
+    let tail = &losses[losses.len().saturating_sub(20)..];
+    let train_tail = tail.iter().map(|p| p.1).sum::<f64>() / tail.len().max(1) as f64;
     let val_pts: Vec<(f64, f64)> = vals
         .iter()
         .filter_map(|(step, l)| tokens.iter().find(|t| t.0 == *step).map(|t| (t.1, *l)))
@@ -119,7 +127,45 @@ fn load_run(
         params: cfg.n_params(),
         flops_per_token: flops,
         agreement: cfg.exits.iter().map(|e| e.block).zip(agree).collect(),
+        peak_lr,
+        train_tail,
     })
+}
+
+/// The peak-LR sweep of the fixed schedules (`base`, `wsd` and their
+/// `-lr` arms, seed 1): the best peak of each is picked on the training
+/// loss of its last 20 steps; val is shown, not used.
+fn lr_sweep(data: &[RunData]) -> String {
+    let mut md = String::from(
+        "\nPeak-LR sweep (seed 1; picked on the mean training loss of the last 20 steps, batches seen once; val shown, not used to pick):\n\n| schedule | peak lr | train loss, last 20 steps | val loss, final | picked |\n|---|---|---|---|---|\n",
+    );
+    for family in ["base", "wsd"] {
+        let mut runs: Vec<&RunData> = data
+            .iter()
+            .filter(|r| r.seed == "1")
+            .filter(|r| r.arm == family || r.arm.starts_with(&format!("{family}-lr")))
+            .collect();
+        runs.sort_by(|a, b| a.peak_lr.total_cmp(&b.peak_lr));
+        let best = runs
+            .iter()
+            .min_by(|a, b| a.train_tail.total_cmp(&b.train_tail))
+            .map(|r| r.arm.clone());
+        for r in &runs {
+            md += &format!(
+                "| {} | {:.0e} | {:.3} | {} | {} |\n",
+                if family == "base" { "cosine" } else { "wsd" },
+                r.peak_lr,
+                r.train_tail,
+                r.val.last().map_or("-".into(), |p| format!("{:.3}", p.1)),
+                if best.as_deref() == Some(r.arm.as_str()) {
+                    "yes"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
+    md
 }
 
 fn main() -> anyhow::Result<()> {
@@ -220,6 +266,7 @@ fn main() -> anyhow::Result<()> {
             curves.push((format!("{} s{}", r.arm, r.seed), w, r.seed == "1"));
         }
     }
+    md += &lr_sweep(&data);
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("ablation.md"), &md)?;
     std::fs::write(
