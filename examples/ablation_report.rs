@@ -152,7 +152,7 @@ fn lr_sweep(data: &[RunData]) -> String {
             .map(|r| r.arm.clone());
         for r in &runs {
             md += &format!(
-                "| {} | {:.0e} | {:.3} | {} | {} |\n",
+                "| {} | {:e} | {:.3} | {} | {} |\n",
                 if family == "base" { "cosine" } else { "wsd" },
                 r.peak_lr,
                 r.train_tail,
@@ -215,6 +215,18 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter_map(|r| wall(r).and_then(|w| w.last().map(|p| p.0)))
         .fold(f64::INFINITY, f64::min);
+    // Equal FLOPs: the most training FLOPs every run covers (tokens x
+    // forward FLOPs per token; backward is ~2x forward for every arm).
+    let flops_curve = |r: &RunData| -> Vec<(f64, f64)> {
+        r.val
+            .iter()
+            .map(|(t, l)| (t * r.flops_per_token, *l))
+            .collect()
+    };
+    let common_f = data
+        .iter()
+        .filter_map(|r| flops_curve(r).last().map(|p| p.0))
+        .fold(f64::INFINITY, f64::min);
     let spread = if base.len() >= 2 {
         let f: Vec<f64> = base
             .iter()
@@ -227,12 +239,14 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut md = format!(
-        "Final-exit val loss on the val split; equal tokens = each run's last evaluation; equal wall-clock = at {common_t:.0} s of measured throughput (the shortest run); baseline seed-to-seed spread {spread:.3} (differences below it are no difference).\n\n| arm | seed | params | FLOPs/token | tokens/s | val loss, equal tokens | val loss, equal wall-clock | time to baseline's final loss | exit agreement with final |\n|---|---|---|---|---|---|---|---|---|\n"
+        "Final-exit val loss on the val split; equal tokens = each run's last evaluation; equal wall-clock = at {common_t:.0} s of measured throughput (the shortest run); equal FLOPs = at {:.2} TFLOP of forward compute (the smallest run); baseline seed-to-seed spread {spread:.3} (differences below it are no difference).\n\n| arm | seed | params | FLOPs/token | tokens/s | val loss, equal tokens | val loss, equal wall-clock | val loss, equal FLOPs | time to baseline's final loss | exit agreement with final |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        common_f / 1e12
     );
     let mut curves: Vec<Curve> = Vec::new();
     for r in &data {
         let w = wall(r);
         let at_t = w.as_ref().and_then(|w| interp(w, common_t));
+        let at_f = interp(&flops_curve(r), common_f);
         let to_base = w
             .as_ref()
             .and_then(|w| reach(w, base_final))
@@ -246,7 +260,7 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         md += &format!(
-            "| {} | {} | {:.2}M | {:.1}M | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.2}M | {:.1}M | {} | {} | {} | {} | {} | {} |\n",
             r.arm,
             r.seed,
             r.params as f64 / 1e6,
@@ -254,13 +268,14 @@ fn main() -> anyhow::Result<()> {
             speeds.get(&r.arm).map_or("-".into(), |s| format!("{s:.0}")),
             final_loss.map_or("-".into(), |l| format!("{l:.3}")),
             at_t.map_or("-".into(), |l| format!("{l:.3}")),
+            at_f.map_or("-".into(), |l| format!("{l:.3}")),
             to_base.map_or("not reached".into(), |x| format!("{x:.2}x")),
             if agree.is_empty() { "-".into() } else { agree },
         );
         rows.push(json!({
             "arm": r.arm, "seed": r.seed, "params": r.params, "flops_per_token": r.flops_per_token,
             "tokens_per_s": speeds.get(&r.arm), "val_curve_tokens": r.val, "val_final": final_loss,
-            "val_at_equal_time": at_t, "time_to_base_final": to_base, "exit_agreement": r.agreement,
+            "val_at_equal_time": at_t, "val_at_equal_flops": at_f, "time_to_base_final": to_base, "exit_agreement": r.agreement,
         }));
         if let Some(w) = w {
             curves.push((format!("{} s{}", r.arm, r.seed), w, r.seed == "1"));
@@ -272,7 +287,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         out.join("ablation.json"),
         serde_json::to_string_pretty(
-            &json!({"equal_time_s": common_t, "base_spread": spread, "runs": rows}),
+            &json!({"equal_time_s": common_t, "equal_flops": common_f, "base_spread": spread, "runs": rows}),
         )?,
     )?;
     if !curves.is_empty() {

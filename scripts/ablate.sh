@@ -33,6 +33,8 @@ ARMS=(
   "hyper-speed|--exit-frac 0.25 --exit-every 2 --schedule hyper-speed"
   "wsd|--exits final --schedule wsd"
   "combo|--n-embd 256 --n-head 4 --x0-skip --dwa 1x1 --exit-frac 0.25"
+  # The one option that paid per wall-clock, with the exits serving needs.
+  "compress-skip-exits|--n-embd 256 --n-head 4 --x0-skip"
   # Peak-LR sweep of the two fixed schedules (1e-3 is `base` / `wsd`); the
   # best peak is picked by the last 20 steps' training loss (batches seen
   # once: a slice of train), never by val.
@@ -42,6 +44,8 @@ ARMS=(
   "wsd-lr5e-4|--exits final --schedule wsd --lr 5e-4"
   "wsd-lr2e-3|--exits final --schedule wsd --lr 2e-3"
   "wsd-lr4e-3|--exits final --schedule wsd --lr 4e-3"
+  "base-lr2.5e-4|--exits final --lr 2.5e-4"
+  "wsd-lr2.5e-4|--exits final --schedule wsd --lr 2.5e-4"
 )
 
 tokenizer() {
@@ -87,6 +91,7 @@ speed_arms() {
     # A peak LR does not change the step's cost: the sweep shares its
     # schedule's figure.
     [[ $name == *-lr* ]] && continue
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
     dir="$RUNS/speed/$name"
     rm -rf "$dir"; mkdir -p "$dir"
     # shellcheck disable=SC2086
