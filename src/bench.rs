@@ -9,9 +9,9 @@
 //!   output), (e) drafting with an early exit (LayerSkip) alone and (f)
 //!   behind the tree, greedy and at temperature 0.8; the speedup is also
 //!   given on the non-repeating stretches (tokens whose 4-gram is new,
-//!   each timed by its share of its step), since loops are easy to draft; outputs are checked equal to
-//!   plain decoding (differences at near-ties, top-2 logit gap < 1e-3, are
-//!   counted separately).
+//!   each timed by its share of its step), since loops are easy to draft;
+//!   outputs are checked equal to plain decoding (differences at near-ties,
+//!   top-2 logit gap < 1e-3, are counted separately).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -186,22 +186,14 @@ pub fn distinct4(ids: &[u32]) -> f64 {
 }
 
 /// Which tokens of `out` (generated after `prompt`) continue a repeat: the
-/// 4-gram ending at the token already occurred earlier in prompt + output.
+/// 4-gram ending at the token already occurred earlier in prompt + output
+/// (the first tokens after a prompt of under 3 have none: not repeats).
 pub fn repeating(prompt: &[u32], out: &[u32]) -> Vec<bool> {
     let all: Vec<u32> = prompt.iter().chain(out).copied().collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut rep = Vec::with_capacity(out.len());
-    for end in 4..=all.len() {
-        let fresh = seen.insert(&all[end - 4..end]);
-        if end > prompt.len() {
-            rep.push(!fresh);
-        }
-    }
-    // Outputs shorter than a 4-gram's reach into the prompt.
-    while rep.len() < out.len() {
-        rep.insert(0, false);
-    }
-    rep
+    let mut seen: std::collections::HashSet<&[u32]> = all[..prompt.len()].windows(4).collect();
+    (prompt.len() + 1..=all.len())
+        .map(|end| end >= 4 && !seen.insert(&all[end - 4..end]))
+        .collect()
 }
 
 struct Run {

@@ -324,10 +324,8 @@ impl<'m, M: Forward> Generator<'m, M> {
         let (drafts, mut s) = match self_draft {
             Some(sd) => self.draft_with_exit(sd, room)?,
             None => {
-                let mut rows = Vec::with_capacity(drafts.len() + 1);
-                rows.push(*self.tokens.last().expect("non-empty"));
-                rows.extend(&drafts);
-                let s = self.model.embed(&rows, pos)?;
+                let pending = *self.tokens.last().expect("non-empty");
+                let s = self.model.embed(&[&[pending][..], &drafts].concat(), pos)?;
                 (drafts, s)
             }
         };
@@ -336,16 +334,13 @@ impl<'m, M: Forward> Generator<'m, M> {
             self.stats.truncated_by_exit.resize(n_exits - 1, 0);
         }
         if self.params.cascade && kept > 1 && self_draft.is_none() {
-            let rows: Vec<u32> = std::iter::once(*self.tokens.last().expect("non-empty"))
-                .chain(drafts.iter().copied())
-                .collect();
             for e in 0..n_exits - 1 {
                 self.model
                     .run_blocks(&mut s, cfg.exits[e].block, &mut self.cache)?;
                 let logits = self.model.exit_logits(&s, e, 0..kept - 1)?;
                 let cut = logits.iter().enumerate().position(|(i, row)| {
-                    let (p1, _) = sampling::top1_and_entropy(row);
-                    sampling::argmax(row) != rows[i + 1] && p1 >= self.params.exit_confidence
+                    sampling::argmax(row) != drafts[i]
+                        && sampling::top1_prob(row) >= self.params.exit_confidence
                 });
                 if let Some(i) = cut {
                     self.stats.truncated_by_exit[e] += (kept - 1 - i) as u64;
@@ -431,7 +426,7 @@ impl<'m, M: Forward> Generator<'m, M> {
         while drafts.len() < sd.k_max.min(room) {
             let last = self.model.rows(&s) - 1;
             let logits = self.model.exit_logits(&s, sd.exit, last..last + 1)?;
-            if sampling::top1_and_entropy(&logits[0]).0 < sd.min_confidence {
+            if sampling::top1_prob(&logits[0]) < sd.min_confidence {
                 break;
             }
             // The token at absolute position pos + 1 + last, keyed as the

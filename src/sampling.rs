@@ -109,8 +109,8 @@ pub fn choose(logits: &[f32], p: &SamplingParams, choice: u32, pos: usize) -> u3
     kept[kept.len() - 1].0
 }
 
-/// log-softmax of raw logits.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// The largest logit and log-sum-exp of raw logits.
+fn max_and_logsumexp(logits: &[f32]) -> (f32, f32) {
     let m = logits.iter().copied().fold(f32::MIN, f32::max);
     let lse = logits
         .iter()
@@ -118,7 +118,20 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         .sum::<f64>()
         .ln() as f32
         + m;
+    (m, lse)
+}
+
+/// log-softmax of raw logits.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let (_, lse) = max_and_logsumexp(logits);
     logits.iter().map(|l| l - lse).collect()
+}
+
+/// Top-1 probability of the distribution of `logits` (as
+/// [`top1_and_entropy`]'s, without the allocation and the entropy pass).
+pub fn top1_prob(logits: &[f32]) -> f32 {
+    let (m, lse) = max_and_logsumexp(logits);
+    (m - lse).exp()
 }
 
 /// Top-1 probability and entropy (nats) of the distribution of `logits`.
