@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         .cloned()
         .unwrap_or_else(|| "bench/http.json".into());
     let loaded = checkpoint::load(&dir, &Device::Cpu)?;
-    let model = loaded.fast(gpt_serve::fast::WeightDtype::F32)?;
+    let model = loaded.cpu(gpt_serve::cpu::WeightDtype::F32)?;
     let drafter = Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size).ok();
     let tok = loaded.tokenizer.clone();
     let prompts: Vec<String> = [
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         loaded,
         drafter,
         EngineConfig {
-            backend: gpt_serve::engine::Backend::Fast(gpt_serve::fast::WeightDtype::F32),
+            backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
             max_active: 32,
             cascade: false,
             exit_confidence: 0.5,

@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     let n_prompts: usize = args.get(3).map_or(Ok(8), |s| s.parse())?;
     let rounds: usize = args.get(4).map_or(Ok(3), |s| s.parse())?;
     let loaded = checkpoint::load(std::path::Path::new(&args[1]), &candle_core::Device::Cpu)?;
-    let model = loaded.fast(loaded.serving_dtype())?;
+    let model = loaded.cpu(loaded.serving_dtype())?;
     let text = gpt_serve::train::data::read_text(std::path::Path::new(&args[2]))?;
     let ids = loaded.tokenizer.encode(&text[..text.len().min(2 << 20)])?;
     let stride = (ids.len() - 64) / n_prompts;
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let mut best = vec![f64::MAX; configs.len()];
     let mut steps = vec![0u64; configs.len()];
     let mut tokens = 0usize;
-    gpt_serve::fast::in_pool(|| -> anyhow::Result<()> {
+    gpt_serve::cpu::in_pool(|| -> anyhow::Result<()> {
         for round in 0..rounds {
             for (c, sd) in configs.iter().enumerate() {
                 let t = Instant::now();

@@ -16,14 +16,14 @@
 //! of each exit with the final head (`gpt-serve eval`), for 1..=8 drafts.
 
 use gpt_serve::checkpoint;
-use gpt_serve::fast::{FastCache, FastGpt, WeightDtype};
+use gpt_serve::cpu::{CpuCache, CpuGpt, WeightDtype};
 use gpt_serve::forward::Forward;
 
 /// One forward of `rows` after the `ctx` cached tokens, through the blocks
 /// up to `to` and exit `exit`'s head; then the cache is rolled back to `ctx`.
 fn pass(
-    m: &FastGpt,
-    cache: &mut FastCache,
+    m: &CpuGpt,
+    cache: &mut CpuCache,
     ctx: usize,
     rows: &[u32],
     to: usize,
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         _ => WeightDtype::F16,
     };
     let loaded = checkpoint::load(std::path::Path::new(dir), &candle_core::Device::Cpu)?;
-    let m = loaded.fast(dt)?;
+    let m = loaded.cpu(dt)?;
     let cfg = m.cfg.clone();
     let ctx = 128.min(cfg.block_size / 2);
     let ids: Vec<u32> = (0..ctx as u32)
@@ -117,8 +117,8 @@ fn main() -> anyhow::Result<()> {
 /// token with each non-final exit and of finishing r = 1..=8 rows from that
 /// exit's states; then the implied greedy speedup at agreement `agree[e]`.
 fn layerskip_costs(
-    m: &FastGpt,
-    cache: &mut FastCache,
+    m: &CpuGpt,
+    cache: &mut CpuCache,
     ctx: usize,
     agree: &[f64],
 ) -> anyhow::Result<()> {

@@ -23,9 +23,9 @@ use serde_json::{json, Value};
 
 use crate::checkpoint;
 use crate::config::Config;
+use crate::cpu::{CpuGpt, WeightDtype};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
 use crate::drafter::Drafter;
-use crate::fast::{FastGpt, WeightDtype};
 use crate::forward::Forward;
 use crate::model::{init_weights, Gpt};
 
@@ -149,8 +149,8 @@ pub fn plain_backends(
     w: &std::collections::HashMap<String, Tensor>,
     decode_tokens: usize,
 ) -> anyhow::Result<Value> {
-    let fast32 = FastGpt::from_tensors(cfg, w, WeightDtype::F32)?;
-    let fast16 = FastGpt::from_tensors(cfg, w, WeightDtype::F16)?;
+    let fast32 = CpuGpt::from_tensors(cfg, w, WeightDtype::F32)?;
+    let fast16 = CpuGpt::from_tensors(cfg, w, WeightDtype::F16)?;
     let gpt = Gpt::new(
         cfg,
         VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
@@ -206,7 +206,7 @@ struct Run {
 }
 
 fn decode_all<'a>(
-    model: &'a FastGpt,
+    model: &'a CpuGpt,
     prompts: &[Vec<u32>],
     n: usize,
     temp: f32,
@@ -359,13 +359,13 @@ fn prompts_from(
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
-    crate::fast::in_pool(|| run_in_pool(o))
+    crate::cpu::in_pool(|| run_in_pool(o))
 }
 
 fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(&o.model, &device)?;
-    let model = loaded.fast(loaded.serving_dtype())?;
+    let model = loaded.cpu(loaded.serving_dtype())?;
     let mut plain_rows = vec![
         json!({"model": "served", "backends": plain_backends(&loaded.config.model, &loaded.weights, 128)?}),
     ];

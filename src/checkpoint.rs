@@ -11,7 +11,6 @@
 //! leaves a half-written checkpoint where a good one was.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -63,21 +62,10 @@ pub struct CheckpointConfig {
 
 /// Writes `bytes` to `path` via a temp file in the same directory + rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let werr = |e: std::io::Error| CheckpointError::Write {
+    crate::atomic_file::write(path, bytes).map_err(|e| CheckpointError::Write {
         path: path.to_path_buf(),
         msg: e.to_string(),
-    };
-    let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-    f.write_all(bytes).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
+    })
 }
 
 /// Saves tensors as safetensors atomically, casting to `dtype`.
@@ -91,7 +79,7 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
         .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<std::result::Result<_, candle_core::Error>>()
         .map_err(werr)?;
-    let tmp = tmp_path(path);
+    let tmp = crate::atomic_file::tmp_path(path);
     candle_core::safetensors::save(&map, &tmp).map_err(werr)?;
     // safetensors writes 0600; checkpoints are meant to be shared (and read
     // by a container's non-root user).
@@ -219,9 +207,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
-    /// Builds the CPU inference model ([`crate::fast`]).
-    pub fn fast(&self, dtype: crate::fast::WeightDtype) -> Result<crate::fast::FastGpt> {
-        crate::fast::FastGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(|e| {
+    /// Builds the CPU inference model ([`crate::cpu`]).
+    pub fn cpu(&self, dtype: crate::cpu::WeightDtype) -> Result<crate::cpu::CpuGpt> {
+        crate::cpu::CpuGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(|e| {
             CheckpointError::Corrupt {
                 path: PathBuf::from(WEIGHTS_FILE),
                 msg: e.to_string(),
@@ -231,10 +219,10 @@ impl Loaded {
 
     /// The weight storage that serves this checkpoint exactly: f16 when it
     /// was saved in f16 (no rounding beyond what is stored), else f32.
-    pub fn serving_dtype(&self) -> crate::fast::WeightDtype {
+    pub fn serving_dtype(&self) -> crate::cpu::WeightDtype {
         match self.config.dtype.as_str() {
-            "f16" => crate::fast::WeightDtype::F16,
-            _ => crate::fast::WeightDtype::F32,
+            "f16" => crate::cpu::WeightDtype::F16,
+            _ => crate::cpu::WeightDtype::F32,
         }
     }
 

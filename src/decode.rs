@@ -23,9 +23,9 @@ use std::collections::HashMap;
 
 use candle_core::Result;
 
+use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
 use crate::drafter::Drafter;
-use crate::fast::FastGpt;
 use crate::forward::Forward;
 use crate::sampling::{self, SamplingParams};
 
@@ -155,7 +155,7 @@ pub enum Finish {
 
 /// One sequence being decoded. Invariant: `cache` holds `tokens[..len-1]`;
 /// the last token is pending.
-pub struct Generator<'m, M: Forward = FastGpt> {
+pub struct Generator<'m, M: Forward = CpuGpt> {
     model: &'m M,
     proposer: Proposer<'m>,
     pub params: GenParams,

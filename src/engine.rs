@@ -14,9 +14,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::Loaded;
+use crate::cpu::WeightDtype;
 use crate::decode::{Finish, GenParams, Generator, Proposer, SpecStats, TokenOut};
 use crate::drafter::Drafter;
-use crate::fast::WeightDtype;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
 
@@ -58,8 +58,8 @@ pub struct EngineConfig {
 /// Which forward the engine decodes with.
 #[derive(Clone, Debug)]
 pub enum Backend {
-    /// The CPU inference path (`crate::fast`), weights stored as given.
-    Fast(WeightDtype),
+    /// The CPU inference path (`crate::cpu`), weights stored as given.
+    Cpu(WeightDtype),
     /// candle's model on a device (CUDA builds).
     Candle(candle_core::Device),
 }
@@ -98,10 +98,10 @@ impl Engine {
                 let eot = loaded.tokenizer.eot();
                 let d = drafter.as_ref();
                 let built = match &config.backend {
-                    Backend::Fast(dt) => loaded.fast(*dt).map(|m| {
+                    Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
                         drop(loaded);
                         ready.store(true, Ordering::SeqCst);
-                        crate::fast::in_pool(|| run(&m, d, rx, &config, &metrics, &waiting, eot))
+                        crate::cpu::in_pool(|| run(&m, d, rx, &config, &metrics, &waiting, eot))
                     }),
                     Backend::Candle(device) => loaded.model(device).map(|m| {
                         ready.store(true, Ordering::SeqCst);

@@ -1,12 +1,12 @@
 //! The split forward that decoding needs, over either backend: candle's
-//! [`Gpt`] (any device; CUDA) or the CPU inference path [`FastGpt`].
+//! [`Gpt`] (any device; CUDA) or the CPU inference path [`CpuGpt`].
 
 use std::ops::Range;
 
 use candle_core::{Result, Tensor};
 
 use crate::config::Config;
-use crate::fast::{FastCache, FastGpt, FastStream};
+use crate::cpu::{CpuCache, CpuGpt, CpuStream};
 use crate::kv_cache::KvCache;
 use crate::model::{Gpt, Stream};
 
@@ -103,41 +103,41 @@ impl Forward for Gpt {
     }
 }
 
-impl Forward for FastGpt {
-    type Cache = FastCache;
-    type Stream = FastStream;
+impl Forward for CpuGpt {
+    type Cache = CpuCache;
+    type Stream = CpuStream;
     fn config(&self) -> &Config {
         &self.cfg
     }
-    fn new_cache(&self) -> Result<FastCache> {
-        Ok(FastGpt::new_cache(self))
+    fn new_cache(&self) -> Result<CpuCache> {
+        Ok(CpuGpt::new_cache(self))
     }
-    fn embed(&self, tokens: &[u32], pos: usize) -> Result<FastStream> {
-        FastGpt::embed(self, tokens, pos)
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<CpuStream> {
+        CpuGpt::embed(self, tokens, pos)
     }
-    fn run_blocks(&self, s: &mut FastStream, to: usize, cache: &mut FastCache) -> Result<()> {
-        FastGpt::run_blocks(self, s, to, cache)
+    fn run_blocks(&self, s: &mut CpuStream, to: usize, cache: &mut CpuCache) -> Result<()> {
+        CpuGpt::run_blocks(self, s, to, cache)
     }
-    fn exit_logits(&self, s: &FastStream, exit: usize, rows: Range<usize>) -> Result<Logits> {
+    fn exit_logits(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Logits> {
         Ok(Logits::new(
-            FastGpt::exit_logits(self, s, exit, rows)?,
+            CpuGpt::exit_logits(self, s, exit, rows)?,
             self.cfg.vocab_size,
         ))
     }
-    fn keep_rows(&self, s: &mut FastStream, rows: usize) -> Result<()> {
+    fn keep_rows(&self, s: &mut CpuStream, rows: usize) -> Result<()> {
         s.truncate(rows, self.cfg.n_embd);
         Ok(())
     }
-    fn rows(&self, s: &FastStream) -> usize {
+    fn rows(&self, s: &CpuStream) -> usize {
         s.rows()
     }
-    fn append_rows(&self, s: &mut FastStream, next: FastStream) -> Result<()> {
+    fn append_rows(&self, s: &mut CpuStream, next: CpuStream) -> Result<()> {
         s.append(next)
     }
-    fn truncate_cache(&self, cache: &mut FastCache, len: usize) {
+    fn truncate_cache(&self, cache: &mut CpuCache, len: usize) {
         cache.truncate(len)
     }
-    fn cache_len(&self, cache: &FastCache) -> usize {
+    fn cache_len(&self, cache: &CpuCache) -> usize {
         cache.len()
     }
 }

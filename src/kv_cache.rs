@@ -78,9 +78,10 @@ impl KvCache {
         self.layers[i].len
     }
 
-    /// Rows held by layer 0 (after `truncate`, every layer).
+    /// Rows held by every layer (the minimum over layers; after `truncate`,
+    /// every layer holds exactly this many). The CPU cache means the same.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
+        self.layers.iter().map(|l| l.len).min().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -12,16 +12,18 @@
 //! tensors. The model takes its KV cache as an argument, so one model serves
 //! many sequences.
 
+pub mod atomic_file;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod decode;
 pub mod device;
 pub mod drafter;
 pub mod engine;
 pub mod export;
-pub mod fast;
 pub mod forward;
+pub mod kernels;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;

@@ -148,10 +148,10 @@ struct ServeArgs {
     device: String,
 }
 
-fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> gpt_serve::fast::WeightDtype {
+fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> gpt_serve::cpu::WeightDtype {
     match s {
-        "f16" => gpt_serve::fast::WeightDtype::F16,
-        "f32" => gpt_serve::fast::WeightDtype::F32,
+        "f16" => gpt_serve::cpu::WeightDtype::F16,
+        "f32" => gpt_serve::cpu::WeightDtype::F32,
         _ => loaded.serving_dtype(),
     }
 }
@@ -186,7 +186,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let tokenizer = loaded.tokenizer.clone();
     let backend = match gpt_serve::device::parse(&a.device)? {
-        candle_core::Device::Cpu => engine::Backend::Fast(weight_dtype(&a.weights, &loaded)),
+        candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, &loaded)),
         gpu => engine::Backend::Candle(gpu),
     };
     let eng = engine::Engine::spawn(
@@ -321,7 +321,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let loaded = checkpoint::load(&model, &device)?;
-            let gpt = loaded.fast(loaded.serving_dtype())?;
+            let gpt = loaded.cpu(loaded.serving_dtype())?;
             let drafter = gpt_serve::drafter::Drafter::load(
                 &model.join(checkpoint::DRAFTER_FILE),
                 gpt.cfg.vocab_size,
@@ -350,7 +350,7 @@ fn main() -> anyhow::Result<()> {
             let (mut g, _) =
                 Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
             let t0 = std::time::Instant::now();
-            let out = gpt_serve::fast::in_pool(|| g.run())?;
+            let out = gpt_serve::cpu::in_pool(|| g.run())?;
             let secs = t0.elapsed().as_secs_f64();
             let ids: Vec<u32> = out.iter().map(|t| t.id).collect();
             println!("{prompt}{}", tok.decode(&ids)?);
@@ -392,8 +392,8 @@ fn main() -> anyhow::Result<()> {
                 gpt.cfg.block_size,
                 max_windows,
             )?;
-            let fast = loaded.fast(loaded.serving_dtype())?;
-            let agree = gpt_serve::fast::in_pool(|| {
+            let fast = loaded.cpu(loaded.serving_dtype())?;
+            let agree = gpt_serve::cpu::in_pool(|| {
                 train::eval::exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows)
             })?;
             for ((e, l), a) in gpt.cfg.exits.iter().zip(losses).zip(agree) {

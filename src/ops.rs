@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::fast::kernels::exp_neg;
+use crate::kernels::exp_neg;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = match s {

@@ -115,7 +115,7 @@ impl Tokenizer {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.to_json()?;
-        crate::checkpoint::write_atomic(path, json.as_bytes()).map_err(other)
+        crate::atomic_file::write(path, json.as_bytes()).map_err(other)
     }
 
     pub fn to_json(&self) -> Result<String> {

@@ -57,7 +57,7 @@ async fn start_with(opts: ServeOptions, max_active: usize, dir: tempfile::TempDi
         loaded,
         None,
         EngineConfig {
-            backend: gpt_serve::engine::Backend::Fast(gpt_serve::fast::WeightDtype::F32),
+            backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
             max_active,
             cascade: false,
             exit_confidence: 0.5,

@@ -46,7 +46,7 @@ fn the_shipped_model_is_small_enough_to_commit_and_to_serve_on_two_cores() {
     );
     assert_eq!(loaded.config.dtype, "f16", "weights are stored f16");
     assert!(cfg.exits.len() >= 2, "the served model has early exits");
-    let model = loaded.fast(loaded.serving_dtype()).unwrap();
+    let model = loaded.cpu(loaded.serving_dtype()).unwrap();
     Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), cfg.vocab_size).unwrap();
     let prompt = loaded.tokenizer.encode("The old house stood").unwrap();
     let params = GenParams {
@@ -74,7 +74,7 @@ fn samples_of_the_shipped_model_are_mostly_english_words() {
         .into_iter()
         .collect();
     let loaded = checkpoint::load(&shipped(), &Device::Cpu).unwrap();
-    let model = loaded.fast(loaded.serving_dtype()).unwrap();
+    let model = loaded.cpu(loaded.serving_dtype()).unwrap();
     let (mut total, mut found) = (0usize, 0usize);
     for (i, start) in [
         "It was a dark night, and",

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
+use gpt_serve::cpu::{CpuGpt, WeightDtype};
 use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::fast::{FastGpt, WeightDtype};
 use gpt_serve::sampling::SamplingParams;
 
 /// Positions whose top-2 logit gap is below this may flip between a k-row
@@ -20,7 +20,7 @@ use gpt_serve::sampling::SamplingParams;
 const NEAR_TIE: f32 = 1e-3;
 
 struct Fixture {
-    model: FastGpt,
+    model: CpuGpt,
     drafter: Drafter,
     eot: u32,
     prompts: Vec<Vec<u32>>,
@@ -39,7 +39,7 @@ fn shipped(n_prompts: usize) -> Option<Fixture> {
         return None;
     }
     let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
-    let model = loaded.fast(WeightDtype::F32).unwrap();
+    let model = loaded.cpu(WeightDtype::F32).unwrap();
     let drafter = Drafter::load(&dir.join("drafter.json"), model.cfg.vocab_size).unwrap();
     let text = gpt_serve::train::data::read_text(&val).unwrap();
     let ids = loaded.tokenizer.encode(&text[..1 << 20]).unwrap();
@@ -112,7 +112,7 @@ fn trained_here(n_prompts: usize) -> Fixture {
     .o;
     gpt_serve::train::run(o).unwrap();
     let loaded = checkpoint::load(&out, &Device::Cpu).unwrap();
-    let model = loaded.fast(WeightDtype::F32).unwrap();
+    let model = loaded.cpu(WeightDtype::F32).unwrap();
     let drafter = Drafter::load(&out.join("drafter.json"), model.cfg.vocab_size).unwrap();
     let ids = loaded.tokenizer.encode(&s).unwrap();
     let prompts = (0..n_prompts)

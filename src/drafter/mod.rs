@@ -254,7 +254,7 @@ impl Drafter {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        crate::checkpoint::write_atomic(path, &json).map_err(|e| DrafterError::Read {
+        crate::atomic_file::write(path, &json).map_err(|e| DrafterError::Read {
             path: path.display().to_string(),
             msg: e.to_string(),
         })

@@ -214,7 +214,7 @@ pub fn train_drafter(
     train: &[u32],
 ) -> anyhow::Result<Drafter> {
     // Decoding (and the measured verify costs) as the server runs it.
-    crate::fast::in_pool(|| train_drafter_in_pool(dir, o, val, train))
+    crate::cpu::in_pool(|| train_drafter_in_pool(dir, o, val, train))
 }
 
 fn train_drafter_in_pool(
@@ -227,7 +227,7 @@ fn train_drafter_in_pool(
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
     // The serving path: continuations and verify costs as served.
-    let model = loaded.fast(loaded.serving_dtype())?;
+    let model = loaded.cpu(loaded.serving_dtype())?;
     let tok = &loaded.tokenizer;
     let eot = tok.eot();
     let t = model.cfg.block_size.min(256);

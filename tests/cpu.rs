@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
-use gpt_serve::fast::{FastGpt, WeightDtype};
+use gpt_serve::cpu::{CpuGpt, WeightDtype};
 use gpt_serve::forward::Forward;
 use gpt_serve::model::{init_weights, Gpt};
 
@@ -72,7 +72,7 @@ fn weights(cfg: &Config) -> HashMap<String, Tensor> {
 }
 
 /// candle's model and the fast path (f32) on the same seeded weights.
-fn both_backends(cfg: &Config) -> (Gpt, FastGpt, HashMap<String, Tensor>) {
+fn both_backends(cfg: &Config) -> (Gpt, CpuGpt, HashMap<String, Tensor>) {
     let w = weights(cfg);
     let gpt = Gpt::new(
         cfg,
@@ -80,7 +80,7 @@ fn both_backends(cfg: &Config) -> (Gpt, FastGpt, HashMap<String, Tensor>) {
         true,
     )
     .unwrap();
-    let fast = FastGpt::from_tensors(cfg, &w, WeightDtype::F32).unwrap();
+    let fast = CpuGpt::from_tensors(cfg, &w, WeightDtype::F32).unwrap();
     (gpt, fast, w)
 }
 
@@ -131,7 +131,7 @@ fn fast_logits_equal_candle_logits_at_every_exit_for_every_option() {
                 );
             }
         }
-        let f16 = FastGpt::from_tensors(&cfg, &w, WeightDtype::F16).unwrap();
+        let f16 = CpuGpt::from_tensors(&cfg, &w, WeightDtype::F16).unwrap();
         let got = run(&f16, &tokens, 7, 4);
         let d = max_diff(got.last().unwrap(), want.last().unwrap());
         assert!(d < 2e-2, "{name} f16 weights: max diff {d}");
@@ -144,7 +144,7 @@ fn a_verify_step_gives_bitwise_the_logits_of_one_row_steps() {
     // sampled token sits at a boundary of the cumulative distribution.
     let tokens: Vec<u32> = (0..20).map(|i| (i * 29 + 3) % 300).collect();
     for (name, cfg) in configs() {
-        let fast = FastGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F16).unwrap();
+        let fast = CpuGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F16).unwrap();
         let one_by_one = run(&fast, &tokens, 1, 1);
         for (split, chunk) in [(20, 1), (4, 9), (6, 5)] {
             assert!(
@@ -159,7 +159,7 @@ fn a_verify_step_gives_bitwise_the_logits_of_one_row_steps() {
 fn dropping_rows_and_rolling_the_cache_back_equals_a_fresh_run() {
     let (_, cfg) = configs().remove(1);
     let w = weights(&cfg);
-    let fast = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
+    let fast = CpuGpt::from_tensors(&cfg, &w, WeightDtype::F32).unwrap();
     let tokens: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 300).collect();
     let last = cfg.exits.len() - 1;
     // Prefill 6, then a 5-row step whose rows 3.. are dropped after exit 0,
@@ -188,7 +188,7 @@ fn dropping_rows_and_rolling_the_cache_back_equals_a_fresh_run() {
 #[test]
 fn a_cache_that_does_not_hold_the_committed_rows_is_an_error_not_a_panic() {
     let (_, cfg) = configs().remove(0);
-    let fast = FastGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
+    let fast = CpuGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
     let mut cache = fast.new_cache();
     let mut s = fast.embed(&[1, 2, 3], 5).unwrap();
     let err = fast
@@ -203,7 +203,7 @@ fn a_cache_that_does_not_hold_the_committed_rows_is_an_error_not_a_panic() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let mut w = weights(&cfg);
     w.remove("h.1.mlp.c_fc.weight");
-    let err = FastGpt::from_tensors(&cfg, &w, WeightDtype::F32)
+    let err = CpuGpt::from_tensors(&cfg, &w, WeightDtype::F32)
         .err()
         .unwrap();
     assert!(err.to_string().contains("h.1.mlp.c_fc.weight"), "{err}");
@@ -274,7 +274,7 @@ fn drafting_with_an_early_exit_gives_plain_tokens_on_both_backends_for_every_opt
 #[test]
 fn rows_join_a_stream_only_at_the_same_block_and_the_next_position() {
     let (_, cfg) = configs().remove(0);
-    let fast = FastGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
+    let fast = CpuGpt::from_tensors(&cfg, &weights(&cfg), WeightDtype::F32).unwrap();
     let mut cache = fast.new_cache();
     let mut s = fast.embed(&[1, 2], 0).unwrap();
     let err = Forward::append_rows(&fast, &mut s, fast.embed(&[3], 3).unwrap()).unwrap_err();

@@ -5,14 +5,12 @@
 //! Why a second forward: decoding is 1..16 rows per step, where candle's
 //! per-op allocation and per-call weight packing dominate (see
 //! `kernels`). Training keeps candle (it needs autograd); this path is
-//! checked against it by `tests/fast.rs` for every option (DWA, x0 skips,
+//! checked against it by `tests/cpu.rs` for every option (DWA, x0 skips,
 //! own exit heads) and for split forwards with truncation.
 //!
 //! The KV cache here is a preallocated buffer per layer, laid out
 //! `[head][position][head_size]`, written in place; rolling back is
 //! setting a length (the invariant is the one in `kv_cache.rs`).
-
-pub mod kernels;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -21,7 +19,7 @@ use candle_core::{bail, Result, Tensor};
 use half::f16;
 
 use crate::config::{Config, ExitHead};
-use kernels::Matrix;
+use crate::kernels::{self, Matrix};
 
 const LN_EPS: f32 = 1e-5;
 
@@ -113,7 +111,7 @@ struct Exit {
     head: Option<Mat>,
 }
 
-pub struct FastGpt {
+pub struct CpuGpt {
     pub cfg: Config,
     wte: Vec<f32>, // (V, C)
     wpe: Vec<f32>, // (block_size, C)
@@ -124,14 +122,14 @@ pub struct FastGpt {
 }
 
 /// Per-sequence KV cache: `k[layer]`, `v[layer]` of (nh, block_size, hs).
-pub struct FastCache {
+pub struct CpuCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: Vec<usize>,
     cap: usize,
 }
 
-impl FastCache {
+impl CpuCache {
     /// Rows held by every layer (the minimum over layers).
     pub fn len(&self) -> usize {
         self.len.iter().copied().min().unwrap_or(0)
@@ -154,7 +152,7 @@ impl FastCache {
 }
 
 /// Rows in flight through the blocks (as [`crate::model::Stream`]).
-pub struct FastStream {
+pub struct CpuStream {
     /// (T, C) residual stream after `block` blocks.
     x: Vec<f32>,
     /// (T, C) embedding, for x0 skips.
@@ -166,7 +164,7 @@ pub struct FastStream {
     pub block: usize,
 }
 
-impl FastStream {
+impl CpuStream {
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -185,7 +183,7 @@ impl FastStream {
     }
 
     /// Appends `next`'s rows (same block, the positions right after ours).
-    pub fn append(&mut self, next: FastStream) -> Result<()> {
+    pub fn append(&mut self, next: CpuStream) -> Result<()> {
         crate::model::check_append(self.pos, self.rows, self.block, next.pos, next.block)?;
         self.x.extend(next.x);
         self.x0.extend(next.x0);
@@ -211,7 +209,7 @@ fn get(w: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> 
     Ok(v)
 }
 
-impl FastGpt {
+impl CpuGpt {
     /// Builds the inference model from checkpoint tensors (GPT-2 names).
     pub fn from_tensors(
         cfg: &Config,
@@ -306,10 +304,10 @@ impl FastGpt {
         })
     }
 
-    pub fn new_cache(&self) -> FastCache {
+    pub fn new_cache(&self) -> CpuCache {
         let (c, cap) = (self.cfg.n_embd, self.cfg.block_size);
         let n = self.cfg.n_layer;
-        FastCache {
+        CpuCache {
             k: vec![vec![0f32; cap * c]; n],
             v: vec![vec![0f32; cap * c]; n],
             len: vec![0; n],
@@ -318,7 +316,7 @@ impl FastGpt {
     }
 
     /// Embeds `tokens` at positions `pos..pos + T`.
-    pub fn embed(&self, tokens: &[u32], pos: usize) -> Result<FastStream> {
+    pub fn embed(&self, tokens: &[u32], pos: usize) -> Result<CpuStream> {
         let (c, t) = (self.cfg.n_embd, tokens.len());
         if pos + t > self.cfg.block_size {
             bail!(
@@ -341,7 +339,7 @@ impl FastGpt {
                 *o = a + b;
             }
         }
-        Ok(FastStream {
+        Ok(CpuStream {
             xs: if self.cfg.dwa.is_some() {
                 vec![x.clone()]
             } else {
@@ -357,7 +355,7 @@ impl FastGpt {
 
     /// Runs blocks `s.block..to` on the rows of `s`, appending their keys
     /// and values to `cache`.
-    pub fn run_blocks(&self, s: &mut FastStream, to: usize, cache: &mut FastCache) -> Result<()> {
+    pub fn run_blocks(&self, s: &mut CpuStream, to: usize, cache: &mut CpuCache) -> Result<()> {
         let (c, t) = (self.cfg.n_embd, s.rows);
         if t == 0 {
             s.block = to.max(s.block);
@@ -462,7 +460,7 @@ impl FastGpt {
 
     /// Logits (rows.len(), V), row-major, of exit `exit` for rows `rows`
     /// of `s`, which must have run exactly to that exit's block.
-    pub fn exit_logits(&self, s: &FastStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
+    pub fn exit_logits(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
         let block = self.cfg.exits[exit].block;
         if s.block != block {
             bail!(

@@ -1,5 +1,6 @@
-//! CPU kernels of the inference path: a small-batch matmul that reads each
-//! weight once for all rows, LayerNorm, GELU, softmax, dot products.
+//! CPU kernels shared by the inference path (`cpu`), the trainer's fused
+//! ops and the drafter: a small-batch matmul that reads each weight once
+//! for all rows, LayerNorm, GELU, softmax, dot products.
 //!
 //! Why not candle's matmul here: decoding multiplies 1..16 rows by each
 //! weight matrix, and candle (via `gemm`) packs the weight matrix on every
