@@ -99,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         EngineConfig {
             backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
             max_active: 32,
+            max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
             cascade: false,
             exit_confidence: 0.5,
         },

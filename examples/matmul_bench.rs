@@ -1,5 +1,7 @@
 //! Small-batch matmul: our packed kernel (f32, f16) vs candle's matmul, for
-//! the shapes of decoding (m = 1..8 rows) on the `small` and `gpt2` presets.
+//! the shapes of decoding and batched serving (m = 1..64 rows) on the
+//! `small` and `gpt2` presets, and 1024 x 1024 (compare m = 64 there with a
+//! reference GEMM: `scripts/gemm_reference.py`).
 //! Prints GFLOP/s and weight GB/s per shape.
 //!
 //! `cargo run --release --example matmul_bench`
@@ -32,6 +34,7 @@ fn main() -> candle_core::Result<()> {
         (384, 8192),
         (768, 3072),
         (768, 50257),
+        (1024, 1024),
     ] {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
@@ -39,7 +42,7 @@ fn main() -> candle_core::Result<()> {
         let m32 = Matrix::<f32>::from_out_in(&w, n, k, None);
         let m16 = Matrix::<f16>::from_out_in(&w, n, k, None);
         let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?;
-        for m in [1usize, 4, 8] {
+        for m in [1usize, 4, 8, 16, 32, 64] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
             let mut y = vec![0f32; m * n];
             let reps = (2e8 / (k * n) as f64).max(2.0) as usize;

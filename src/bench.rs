@@ -53,8 +53,9 @@ pub struct BenchOptions {
     pub prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
-    /// Where the JSON results go.
-    #[arg(long, default_value = "bench/results.json")]
+    /// Where the JSON results go (untracked by default; pass a path under
+    /// bench/ to update the committed figures).
+    #[arg(long, default_value = "runs/bench/results.json")]
     pub out: PathBuf,
     /// PyTorch eager / llama.cpp figures re-measured on this machine by
     /// scripts/cpu_reference.py (run by scripts/cpu-reference.sh, which runs
@@ -119,8 +120,8 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
     model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
     // The sizes interleaved round by round, best of 10 each, so warm-up
     // and the shared machine's drift hit 1, 4 and 8 rows alike.
-    let sizes = [1usize, 4, 8];
-    let mut best = [f64::MAX; 3];
+    let sizes = [1usize, 4, 8, 16, 32, 64].map(|k| k.min(cfg.block_size - ctx));
+    let mut best = [f64::MAX; 6];
     for _ in 0..10 {
         for (b, &k) in best.iter_mut().zip(&sizes) {
             let rows: Vec<u32> = (0..k as u32).collect();
@@ -132,13 +133,16 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
             model.truncate_cache(&mut cache, ctx);
         }
     }
-    let (v4, v8) = (best[1] / best[0], best[2] / best[0]);
+    let r = |i: usize| best[i] / best[0];
     Ok(json!({
         "config": format!("{} x {}, vocab {}", cfg.n_layer, cfg.n_embd, cfg.vocab_size),
         "decode_tok_s": n as f64 / decode,
         "prefill_64_tok_s": pre_n as f64 / prefill,
-        "verify_4_over_1": v4,
-        "verify_8_over_1": v8,
+        "verify_4_over_1": r(1),
+        "verify_8_over_1": r(2),
+        "verify_16_over_1": r(3),
+        "verify_32_over_1": r(4),
+        "verify_64_over_1": r(5),
     }))
 }
 
@@ -510,7 +514,7 @@ fn reference_markdown(result: &Value) -> String {
 /// A markdown table of the speculative results.
 pub fn markdown(result: &Value) -> String {
     let mut s = String::new();
-    s += "| model | backend | decode tok/s | prefill-64 tok/s | verify 4/1 | verify 8/1 |\n|---|---|---|---|---|---|\n";
+    s += "| model | backend | decode tok/s | prefill-64 tok/s | verify 4/1 | verify 8/1 | verify 16/1 | verify 64/1 |\n|---|---|---|---|---|---|---|---|\n";
     let rows = result["plain"].as_array().into_iter().flatten();
     for (name, p) in rows.flat_map(|r| {
         let model = format!(
@@ -522,12 +526,14 @@ pub fn markdown(result: &Value) -> String {
             .map(|b| (format!("| {model} | {b}"), r["backends"][b].clone()))
     }) {
         s += &format!(
-            "{} | {:.0} | {:.0} | {:.2}x | {:.2}x |\n",
+            "{} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
             name,
             p["decode_tok_s"].as_f64().unwrap_or(0.0),
             p["prefill_64_tok_s"].as_f64().unwrap_or(0.0),
             p["verify_4_over_1"].as_f64().unwrap_or(0.0),
-            p["verify_8_over_1"].as_f64().unwrap_or(0.0)
+            p["verify_8_over_1"].as_f64().unwrap_or(0.0),
+            p["verify_16_over_1"].as_f64().unwrap_or(0.0),
+            p["verify_64_over_1"].as_f64().unwrap_or(0.0)
         );
     }
     s += &reference_markdown(result);

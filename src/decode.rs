@@ -26,7 +26,7 @@ use candle_core::Result;
 use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
 use crate::drafter::Drafter;
-use crate::forward::Forward;
+use crate::forward::{Forward, Logits, Segment};
 use crate::sampling::{self, SamplingParams};
 
 /// Where draft tokens come from.
@@ -153,8 +153,98 @@ pub enum Finish {
     Eot,
 }
 
-/// One sequence being decoded. Invariant: `cache` holds `tokens[..len-1]`;
-/// the last token is pending.
+/// The rows one sequence puts into the next forward: the next chunk of its
+/// prompt (prefill), or `[pending, d1..dk]` (a verify step; k = 0 is a
+/// plain step). Built by [`Generator::next_rows`], consumed by
+/// [`Generator::commit`] with the final head's logits of [`Rows::logits`].
+#[derive(Clone, Debug)]
+pub struct Rows {
+    tokens: Vec<u32>,
+    pos: usize,
+    kind: RowKind,
+}
+
+#[derive(Clone, Debug)]
+enum RowKind {
+    /// A prompt chunk; logits of every row when echo logprobs are asked.
+    Prefill { echo: bool },
+    /// `[pending, drafts..]`: the drafter's probability of each draft, and
+    /// its first token when drafting did not pay (to keep its estimate).
+    Verify {
+        probs: Vec<f32>,
+        shadow: Option<u32>,
+    },
+}
+
+impl Rows {
+    /// The tokens to embed.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Absolute position of the first row.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn is_prefill(&self) -> bool {
+        matches!(self.kind, RowKind::Prefill { .. })
+    }
+
+    /// The rows whose final-head logits [`Generator::commit`] needs.
+    pub fn logits(&self) -> std::ops::Range<usize> {
+        match self.kind {
+            RowKind::Prefill { echo: false } => 0..0,
+            _ => 0..self.tokens.len(),
+        }
+    }
+
+    /// The drafts (empty for a prefill chunk or a plain step).
+    pub fn drafts(&self) -> &[u32] {
+        match self.kind {
+            RowKind::Prefill { .. } => &[],
+            RowKind::Verify { .. } => &self.tokens[1..],
+        }
+    }
+
+    /// The expected number of tokens each draft adds: the drafter's
+    /// probability that it and every draft before it are accepted.
+    pub fn draft_gains(&self) -> Vec<f32> {
+        let RowKind::Verify { probs, .. } = &self.kind else {
+            return vec![];
+        };
+        probs
+            .iter()
+            .scan(1f32, |path, p| {
+                *path *= p.clamp(0.0, 1.0);
+                Some(*path)
+            })
+            .collect()
+    }
+
+    /// Keeps the first `n` rows (at least one): a shorter prompt chunk, or
+    /// fewer drafts (the batch had no room for the rest).
+    pub fn keep_rows(&mut self, n: usize) {
+        let n = n.max(1);
+        if let RowKind::Verify { probs, .. } = &mut self.kind {
+            probs.truncate(n - 1);
+        }
+        self.tokens.truncate(n);
+    }
+}
+
+/// One sequence being decoded: prefill (its prompt goes into the cache,
+/// chunk by chunk), then decode (one verify step per forward), then done.
+/// Invariant once prefilled: `cache` holds `tokens[..len-1]`; the last
+/// token is pending.
 pub struct Generator<'m, M: Forward = CpuGpt> {
     model: &'m M,
     proposer: Proposer<'m>,
@@ -162,6 +252,12 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
     cache: M::Cache,
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens in the cache (prefill is done at `prompt_len - 1`).
+    prefilled: usize,
+    /// Top logprobs per prompt token, when echo logprobs are asked, and
+    /// those computed so far (None for the first token).
+    echo_top: Option<usize>,
+    echo: Vec<Option<TokenOut>>,
     counts: HashMap<u32, u32>,
     verified: Verified,
     /// Adaptive draft length (prompt lookup and oracle).
@@ -176,8 +272,9 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
 }
 
 impl<'m, M: Forward> Generator<'m, M> {
-    /// Prefills `prompt` (at least one token). With `echo_logprobs`, returns
-    /// each prompt token's logprob and top alternatives (None for the first).
+    /// Prefills `prompt` (at least one token) in one forward. With
+    /// `echo_logprobs`, returns each prompt token's logprob and top
+    /// alternatives (None for the first).
     pub fn new(
         model: &'m M,
         proposer: Proposer<'m>,
@@ -186,6 +283,22 @@ impl<'m, M: Forward> Generator<'m, M> {
         eot: u32,
         echo_logprobs: Option<usize>,
     ) -> Result<(Self, Vec<Option<TokenOut>>)> {
+        let mut g = Self::start(model, proposer, prompt, params, eot, echo_logprobs)?;
+        g.prefill_alone()?;
+        let echo = g.take_echo();
+        Ok((g, echo))
+    }
+
+    /// Checks `prompt` and `params` and sets up an empty cache; the prompt
+    /// goes in through [`Self::next_rows`] chunks (or [`Self::new`]).
+    pub fn start(
+        model: &'m M,
+        proposer: Proposer<'m>,
+        prompt: &[u32],
+        params: GenParams,
+        eot: u32,
+        echo_logprobs: Option<usize>,
+    ) -> Result<Self> {
         let cfg = model.config();
         if prompt.is_empty() {
             candle_core::bail!("prompt must have at least one token");
@@ -204,39 +317,21 @@ impl<'m, M: Forward> Generator<'m, M> {
                 cfg.vocab_size
             );
         }
-        let mut cache = model.new_cache()?;
-        let n = prompt.len();
-        let mut echo = vec![None];
-        if n > 1 {
-            let mut s = model.embed(&prompt[..n - 1], 0)?;
-            let last = cfg.exits.len() - 1;
-            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
-            if let Some(top_n) = echo_logprobs {
-                let logits = model.exit_logits(&s, last, 0..n - 1)?;
-                for (i, row) in logits.iter().enumerate() {
-                    let lp = sampling::log_softmax(row);
-                    let id = prompt[i + 1];
-                    echo.push(Some(TokenOut {
-                        id,
-                        logprob: Some(lp[id as usize]),
-                        top: sampling::top_logprobs(&lp, top_n),
-                        gap: sampling::top2_gap(row),
-                    }));
-                }
-            }
-        }
         let k_cur = match proposer {
             Proposer::None => 0,
             Proposer::Tree(d) => d.k_max,
             Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
         };
-        let g = Generator {
+        Ok(Generator {
             model,
             proposer,
             params,
-            cache,
+            cache: model.new_cache()?,
             tokens: prompt.to_vec(),
-            prompt_len: n,
+            prompt_len: prompt.len(),
+            prefilled: 0,
+            echo_top: echo_logprobs,
+            echo: vec![None],
             counts: HashMap::new(),
             verified: Verified {
                 top1_prob: 0.5,
@@ -251,8 +346,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             stats: SpecStats::default(),
             finished: None,
             eot,
-        };
-        Ok((g, echo))
+        })
     }
 
     pub fn generated(&self) -> &[u32] {
@@ -263,24 +357,140 @@ impl<'m, M: Forward> Generator<'m, M> {
         &self.tokens
     }
 
+    /// True while prompt tokens remain to go into the cache.
+    pub fn in_prefill(&self) -> bool {
+        self.prefilled + 1 < self.prompt_len
+    }
+
+    /// Echo logprobs of the prompt (once prefilled; empty after the first call).
+    pub fn take_echo(&mut self) -> Vec<Option<TokenOut>> {
+        std::mem::take(&mut self.echo)
+    }
+
+    /// The cache, for a forward over several sequences.
+    pub fn cache_mut(&mut self) -> &mut M::Cache {
+        &mut self.cache
+    }
+
     fn remaining(&self) -> usize {
         self.params
             .max_tokens
             .saturating_sub(self.tokens.len() - self.prompt_len)
     }
 
-    /// One verify step: returns the new tokens (at least one unless finished).
-    pub fn step(&mut self) -> Result<Vec<TokenOut>> {
-        if self.finished.is_some() {
-            return Ok(vec![]);
+    /// The rows for the next forward: up to `max_rows` prompt tokens while
+    /// in prefill, else `[pending, drafts..]` with as many drafts as the
+    /// proposer and the draft-length rule give (the caller may drop some
+    /// with [`Rows::keep_rows`]). None when the sequence is done.
+    pub fn next_rows(&mut self, max_rows: usize) -> Option<Rows> {
+        if self.finished.is_some() || max_rows == 0 {
+            return None;
+        }
+        if self.in_prefill() {
+            let n = (self.prompt_len - 1 - self.prefilled).min(max_rows);
+            return Some(Rows {
+                tokens: self.tokens[self.prefilled..self.prefilled + n].to_vec(),
+                pos: self.prefilled,
+                kind: RowKind::Prefill {
+                    echo: self.echo_top.is_some(),
+                },
+            });
         }
         if self.remaining() == 0 {
             self.finished = Some(Finish::Length);
-            return Ok(vec![]);
+            return None;
         }
+        let (drafts, probs, shadow) = self.propose(max_rows - 1);
+        let pending = *self.tokens.last().expect("non-empty");
+        Some(Rows {
+            tokens: [&[pending][..], &drafts].concat(),
+            pos: self.tokens.len() - 1,
+            kind: RowKind::Verify { probs, shadow },
+        })
+    }
+
+    /// Puts the rest of the prompt into the cache in one forward.
+    fn prefill_alone(&mut self) -> Result<()> {
+        while self.in_prefill() {
+            let Some(rows) = self.next_rows(usize::MAX) else {
+                break;
+            };
+            let logits = self.forward_alone(&rows)?;
+            self.commit(rows, &logits);
+        }
+        Ok(())
+    }
+
+    /// One forward of this sequence alone over `rows`.
+    pub fn forward_alone(&mut self, rows: &Rows) -> Result<Logits> {
+        let mut seg = [Segment {
+            tokens: &rows.tokens,
+            pos: rows.pos,
+            cache: &mut self.cache,
+            logits: rows.logits(),
+        }];
+        let mut out = self.model.forward_batch(&mut seg)?;
+        Ok(out.pop().expect("one segment"))
+    }
+
+    /// Takes the forward's result for `rows` (the final head's logits of
+    /// `rows.logits()`): records a prefill chunk, or accepts drafts, commits
+    /// the new tokens and rolls the cache back. Returns the new tokens.
+    pub fn commit(&mut self, rows: Rows, logits: &Logits) -> Vec<TokenOut> {
+        match rows.kind {
+            RowKind::Prefill { .. } => {
+                self.record_echo(rows.pos, logits);
+                self.prefilled += rows.tokens.len();
+                vec![]
+            }
+            RowKind::Verify { shadow, .. } => {
+                let drafts = &rows.tokens[1..];
+                self.accept_rows(drafts, drafts.len() + 1, logits, shadow, false)
+            }
+        }
+    }
+
+    /// Echo logprobs: row i of a chunk at `pos` predicts prompt[pos + i + 1].
+    fn record_echo(&mut self, pos: usize, logits: &Logits) {
+        let Some(top_n) = self.echo_top else {
+            return;
+        };
+        for (i, row) in logits.iter().enumerate() {
+            let lp = sampling::log_softmax(row);
+            let id = self.tokens[pos + i + 1];
+            self.echo.push(Some(TokenOut {
+                id,
+                logprob: Some(lp[id as usize]),
+                top: sampling::top_logprobs(&lp, top_n),
+                gap: sampling::top2_gap(row),
+            }));
+        }
+    }
+
+    /// One verify step alone: returns the new tokens (at least one unless
+    /// finished). The exit cascade and LayerSkip drafting, when on, run
+    /// here; otherwise the step is [`Self::next_rows`], a forward of this
+    /// sequence alone, and [`Self::commit`].
+    pub fn step(&mut self) -> Result<Vec<TokenOut>> {
+        self.prefill_alone()?;
+        if self.params.cascade || self.params.self_draft.is_some() {
+            return self.step_with_exits();
+        }
+        let Some(rows) = self.next_rows(usize::MAX) else {
+            return Ok(vec![]);
+        };
+        let logits = self.forward_alone(&rows)?;
+        Ok(self.commit(rows, &logits))
+    }
+
+    /// Drafts for the next step, clamped so the step cannot pass max_tokens,
+    /// the window or `cap`: (drafts, the drafter's probability of each, the
+    /// tree's first token when drafting did not pay).
+    fn propose(&mut self, cap: usize) -> (Vec<u32>, Vec<f32>, Option<u32>) {
         let cfg = self.model.config();
-        // Drafts, clamped so the step cannot pass max_tokens or the window.
-        let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
+        let room = (self.remaining() - 1)
+            .min(cfg.block_size - self.tokens.len())
+            .min(cap);
         let k = match self.proposer {
             Proposer::Tree(_) => self.best_k(),
             _ => self.k_cur,
@@ -295,22 +505,46 @@ impl<'m, M: Forward> Generator<'m, M> {
                 .map(|d| d.token),
             _ => None,
         };
-        let drafts: Vec<u32> = match self.proposer {
-            _ if !self.params.speculate || k == 0 => vec![],
-            Proposer::None => vec![],
-            Proposer::Tree(d) => d
-                .propose(&self.tokens, k, self.verified)
-                .into_iter()
-                .map(|d| d.token)
-                .collect(),
-            Proposer::Lookup { .. } => crate::drafter::prompt_lookup(&self.tokens, k, 2),
+        let fixed = |drafts: Vec<u32>, p: f64| {
+            let probs = vec![p as f32; drafts.len()];
+            (drafts, probs, shadow)
+        };
+        match self.proposer {
+            _ if !self.params.speculate || k == 0 => (vec![], vec![], shadow),
+            Proposer::None => (vec![], vec![], shadow),
+            Proposer::Tree(d) => {
+                let ds = d.propose(&self.tokens, k, self.verified);
+                let probs = ds.iter().map(|d| d.prob).collect();
+                (ds.into_iter().map(|d| d.token).collect(), probs, shadow)
+            }
+            Proposer::Lookup { .. } => fixed(
+                crate::drafter::prompt_lookup(&self.tokens, k, 2),
+                self.ema_accept,
+            ),
             Proposer::Oracle { continuation, .. } => {
                 let at = self.tokens.len() - self.prompt_len;
-                continuation
+                let c = continuation
                     .get(at..)
-                    .map_or(vec![], |c| c.iter().take(k).copied().collect())
+                    .map_or(vec![], |c| c.iter().take(k).copied().collect());
+                fixed(c, 1.0)
             }
-        };
+        }
+    }
+
+    /// A step with the exit cascade or LayerSkip drafting (see the module
+    /// doc): the rows go through the blocks in parts, so this sequence runs
+    /// alone.
+    fn step_with_exits(&mut self) -> Result<Vec<TokenOut>> {
+        if self.finished.is_some() {
+            return Ok(vec![]);
+        }
+        if self.remaining() == 0 {
+            self.finished = Some(Finish::Length);
+            return Ok(vec![]);
+        }
+        let cfg = self.model.config();
+        let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
+        let (drafts, _, shadow) = self.propose(usize::MAX);
         let pos = self.tokens.len() - 1;
         let n_exits = cfg.exits.len();
         // Self-drafting when the proposer gave nothing: the rows arrive
@@ -355,12 +589,26 @@ impl<'m, M: Forward> Generator<'m, M> {
         self.model
             .run_blocks(&mut s, cfg.n_layer, &mut self.cache)?;
         let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?;
-        // Accept while the draft equals the keyed sample at its position.
+        Ok(self.accept_rows(&drafts, kept, &logits, shadow, self_draft.is_some()))
+    }
+
+    /// Accepts drafts while each equals the keyed sample at its position
+    /// (rows `[pending, drafts..]`, the first `kept` verified, their final
+    /// logits in `logits`), commits the tokens, updates the drafter's state
+    /// and the counters, and rolls the cache back to the committed length.
+    fn accept_rows(
+        &mut self,
+        drafts: &[u32],
+        kept: usize,
+        logits: &Logits,
+        shadow: Option<u32>,
+        self_drafted: bool,
+    ) -> Vec<TokenOut> {
         let mut out = Vec::new();
         let sp = &self.params.sampling;
         let penalized = sp.presence_penalty != 0.0 || sp.frequency_penalty != 0.0;
         let mut last_row = 0;
-        accept(&drafts, kept, |i| {
+        accept(drafts, kept, |i| {
             let row = &logits[i];
             let pos = self.tokens.len();
             let f = if penalized {
@@ -400,18 +648,18 @@ impl<'m, M: Forward> Generator<'m, M> {
         if let Some(t) = shadow {
             self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));
         }
-        if self_draft.is_some() {
+        if self_drafted {
             self.stats.steps += 1;
             self.stats.exit_draft_steps += 1;
             self.stats.exit_drafted += drafts.len() as u64;
             self.stats.exit_accepted += accepted as u64;
         } else {
-            self.record(&drafts, accepted);
+            self.record(drafts, accepted);
         }
         // Roll back: the cache holds every committed token but the pending one.
         self.model
             .truncate_cache(&mut self.cache, self.tokens.len() - 1);
-        Ok(out)
+        out
     }
 
     /// LayerSkip drafting (see [`SelfDraft`]): returns the drafts and the

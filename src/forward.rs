@@ -42,6 +42,16 @@ impl std::ops::Index<usize> for Logits {
     }
 }
 
+/// One sequence's part of a forward over several sequences: `tokens` at
+/// positions `pos..`, their keys and values appended to `cache`; the final
+/// head's logits are returned for rows `logits` (indices into `tokens`).
+pub struct Segment<'a, C> {
+    pub tokens: &'a [u32],
+    pub pos: usize,
+    pub cache: &'a mut C,
+    pub logits: Range<usize>,
+}
+
 pub trait Forward {
     type Cache;
     type Stream;
@@ -62,6 +72,27 @@ pub trait Forward {
     fn append_rows(&self, s: &mut Self::Stream, next: Self::Stream) -> Result<()>;
     fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
     fn cache_len(&self, cache: &Self::Cache) -> usize;
+    /// Runs every block over the rows of several sequences and returns, per
+    /// segment, the final head's logits for its rows `logits`. The CPU
+    /// backend runs them as one forward (one batch of rows); the default,
+    /// which candle's backend uses, runs one forward per sequence.
+    fn forward_batch(&self, segs: &mut [Segment<'_, Self::Cache>]) -> Result<Vec<Logits>> {
+        let cfg = self.config();
+        let (last, vocab) = (cfg.exits.len() - 1, cfg.vocab_size);
+        segs.iter_mut()
+            .map(|sg| {
+                if sg.tokens.is_empty() {
+                    return Ok(Logits::new(vec![], vocab));
+                }
+                let mut s = self.embed(sg.tokens, sg.pos)?;
+                self.run_blocks(&mut s, cfg.n_layer, sg.cache)?;
+                if sg.logits.is_empty() {
+                    return Ok(Logits::new(vec![], vocab));
+                }
+                self.exit_logits(&s, last, sg.logits.clone())
+            })
+            .collect()
+    }
 }
 
 impl Forward for Gpt {
@@ -139,5 +170,12 @@ impl Forward for CpuGpt {
     }
     fn cache_len(&self, cache: &CpuCache) -> usize {
         cache.len()
+    }
+    fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Logits>> {
+        let vocab = self.cfg.vocab_size;
+        Ok(CpuGpt::forward_batch(self, segs)?
+            .into_iter()
+            .map(|l| Logits::new(l, vocab))
+            .collect())
     }
 }

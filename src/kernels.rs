@@ -17,6 +17,9 @@
 use half::f16;
 use rayon::prelude::*;
 
+/// Work chunks per thread in a parallel matmul (see `Matrix::forward`).
+const CHUNKS_PER_THREAD: usize = 4;
+
 /// Output columns per tile (4 AVX registers per row).
 pub const TILE: usize = 32;
 /// Below this many multiply-adds a matmul runs on the calling thread.
@@ -115,7 +118,11 @@ impl<W: WeightElem> Matrix<W> {
             work(0, tiles);
             return;
         }
-        let chunks = threads.min(tiles);
+        // A few chunks per thread: a thread that wakes late (a futex wake
+        // is tens of microseconds) leaves its share to be stolen instead of
+        // holding up the join (2 chunks on 2 threads measured ~1.3x one
+        // thread at m >= 16, 4 per thread ~1.7x: examples/matmul_bench).
+        let chunks = (threads * CHUNKS_PER_THREAD).min(tiles);
         let per = tiles.div_ceil(chunks);
         (0..chunks)
             .into_par_iter()
@@ -234,6 +241,27 @@ mod simd {
                 std::ptr::copy_nonoverlapping(buf.as_ptr(), y.add(row * n + c0), w);
             }
         };
+        if m >= 4 {
+            // Many rows: blocks of 4..=WIDE rows over half a tile each, the
+            // rows spread evenly (8 rows as 4 + 4, not 6 + 2: a block needs
+            // 8+ independent FMA chains to hide the FMA latency).
+            let blocks = m.div_ceil(WIDE);
+            let mut r = 0;
+            for b in 0..blocks {
+                let n_rows = m / blocks + usize::from(b < m % blocks);
+                match n_rows {
+                    1 => block::<W, 1>(x, r, k, wt, n, c0, w, bias, y),
+                    2 => block::<W, 2>(x, r, k, wt, n, c0, w, bias, y),
+                    3 => block::<W, 3>(x, r, k, wt, n, c0, w, bias, y),
+                    4 => block::<W, 4>(x, r, k, wt, n, c0, w, bias, y),
+                    5 => block::<W, 5>(x, r, k, wt, n, c0, w, bias, y),
+                    _ => block::<W, 6>(x, r, k, wt, n, c0, w, bias, y),
+                }
+                r += n_rows;
+            }
+            debug_assert_eq!(r, m);
+            return;
+        }
         let mut r = 0;
         while r + 2 <= m {
             let (x0, x1) = (x.as_ptr().add(r * k), x.as_ptr().add((r + 1) * k));
@@ -270,6 +298,63 @@ mod simd {
                 }
             }
             store(r, &a);
+        }
+    }
+
+    /// Rows per block of the many-row path: 2 x WIDE accumulators + 2
+    /// weight registers + a broadcast fit AVX2's 16 registers.
+    const WIDE: usize = 6;
+
+    /// Rows r0..r0 + R, one half of the tile (16 columns, 2 registers) at a
+    /// time, so each weight load (and f16 conversion) serves R rows instead
+    /// of 2. Every output is bias, then the products in k order: the sums
+    /// of the one- and two-row paths, so results do not depend on the row
+    /// count.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<W: WeightElem, const R: usize>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        wt: &[W],
+        n: usize,
+        c0: usize,
+        w: usize,
+        bias: &[f32],
+        y: *mut f32,
+    ) {
+        let (wp, xp) = (wt.as_ptr(), x.as_ptr().add(r0 * k));
+        for col in [0, 16] {
+            if col >= w {
+                break;
+            }
+            let b = [
+                _mm256_loadu_ps(bias.as_ptr().add(col)),
+                _mm256_loadu_ps(bias.as_ptr().add(col + 8)),
+            ];
+            let mut acc = [b; R];
+            for i in 0..k {
+                let p = wp.add(i * TILE + col);
+                let (w0, w1) = (load8(p), load8(p.add(8)));
+                for r in 0..R {
+                    let u = _mm256_set1_ps(*xp.add(r * k + i));
+                    acc[r][0] = _mm256_fmadd_ps(u, w0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(u, w1, acc[r][1]);
+                }
+            }
+            let cols = (w - col).min(16);
+            for (r, a) in acc.iter().enumerate() {
+                let at = y.add((r0 + r) * n + c0 + col);
+                if cols == 16 {
+                    _mm256_storeu_ps(at, a[0]);
+                    _mm256_storeu_ps(at.add(8), a[1]);
+                } else {
+                    let mut buf = [0f32; 16];
+                    _mm256_storeu_ps(buf.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(buf.as_mut_ptr().add(8), a[1]);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), at, cols);
+                }
+            }
         }
     }
 
@@ -394,16 +479,120 @@ mod avx512 {
         // not depend on how many rows share the call: a k-row verify gives
         // bitwise the logits of k one-row steps, and speculative output
         // equals plain output even at sampling boundaries.
+        //
+        // Up to 4 rows interleave the two halves (enough independent FMA
+        // chains for one row); 5..=WIDE rows run the halves one after the
+        // other, so each weight load (and f16 conversion) serves up to WIDE
+        // rows while 2 x WIDE accumulators stay in registers. Both orders
+        // are the same per-row sums: bitwise-equal results.
         let mut r = 0;
         while r < m {
-            let n_rows = (m - r).min(4);
-            match n_rows {
-                1 => rows::<W, 1, 2>(x, r, k, wt, n, c0, w, bias, y),
-                2 => rows::<W, 2, 2>(x, r, k, wt, n, c0, w, bias, y),
-                3 => rows::<W, 3, 2>(x, r, k, wt, n, c0, w, bias, y),
-                _ => rows::<W, 4, 2>(x, r, k, wt, n, c0, w, bias, y),
+            let n_rows = (m - r).min(WIDE);
+            macro_rules! go {
+                ($($n:literal => $f:ident),*) => {
+                    match n_rows {
+                        $($n => $f::<W, $n>(x, r, k, wt, n, c0, w, bias, y),)*
+                        _ => unreachable!("row block of {n_rows}"),
+                    }
+                };
             }
+            go!(1 => interleaved, 2 => interleaved, 3 => interleaved, 4 => interleaved,
+                5 => halves, 6 => halves, 7 => halves, 8 => halves,
+                9 => halves, 10 => halves, 11 => halves, 12 => halves);
             r += n_rows;
+        }
+    }
+
+    /// Rows per register block: 2 x 12 accumulators + 2 weight registers +
+    /// a broadcast fit AVX-512's 32 registers.
+    const WIDE: usize = 12;
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn interleaved<W: WeightElem, const R: usize>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        wt: &[W],
+        n: usize,
+        c0: usize,
+        w: usize,
+        bias: &[f32],
+        y: *mut f32,
+    ) {
+        rows::<W, R, 2>(x, r0, k, wt, n, c0, w, bias, y)
+    }
+
+    /// Sums `x[r] * w` over `at` in `a` then `b` for rows r0..r0 + R, one
+    /// pass over the weights for all R rows.
+    #[inline(always)]
+    unsafe fn partial<W: WeightElem, const R: usize>(
+        xp: *const f32,
+        k: usize,
+        wp: *const W,
+        a: std::ops::Range<usize>,
+        b: std::ops::Range<usize>,
+    ) -> [[__m512; 2]; R] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for at in a.chain(b) {
+            let p = wp.add(at * TILE);
+            if PF > 0 {
+                let q = p.wrapping_add(PF * TILE) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(q);
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+            }
+            let (w0, w1) = (load16(p), load16(p.add(16)));
+            for rr in 0..R {
+                let u = _mm512_set1_ps(*xp.add(rr * k + at));
+                acc[rr][0] = _mm512_fmadd_ps(u, w0, acc[rr][0]);
+                acc[rr][1] = _mm512_fmadd_ps(u, w1, acc[rr][1]);
+            }
+        }
+        acc
+    }
+
+    /// Rows r0..r0 + R: half 0 of k (then the odd tail), then half 1, then
+    /// bias + half 0 + half 1, exactly the sums of [`rows`] with S = 2.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn halves<W: WeightElem, const R: usize>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        wt: &[W],
+        n: usize,
+        c0: usize,
+        w: usize,
+        bias: &[f32],
+        y: *mut f32,
+    ) {
+        let (wp, xp) = (wt.as_ptr(), x.as_ptr().add(r0 * k));
+        let ks = k / 2;
+        let p0 = partial::<W, R>(xp, k, wp, 0..ks, 2 * ks..k);
+        let p1 = partial::<W, R>(xp, k, wp, ks..2 * ks, 0..0);
+        let b = [
+            _mm512_loadu_ps(bias.as_ptr()),
+            _mm512_loadu_ps(bias.as_ptr().add(16)),
+        ];
+        for rr in 0..R {
+            let v = [
+                _mm512_add_ps(_mm512_add_ps(b[0], p0[rr][0]), p1[rr][0]),
+                _mm512_add_ps(_mm512_add_ps(b[1], p0[rr][1]), p1[rr][1]),
+            ];
+            store(y, (r0 + rr) * n + c0, w, v);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store(y: *mut f32, at: usize, w: usize, v: [__m512; 2]) {
+        if w == TILE {
+            _mm512_storeu_ps(y.add(at), v[0]);
+            _mm512_storeu_ps(y.add(at + 16), v[1]);
+        } else {
+            let mut buf = [0f32; TILE];
+            _mm512_storeu_ps(buf.as_mut_ptr(), v[0]);
+            _mm512_storeu_ps(buf.as_mut_ptr().add(16), v[1]);
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), y.add(at), w);
         }
     }
 
@@ -467,16 +656,7 @@ mod avx512 {
                 v[0] = _mm512_add_ps(v[0], part[rr][0]);
                 v[1] = _mm512_add_ps(v[1], part[rr][1]);
             }
-            let row = r0 + rr;
-            if w == TILE {
-                _mm512_storeu_ps(y.add(row * n + c0), v[0]);
-                _mm512_storeu_ps(y.add(row * n + c0 + 16), v[1]);
-            } else {
-                let mut buf = [0f32; TILE];
-                _mm512_storeu_ps(buf.as_mut_ptr(), v[0]);
-                _mm512_storeu_ps(buf.as_mut_ptr().add(16), v[1]);
-                std::ptr::copy_nonoverlapping(buf.as_ptr(), y.add(row * n + c0), w);
-            }
+            store(y, (r0 + rr) * n + c0, w, v);
         }
     }
 }
@@ -774,14 +954,23 @@ mod tests {
         let (n, k) = (70, 45);
         let w = data(n * k, 6);
         let b = data(n, 7);
-        let x = data(9 * k, 8);
-        let mat = Matrix::<f16>::from_out_in(&w, n, k, Some(b));
-        let mut all = vec![0f32; 9 * n];
-        mat.forward(&x, 9, &mut all);
-        for r in 0..9 {
-            let mut one = vec![0f32; n];
-            mat.forward(&x[r * k..(r + 1) * k], 1, &mut one);
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        let x = data(40 * k, 8);
+        let f32s = Matrix::<f32>::from_out_in(&w, n, k, Some(b.clone()));
+        let f16s = Matrix::<f16>::from_out_in(&w, n, k, Some(b));
+        for m in [2, 4, 5, 9, 12, 13, 24, 40] {
+            for dt in ["f32", "f16"] {
+                let fwd = |x: &[f32], m: usize, y: &mut [f32]| match dt {
+                    "f32" => f32s.forward(x, m, y),
+                    _ => f16s.forward(x, m, y),
+                };
+                let mut all = vec![0f32; m * n];
+                fwd(&x[..m * k], m, &mut all);
+                for r in 0..m {
+                    let mut one = vec![0f32; n];
+                    fwd(&x[r * k..(r + 1) * k], 1, &mut one);
+                    assert_eq!(one, all[r * n..(r + 1) * n], "{dt}: row {r} of {m}");
+                }
+            }
         }
     }
 

@@ -108,9 +108,14 @@ struct ServeArgs {
     /// Name clients use in `model` (default: the directory name).
     #[arg(long, env = "GPT_SERVE_MODEL_ID")]
     model_id: Option<String>,
-    /// Sequences decoding at once (round-robin).
+    /// Sequences decoding at once (continuous batching: one forward serves
+    /// all of them on the CPU; with --device cuda, one forward per sequence).
     #[arg(long, env = "GPT_SERVE_MAX_ACTIVE", default_value_t = 32)]
     max_active: usize,
+    /// Rows per forward, all sequences together: prompt chunks, pending
+    /// tokens and drafts share it.
+    #[arg(long, env = "GPT_SERVE_MAX_BATCH_ROWS", default_value_t = gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS)]
+    max_batch_rows: usize,
     /// Sequences allowed to wait; beyond, 429.
     #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
     max_waiting: usize,
@@ -189,11 +194,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, &loaded)),
         gpu => engine::Backend::Candle(gpu),
     };
+    if matches!(backend, engine::Backend::Cpu(_)) {
+        if let Some(avail) = gpt_serve::memory::available_bytes() {
+            gpt_serve::memory::check_kv_fits(&cfg, a.max_active.max(1), avail)
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
     let eng = engine::Engine::spawn(
         loaded,
         drafter,
         engine::EngineConfig {
             max_active: a.max_active.max(1),
+            max_batch_rows: a.max_batch_rows.max(1),
             backend,
             cascade: a.cascade,
             exit_confidence: a.exit_confidence,

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub itl: Histogram,
     pub e2e: Histogram,
     pub step_seconds: Histogram,
+    pub queue_time: Histogram,
+    pub batch_rows: Histogram,
+    pub batch_sequences: Histogram,
+    rows_by_kind: Family<Labels, Counter>,
     running: Gauge<i64, std::sync::atomic::AtomicI64>,
     waiting: Gauge<i64, std::sync::atomic::AtomicI64>,
     spec_draft_tokens: Counter,
@@ -52,6 +56,10 @@ impl Metrics {
             itl: latency(),
             e2e: latency(),
             step_seconds: latency(),
+            queue_time: latency(),
+            batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            rows_by_kind: Family::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
             spec_draft_tokens: Counter::default(),
@@ -94,9 +102,29 @@ impl Metrics {
             m.e2e.clone(),
         );
         r.register(
-            "gpt_serve:decode_step_seconds",
-            "Time of one decode step of one sequence",
+            "gpt_serve:forward_seconds",
+            "Time of one engine forward (every sequence in the batch)",
             m.step_seconds.clone(),
+        );
+        r.register(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before the engine took it",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "vllm:iteration_tokens_total",
+            "Rows per engine forward (prompt, pending and draft rows)",
+            m.batch_rows.clone(),
+        );
+        r.register(
+            "gpt_serve:iteration_sequences",
+            "Sequences per engine forward",
+            m.batch_sequences.clone(),
+        );
+        r.register(
+            "gpt_serve:batch_rows",
+            "Rows run by kind: prefill (prompt), decode (pending) or draft",
+            m.rows_by_kind.clone(),
         );
         r.register(
             "vllm:num_requests_running",
@@ -167,6 +195,17 @@ impl Metrics {
             self.spec_truncated_by_exit
                 .get_or_create(&vec![("exit".to_string(), i.to_string())])
                 .inc_by(*n);
+        }
+    }
+
+    /// One engine forward: its rows by kind and its sequences.
+    pub fn record_batch(&self, prefill: usize, decode: usize, draft: usize, sequences: usize) {
+        self.batch_rows.observe((prefill + decode + draft) as f64);
+        self.batch_sequences.observe(sequences as f64);
+        for (kind, n) in [("prefill", prefill), ("decode", decode), ("draft", draft)] {
+            self.rows_by_kind
+                .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+                .inc_by(n as u64);
         }
     }
 

@@ -59,6 +59,7 @@ async fn start_with(opts: ServeOptions, max_active: usize, dir: tempfile::TempDi
         EngineConfig {
             backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
             max_active,
+            max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
             cascade: false,
             exit_confidence: 0.5,
         },

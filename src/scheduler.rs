@@ -1,0 +1,206 @@
+//! Builds each engine iteration's row batch from every active sequence
+//! (DESIGN.md, "The engine: one forward, many rows").
+//!
+//! A forward has a budget of rows, shared in this order:
+//! 1. every decoding sequence's pending row (one token each; when there are
+//!    more decoding sequences than rows, a rotating start decides who waits
+//!    one iteration, so nobody waits two in a row);
+//! 2. prompt chunks, in arrival order, from what is left (a quarter of the
+//!    budget is kept for them when decoding sequences would fill it all),
+//!    so a long prompt never stalls the others for more than one forward;
+//! 3. drafts, by expected gain across all sequences: a draft row is added
+//!    while it raises the batch's expected tokens per unit of forward time,
+//!    judged by the marginal cost of one more row in *this* batch (see
+//!    [`allocate`]).
+//!
+//! Pure logic over plain numbers: no tensors, no channels.
+
+/// What one active sequence wants from the next forward.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Want {
+    /// `remaining` prompt tokens are not in the cache yet.
+    Prefill { remaining: usize },
+    /// A verify step: the pending row, then drafts whose expected gains
+    /// (probability that the draft and all before it are accepted) are
+    /// `gains`, non-increasing.
+    Decode { gains: Vec<f32> },
+    /// Nothing this iteration (finished, or runs on its own).
+    Idle,
+}
+
+/// The row budget and cost model of one forward.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Rows per forward at most.
+    pub max_rows: usize,
+    /// Cost of one more row, relative to a one-row forward (the forward's
+    /// cost is modelled as `1 + row_cost * (rows - 1)`).
+    pub row_cost: f64,
+}
+
+/// Rows given to each sequence this iteration (index-aligned with `wants`):
+/// 0 for none; for a decoding sequence 1 + its drafts; for a prefilling one
+/// the chunk length. `turn` rotates who goes first among decoding sequences.
+pub fn allocate(wants: &[Want], budget: Budget, turn: usize) -> Vec<usize> {
+    let max_rows = budget.max_rows.max(1);
+    let mut rows = vec![0; wants.len()];
+    let decoding: Vec<usize> = (0..wants.len())
+        .filter(|&i| matches!(wants[i], Want::Decode { .. }))
+        .collect();
+    let prefill_waiting = wants
+        .iter()
+        .any(|w| matches!(w, Want::Prefill { remaining } if *remaining > 0));
+    // 1. Pending rows, rotating when they do not all fit.
+    let reserve = if prefill_waiting { max_rows / 4 } else { 0 };
+    let n_dec = decoding.len().min(max_rows - reserve.min(max_rows - 1));
+    // Consecutive turns take consecutive windows of the decoding sequences.
+    let start = if decoding.is_empty() {
+        0
+    } else {
+        turn.wrapping_mul(n_dec) % decoding.len()
+    };
+    let chosen: Vec<usize> = (0..n_dec)
+        .map(|j| decoding[(start + j) % decoding.len()])
+        .collect();
+    for &i in &chosen {
+        rows[i] = 1;
+    }
+    let mut left = max_rows - n_dec;
+    // 2. Prompt chunks, in arrival order.
+    for (i, w) in wants.iter().enumerate() {
+        if let Want::Prefill { remaining } = w {
+            rows[i] = (*remaining).min(left);
+            left -= rows[i];
+        }
+    }
+    // 3. Drafts while they raise expected tokens per unit of time.
+    let used = max_rows - left;
+    let mut cost = 1.0 + budget.row_cost * used.saturating_sub(1) as f64;
+    let mut expected = n_dec as f64;
+    let mut drafts: Vec<(f32, usize, usize)> = chosen
+        .iter()
+        .flat_map(|&i| match &wants[i] {
+            Want::Decode { gains } => gains.iter().enumerate().map(|(j, g)| (*g, j, i)).collect(),
+            _ => vec![],
+        })
+        .collect();
+    // Highest gain first; within a sequence, earlier drafts first.
+    drafts.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (gain, j, i) in drafts {
+        let gain = f64::from(gain);
+        // (E + g) / (T + c) > E / T  <=>  g T > c E.
+        if left == 0 || gain * cost <= budget.row_cost * expected || rows[i] != j + 1 {
+            break;
+        }
+        rows[i] += 1;
+        left -= 1;
+        cost += budget.row_cost;
+        expected += gain;
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(gains: &[f32]) -> Want {
+        Want::Decode {
+            gains: gains.to_vec(),
+        }
+    }
+
+    const CHEAP: Budget = Budget {
+        max_rows: 64,
+        row_cost: 0.02,
+    };
+
+    #[test]
+    fn every_decoding_sequence_gets_its_pending_row_and_drafts_fill_the_rest() {
+        let wants = vec![decode(&[0.9, 0.8]), decode(&[]), decode(&[0.5])];
+        assert_eq!(allocate(&wants, CHEAP, 0), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn a_full_batch_rotates_so_no_sequence_waits_two_iterations_in_a_row() {
+        let wants = vec![decode(&[]); 5];
+        let b = Budget {
+            max_rows: 3,
+            row_cost: 0.02,
+        };
+        let mut waited = [0usize; 5];
+        for turn in 0..20 {
+            let rows = allocate(&wants, b, turn);
+            assert_eq!(rows.iter().sum::<usize>(), 3);
+            for (i, r) in rows.iter().enumerate() {
+                waited[i] = if *r == 0 { waited[i] + 1 } else { 0 };
+                assert!(
+                    waited[i] <= 1,
+                    "sequence {i} waited {} iterations",
+                    waited[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_prompt_is_chunked_and_never_takes_the_decoders_rows() {
+        let mut wants = vec![decode(&[0.9, 0.9]); 8];
+        wants.push(Want::Prefill { remaining: 1000 });
+        let b = Budget {
+            max_rows: 32,
+            row_cost: 0.02,
+        };
+        let rows = allocate(&wants, b, 0);
+        assert!(rows[..8].iter().all(|r| *r >= 1), "{rows:?}");
+        assert_eq!(rows[8], 24, "the prompt takes what the pending rows leave");
+        assert_eq!(rows.iter().sum::<usize>(), 32);
+    }
+
+    #[test]
+    fn prompts_still_progress_when_decoders_could_fill_the_budget() {
+        let mut wants = vec![decode(&[]); 40];
+        wants.push(Want::Prefill { remaining: 100 });
+        let b = Budget {
+            max_rows: 32,
+            row_cost: 0.02,
+        };
+        let rows = allocate(&wants, b, 7);
+        assert_eq!(rows[40], 8, "a quarter of the budget is kept for prompts");
+        assert_eq!(rows.iter().sum::<usize>(), 32);
+    }
+
+    #[test]
+    fn a_draft_row_must_pay_for_its_marginal_cost() {
+        // One sequence with a 1% draft on a machine where a row costs 5% of
+        // a forward: not worth it. At 0.5% per row it is.
+        let wants = vec![decode(&[0.01])];
+        let dear = Budget {
+            max_rows: 64,
+            row_cost: 0.05,
+        };
+        assert_eq!(allocate(&wants, dear, 0), vec![1]);
+        let cheap = Budget {
+            max_rows: 64,
+            row_cost: 0.005,
+        };
+        assert_eq!(allocate(&wants, cheap, 0), vec![2]);
+    }
+
+    #[test]
+    fn drafts_compete_across_sequences_by_gain_and_stay_prefixes() {
+        let wants = vec![decode(&[0.9, 0.2, 0.1]), decode(&[0.7, 0.6])];
+        let b = Budget {
+            max_rows: 5,
+            row_cost: 0.01,
+        };
+        // Two pending rows, then the three best drafts: 0.9, 0.7, 0.6.
+        assert_eq!(allocate(&wants, b, 0), vec![2, 3]);
+    }
+
+    #[test]
+    fn idle_sequences_get_nothing() {
+        let wants = vec![Want::Idle, decode(&[]), Want::Prefill { remaining: 0 }];
+        assert_eq!(allocate(&wants, CHEAP, 0), vec![0, 1, 0]);
+    }
+}
