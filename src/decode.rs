@@ -743,6 +743,24 @@ impl<'m, M: Forward> Generator<'m, M> {
         Ok(all)
     }
 
+    /// The KV-cache invariant (DESIGN.md): every layer holds exactly the
+    /// prompt tokens put in so far while in prefill, then every committed
+    /// token but the pending one. An error names both lengths.
+    pub fn check_cache(&self) -> Result<()> {
+        let want = match self.in_prefill() {
+            true => self.prefilled,
+            false => self.tokens.len() - 1,
+        };
+        let got = self.model.cache_len(&self.cache);
+        let top = self.model.cache_max_len(&self.cache);
+        if got != want || top != want {
+            candle_core::bail!(
+                "kv cache invariant broken: layers hold {got}..={top} rows, expected {want}"
+            );
+        }
+        Ok(())
+    }
+
     /// Cache length (for tests of the invariant).
     pub fn cache_len(&self) -> usize {
         self.model.cache_len(&self.cache)

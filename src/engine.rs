@@ -36,7 +36,11 @@ pub enum Event {
     Started {
         echo: Vec<Option<TokenOut>>,
     },
-    Tokens(Vec<TokenOut>),
+    /// New tokens, and the engine iteration (forward) that made them.
+    Tokens {
+        tokens: Vec<TokenOut>,
+        iteration: usize,
+    },
     Done {
         finish: Finish,
         stats: SpecStats,
@@ -167,14 +171,18 @@ impl<M: Forward> Active<'_, M> {
 
     /// Sends `Started` once the prompt is in, new tokens, and `Done` at the
     /// end; marks the sequence dead when its client is gone.
-    fn report(&mut self, tokens: Vec<TokenOut>, metrics: &Metrics) {
+    fn report(&mut self, tokens: Vec<TokenOut>, iteration: usize, metrics: &Metrics) {
+        if let Err(e) = self.gen.check_cache() {
+            return self.fail(&e);
+        }
         if !self.started && !self.gen.in_prefill() {
             self.started = true;
             let echo = self.gen.take_echo();
             self.alive &= self.events.send(Event::Started { echo }).is_ok();
         }
         if !tokens.is_empty() {
-            self.alive &= self.events.send(Event::Tokens(tokens)).is_ok();
+            let tokens = Event::Tokens { tokens, iteration };
+            self.alive &= self.events.send(tokens).is_ok();
         }
         if let Some(finish) = self.gen.finished {
             metrics.record_spec(&self.gen.stats);
@@ -218,7 +226,7 @@ fn admit<'m, M: Forward>(
                 solo,
                 alive: true,
             };
-            a.report(vec![], metrics);
+            a.report(vec![], 0, metrics);
             Some(a)
         }
         Err(e) => {
@@ -327,7 +335,7 @@ fn iterate<M: Forward>(
             for (i, l) in owners.into_iter().zip(logits) {
                 let r = rows[i].take().expect("an owner has rows");
                 let tokens = active[i].gen.commit(r, &l);
-                active[i].report(tokens, metrics);
+                active[i].report(tokens, turn, metrics);
             }
         }
         Err(e) => owners.into_iter().for_each(|i| active[i].fail(&e)),
@@ -335,11 +343,11 @@ fn iterate<M: Forward>(
     for a in active.iter_mut() {
         if a.solo && a.started && a.alive && a.gen.finished.is_none() {
             match a.gen.step() {
-                Ok(tokens) => a.report(tokens, metrics),
+                Ok(tokens) => a.report(tokens, turn, metrics),
                 Err(e) => a.fail(&e),
             }
         } else if a.alive && a.gen.finished.is_some() {
-            a.report(vec![], metrics); // finished without a forward (max_tokens)
+            a.report(vec![], turn, metrics); // finished without a forward (max_tokens)
         }
     }
 }

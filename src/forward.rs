@@ -72,6 +72,8 @@ pub trait Forward {
     fn append_rows(&self, s: &mut Self::Stream, next: Self::Stream) -> Result<()>;
     fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
     fn cache_len(&self, cache: &Self::Cache) -> usize;
+    /// Rows held by the fullest layer (equal to `cache_len` between steps).
+    fn cache_max_len(&self, cache: &Self::Cache) -> usize;
     /// Runs every block over the rows of several sequences and returns, per
     /// segment, the final head's logits for its rows `logits`. The CPU
     /// backend runs them as one forward (one batch of rows); the default,
@@ -132,6 +134,12 @@ impl Forward for Gpt {
     fn cache_len(&self, cache: &KvCache) -> usize {
         cache.len()
     }
+    fn cache_max_len(&self, cache: &KvCache) -> usize {
+        (0..self.cfg.n_layer)
+            .map(|i| cache.layer_len(i))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Forward for CpuGpt {
@@ -170,6 +178,12 @@ impl Forward for CpuGpt {
     }
     fn cache_len(&self, cache: &CpuCache) -> usize {
         cache.len()
+    }
+    fn cache_max_len(&self, cache: &CpuCache) -> usize {
+        (0..self.cfg.n_layer)
+            .map(|i| cache.layer_len(i))
+            .max()
+            .unwrap_or(0)
     }
     fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Logits>> {
         let vocab = self.cfg.vocab_size;

@@ -369,7 +369,7 @@ impl ChoiceState {
                     }
                 }
             }
-            Event::Tokens(ts) => {
+            Event::Tokens { tokens: ts, .. } => {
                 for t in ts {
                     if self.finish.is_some() {
                         break;
@@ -603,7 +603,7 @@ async fn collect(
             .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
     );
     while let Some((i, ev)) = merged.next().await {
-        if let Event::Tokens(ts) = &ev {
+        if let Event::Tokens { tokens: ts, .. } = &ev {
             timing.tokens(m, ts.len());
         }
         let s = &mut sub.states[i];
@@ -702,7 +702,7 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
                 }
             };
             let (i, ev) = next;
-            if let Event::Tokens(ts) = &ev {
+            if let Event::Tokens { tokens: ts, .. } = &ev {
                 timing.tokens(m, ts.len());
             }
             let s = &mut sub.states[i];

@@ -1,0 +1,324 @@
+//! Continuous batching (`engine` + `scheduler`): a sequence decoded in a
+//! batch with others gives token for token, logprob for logprob, what it
+//! gives decoded alone; a long prompt does not stall the decoding streams;
+//! a cancelled sequence leaves the batch at once. The engine checks the
+//! KV-cache invariant of every sequence after every iteration and fails
+//! the sequence (an `Error` event) if it breaks, so every test here also
+//! asserts that invariant.
+//!
+//! Runs the shipped model (models/default) and its drafter, with prompts
+//! from the shipped prose fixture.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use gpt_serve::checkpoint;
+use gpt_serve::cpu::CpuGpt;
+use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
+use gpt_serve::drafter::Drafter;
+use gpt_serve::engine::{Backend, Engine, EngineConfig, Event, Job};
+use gpt_serve::metrics::Metrics;
+use gpt_serve::sampling::SamplingParams;
+use tokio::sync::mpsc;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Shipped {
+    model: CpuGpt,
+    drafter: Drafter,
+    eot: u32,
+    text: Vec<u32>,
+}
+
+fn shipped() -> Option<Shipped> {
+    let dir = root().join("models/default");
+    if !dir.join("drafter.json").exists() {
+        eprintln!("skipping: models/default (model and drafter) is absent");
+        return None;
+    }
+    let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
+    let model = loaded.cpu(loaded.serving_dtype()).unwrap();
+    let drafter = Drafter::load(&dir.join("drafter.json"), model.cfg.vocab_size).unwrap();
+    let prose = std::fs::read_to_string(root().join("tests/fixtures/prose.txt")).unwrap();
+    let text = loaded.tokenizer.encode(&prose).unwrap();
+    Some(Shipped {
+        model,
+        drafter,
+        eot: loaded.tokenizer.eot(),
+        text,
+    })
+}
+
+fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
+    let dir = root().join("models/default");
+    let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
+    let dtype = loaded.serving_dtype();
+    let vocab = loaded.config.model.vocab_size;
+    let drafter = Drafter::load(&dir.join("drafter.json"), vocab).unwrap();
+    let engine = Engine::spawn(
+        loaded,
+        Some(drafter),
+        EngineConfig {
+            max_active,
+            max_batch_rows,
+            backend: Backend::Cpu(dtype),
+            cascade: false,
+            exit_confidence: 0.5,
+        },
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    while !engine.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    engine
+}
+
+/// One request to the engine and what came back.
+struct Run {
+    prompt: Vec<u32>,
+    params: GenParams,
+    echo: Option<usize>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+fn submit(e: &Engine, prompt: Vec<u32>, params: GenParams, echo: Option<usize>) -> Run {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    e.submit(Job {
+        prompt: prompt.clone(),
+        params: params.clone(),
+        echo_logprobs: echo,
+        events: tx,
+        cancel: cancel.clone(),
+    })
+    .unwrap();
+    Run {
+        prompt,
+        params,
+        echo,
+        rx,
+        cancel,
+    }
+}
+
+/// Everything a run produced: echo, tokens with their iterations, and
+/// whether it ended with `Done`.
+#[derive(Default)]
+struct Outcome {
+    echo: Vec<Option<TokenOut>>,
+    tokens: Vec<TokenOut>,
+    iterations: Vec<usize>,
+    done: bool,
+}
+
+fn collect(run: &mut Run) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(ev) = run.rx.blocking_recv() {
+        match ev {
+            Event::Started { echo } => o.echo = echo,
+            Event::Tokens { tokens, iteration } => {
+                o.iterations
+                    .extend(std::iter::repeat_n(iteration, tokens.len()));
+                o.tokens.extend(tokens);
+            }
+            Event::Done { .. } => o.done = true,
+            Event::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+    o
+}
+
+fn alone(s: &Shipped, run: &Run) -> (Vec<Option<TokenOut>>, Vec<TokenOut>) {
+    let (mut g, echo) = Generator::new(
+        &s.model,
+        Proposer::Tree(&s.drafter),
+        &run.prompt,
+        run.params.clone(),
+        s.eot,
+        run.echo,
+    )
+    .unwrap();
+    (echo, g.run().unwrap())
+}
+
+fn params(max_tokens: usize, temperature: f32, seed: u64, choice: u32) -> GenParams {
+    GenParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            seed,
+            ..Default::default()
+        },
+        choice,
+        logprobs: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Sixteen requests of every shape: prompt lengths from 1 to the context
+/// limit, several max_tokens, temperatures, seeds, choices (n) and echo.
+fn sixteen(s: &Shipped) -> Vec<(Vec<u32>, GenParams, Option<usize>)> {
+    let window = s.model.cfg.block_size;
+    let lens = [
+        1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 120, 150, 180, 200, 230, 0,
+    ];
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let max_tokens = [8, 24, 40, 3][i % 4];
+            let len = if len == 0 { window } else { len }.min(window - max_tokens);
+            let at = (i * 29) % (s.text.len() - len);
+            let temperature = [0.0, 0.8, 1.0, 0.0][(i / 2) % 4];
+            let echo = (i % 5 == 0).then_some(2);
+            let p = params(max_tokens, temperature, 7 + i as u64 % 3, (i % 2) as u32);
+            (s.text[at..at + len].to_vec(), p, echo)
+        })
+        .collect()
+}
+
+fn assert_same(i: usize, got: &Outcome, want: &(Vec<Option<TokenOut>>, Vec<TokenOut>)) {
+    assert!(got.done, "sequence {i} did not finish");
+    assert_eq!(got.echo, want.0, "sequence {i}: echo logprobs differ");
+    assert_eq!(
+        got.tokens.len(),
+        want.1.len(),
+        "sequence {i}: token counts differ"
+    );
+    for (j, (a, b)) in got.tokens.iter().zip(&want.1).enumerate() {
+        assert_eq!(a, b, "sequence {i}, token {j}: batched vs alone");
+    }
+}
+
+#[test]
+fn sixteen_staggered_sequences_in_a_batch_each_give_what_they_give_alone() {
+    let Some(s) = shipped() else { return };
+    let requests = sixteen(&s);
+    // A roomy budget, then a tight one (chunked prompts, rotation, drafts
+    // competing for rows).
+    for (max_active, rows) in [(16, 64), (16, 8)] {
+        let e = engine(max_active, rows);
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, (prompt, p, echo)) in requests.iter().enumerate() {
+            runs.push(submit(&e, prompt.clone(), p.clone(), *echo));
+            if i % 4 == 3 {
+                // Staggered: let the engine run a while before the next four.
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        }
+        let got: Vec<Outcome> = runs.iter_mut().map(collect).collect();
+        for (i, (run, o)) in runs.iter().zip(&got).enumerate() {
+            assert_same(i, o, &alone(&s, run));
+        }
+        eprintln!("budget {rows} rows: 16 sequences as alone");
+    }
+}
+
+#[test]
+fn a_long_prompt_arriving_never_stalls_the_decoding_streams_for_more_than_two_iterations() {
+    let Some(s) = shipped() else { return };
+    let e = engine(16, 16);
+    let mut streams: Vec<Run> = (0..8)
+        .map(|i| {
+            submit(
+                &e,
+                s.text[i * 7..i * 7 + 4].to_vec(),
+                params(150, 0.8, i as u64, 0),
+                None,
+            )
+        })
+        .collect();
+    // Wait until every stream decodes, then send a 220-token prompt.
+    let mut first = Vec::new();
+    for r in streams.iter_mut() {
+        loop {
+            match r.rx.blocking_recv() {
+                Some(Event::Tokens { iteration, .. }) => {
+                    first.push(iteration);
+                    break;
+                }
+                Some(Event::Started { .. }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let mut long = submit(&e, s.text[100..320].to_vec(), params(4, 0.0, 0, 0), None);
+    let long_out = collect(&mut long);
+    assert!(long_out.done);
+    let started = long_out.iterations[0];
+    let mut checked = 0;
+    for (i, r) in streams.iter_mut().enumerate() {
+        let o = collect(r);
+        let mut last = first[i];
+        for &it in o.iterations.iter().filter(|&&it| it <= started) {
+            assert!(
+                it <= last + 2,
+                "stream {i} got no token from iteration {last} to {it} while the prompt was in"
+            );
+            last = it;
+            checked += 1;
+        }
+    }
+    // The prompt (220 rows at most 16 per forward, minus 8 pending rows)
+    // took many iterations: the streams were checked across all of them.
+    assert!(
+        started >= first.iter().max().unwrap() + 220 / 8,
+        "prefill took {started} iterations"
+    );
+    assert!(
+        checked > 8 * 10,
+        "only {checked} stream tokens during the prefill"
+    );
+}
+
+#[test]
+fn a_cancelled_or_abandoned_sequence_leaves_the_batch_at_the_next_iteration() {
+    let Some(s) = shipped() else { return };
+    let e = engine(8, 64);
+    let mut runs: Vec<Run> = (0..4)
+        .map(|i| {
+            submit(
+                &e,
+                s.text[i * 11..i * 11 + 6].to_vec(),
+                params(120, 0.0, 1, 0),
+                None,
+            )
+        })
+        .collect();
+    // Run 0 is cancelled (stop string or timeout) after its first tokens;
+    // run 1's client disconnects.
+    let mut cancelled_at = None;
+    while let Some(ev) = runs[0].rx.blocking_recv() {
+        if let Event::Tokens { iteration, .. } = ev {
+            runs[0]
+                .cancel
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            cancelled_at = Some(iteration);
+            break;
+        }
+    }
+    let abandoned = runs.remove(1);
+    drop(abandoned.rx);
+    // Whatever run 0 still receives comes from at most the iteration that
+    // was running when it was cancelled; then the engine drops it (the
+    // channel closes without `Done`).
+    let rest = collect(&mut runs[0]);
+    assert!(!rest.done, "a cancelled sequence ran to its end");
+    let at = cancelled_at.unwrap();
+    assert!(
+        rest.iterations.iter().all(|&it| it <= at + 1),
+        "{:?} after {at}",
+        rest.iterations
+    );
+    // The others are unaffected.
+    for (i, r) in runs.iter_mut().enumerate().skip(1) {
+        let o = collect(r);
+        assert_same(i, &o, &alone(&s, r));
+    }
+}
