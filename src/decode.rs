@@ -260,6 +260,8 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
     echo: Vec<Option<TokenOut>>,
     counts: HashMap<u32, u32>,
     verified: Verified,
+    /// Keep `verified` current (the tree drafter and its labelling read it).
+    track_verified: bool,
     /// Adaptive draft length (prompt lookup and oracle).
     k_cur: usize,
     /// Running estimate of the per-draft acceptance rate (tree drafter).
@@ -333,6 +335,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             echo_top: echo_logprobs,
             echo: vec![None],
             counts: HashMap::new(),
+            track_verified: matches!(proposer, Proposer::Tree(_)),
             verified: Verified {
                 top1_prob: 0.5,
                 entropy: 2.0,
@@ -383,6 +386,13 @@ impl<'m, M: Forward> Generator<'m, M> {
     /// proposer and the draft-length rule give (the caller may drop some
     /// with [`Rows::keep_rows`]). None when the sequence is done.
     pub fn next_rows(&mut self, max_rows: usize) -> Option<Rows> {
+        self.next_rows_in_batch(max_rows, 0.0)
+    }
+
+    /// As [`Self::next_rows`], drafting only while a draft's expected gain
+    /// (the drafter's path probability) is at least `min_gain`: what a row
+    /// must bring to pay for its marginal cost in the batch being built.
+    pub fn next_rows_in_batch(&mut self, max_rows: usize, min_gain: f32) -> Option<Rows> {
         if self.finished.is_some() || max_rows == 0 {
             return None;
         }
@@ -400,7 +410,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             self.finished = Some(Finish::Length);
             return None;
         }
-        let (drafts, probs, shadow) = self.propose(max_rows - 1);
+        let (drafts, probs, shadow) = self.propose(max_rows - 1, min_gain);
         let pending = *self.tokens.last().expect("non-empty");
         Some(Rows {
             tokens: [&[pending][..], &drafts].concat(),
@@ -484,9 +494,10 @@ impl<'m, M: Forward> Generator<'m, M> {
     }
 
     /// Drafts for the next step, clamped so the step cannot pass max_tokens,
-    /// the window or `cap`: (drafts, the drafter's probability of each, the
-    /// tree's first token when drafting did not pay).
-    fn propose(&mut self, cap: usize) -> (Vec<u32>, Vec<f32>, Option<u32>) {
+    /// the window or `cap`, and stopped where the path probability falls
+    /// below `min_gain` (tree drafter): (drafts, the drafter's probability
+    /// of each, the tree's first token when drafting did not pay).
+    fn propose(&mut self, cap: usize, min_gain: f32) -> (Vec<u32>, Vec<f32>, Option<u32>) {
         let cfg = self.model.config();
         let room = (self.remaining() - 1)
             .min(cfg.block_size - self.tokens.len())
@@ -513,7 +524,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             _ if !self.params.speculate || k == 0 => (vec![], vec![], shadow),
             Proposer::None => (vec![], vec![], shadow),
             Proposer::Tree(d) => {
-                let ds = d.propose(&self.tokens, k, self.verified);
+                let ds = d.propose_path(&self.tokens, k, self.verified, d.threshold, min_gain);
                 let probs = ds.iter().map(|d| d.prob).collect();
                 (ds.into_iter().map(|d| d.token).collect(), probs, shadow)
             }
@@ -544,7 +555,7 @@ impl<'m, M: Forward> Generator<'m, M> {
         }
         let cfg = self.model.config();
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
-        let (drafts, _, shadow) = self.propose(usize::MAX);
+        let (drafts, _, shadow) = self.propose(usize::MAX, 0.0);
         let pos = self.tokens.len() - 1;
         let n_exits = cfg.exits.len();
         // Self-drafting when the proposer gave nothing: the rows arrive
@@ -639,11 +650,13 @@ impl<'m, M: Forward> Generator<'m, M> {
             (f, self.finished.is_some())
         });
         // The drafter's features read the model's stats where it last committed.
-        let (p1, ent) = sampling::top1_and_entropy(&logits[last_row]);
-        self.verified = Verified {
-            top1_prob: p1,
-            entropy: ent,
-        };
+        if self.track_verified {
+            let (p1, ent) = sampling::top1_and_entropy(&logits[last_row]);
+            self.verified = Verified {
+                top1_prob: p1,
+                entropy: ent,
+            };
+        }
         let accepted = out.len() - 1;
         if let Some(t) = shadow {
             self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));
@@ -804,6 +817,7 @@ pub fn greedy_with_stats<M: Forward>(
         ..Default::default()
     };
     let (mut g, _) = Generator::new(model, Proposer::None, prompt, params, eot, None)?;
+    g.track_verified = true;
     let mut stats = Vec::new();
     while g.finished.is_none() {
         let out = g.step()?;

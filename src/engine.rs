@@ -245,14 +245,14 @@ fn run<M: Forward>(
     waiting: &AtomicUsize,
     eot: u32,
 ) {
-    let budget = Budget {
-        max_rows: cfg.max_batch_rows.max(1),
-        row_cost: row_cost(model),
-    };
+    let budget = Budget::measured(cfg.max_batch_rows, &cost_curve(model, cfg.max_batch_rows));
     tracing::info!(
-        "engine: up to {} rows per forward; one more row costs {:.3} of a one-row forward",
+        "engine: up to {} rows per forward; measured cost of 2/8/{} rows: {:.2}x/{:.2}x/{:.2}x one row",
         budget.max_rows,
-        budget.row_cost
+        budget.max_rows,
+        budget.cost(2),
+        budget.cost(8),
+        budget.cost(budget.max_rows)
     );
     let mut active: Vec<Active<M>> = Vec::new();
     for turn in 0usize.. {
@@ -276,7 +276,7 @@ fn run<M: Forward>(
         // Cancelled and abandoned sequences free their rows and caches now.
         active.retain(|a| a.wanted());
         metrics.set_running(active.len(), waiting.load(Ordering::SeqCst));
-        iterate(model, &mut active, budget, turn, metrics);
+        iterate(model, &mut active, &budget, turn, metrics);
         active.retain(|a| a.wanted());
     }
 }
@@ -286,15 +286,16 @@ fn run<M: Forward>(
 fn iterate<M: Forward>(
     model: &M,
     active: &mut [Active<M>],
-    budget: Budget,
+    budget: &Budget,
     turn: usize,
     metrics: &Metrics,
 ) {
+    let min_gain = draft_floor(active, budget);
     let mut rows: Vec<Option<Rows>> = active
         .iter_mut()
         .map(|a| match a.solo && !a.gen.in_prefill() {
             true => None,
-            false => a.gen.next_rows(budget.max_rows),
+            false => a.gen.next_rows_in_batch(budget.max_rows, min_gain),
         })
         .collect();
     let wants: Vec<Want> = rows
@@ -352,6 +353,20 @@ fn iterate<M: Forward>(
     }
 }
 
+/// The least expected gain a draft row can have and still pay for itself
+/// in this iteration's batch (the rule of `scheduler::allocate`, before any
+/// draft is added), so the drafter stops where the scheduler would cut.
+fn draft_floor<M: Forward>(active: &[Active<M>], budget: &Budget) -> f32 {
+    let decoding = active
+        .iter()
+        .filter(|a| !a.solo && !a.gen.in_prefill() && a.gen.finished.is_none())
+        .count();
+    let prefilling = active.iter().filter(|a| a.gen.in_prefill()).count();
+    // Rows before drafts: pending rows, and at least one row per prompt.
+    let rows = (decoding + prefilling).clamp(1, budget.max_rows);
+    (budget.marginal(rows) * decoding as f64 / budget.cost(rows)) as f32
+}
+
 /// One forward over every sequence that has rows; returns which sequences
 /// took part, in order, and their logits.
 fn forward<M: Forward>(
@@ -379,16 +394,19 @@ fn forward<M: Forward>(
     (owners, result)
 }
 
-/// The marginal cost of one more row in a forward, relative to a one-row
-/// forward, measured on this machine at start: the best of 5 forwards of 1
-/// and of 16 rows (a few milliseconds on the shipped model).
-fn row_cost<M: Forward>(model: &M) -> f64 {
-    const ROWS: usize = 16;
-    let rows = ROWS.min(model.config().block_size);
+/// The time of a forward of 1, 2, 4, .. rows up to `max_rows` (one
+/// sequence's rows after an empty cache, logits for every row), best of 3
+/// each, measured on this machine at start (~0.1 s on the shipped model).
+fn cost_curve<M: Forward>(model: &M, max_rows: usize) -> Vec<(usize, f64)> {
+    let limit = max_rows.max(1).min(model.config().block_size);
+    let sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
+        .take_while(|&n| n < limit)
+        .chain([limit])
+        .collect();
     let time = |n: usize| -> Option<f64> {
         let tokens = vec![0u32; n];
         let mut best = f64::MAX;
-        for _ in 0..5 {
+        for _ in 0..3 {
             let mut cache = model.new_cache().ok()?;
             let t = Instant::now();
             let mut seg = [Segment {
@@ -402,10 +420,8 @@ fn row_cost<M: Forward>(model: &M) -> f64 {
         }
         Some(best)
     };
-    match (time(1), time(rows)) {
-        (Some(one), Some(many)) if rows > 1 && one > 0.0 => {
-            ((many / one - 1.0) / (rows - 1) as f64).clamp(0.001, 1.0)
-        }
-        _ => 0.05,
-    }
+    sizes
+        .into_iter()
+        .map_while(|n| time(n).map(|t| (n, t)))
+        .collect()
 }

@@ -372,7 +372,74 @@ mod simd {
         att: &mut [f32],
         out: &mut [f32],
     ) {
-        super::attend_head_portable(q, k, v, scale, att, out)
+        match q.len() {
+            64 => head::<8>(q, k, v, scale, att, out),
+            128 => head::<16>(q, k, v, scale, att, out),
+            32 => head::<4>(q, k, v, scale, att, out),
+            _ => super::attend_head_portable(q, k, v, scale, att, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// One head of width 8 L: scores four keys at a time (four independent
+    /// FMA chains), softmax, then the weighted sum of values kept in L
+    /// registers until the end (the portable loop stored and reloaded the
+    /// output for every key: a quarter of a batched forward's time).
+    #[inline(always)]
+    unsafe fn head<const L: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+        att: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hs = 8 * L;
+        let n = att.len();
+        debug_assert!(k.len() >= n * hs && v.len() >= n * hs && out.len() == hs);
+        let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+        let mut qv = [_mm256_setzero_ps(); L];
+        for (l, r) in qv.iter_mut().enumerate() {
+            *r = _mm256_loadu_ps(qp.add(8 * l));
+        }
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (l, qr) in qv.iter().enumerate() {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add((j + i) * hs + 8 * l)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                att[j + i] = hsum(*a) * scale;
+            }
+            j += 4;
+        }
+        while j < n {
+            let mut a = _mm256_setzero_ps();
+            for (l, qr) in qv.iter().enumerate() {
+                a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(j * hs + 8 * l)), a);
+            }
+            att[j] = hsum(a) * scale;
+            j += 1;
+        }
+        super::softmax_portable(att);
+        let mut o = [_mm256_setzero_ps(); L];
+        for (j, w) in att.iter().enumerate() {
+            let w = _mm256_set1_ps(*w);
+            for (l, r) in o.iter_mut().enumerate() {
+                *r = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(j * hs + 8 * l)), *r);
+            }
+        }
+        for (l, r) in o.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * l), *r);
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -995,6 +1062,27 @@ mod tests {
             worst = worst.max((tanh_fast(x) - x.tanh()).abs());
         }
         assert!(worst < 1e-5, "max error {worst}");
+    }
+
+    #[test]
+    fn attention_of_one_head_matches_the_portable_loop_for_every_width() {
+        for hs in [16, 32, 64, 128] {
+            for n in [1, 3, 4, 7, 130] {
+                let q = data(hs, 11);
+                let k = data(n * hs, 12);
+                let v = data(n * hs, 13);
+                let (mut att, mut want) = (vec![0f32; n], vec![0f32; hs]);
+                attend_head_portable(&q, &k, &v, 0.125, &mut att, &mut want);
+                let mut got = vec![0f32; hs];
+                attend_head(&q, &k, &v, 0.125, &mut att, &mut got);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-5, "hs {hs} n {n}: max err {err}");
+            }
+        }
     }
 
     #[test]

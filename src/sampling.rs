@@ -136,14 +136,22 @@ pub fn top1_prob(logits: &[f32]) -> f32 {
 
 /// Top-1 probability and entropy (nats) of the distribution of `logits`.
 pub fn top1_and_entropy(logits: &[f32]) -> (f32, f32) {
-    let lp = log_softmax(logits);
-    let mut top = f32::MIN;
-    let mut h = 0f64;
-    for l in &lp {
-        top = top.max(*l);
-        h -= (l.exp() * l) as f64;
+    // One pass after the max, no allocation: with e_i = exp(l_i - m) and
+    // s = sum e_i, the top-1 probability is 1 / s and the entropy is
+    // ln s - sum e_i (l_i - m) / s (a decode step called libm's exp twice
+    // per vocabulary entry here: 8% of a batched forward).
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return (0.0, 0.0);
     }
-    (top.exp(), h as f32)
+    let (mut s, mut el) = (0f64, 0f64);
+    for &l in logits {
+        let d = l - m;
+        let e = crate::kernels::exp_neg(d) as f64;
+        s += e;
+        el += e * d as f64;
+    }
+    ((1.0 / s) as f32, (s.ln() - el / s) as f32)
 }
 
 /// The `n` most likely tokens with their logprobs.

@@ -10,8 +10,8 @@
 //!    so a long prompt never stalls the others for more than one forward;
 //! 3. drafts, by expected gain across all sequences: a draft row is added
 //!    while it raises the batch's expected tokens per unit of forward time,
-//!    judged by the marginal cost of one more row in *this* batch (see
-//!    [`allocate`]).
+//!    judged by the marginal cost of one more row in *this* batch, read
+//!    off the forward's measured cost curve (see [`allocate`], [`Budget`]).
 //!
 //! Pure logic over plain numbers: no tensors, no channels.
 
@@ -29,19 +29,67 @@ pub enum Want {
 }
 
 /// The row budget and cost model of one forward.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Budget {
     /// Rows per forward at most.
     pub max_rows: usize,
-    /// Cost of one more row, relative to a one-row forward (the forward's
-    /// cost is modelled as `1 + row_cost * (rows - 1)`).
-    pub row_cost: f64,
+    /// `cost[n]`: the time of a forward of n rows relative to one row
+    /// (non-decreasing; index 0..=max_rows).
+    cost: Vec<f64>,
+}
+
+impl Budget {
+    /// A forward costing `1 + row_cost * (rows - 1)`.
+    pub fn linear(max_rows: usize, row_cost: f64) -> Self {
+        let cost = (0..=max_rows.max(1))
+            .map(|n| 1.0 + row_cost * n.saturating_sub(1) as f64)
+            .collect();
+        Self {
+            max_rows: max_rows.max(1),
+            cost,
+        }
+    }
+
+    /// From measured `(rows, seconds)` points (rows ascending, the first at
+    /// 1 row), linearly interpolated and extrapolated, normalised to one
+    /// row, and made non-decreasing (a noisy point never makes a row free).
+    pub fn measured(max_rows: usize, points: &[(usize, f64)]) -> Self {
+        let max_rows = max_rows.max(1);
+        let base = points.first().map_or(1.0, |p| p.1).max(1e-12);
+        let at = |n: usize| -> f64 {
+            let i = points.iter().rposition(|p| p.0 <= n).unwrap_or(0);
+            let j = (i + 1).min(points.len() - 1);
+            let (i, j) = if i == j && i > 0 { (i - 1, i) } else { (i, j) };
+            let ((n0, t0), (n1, t1)) = (points[i], points[j]);
+            let slope = if n1 > n0 {
+                (t1 - t0) / (n1 - n0) as f64
+            } else {
+                0.0
+            };
+            (t0 + slope * (n as f64 - n0 as f64)) / base
+        };
+        let mut cost = vec![1.0; max_rows + 1];
+        for n in 2..=max_rows {
+            cost[n] = if points.is_empty() { n as f64 } else { at(n) }.max(cost[n - 1]);
+        }
+        Self { max_rows, cost }
+    }
+
+    /// Relative cost of a forward of `rows` rows.
+    pub fn cost(&self, rows: usize) -> f64 {
+        self.cost[rows.clamp(1, self.max_rows)]
+    }
+
+    /// What one more row adds to a forward of `rows` rows.
+    pub fn marginal(&self, rows: usize) -> f64 {
+        self.cost(rows + 1) - self.cost(rows)
+    }
 }
 
 /// Rows given to each sequence this iteration (index-aligned with `wants`):
 /// 0 for none; for a decoding sequence 1 + its drafts; for a prefilling one
 /// the chunk length. `turn` rotates who goes first among decoding sequences.
-pub fn allocate(wants: &[Want], budget: Budget, turn: usize) -> Vec<usize> {
+pub fn allocate(wants: &[Want], budget: &Budget, turn: usize) -> Vec<usize> {
     let max_rows = budget.max_rows.max(1);
     let mut rows = vec![0; wants.len()];
     let decoding: Vec<usize> = (0..wants.len())
@@ -74,8 +122,6 @@ pub fn allocate(wants: &[Want], budget: Budget, turn: usize) -> Vec<usize> {
         }
     }
     // 3. Drafts while they raise expected tokens per unit of time.
-    let used = max_rows - left;
-    let mut cost = 1.0 + budget.row_cost * used.saturating_sub(1) as f64;
     let mut expected = n_dec as f64;
     let mut drafts: Vec<(f32, usize, usize)> = chosen
         .iter()
@@ -86,15 +132,15 @@ pub fn allocate(wants: &[Want], budget: Budget, turn: usize) -> Vec<usize> {
         .collect();
     // Highest gain first; within a sequence, earlier drafts first.
     drafts.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (gain, j, i) in drafts {
+    for (used, (gain, j, i)) in (max_rows - left..).zip(drafts) {
         let gain = f64::from(gain);
-        // (E + g) / (T + c) > E / T  <=>  g T > c E.
-        if left == 0 || gain * cost <= budget.row_cost * expected || rows[i] != j + 1 {
+        // With c the marginal cost: (E + g) / (T + c) > E / T  <=>  g T > c E.
+        let paid = gain * budget.cost(used) > budget.marginal(used) * expected;
+        if left == 0 || !paid || rows[i] != j + 1 {
             break;
         }
         rows[i] += 1;
         left -= 1;
-        cost += budget.row_cost;
         expected += gain;
     }
     rows
@@ -110,27 +156,23 @@ mod tests {
         }
     }
 
-    const CHEAP: Budget = Budget {
-        max_rows: 64,
-        row_cost: 0.02,
-    };
+    fn cheap() -> Budget {
+        Budget::linear(64, 0.02)
+    }
 
     #[test]
     fn every_decoding_sequence_gets_its_pending_row_and_drafts_fill_the_rest() {
         let wants = vec![decode(&[0.9, 0.8]), decode(&[]), decode(&[0.5])];
-        assert_eq!(allocate(&wants, CHEAP, 0), vec![3, 1, 2]);
+        assert_eq!(allocate(&wants, &cheap(), 0), vec![3, 1, 2]);
     }
 
     #[test]
     fn a_full_batch_rotates_so_no_sequence_waits_two_iterations_in_a_row() {
         let wants = vec![decode(&[]); 5];
-        let b = Budget {
-            max_rows: 3,
-            row_cost: 0.02,
-        };
+        let b = Budget::linear(3, 0.02);
         let mut waited = [0usize; 5];
         for turn in 0..20 {
-            let rows = allocate(&wants, b, turn);
+            let rows = allocate(&wants, &b, turn);
             assert_eq!(rows.iter().sum::<usize>(), 3);
             for (i, r) in rows.iter().enumerate() {
                 waited[i] = if *r == 0 { waited[i] + 1 } else { 0 };
@@ -147,11 +189,8 @@ mod tests {
     fn a_long_prompt_is_chunked_and_never_takes_the_decoders_rows() {
         let mut wants = vec![decode(&[0.9, 0.9]); 8];
         wants.push(Want::Prefill { remaining: 1000 });
-        let b = Budget {
-            max_rows: 32,
-            row_cost: 0.02,
-        };
-        let rows = allocate(&wants, b, 0);
+        let b = Budget::linear(32, 0.02);
+        let rows = allocate(&wants, &b, 0);
         assert!(rows[..8].iter().all(|r| *r >= 1), "{rows:?}");
         assert_eq!(rows[8], 24, "the prompt takes what the pending rows leave");
         assert_eq!(rows.iter().sum::<usize>(), 32);
@@ -161,11 +200,8 @@ mod tests {
     fn prompts_still_progress_when_decoders_could_fill_the_budget() {
         let mut wants = vec![decode(&[]); 40];
         wants.push(Want::Prefill { remaining: 100 });
-        let b = Budget {
-            max_rows: 32,
-            row_cost: 0.02,
-        };
-        let rows = allocate(&wants, b, 7);
+        let b = Budget::linear(32, 0.02);
+        let rows = allocate(&wants, &b, 7);
         assert_eq!(rows[40], 8, "a quarter of the budget is kept for prompts");
         assert_eq!(rows.iter().sum::<usize>(), 32);
     }
@@ -175,32 +211,40 @@ mod tests {
         // One sequence with a 1% draft on a machine where a row costs 5% of
         // a forward: not worth it. At 0.5% per row it is.
         let wants = vec![decode(&[0.01])];
-        let dear = Budget {
-            max_rows: 64,
-            row_cost: 0.05,
-        };
-        assert_eq!(allocate(&wants, dear, 0), vec![1]);
-        let cheap = Budget {
-            max_rows: 64,
-            row_cost: 0.005,
-        };
-        assert_eq!(allocate(&wants, cheap, 0), vec![2]);
+        let dear = Budget::linear(64, 0.05);
+        assert_eq!(allocate(&wants, &dear, 0), vec![1]);
+        let cheap = Budget::linear(64, 0.005);
+        assert_eq!(allocate(&wants, &cheap, 0), vec![2]);
     }
 
     #[test]
     fn drafts_compete_across_sequences_by_gain_and_stay_prefixes() {
         let wants = vec![decode(&[0.9, 0.2, 0.1]), decode(&[0.7, 0.6])];
-        let b = Budget {
-            max_rows: 5,
-            row_cost: 0.01,
-        };
+        let b = Budget::linear(5, 0.01);
         // Two pending rows, then the three best drafts: 0.9, 0.7, 0.6.
-        assert_eq!(allocate(&wants, b, 0), vec![2, 3]);
+        assert_eq!(allocate(&wants, &b, 0), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_measured_curve_is_interpolated_normalised_and_never_decreasing() {
+        // 1 row 1 ms, 2 rows 1 ms (free), 8 rows 2.5 ms, a noisy 16 at 2 ms.
+        let b = Budget::measured(32, &[(1, 1e-3), (2, 1e-3), (8, 2.5e-3), (16, 2e-3)]);
+        assert_eq!(b.cost(1), 1.0);
+        assert!((b.cost(2) - 1.0).abs() < 1e-9);
+        assert!((b.cost(5) - 1.75).abs() < 1e-9);
+        assert!(b.cost(16) >= b.cost(8) && b.cost(32) >= b.cost(16));
+        assert!(b.marginal(1) < 1e-9, "a second row was measured free");
+    }
+
+    #[test]
+    fn a_draft_that_is_free_on_the_curve_is_always_taken() {
+        let b = Budget::measured(64, &[(1, 1e-3), (2, 1e-3), (4, 2e-3)]);
+        assert_eq!(allocate(&[decode(&[0.05])], &b, 0), vec![2]);
     }
 
     #[test]
     fn idle_sequences_get_nothing() {
         let wants = vec![Want::Idle, decode(&[]), Want::Prefill { remaining: 0 }];
-        assert_eq!(allocate(&wants, CHEAP, 0), vec![0, 1, 0]);
+        assert_eq!(allocate(&wants, &cheap(), 0), vec![0, 1, 0]);
     }
 }

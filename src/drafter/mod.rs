@@ -235,11 +235,28 @@ impl Drafter {
         verified: Verified,
         threshold: f32,
     ) -> Vec<Draft> {
+        self.propose_path(ctx, k, verified, threshold, 0.0)
+    }
+
+    /// As [`Self::propose_with`], and also stops once the path probability
+    /// (the product of the drafts' probabilities) falls below `min_path`:
+    /// a batch where a draft row must be likely to pay for itself asks for
+    /// no drafts it would drop, and spends no prediction time on them.
+    pub fn propose_path(
+        &self,
+        ctx: &[u32],
+        k: usize,
+        verified: Verified,
+        threshold: f32,
+        min_path: f32,
+    ) -> Vec<Draft> {
         let mut ext = ctx.to_vec();
         let mut out = Vec::new();
+        let mut path = 1f32;
         while out.len() < k.min(self.k_max) {
             match self.predict(&ext, out.len(), verified) {
-                Some(d) if d.prob >= threshold => {
+                Some(d) if d.prob >= threshold && path * d.prob >= min_path => {
+                    path *= d.prob;
                     ext.push(d.token);
                     out.push(d);
                 }
