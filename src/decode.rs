@@ -48,6 +48,9 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// Index of this choice (n > 1), part of the sampling key.
     pub choice: u32,
+    /// Index of this prompt in a request with several, part of the
+    /// sampling key (equal prompts in one request sample apart).
+    pub prompt: u32,
     /// Top logprobs to return per token (None: no logprobs).
     pub logprobs: Option<usize>,
     pub speculate: bool,
@@ -77,12 +80,21 @@ pub struct SelfDraft {
     pub min_confidence: f32,
 }
 
+impl GenParams {
+    /// The sampling stream of this (prompt, choice): the key's middle part
+    /// (DESIGN.md); prompt 0 keeps the single-prompt keys of before.
+    pub fn stream(&self) -> u64 {
+        (u64::from(self.prompt) << 32) | u64::from(self.choice)
+    }
+}
+
 impl Default for GenParams {
     fn default() -> Self {
         Self {
             max_tokens: 16,
             sampling: SamplingParams::default(),
             choice: 0,
+            prompt: 0,
             logprobs: None,
             speculate: true,
             cascade: false,
@@ -625,9 +637,9 @@ impl<'m, M: Forward> Generator<'m, M> {
             let f = if penalized {
                 let mut l = row.to_vec();
                 sampling::penalize(&mut l, &self.params.sampling, &self.counts);
-                sampling::choose(&l, &self.params.sampling, self.params.choice, pos)
+                sampling::choose(&l, &self.params.sampling, self.params.stream(), pos)
             } else {
-                sampling::choose(row, &self.params.sampling, self.params.choice, pos)
+                sampling::choose(row, &self.params.sampling, self.params.stream(), pos)
             };
             last_row = i;
             let lp = self.params.logprobs.map(|n| {
@@ -695,7 +707,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             let d = sampling::choose(
                 &logits[0],
                 &self.params.sampling,
-                self.params.choice,
+                self.params.stream(),
                 pos + 1 + last,
             );
             drafts.push(d);

@@ -36,10 +36,10 @@ impl SamplingParams {
 }
 
 /// The uniform draw for (seed, choice, position).
-pub fn keyed_uniform(seed: u64, choice: u32, pos: usize) -> f64 {
+pub fn keyed_uniform(seed: u64, stream: u64, pos: usize) -> f64 {
     let key = seed
         .wrapping_mul(0x9E3779B97F4A7C15)
-        .wrapping_add((choice as u64).wrapping_mul(0xC2B2AE3D27D4EB4F))
+        .wrapping_add(stream.wrapping_mul(0xC2B2AE3D27D4EB4F))
         .wrapping_add((pos as u64).wrapping_mul(0x165667B19E3779F9));
     rand_chacha::ChaCha8Rng::seed_from_u64(key).random::<f64>()
 }
@@ -72,7 +72,7 @@ pub fn penalize(
 }
 
 /// The token at absolute position `pos`, from already-penalized `logits`.
-pub fn choose(logits: &[f32], p: &SamplingParams, choice: u32, pos: usize) -> u32 {
+pub fn choose(logits: &[f32], p: &SamplingParams, stream: u64, pos: usize) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
@@ -99,7 +99,7 @@ pub fn choose(logits: &[f32], p: &SamplingParams, choice: u32, pos: usize) -> u3
     }
     let kept = &probs[..keep];
     let mass: f64 = kept.iter().map(|x| x.1).sum();
-    let mut u = keyed_uniform(p.seed, choice, pos) * mass;
+    let mut u = keyed_uniform(p.seed, stream, pos) * mass;
     for x in kept {
         u -= x.1;
         if u < 0.0 {

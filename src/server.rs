@@ -470,6 +470,7 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
                     seed,
                 },
                 choice: j as u32,
+                prompt: i as u32,
                 logprobs: v.logprobs,
                 speculate: v.speculate,
                 ..Default::default()

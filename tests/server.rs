@@ -208,6 +208,26 @@ async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_prompts_in_one_request_sample_different_texts() {
+    let s = start(ServeOptions::default(), 4).await;
+    let body = json!({"model": "tiny", "prompt": ["fox", "fox", "fox"], "max_tokens": 12,
+                      "temperature": 1.0, "seed": 3});
+    let (st, v) = post(&s, "/v1/completions", body).await;
+    assert_eq!(st, 200);
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts[0] != texts[1] && texts[1] != texts[2] && texts[0] != texts[2],
+        "equal prompts sampled the same text: {texts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prompt_shape_and_echo_logprobs_for_evaluation_harnesses() {
     let s = start(ServeOptions::default(), 4).await;
     let (st, v) = post(
