@@ -11,7 +11,8 @@ the val split with gpt-serve's own tokenizer through its /tokenize route:
     python3 scripts/serving_bench.py prompts --url http://127.0.0.1:8000 \\
         --text ../shared/data/gutenberg/val.txt.gz --out runs/serving/prompts.json
     python3 scripts/serving_bench.py run --url http://127.0.0.1:8000 --label ours \\
-        --prompts runs/serving/prompts.json --out runs/serving/ours.json
+        --prompts runs/serving/prompts.json --out runs/serving/results.jsonl
+    python3 scripts/serving_bench.py report --results runs/serving/results.jsonl
 
 `scripts/serving-bench.sh` runs the whole comparison.
 """
@@ -50,9 +51,9 @@ def make_prompts(args):
     print(f"{len(prompts)} prompts, {statistics.mean(map(len, prompts)):.0f} tokens on average -> {args.out}")
 
 
-def stream_one(url, model, prompt, tokens, temperature, seed):
+def stream_one(url, model, prompt, tokens, temperature, seed, extra):
     """One streaming request: (ttft, chunk gaps, completion tokens)."""
-    body = {
+    body = extra | {
         "model": model,
         "prompt": prompt,
         "max_tokens": tokens,
@@ -106,7 +107,7 @@ def level(args, prompts, clients, temperature):
         for j in range(per_client):
             k = (c * per_client + j) % len(prompts)
             try:
-                out = stream_one(args.url, args.model, prompts[k], args.tokens, temperature, k)
+                out = stream_one(args.url, args.model, prompts[k], args.tokens, temperature, k, json.loads(args.extra))
                 with lock:
                     results.append(out)
             except Exception as e:  # counted and reported, never hidden
@@ -140,26 +141,42 @@ def level(args, prompts, clients, temperature):
 
 
 def run(args):
+    """Runs every (temperature, clients) level; appends one JSON line per
+    level to --out (so several servers' levels can be interleaved)."""
     with open(args.prompts) as f:
         prompts = json.load(f)
-    rows = []
     for temperature in [float(t) for t in args.temps.split(",")]:
-        base = None
         for clients in [int(c) for c in args.clients.split(",")]:
             row = level(args, prompts, clients, temperature)
-            base = base or row["tok_s"]
-            row["over_one_client"] = row["tok_s"] / base
             row["label"] = args.label
-            rows.append(row)
             print(
-                f"{args.label} t={temperature} {clients:>2} clients: {row['tok_s']:7.0f} tok/s "
-                f"({row['over_one_client']:.2f}x), TTFT p50/p99 {row['ttft_p50_ms']:.0f}/"
-                f"{row['ttft_p99_ms']:.0f} ms, ITL p50/p99 {row['itl_p50_ms']:.1f}/"
-                f"{row['itl_p99_ms']:.1f} ms, {row['errors']} errors",
+                f"{args.label} t={temperature} {clients:>2} clients: {row['tok_s']:7.0f} tok/s, "
+                f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
+                f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms, "
+                f"{row['errors']} errors",
                 flush=True,
             )
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def report(args):
+    """A markdown table of the levels in --results: tok/s, the ratio to the
+    same server's one-client figure and to the reference server's figure at
+    the same level, TTFT and ITL."""
+    rows = [json.loads(l) for l in open(args.results) if l.strip()]
+    by = {(r["label"], r["temperature"], r["clients"]): r for r in rows}
+    print("| server | temp | clients | tok/s | x one client | x " + args.reference + " | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        one = by.get((r["label"], r["temperature"], 1))
+        ref = by.get((args.reference, r["temperature"], r["clients"]))
+        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
+        print(
+            f"| {r['label']} | {r['temperature']} | {r['clients']} | {r['tok_s']:.0f} | "
+            f"{ratio(r['tok_s'], one and one['tok_s'])} | {ratio(r['tok_s'], ref and ref['tok_s'])} | "
+            f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['errors']} |"
+        )
 
 
 def greedy_texts(args):
@@ -201,7 +218,11 @@ def main():
     r.add_argument("--temps", default="0,0.8")
     r.add_argument("--tokens", type=int, default=128)
     r.add_argument("--min-requests", type=int, default=64)
+    r.add_argument("--extra", default="{}", help="JSON merged into every request body")
     r.add_argument("--out", required=True)
+    t = sub.add_parser("report")
+    t.add_argument("--results", required=True)
+    t.add_argument("--reference", default="llama-server")
     c = sub.add_parser("check")
     c.add_argument("urls", nargs=2)
     c.add_argument("--model", default="default")
@@ -213,6 +234,8 @@ def main():
         make_prompts(a)
     elif a.cmd == "run":
         run(a)
+    elif a.cmd == "report":
+        report(a)
     else:
         raise SystemExit(0 if greedy_texts(a) else 1)
 

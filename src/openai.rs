@@ -148,6 +148,9 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
 pub const MAX_N: u32 = 16;
 pub const MAX_LOGPROBS: u32 = 5;
 pub const MAX_STOP: usize = 4;
+/// Bytes of one stop sequence at most (each generated token is checked
+/// against every stop sequence).
+pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_PROMPTS: usize = 64;
 
 /// A checked request: token prompts and every setting within its limits.
@@ -265,6 +268,15 @@ impl CompletionRequest {
             return Err(ApiError::invalid(
                 "stop",
                 format!("at most {MAX_STOP} stop sequences, got {}", stop.len()),
+            ));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "a stop sequence may have at most {MAX_STOP_BYTES} bytes, got {}",
+                    long.len()
+                ),
             ));
         }
         if stop.iter().any(String::is_empty) {
@@ -534,6 +546,13 @@ mod tests {
         assert!(e.message.contains("between 0 and 5"));
         let e = req(r#"{"model":"m","prompt":"x","stop":["a","b","c","d","e"]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("stop"));
+        let long = format!(
+            r#"{{"model":"m","prompt":"x","stop":["{}"]}}"#,
+            "a".repeat(257)
+        );
+        let e = req(&long).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+        assert!(e.message.contains("at most 256 bytes"), "{}", e.message);
     }
 
     #[test]

@@ -134,6 +134,22 @@ pub struct Body(pub Bytes);
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // A body that says it is not JSON is refused before it is read: a
+        // web page can post `text/plain` to a keyless local server without
+        // a CORS preflight. (No content type at all is read as JSON.)
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            let mime = ct.split(';').next().unwrap_or("").trim();
+            if mime != "application/json" && !mime.ends_with("+json") {
+                return Err(ApiError {
+                    status: 415,
+                    ..ApiError::invalid(
+                        "",
+                        format!("the request body must be JSON (content-type application/json), got `{mime}`"),
+                    )
+                });
+            }
+        }
         match Bytes::from_request(req, state).await {
             Ok(b) => Ok(Body(b)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError {
@@ -375,7 +391,12 @@ impl ChoiceState {
                         break;
                     }
                     self.completion_tokens += 1;
-                    let piece = self.decoder.push(tok, t.id);
+                    // End-of-text ends the choice; like OpenAI and vLLM, it
+                    // is not part of the text (finish_reason says "stop").
+                    let piece = match t.id == tok.eot() {
+                        true => String::new(),
+                        false => self.decoder.push(tok, t.id),
+                    };
                     let (text, stopped) = match self.stop.push(&piece) {
                         Piece::Text(s) => (s, false),
                         Piece::Stopped(s) => (s, true),
@@ -550,7 +571,7 @@ fn spec_json(states: &[ChoiceState]) -> serde_json::Value {
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, description = "A completion, or server-sent events of chunks with the same shape ending in `data: [DONE]`", body = CompletionResponse),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn completions(State(st): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     if !st.0.engine.ready.load(Ordering::SeqCst) {
         return Err(server_error("server_error", 503, "model is loading"));
@@ -769,4 +790,65 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     });
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ChoiceState {
+        ChoiceState {
+            index: 0,
+            decoder: StreamDecoder::new(),
+            stop: StopText::new(vec![]),
+            logprobs: None,
+            want_logprobs: false,
+            echo: false,
+            prompt: vec![],
+            offset: 0,
+            completion_tokens: 0,
+            finish: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            stats: SpecStats::default(),
+        }
+    }
+
+    fn token(id: u32) -> TokenOut {
+        TokenOut {
+            id,
+            logprob: None,
+            top: vec![],
+            gap: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_choice_that_ends_on_end_of_text_leaves_it_out_of_the_text() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let Ok(tok) = Tokenizer::from_file(&dir.join("tokenizer.json")) else {
+            eprintln!("skipping: models/default/tokenizer.json is absent");
+            return;
+        };
+        let ids = tok.encode("The house").unwrap();
+        let mut st = state();
+        let mut tokens: Vec<TokenOut> = ids.iter().map(|&id| token(id)).collect();
+        tokens.push(token(tok.eot()));
+        let mut text = st
+            .apply(
+                &tok,
+                Event::Tokens {
+                    tokens,
+                    iteration: 0,
+                },
+            )
+            .unwrap();
+        let done = Event::Done {
+            finish: Finish::Eot,
+            stats: SpecStats::default(),
+        };
+        text += &st.apply(&tok, done).unwrap();
+        assert_eq!(text, "The house");
+        assert_eq!(st.finish, Some("stop"));
+        assert_eq!(st.completion_tokens, ids.len() + 1);
+    }
 }

@@ -208,6 +208,26 @@ async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_says_it_is_not_json_is_refused_with_415() {
+    let s = start(ServeOptions::default(), 4).await;
+    let body = r#"{"model": "tiny", "prompt": "fox", "max_tokens": 2}"#;
+    for (ct, want) in [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/json; charset=utf-8", 200),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/completions", s.url))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "content-type {ct}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_prompts_in_one_request_sample_different_texts() {
     let s = start(ServeOptions::default(), 4).await;
     let body = json!({"model": "tiny", "prompt": ["fox", "fox", "fox"], "max_tokens": 12,

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Serving benchmark, side by side in one run: gpt-serve (speculation off and
+# on, per request) and llama.cpp's llama-server (continuous batching, 32
+# slots) on the same weights (models/default as an f16 GGUF), the same
+# token-id prompts from the val split, 1/4/8/16/32 streaming clients, greedy
+# and temperature 0.8, levels interleaved server by server. Checks first
+# that both servers give the same greedy text. Outside CI (needs a built
+# llama-server: see docs/benchmarks.md#serving).
+#
+#   LLAMA_SERVER=/path/to/llama-server scripts/serving-bench.sh [OUT_DIR]
+#
+# REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/serving}
+bin=${GPT_SERVE:-${CARGO_TARGET_DIR:-target}/release/gpt-serve}
+venv=${REF_VENV:-$HOME/.cache/gpt-serve-ref-venv}
+: "${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}"
+mkdir -p "$out"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q numpy safetensors gguf
+"$venv/bin/python" scripts/gguf_export.py models/default "$out/default-f16.gguf"
+
+"$bin" serve --port 8100 > "$out/gpt-serve.log" 2>&1 &
+ours=$!
+"$LLAMA_SERVER" -m "$out/default-f16.gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
+    -np 32 -c 8192 --no-webui > "$out/llama-server.log" 2>&1 &
+llama=$!
+trap 'kill $ours $llama 2>/dev/null || true' EXIT
+for url in http://127.0.0.1:8100 http://127.0.0.1:8101; do
+    for _ in $(seq 120); do curl -sf "$url/health" > /dev/null && break; sleep 0.5; done
+done
+
+bench() { python3 scripts/serving_bench.py "$@"; }
+bench prompts --url http://127.0.0.1:8100 --text ../shared/data/gutenberg/val.txt.gz \
+    --out "$out/prompts.json"
+bench check http://127.0.0.1:8100 http://127.0.0.1:8101 --prompts "$out/prompts.json"
+results="$out/results.jsonl"
+rm -f "$results"
+for temp in 0 0.8; do
+    for clients in 1 4 8 16 32; do
+        common=(--prompts "$out/prompts.json" --clients "$clients" --temps "$temp" --out "$results")
+        bench run --url http://127.0.0.1:8100 --label gpt-serve-plain --extra '{"speculate": false}' "${common[@]}"
+        bench run --url http://127.0.0.1:8100 --label gpt-serve-spec "${common[@]}"
+        bench run --url http://127.0.0.1:8101 --label llama-server "${common[@]}"
+    done
+done
+bench report --results "$results" | tee "$out/serving.md"
