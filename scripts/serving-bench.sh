@@ -10,6 +10,8 @@
 #   LLAMA_SERVER=/path/to/llama-server scripts/serving-bench.sh [OUT_DIR]
 #
 # REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
+# BASELINE: optionally, another gpt-serve binary (e.g. an earlier commit's)
+# measured the same way, interleaved with the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/serving}
@@ -26,8 +28,13 @@ ours=$!
 "$LLAMA_SERVER" -m "$out/default-f16.gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
     -np 32 -c 8192 --no-webui > "$out/llama-server.log" 2>&1 &
 llama=$!
-trap 'kill $ours $llama 2>/dev/null || true' EXIT
-for url in http://127.0.0.1:8100 http://127.0.0.1:8101; do
+base=""
+if [ -n "${BASELINE:-}" ]; then
+    "$BASELINE" serve --port 8102 > "$out/baseline.log" 2>&1 &
+    base=$!
+fi
+trap 'kill $ours $llama $base 2>/dev/null || true' EXIT
+for url in http://127.0.0.1:8100 http://127.0.0.1:8101 ${BASELINE:+http://127.0.0.1:8102}; do
     for _ in $(seq 120); do curl -sf "$url/health" > /dev/null && break; sleep 0.5; done
 done
 
@@ -42,7 +49,12 @@ for temp in 0 0.8; do
         common=(--prompts "$out/prompts.json" --clients "$clients" --temps "$temp" --out "$results")
         bench run --url http://127.0.0.1:8100 --label gpt-serve-plain --extra '{"speculate": false}' "${common[@]}"
         bench run --url http://127.0.0.1:8100 --label gpt-serve-spec "${common[@]}"
-        bench run --url http://127.0.0.1:8101 --label llama-server "${common[@]}"
+        # No prompt cache: the levels reuse the prompts, and gpt-serve has none.
+        bench run --url http://127.0.0.1:8101 --label llama-server --extra '{"cache_prompt": false}' "${common[@]}"
+        if [ -n "$base" ]; then
+            bench run --url http://127.0.0.1:8102 --label baseline-plain --extra '{"speculate": false}' "${common[@]}"
+            bench run --url http://127.0.0.1:8102 --label baseline-spec "${common[@]}"
+        fi
     done
 done
 bench report --results "$results" | tee "$out/serving.md"
