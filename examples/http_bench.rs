@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
             cascade: false,
             exit_confidence: 0.5,
+            fault: None,
         },
         metrics.clone(),
     )?;

@@ -66,6 +66,14 @@ pub struct Job {
 /// sequences still get their pending rows plus drafts.
 pub const DEFAULT_MAX_BATCH_ROWS: usize = 64;
 
+/// A fault injected into the engine thread, for tests of how the server
+/// meets an engine failure (never set by `serve`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Panic at this engine iteration.
+    PanicAtIteration(usize),
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub max_active: usize,
@@ -76,6 +84,8 @@ pub struct EngineConfig {
     /// Early exits truncate drafts before the final blocks.
     pub cascade: bool,
     pub exit_confidence: f32,
+    /// Test hook: a fault to inject (None in service).
+    pub fault: Option<Fault>,
 }
 
 /// Which forward the engine decodes with.
@@ -93,6 +103,10 @@ pub struct Engine {
     tx: mpsc::UnboundedSender<(Job, Instant)>,
     waiting: Arc<AtomicUsize>,
     pub ready: Arc<AtomicBool>,
+    /// Set when the engine cannot continue (its thread panicked, or the
+    /// model failed to build): `/health` turns 503 and `serve` exits
+    /// non-zero so an orchestrator restarts it.
+    pub failed: Arc<AtomicBool>,
     pub has_drafter: Arc<AtomicBool>,
     pub config: EngineConfig,
 }
@@ -111,28 +125,45 @@ impl Engine {
             tx,
             waiting: Arc::new(AtomicUsize::new(0)),
             ready: Arc::new(AtomicBool::new(false)),
+            failed: Arc::new(AtomicBool::new(false)),
             has_drafter: Arc::new(AtomicBool::new(drafter.is_some())),
             config: config.clone(),
         };
         let (ready, waiting) = (engine.ready.clone(), engine.waiting.clone());
+        let failed = engine.failed.clone();
         std::thread::Builder::new()
             .name("gpt-serve-engine".into())
             .spawn(move || {
-                let eot = loaded.tokenizer.eot();
-                let d = drafter.as_ref();
-                let built = match &config.backend {
-                    Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
-                        drop(loaded);
-                        ready.store(true, Ordering::SeqCst);
-                        crate::cpu::in_pool(|| run(&m, d, rx, &config, &metrics, &waiting, eot))
-                    }),
-                    Backend::Candle(device) => loaded.model(device).map(|m| {
-                        ready.store(true, Ordering::SeqCst);
-                        run(&m, d, rx, &config, &metrics, &waiting, eot)
-                    }),
-                };
-                if let Err(e) = built {
-                    tracing::error!("engine: cannot build the model: {e}");
+                // A panic drops every active sequence (their clients see the
+                // stream end without `Done`: an error) and marks the engine
+                // failed, as does a model that cannot be built.
+                let body = std::panic::AssertUnwindSafe(|| {
+                    let eot = loaded.tokenizer.eot();
+                    let d = drafter.as_ref();
+                    match &config.backend {
+                        Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
+                            drop(loaded);
+                            ready.store(true, Ordering::SeqCst);
+                            crate::cpu::in_pool(|| {
+                                run(&m, d, rx, &config, &metrics, &waiting, &failed, eot)
+                            })
+                        }),
+                        Backend::Candle(device) => loaded.model(device).map(|m| {
+                            ready.store(true, Ordering::SeqCst);
+                            run(&m, d, rx, &config, &metrics, &waiting, &failed, eot)
+                        }),
+                    }
+                });
+                match std::panic::catch_unwind(body) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!("engine: cannot build the model: {e}");
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    Err(_) => {
+                        tracing::error!("engine: the engine thread panicked; it cannot continue");
+                        failed.store(true, Ordering::SeqCst);
+                    }
                 }
             })?;
         Ok(engine)
@@ -236,6 +267,20 @@ fn admit<'m, M: Forward>(
     }
 }
 
+/// Marks the engine failed when dropped during a panic. Declared after
+/// the active sequences, so it runs before they are dropped: a client whose
+/// stream closes finds `/health` already at 503.
+struct FailOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run<M: Forward>(
     model: &M,
     drafter: Option<&Drafter>,
@@ -243,6 +288,7 @@ fn run<M: Forward>(
     cfg: &EngineConfig,
     metrics: &Metrics,
     waiting: &AtomicUsize,
+    failed: &AtomicBool,
     eot: u32,
 ) {
     let budget = Budget::measured(cfg.max_batch_rows, &cost_curve(model, cfg.max_batch_rows));
@@ -255,6 +301,7 @@ fn run<M: Forward>(
         budget.cost(budget.max_rows)
     );
     let mut active: Vec<Active<M>> = Vec::new();
+    let _guard = FailOnPanic(failed);
     for turn in 0usize.. {
         if active.is_empty() {
             metrics.set_running(0, waiting.load(Ordering::SeqCst));
@@ -272,6 +319,9 @@ fn run<M: Forward>(
                 }
                 Err(_) => break,
             }
+        }
+        if cfg.fault == Some(Fault::PanicAtIteration(turn)) {
+            panic!("fault injected at engine iteration {turn}");
         }
         // Cancelled and abandoned sequences free their rows and caches now.
         active.retain(|a| a.wanted());

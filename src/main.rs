@@ -206,6 +206,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         engine::EngineConfig {
             max_active: a.max_active.max(1),
             max_batch_rows: a.max_batch_rows.max(1),
+            fault: None,
             backend,
             cascade: a.cascade,
             exit_confidence: a.exit_confidence,
@@ -242,6 +243,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             listener.local_addr()?
         );
         let deadline = a.shutdown_timeout;
+        let failed = state.0.engine.failed.clone();
+        tokio::spawn(async move {
+            // An engine that cannot continue takes the process down (after
+            // in-flight requests got their errors), so an orchestrator
+            // restarts it instead of routing to a server that answers 503.
+            while !failed.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            eprintln!("gpt-serve: the engine failed (see the log above); exiting");
+            std::process::exit(1);
+        });
         axum::serve(listener, server::router(state))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;

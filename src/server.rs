@@ -128,6 +128,17 @@ fn server_error(kind: &'static str, status: u16, message: &str) -> ApiError {
     }
 }
 
+/// A sequence's events ended without `Done`: the engine stopped (failed)
+/// before finishing it. Never a truncated success.
+fn engine_stopped() -> ApiError {
+    tracing::error!("a sequence ended without finishing: the engine stopped");
+    server_error(
+        "server_error",
+        500,
+        "the engine stopped before finishing this completion",
+    )
+}
+
 /// The request body as bytes, with size and read errors as OpenAI errors.
 pub struct Body(pub Bytes);
 
@@ -247,7 +258,14 @@ async fn auth(
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Model loaded"), (status = 503, description = "Still loading")))]
 async fn health(State(st): State<AppState>) -> Response {
-    if st.0.engine.ready.load(Ordering::SeqCst) {
+    if st.0.engine.failed.load(Ordering::SeqCst) {
+        server_error(
+            "server_error",
+            503,
+            "the engine has failed; the server is exiting",
+        )
+        .into_response()
+    } else if st.0.engine.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ok").into_response()
     } else {
         server_error("server_error", 503, "model is loading").into_response()
@@ -635,6 +653,9 @@ async fn collect(
         })?;
         texts[i].push_str(&piece);
     }
+    if sub.states.iter().any(|s| s.finish.is_none()) {
+        return Err(engine_stopped());
+    }
     m.e2e.observe(timing.start.elapsed().as_secs_f64());
     let completion_tokens: usize = sub.states.iter().map(|s| s.completion_tokens).sum();
     let choices = sub
@@ -768,6 +789,15 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
                 }
                 return;
             }
+        }
+        if sub.states.iter().any(|s| s.finish.is_none()) {
+            let body = engine_stopped().body();
+            let _ = tx
+                .send(Ok(
+                    SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default())
+                ))
+                .await;
+            return;
         }
         m.e2e.observe(timing.start.elapsed().as_secs_f64());
         if v.include_usage || v.spec_stats {

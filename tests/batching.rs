@@ -69,6 +69,7 @@ fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
             backend: Backend::Cpu(dtype),
             cascade: false,
             exit_confidence: 0.5,
+            fault: None,
         },
         Arc::new(Metrics::new()),
     )

@@ -49,6 +49,15 @@ async fn start(opts: ServeOptions, max_active: usize) -> Server {
 }
 
 async fn start_with(opts: ServeOptions, max_active: usize, dir: tempfile::TempDir) -> Server {
+    start_faulty(opts, max_active, dir, None).await
+}
+
+async fn start_faulty(
+    opts: ServeOptions,
+    max_active: usize,
+    dir: tempfile::TempDir,
+    fault: Option<gpt_serve::engine::Fault>,
+) -> Server {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let cfg = loaded.config.model.clone();
     let tok = loaded.tokenizer.clone();
@@ -62,6 +71,7 @@ async fn start_with(opts: ServeOptions, max_active: usize, dir: tempfile::TempDi
             max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
             cascade: false,
             exit_confidence: 0.5,
+            fault,
         },
         metrics.clone(),
     )
@@ -205,6 +215,45 @@ async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
         texts(&a)[0] != texts(&a)[1] || texts(&a)[1] != texts(&a)[2],
         "choices should differ"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_fails_gives_errors_not_truncated_successes_and_health_503() {
+    use gpt_serve::engine::Fault;
+    let faulty = || {
+        start_faulty(
+            ServeOptions::default(),
+            4,
+            checkpoint_dir(),
+            Some(Fault::PanicAtIteration(5)),
+        )
+    };
+    // A request in flight when the engine panics: 500, not 200 + "length".
+    let s = faulty().await;
+    let body = json!({"model": "tiny", "prompt": "fox", "max_tokens": 40, "temperature": 0});
+    let (st, v) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(st, 500, "a completion cut by a failed engine: {v}");
+    assert_eq!(v["error"]["type"], "server_error");
+    let r = reqwest::get(format!("{}/health", s.url)).await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "health must report the failed engine"
+    );
+    let (st, _) = post(&s, "/v1/completions", body).await;
+    assert!(st >= 500, "a request after the failure got {st}");
+    // A stream in flight: an error event, not [DONE].
+    let s = faulty().await;
+    let events = stream_events(
+        &s,
+        json!({"model": "tiny", "prompt": "a fox", "max_tokens": 40, "stream": true}),
+    )
+    .await;
+    assert!(
+        events.last().is_some_and(|e| e.contains("\"error\"")),
+        "the stream ends with an error event: {events:?}"
+    );
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
