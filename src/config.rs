@@ -110,11 +110,6 @@ impl Config {
         self.n_embd / self.n_head
     }
 
-    /// Index (into `exits`) of the exit after `block`, if any.
-    pub fn exit_at(&self, block: usize) -> Option<usize> {
-        self.exits.iter().position(|e| e.block == block)
-    }
-
     /// The blocks j whose outputs DWA mixes after block `i` (1-based), or
     /// None when no averaging happens after block i.
     pub fn dwa_inputs(&self, i: usize) -> Option<Vec<usize>> {

@@ -107,7 +107,6 @@ pub struct Engine {
     /// model failed to build): `/health` turns 503 and `serve` exits
     /// non-zero so an orchestrator restarts it.
     pub failed: Arc<AtomicBool>,
-    pub has_drafter: Arc<AtomicBool>,
     pub config: EngineConfig,
 }
 
@@ -126,7 +125,6 @@ impl Engine {
             waiting: Arc::new(AtomicUsize::new(0)),
             ready: Arc::new(AtomicBool::new(false)),
             failed: Arc::new(AtomicBool::new(false)),
-            has_drafter: Arc::new(AtomicBool::new(drafter.is_some())),
             config: config.clone(),
         };
         let (ready, waiting) = (engine.ready.clone(), engine.waiting.clone());
@@ -176,10 +174,6 @@ impl Engine {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             "the engine has stopped".to_string()
         })
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
     }
 }
 

@@ -554,7 +554,6 @@ fn submit(st: &AppState, v: &Validated) -> Result<Submitted, ApiError> {
 /// Latency bookkeeping of one request.
 struct Timing {
     start: Instant,
-    first: Option<Instant>,
     last: Option<Instant>,
 }
 
@@ -570,7 +569,6 @@ impl Timing {
                 }
             }
         }
-        self.first.get_or_insert(now);
         self.last = Some(now);
         m.generation_tokens.inc_by(n as u64);
     }
@@ -632,7 +630,6 @@ async fn collect(
     let m = &st.0.metrics;
     let mut timing = Timing {
         start: Instant::now(),
-        first: None,
         last: None,
     };
     let mut texts = vec![String::new(); sub.states.len()];
@@ -715,7 +712,6 @@ fn stream(st: AppState, v: Validated, mut sub: Submitted, id: String) -> impl In
         let deadline = tokio::time::Instant::now() + st.0.opts.request_timeout;
         let mut timing = Timing {
             start: Instant::now(),
-            first: None,
             last: None,
         };
         let mut merged = futures::stream::select_all(
