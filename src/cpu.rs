@@ -327,6 +327,13 @@ impl CpuGpt {
 
     /// Embeds `tokens` at positions `pos..pos + T`.
     pub fn embed(&self, tokens: &[u32], pos: usize) -> Result<CpuStream> {
+        let mut x = Vec::new();
+        self.embed_into(tokens, pos, &mut x)?;
+        Ok(self.stream(x, pos))
+    }
+
+    /// Appends the embeddings of `tokens` at positions `pos..` to `x`.
+    fn embed_into(&self, tokens: &[u32], pos: usize, x: &mut Vec<f32>) -> Result<()> {
         let (c, t) = (self.cfg.n_embd, tokens.len());
         if pos + t > self.cfg.block_size {
             bail!(
@@ -335,7 +342,7 @@ impl CpuGpt {
                 self.cfg.block_size
             );
         }
-        let mut x = vec![0f32; t * c];
+        x.reserve(t * c);
         for (r, &tok) in tokens.iter().enumerate() {
             let tok = tok as usize;
             if tok >= self.cfg.vocab_size {
@@ -345,22 +352,25 @@ impl CpuGpt {
                 );
             }
             let (e, p) = (&self.wte[tok * c..][..c], &self.wpe[(pos + r) * c..][..c]);
-            for (o, (a, b)) in x[r * c..][..c].iter_mut().zip(e.iter().zip(p)) {
-                *o = a + b;
-            }
+            x.extend(e.iter().zip(p).map(|(a, b)| a + b));
         }
-        Ok(CpuStream {
+        Ok(())
+    }
+
+    /// Rows `x` (embeddings) in flight at block 0, the first at `pos`.
+    fn stream(&self, x: Vec<f32>, pos: usize) -> CpuStream {
+        CpuStream {
             xs: if self.cfg.dwa.is_some() {
                 vec![x.clone()]
             } else {
                 vec![]
             },
             x0: x.clone(),
+            rows: x.len() / self.cfg.n_embd,
             x,
-            rows: t,
             pos,
             block: 0,
-        })
+        }
     }
 
     /// Runs blocks `s.block..to` on the rows of `s`, appending their keys
@@ -404,27 +414,16 @@ impl CpuGpt {
                 );
             }
             let start = x.len() / c;
-            x.extend(self.embed(sg.tokens, sg.pos)?.x);
+            self.embed_into(sg.tokens, sg.pos, &mut x)?;
             rows.push(SegRows {
                 rows: start..start + sg.tokens.len(),
                 pos: sg.pos,
                 cache: &mut *sg.cache,
             });
         }
-        let n = x.len() / c;
-        let mut s = CpuStream {
-            xs: if self.cfg.dwa.is_some() {
-                vec![x.clone()]
-            } else {
-                vec![]
-            },
-            x0: x.clone(),
-            x,
-            rows: n,
-            pos: 0,
-            block: 0,
-        };
-        if n > 0 {
+        // The batch's stream: `pos` is per segment (in `rows`), not used.
+        let mut s = self.stream(x, 0);
+        if s.rows > 0 {
             for i in 0..self.cfg.n_layer {
                 self.block(i, &mut s, &mut rows)?;
             }
