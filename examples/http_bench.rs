@@ -13,9 +13,9 @@ use futures::StreamExt;
 use gpt_serve::checkpoint;
 use gpt_serve::decode::{GenParams, Generator, Proposer};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::engine::{Engine, EngineConfig};
+use gpt_serve::engine::EngineConfig;
 use gpt_serve::metrics::Metrics;
-use gpt_serve::server::{router, AppState, ServeOptions};
+use gpt_serve::server::{self, ServeOptions};
 use serde_json::json;
 
 const TOKENS: usize = 64;
@@ -93,29 +93,15 @@ fn main() -> anyhow::Result<()> {
     let direct = t.elapsed().as_secs_f64();
 
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::spawn(
-        loaded,
-        drafter,
-        EngineConfig {
-            backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
-            max_active: 32,
-            max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
-            cascade: false,
-            exit_confidence: 0.5,
-            fault: None,
-        },
-        metrics.clone(),
-    )?;
-    let cfg = model.cfg.clone();
-    let state = AppState::new(
-        engine,
-        tok,
-        "m".into(),
-        cfg.block_size,
-        cfg.vocab_size,
-        metrics,
-        ServeOptions::default(),
-    );
+    let engine = EngineConfig {
+        backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
+        max_active: 32,
+        max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
+        cascade: false,
+        exit_confidence: 0.5,
+        fault: None,
+    };
+    let state = server::build(loaded, drafter, engine, "m", metrics, ServeOptions::default())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,8 +109,12 @@ fn main() -> anyhow::Result<()> {
     let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let serving = state.clone();
+        tokio::spawn(async move {
+            server::serve(listener, serving, std::future::pending())
+                .await
+                .unwrap()
+        });
         while !state
             .0
             .engine

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
 use crate::cpu::WeightDtype;
@@ -26,6 +27,7 @@ use crate::decode::{Finish, GenParams, Generator, Proposer, Rows, SpecStats, Tok
 use crate::drafter::Drafter;
 use crate::forward::{Forward, Segment};
 use crate::metrics::Metrics;
+use crate::openai::Validated;
 use crate::scheduler::{self, Budget, Want};
 
 /// What a sequence reports back, in order: `Started`, `Tokens`..., `Done`
@@ -48,15 +50,69 @@ pub enum Event {
     Error(String),
 }
 
+/// One sequence of an admitted request: choice `choice` of prompt `prompt`.
 pub struct Job {
-    pub prompt: Vec<u32>,
-    pub params: GenParams,
-    pub echo_logprobs: Option<usize>,
-    pub events: mpsc::UnboundedSender<Event>,
+    /// The request, shared by its sequences; the engine reads its
+    /// sampling, stopping and output groups.
+    pub request: Arc<Validated>,
+    pub prompt: usize,
+    pub choice: usize,
+    /// Bounded ([`EVENT_BUFFER`]): a sequence whose client stops reading
+    /// pauses instead of buffering without limit.
+    pub events: mpsc::Sender<Event>,
     /// Set by the server when the client no longer wants tokens (a stop
     /// string was hit, or the request timed out).
     pub cancel: Arc<AtomicBool>,
+    /// The admission slot: it travels with the sequence and is released
+    /// when the engine drops it, so the server's capacity bound holds
+    /// whatever the client does.
+    pub permit: OwnedSemaphorePermit,
+    /// Past this the engine drops the sequence, queued or active.
+    pub deadline: Instant,
 }
+
+impl Job {
+    fn abandoned(&self) -> bool {
+        self.events.is_closed()
+            || self.cancel.load(Ordering::Relaxed)
+            || Instant::now() > self.deadline
+    }
+
+    fn params(&self, cfg: &EngineConfig) -> GenParams {
+        let v = &self.request;
+        GenParams {
+            max_tokens: v.stopping.max_tokens,
+            sampling: v.sampling.clone(),
+            choice: self.choice as u32,
+            prompt: self.prompt as u32,
+            logprobs: v.output.logprobs,
+            speculate: v.speculate,
+            cascade: cfg.cascade,
+            exit_confidence: cfg.exit_confidence,
+            ..Default::default()
+        }
+    }
+}
+
+/// Top logprobs of the prompt's own tokens to compute (echo with
+/// logprobs), for the first choice of each prompt only: the server copies
+/// them to the prompt's other choices, so a prompt is scored once.
+fn echo_logprobs(v: &Validated, choice: usize) -> Option<usize> {
+    match (v.output.echo, v.output.logprobs) {
+        (true, Some(k)) if choice == 0 => Some(k),
+        _ => None,
+    }
+}
+
+/// Events a sequence's channel holds. A sequence sends at most
+/// [`EVENTS_PER_ITERATION`] events an iteration and takes part only while
+/// its channel has room for them, so its output waiting for a slow client
+/// is bounded by this many events.
+pub const EVENT_BUFFER: usize = 16;
+
+/// Events one iteration can send a sequence: `Started`, `Tokens` from the
+/// batch, `Tokens` from a solo step, and `Done` (or `Error`).
+const EVENTS_PER_ITERATION: usize = 4;
 
 /// Default rows per forward. On the shipped model (6 x 384, f16) on this
 /// project's 2-core machine, `gpt-serve bench --plain --no-gpt2` measured a
@@ -72,6 +128,8 @@ pub const DEFAULT_MAX_BATCH_ROWS: usize = 64;
 pub enum Fault {
     /// Panic at this engine iteration.
     PanicAtIteration(usize),
+    /// Sleep this many milliseconds every iteration (a slow model).
+    SlowIterations(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -179,8 +237,10 @@ impl Engine {
 
 struct Active<'m, M: Forward> {
     gen: Generator<'m, M>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
+    deadline: Instant,
+    _permit: OwnedSemaphorePermit,
     /// `Started` was sent (the prompt is in the cache).
     started: bool,
     /// Takes its decode steps alone (exit cascade or LayerSkip drafting).
@@ -191,7 +251,29 @@ struct Active<'m, M: Forward> {
 
 impl<M: Forward> Active<'_, M> {
     fn wanted(&self) -> bool {
-        self.alive && !self.events.is_closed() && !self.cancel.load(Ordering::Relaxed)
+        self.alive
+            && !self.events.is_closed()
+            && !self.cancel.load(Ordering::Relaxed)
+            && Instant::now() <= self.deadline
+    }
+
+    /// Whether its client has read enough of its output for this
+    /// iteration's events to fit; a sequence that has not waits, paused.
+    fn can_take_events(&self) -> bool {
+        self.events.capacity() >= EVENTS_PER_ITERATION
+    }
+
+    fn send(&mut self, ev: Event) {
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(TrySendError::Closed(_)) => self.alive = false,
+            Err(TrySendError::Full(_)) => {
+                // Never happens: a sequence runs only with room for an
+                // iteration's events. Dropping it keeps the bound.
+                tracing::error!("a sequence's event buffer overflowed; dropping it");
+                self.alive = false;
+            }
+        }
     }
 
     /// Sends `Started` once the prompt is in, new tokens, and `Done` at the
@@ -203,23 +285,22 @@ impl<M: Forward> Active<'_, M> {
         if !self.started && !self.gen.in_prefill() {
             self.started = true;
             let echo = self.gen.take_echo();
-            self.alive &= self.events.send(Event::Started { echo }).is_ok();
+            self.send(Event::Started { echo });
         }
-        if !tokens.is_empty() {
-            let tokens = Event::Tokens { tokens, iteration };
-            self.alive &= self.events.send(tokens).is_ok();
+        if !tokens.is_empty() && self.alive {
+            self.send(Event::Tokens { tokens, iteration });
         }
-        if let Some(finish) = self.gen.finished {
+        if let Some(finish) = self.gen.finished.filter(|_| self.alive) {
             metrics.record_spec(&self.gen.stats);
             let stats = self.gen.stats.clone();
-            let _ = self.events.send(Event::Done { finish, stats });
+            self.send(Event::Done { finish, stats });
             self.alive = false;
         }
     }
 
     fn fail(&mut self, e: &candle_core::Error) {
         tracing::error!("decode failed: {e}");
-        let _ = self.events.send(Event::Error(e.to_string()));
+        let _ = self.events.try_send(Event::Error(e.to_string()));
         self.alive = false;
     }
 }
@@ -233,20 +314,19 @@ fn admit<'m, M: Forward>(
     metrics: &Metrics,
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
-    if job.events.is_closed() || job.cancel.load(Ordering::Relaxed) {
-        return None; // abandoned while queued: no prefill for nobody
-    }
-    let mut params = job.params;
-    params.cascade = params.cascade || cfg.cascade;
-    params.exit_confidence = cfg.exit_confidence;
+    let params = job.params(cfg);
     let proposer = drafter.map_or(Proposer::None, Proposer::Tree);
     let solo = params.cascade || params.self_draft.is_some();
-    match Generator::start(model, proposer, &job.prompt, params, eot, job.echo_logprobs) {
+    let prompt = &job.request.prompts[job.prompt];
+    let echo = echo_logprobs(&job.request, job.choice);
+    match Generator::start(model, proposer, prompt, params, eot, echo) {
         Ok(gen) => {
             let mut a = Active {
                 gen,
                 events: job.events,
                 cancel: job.cancel,
+                deadline: job.deadline,
+                _permit: job.permit,
                 started: false,
                 solo,
                 alive: true,
@@ -255,8 +335,45 @@ fn admit<'m, M: Forward>(
             Some(a)
         }
         Err(e) => {
-            let _ = job.events.send(Event::Error(e.to_string()));
+            let _ = job.events.try_send(Event::Error(e.to_string()));
             None
+        }
+    }
+}
+
+/// Jobs the engine has taken from the channel but not yet started.
+struct Queue {
+    rx: mpsc::UnboundedReceiver<(Job, Instant)>,
+    jobs: std::collections::VecDeque<(Job, Instant)>,
+}
+
+impl Queue {
+    /// Takes every job sent so far, then drops those whose client is gone,
+    /// that were cancelled or that ran out of time: they cost no prefill,
+    /// and their slots are free at once.
+    fn refresh(&mut self, metrics: &Metrics, waiting: &AtomicUsize) {
+        while let Ok(job) = self.rx.try_recv() {
+            self.jobs.push_back(job);
+        }
+        let before = self.jobs.len();
+        self.jobs.retain(|(job, _)| !job.abandoned());
+        let dropped = before - self.jobs.len();
+        metrics.abandoned_in_queue.inc_by(dropped as u64);
+        waiting.fetch_sub(dropped, Ordering::SeqCst);
+    }
+
+    /// Blocks for the next job when there is nothing to do; false when the
+    /// server is gone.
+    fn wait(&mut self) -> bool {
+        if !self.jobs.is_empty() {
+            return true;
+        }
+        match self.rx.blocking_recv() {
+            Some(job) => {
+                self.jobs.push_back(job);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -278,7 +395,7 @@ impl Drop for FailOnPanic<'_> {
 fn run<M: Forward>(
     model: &M,
     drafter: Option<&Drafter>,
-    mut rx: mpsc::UnboundedReceiver<(Job, Instant)>,
+    rx: mpsc::UnboundedReceiver<(Job, Instant)>,
     cfg: &EngineConfig,
     metrics: &Metrics,
     waiting: &AtomicUsize,
@@ -294,50 +411,63 @@ fn run<M: Forward>(
         budget.cost(8),
         budget.cost(budget.max_rows)
     );
+    let mut queue = Queue {
+        rx,
+        jobs: Default::default(),
+    };
     let mut active: Vec<Active<M>> = Vec::new();
     let _guard = FailOnPanic(failed);
     for turn in 0usize.. {
         if active.is_empty() {
             metrics.set_running(0, waiting.load(Ordering::SeqCst));
-            let Some(job) = rx.blocking_recv() else {
+            if !queue.wait() {
                 return;
+            }
+        }
+        queue.refresh(metrics, waiting);
+        while active.len() < cfg.max_active {
+            let Some(job) = queue.jobs.pop_front() else {
+                break;
             };
             waiting.fetch_sub(1, Ordering::SeqCst);
             active.extend(admit(model, drafter, job, cfg, eot, metrics));
         }
-        while active.len() < cfg.max_active {
-            match rx.try_recv() {
-                Ok(job) => {
-                    waiting.fetch_sub(1, Ordering::SeqCst);
-                    active.extend(admit(model, drafter, job, cfg, eot, metrics));
-                }
-                Err(_) => break,
+        match cfg.fault {
+            Some(Fault::PanicAtIteration(t)) if t == turn => {
+                panic!("fault injected at engine iteration {turn}")
             }
-        }
-        if cfg.fault == Some(Fault::PanicAtIteration(turn)) {
-            panic!("fault injected at engine iteration {turn}");
+            Some(Fault::SlowIterations(ms)) => {
+                std::thread::sleep(std::time::Duration::from_millis(ms))
+            }
+            _ => {}
         }
         // Cancelled and abandoned sequences free their rows and caches now.
         active.retain(|a| a.wanted());
         metrics.set_running(active.len(), waiting.load(Ordering::SeqCst));
-        iterate(model, &mut active, &budget, turn, metrics);
+        if !iterate(model, &mut active, &budget, turn, metrics) {
+            // Every sequence waits for its client to read: look again soon.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         active.retain(|a| a.wanted());
     }
 }
 
 /// One engine iteration: the row batch, one forward, every sequence's
-/// commit; then the solo sequences' own steps.
+/// commit; then the solo sequences' own steps. A sequence whose client has
+/// not read its earlier output sits out. Returns whether any sequence ran.
 fn iterate<M: Forward>(
     model: &M,
     active: &mut [Active<M>],
     budget: &Budget,
     turn: usize,
     metrics: &Metrics,
-) {
+) -> bool {
+    let runs: Vec<bool> = active.iter().map(Active::can_take_events).collect();
     let min_gain = draft_floor(active, budget);
     let mut rows: Vec<Option<Rows>> = active
         .iter_mut()
-        .map(|a| match a.solo && !a.gen.in_prefill() {
+        .zip(&runs)
+        .map(|(a, &run)| match !run || (a.solo && !a.gen.in_prefill()) {
             true => None,
             false => a.gen.next_rows_in_batch(budget.max_rows, min_gain),
         })
@@ -385,7 +515,7 @@ fn iterate<M: Forward>(
         }
         Err(e) => owners.into_iter().for_each(|i| active[i].fail(&e)),
     }
-    for a in active.iter_mut() {
+    for (a, _) in active.iter_mut().zip(&runs).filter(|(_, &run)| run) {
         if a.solo && a.started && a.alive && a.gen.finished.is_none() {
             match a.gen.step() {
                 Ok(tokens) => a.report(tokens, turn, metrics),
@@ -395,6 +525,7 @@ fn iterate<M: Forward>(
             a.report(vec![], turn, metrics); // finished without a forward (max_tokens)
         }
     }
+    runs.iter().any(|&r| r)
 }
 
 /// The least expected gain a draft row can have and still pay for itself
@@ -468,4 +599,37 @@ fn cost_curve<M: Forward>(model: &M, max_rows: usize) -> Vec<(usize, f64)> {
         .into_iter()
         .map_while(|n| time(n).map(|t| (n, t)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::{Output, Stopping};
+    use crate::sampling::SamplingParams;
+
+    #[test]
+    fn only_the_first_choice_of_a_prompt_scores_the_prompt() {
+        let request = |echo, logprobs| {
+            Validated::from_tokens(
+                vec![vec![1, 2], vec![3]],
+                3,
+                SamplingParams::default(),
+                Stopping {
+                    max_tokens: 1,
+                    stop: Arc::new([]),
+                },
+                Output {
+                    echo,
+                    logprobs,
+                    ..Default::default()
+                },
+                true,
+            )
+        };
+        let v = request(true, Some(2));
+        let scored: Vec<Option<usize>> = (0..3).map(|c| echo_logprobs(&v, c)).collect();
+        assert_eq!(scored, vec![Some(2), None, None]);
+        assert_eq!(echo_logprobs(&request(true, None), 0), None);
+        assert_eq!(echo_logprobs(&request(false, Some(2)), 0), None);
+    }
 }

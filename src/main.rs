@@ -120,8 +120,21 @@ struct ServeArgs {
     #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
     max_waiting: usize,
     /// Bearer token required on API routes.
-    #[arg(long, env = "GPT_SERVE_API_KEY")]
+    #[arg(long, env = "GPT_SERVE_API_KEY", conflicts_with = "api_key_file")]
     api_key: Option<String>,
+    /// Read the bearer token from this file's first line (a mounted secret).
+    #[arg(long, env = "GPT_SERVE_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Put /metrics behind the API key too.
+    #[arg(long, env = "GPT_SERVE_PROTECT_METRICS")]
+    protect_metrics: bool,
+    /// Open connections at most; beyond, a new connection gets 503.
+    #[arg(long, env = "GPT_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client gets to send a request's headers (also closes idle
+    /// keep-alive connections).
+    #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    header_read_timeout: u64,
     /// Seconds a request may take.
     #[arg(long, env = "GPT_SERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout: u64,
@@ -188,8 +201,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "default".into())
     });
-    let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let tokenizer = loaded.tokenizer.clone();
     let backend = match gpt_serve::device::parse(&a.device)? {
         candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, &loaded)),
         gpu => engine::Backend::Candle(gpu),
@@ -200,35 +211,30 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
         }
     }
-    let eng = engine::Engine::spawn(
-        loaded,
-        drafter,
-        engine::EngineConfig {
-            max_active: a.max_active.max(1),
-            max_batch_rows: a.max_batch_rows.max(1),
-            fault: None,
-            backend,
-            cascade: a.cascade,
-            exit_confidence: a.exit_confidence,
-        },
-        metrics.clone(),
-    )?;
+    let api_key = match &a.api_key_file {
+        Some(path) => Some(server::read_api_key(path).map_err(anyhow::Error::msg)?),
+        None => a.api_key.clone(),
+    };
+    let engine_config = engine::EngineConfig {
+        max_active: a.max_active.max(1),
+        max_batch_rows: a.max_batch_rows.max(1),
+        fault: None,
+        backend,
+        cascade: a.cascade,
+        exit_confidence: a.exit_confidence,
+    };
     let opts = server::ServeOptions {
-        api_key: a.api_key.clone(),
+        api_key,
+        protect_metrics: a.protect_metrics,
         request_timeout: std::time::Duration::from_secs(a.request_timeout),
         truncate_max_tokens: a.truncate_max_tokens,
         max_waiting: a.max_waiting,
         body_limit: a.body_limit,
+        max_connections: a.max_connections,
+        header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
     };
-    let state = server::AppState::new(
-        eng,
-        tokenizer,
-        model_id.clone(),
-        cfg.block_size,
-        cfg.vocab_size,
-        metrics,
-        opts,
-    );
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -255,19 +261,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             eprintln!("gpt-serve: the engine failed (see the log above); exiting");
             std::process::exit(1);
         });
-        axum::serve(listener, server::router(state))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                eprintln!(
-                    "gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)"
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
-                    eprintln!("gpt-serve: shutdown deadline passed, exiting");
-                    std::process::exit(0);
-                });
-            })
-            .await?;
+        server::serve(listener, state, async move {
+            shutdown_signal().await;
+            eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
+                eprintln!("gpt-serve: shutdown deadline passed, exiting");
+                std::process::exit(0);
+            });
+        })
+        .await?;
         Ok::<_, anyhow::Error>(())
     })
 }

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub queue_time: Histogram,
     pub batch_rows: Histogram,
     pub batch_sequences: Histogram,
+    /// Sequences dropped from the queue before any prefill (client gone,
+    /// cancelled or past its deadline).
+    pub abandoned_in_queue: Counter,
+    /// Time to tokenize a request's prompts (off the async runtime).
+    pub tokenize_seconds: Histogram,
     rows_by_kind: Family<Labels, Counter>,
     running: Gauge<i64, std::sync::atomic::AtomicI64>,
     waiting: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -59,6 +64,8 @@ impl Metrics {
             queue_time: latency(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            abandoned_in_queue: Counter::default(),
+            tokenize_seconds: latency(),
             rows_by_kind: Family::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
@@ -105,6 +112,16 @@ impl Metrics {
             "gpt_serve:forward_seconds",
             "Time of one engine forward (every sequence in the batch)",
             m.step_seconds.clone(),
+        );
+        r.register(
+            "gpt_serve:abandoned_in_queue",
+            "Sequences dropped from the queue before prefill (client gone, cancelled or timed out)",
+            m.abandoned_in_queue.clone(),
+        );
+        r.register(
+            "gpt_serve:tokenize_seconds",
+            "Time to tokenize one request's prompts",
+            m.tokenize_seconds.clone(),
         );
         r.register(
             "vllm:request_queue_time_seconds",

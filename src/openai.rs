@@ -7,10 +7,12 @@
 //! (`best_of: 1`, `logit_bias: {}`, `suffix: null`). No tensors here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
@@ -90,33 +92,132 @@ pub struct ErrorDetail {
     pub code: Option<String>,
 }
 
-/// An error with its HTTP status; `server` turns it into a response.
+/// Every error the API answers with, and its one mapping to an HTTP status,
+/// an OpenAI error `type` and `code` ([`ApiError::status`],
+/// [`ApiError::body`]); `server` turns it into a response.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
+pub enum ApiError {
+    /// 400: a field is malformed or outside its limit (the message names
+    /// both).
+    Invalid {
+        param: Option<String>,
+        message: String,
+    },
+    /// 400 `context_length_exceeded`: prompt plus completion exceed the
+    /// model's context.
+    ContextLength {
+        param: &'static str,
+        message: String,
+    },
+    /// 401 `invalid_api_key`.
+    Unauthorized,
+    /// 404 `model_not_found`.
+    ModelNotFound { asked: String, served: String },
+    /// 413: the body is larger than `--body-limit`.
+    TooLarge,
+    /// 415: the body says it is not JSON.
+    NotJson { mime: String },
+    /// 429 `overloaded`: every decoding and queue slot is taken.
+    Overloaded { capacity: usize },
+    /// 500: the engine failed or stopped before finishing a sequence.
+    Internal { message: String },
+    /// 503: the model is still loading, or the engine has failed.
+    Unavailable { message: &'static str },
+    /// 504: the request ran past `--request-timeout`.
+    Timeout { secs: u64 },
 }
 
 impl ApiError {
+    /// A 400 naming the field (`param` empty: the body as a whole).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self {
-            status: 400,
+        Self::Invalid {
+            param: (!param.is_empty()).then(|| param.to_string()),
             message: message.into(),
-            kind: "invalid_request_error",
-            param: Some(param.into()),
-            code: None,
         }
     }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Invalid { .. } | Self::ContextLength { .. } => 400,
+            Self::Unauthorized => 401,
+            Self::ModelNotFound { .. } => 404,
+            Self::TooLarge => 413,
+            Self::NotJson { .. } => 415,
+            Self::Overloaded { .. } => 429,
+            Self::Internal { .. } => 500,
+            Self::Unavailable { .. } => 503,
+            Self::Timeout { .. } => 504,
+        }
+    }
+
+    /// OpenAI's error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Internal { .. } | Self::Unavailable { .. } => "server_error",
+            Self::Timeout { .. } => "timeout_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::ContextLength { .. } => Some("context_length_exceeded"),
+            Self::Unauthorized => Some("invalid_api_key"),
+            Self::ModelNotFound { .. } => Some("model_not_found"),
+            Self::Overloaded { .. } => Some("overloaded"),
+            _ => None,
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { param, .. } => param.as_deref(),
+            Self::ContextLength { param, .. } => Some(param),
+            Self::ModelNotFound { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::Invalid { message, .. }
+            | Self::ContextLength { message, .. }
+            | Self::Internal { message } => message.clone(),
+            Self::Unauthorized => {
+                "missing or invalid API key (Authorization: Bearer ...)".into()
+            }
+            Self::ModelNotFound { asked, served } => {
+                format!("model `{asked}` is not served here; this server serves `{served}`")
+            }
+            Self::TooLarge => {
+                "request body is larger than the server's limit (--body-limit)".into()
+            }
+            Self::NotJson { mime } => format!(
+                "the request body must be JSON (content-type application/json), got `{mime}`"
+            ),
+            Self::Overloaded { capacity } => format!(
+                "server is at capacity ({capacity} sequences decoding or queued); retry shortly"
+            ),
+            Self::Unavailable { message } => message.to_string(),
+            Self::Timeout { secs } => {
+                format!("request exceeded the server's timeout of {secs}s")
+            }
+        }
+    }
+
+    /// Whether a client should retry later (`Retry-After`).
+    pub fn retry_later(&self) -> bool {
+        matches!(self, Self::Overloaded { .. } | Self::Unavailable { .. })
+    }
+
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
-                message: self.message.clone(),
-                kind: self.kind.to_string(),
-                param: self.param.clone(),
-                code: self.code.map(str::to_string),
+                message: self.message(),
+                kind: self.kind().to_string(),
+                param: self.param().map(str::to_string),
+                code: self.code().map(str::to_string),
             },
         }
     }
@@ -138,10 +239,7 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
             _ if e.is_syntax() || e.is_eof() => format!("malformed JSON body: {msg}"),
             _ => format!("invalid request: {msg}"),
         };
-        ApiError {
-            param,
-            ..ApiError::invalid("", message)
-        }
+        ApiError::Invalid { param, message }
     })
 }
 
@@ -153,35 +251,92 @@ pub const MAX_STOP: usize = 4;
 pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_PROMPTS: usize = 64;
 
-/// A checked request: token prompts and every setting within its limits.
+/// When to stop a choice.
 #[derive(Clone, Debug)]
-pub struct Validated {
-    pub model: String,
-    pub prompts: Vec<Vec<u32>>,
+pub struct Stopping {
     pub max_tokens: usize,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub n: usize,
+    /// Shared by every choice of the request.
+    pub stop: Arc<[String]>,
+}
+
+/// What the response carries besides the text.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
     pub stream: bool,
     pub include_usage: bool,
+    /// Top alternatives per token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// Prompt tokens come back before the completion (scored when
+    /// `logprobs` is set).
     pub echo: bool,
-    pub stop: Vec<String>,
-    pub seed: Option<u64>,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub speculate: bool,
     pub spec_stats: bool,
 }
 
+/// A prompt as the client sent it, before tokenizing.
+#[derive(Clone, Debug)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A checked request, generic over its prompts: [`PromptInput`]s after
+/// [`CompletionRequest::validate`] (every setting, count and byte length
+/// checked, nothing tokenized yet), token ids after [`Validated::tokenize`]
+/// (context checked). The tokenized form is the engine's input.
+#[derive(Clone, Debug)]
+pub struct Validated<P = Vec<u32>> {
+    pub model: String,
+    pub prompts: Vec<P>,
+    /// Completions per prompt.
+    pub n: usize,
+    pub sampling: SamplingParams,
+    pub stopping: Stopping,
+    pub output: Output,
+    pub speculate: bool,
+    context: Context,
+}
+
+/// What `tokenize` checks the prompts against.
+#[derive(Clone, Copy, Debug)]
+struct Context {
+    block_size: usize,
+    truncate_max_tokens: bool,
+}
+
 /// Limits that come from the served model and the server's flags.
-pub struct Limits<'a> {
-    pub model_id: &'a str,
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub model_id: String,
     pub block_size: usize,
     pub vocab_size: usize,
     /// Clamp max_tokens to the context instead of refusing.
     pub truncate_max_tokens: bool,
-    pub tokenizer: &'a Tokenizer,
+    /// Bytes of the longest token: a text prompt longer than `block_size`
+    /// such tokens cannot fit, and is refused before tokenizing.
+    pub max_token_bytes: usize,
+}
+
+impl Limits {
+    pub fn new(
+        model_id: &str,
+        tokenizer: &Tokenizer,
+        block_size: usize,
+        vocab_size: usize,
+        truncate_max_tokens: bool,
+    ) -> Self {
+        Self {
+            model_id: model_id.to_string(),
+            block_size,
+            vocab_size,
+            truncate_max_tokens,
+            max_token_bytes: tokenizer.max_token_bytes(),
+        }
+    }
+
+    /// Bytes of a text prompt at most.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.block_size * self.max_token_bytes.max(1)
+    }
 }
 
 fn range(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
@@ -194,20 +349,62 @@ fn range(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
     Ok(v)
 }
 
+fn context_error(param: &'static str, message: String) -> ApiError {
+    ApiError::ContextLength { param, message }
+}
+
 impl CompletionRequest {
-    pub fn validate(self, lim: &Limits) -> Result<Validated, ApiError> {
+    /// Checks every setting, the prompt count and each prompt's length in
+    /// bytes or ids; tokenizing comes after, off the async runtime.
+    pub fn validate(self, lim: &Limits) -> Result<Validated<PromptInput>, ApiError> {
         if self.model != lim.model_id {
-            return Err(ApiError {
-                code: Some("model_not_found"),
-                ..ApiError::invalid(
-                    "model",
-                    format!(
-                        "model `{}` is not served here; this server serves `{}`",
-                        self.model, lim.model_id
-                    ),
-                )
+            return Err(ApiError::ModelNotFound {
+                asked: self.model,
+                served: lim.model_id.clone(),
             });
         }
+        self.refuse_unsupported()?;
+        let sampling = self.sampling()?;
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::invalid(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ));
+        }
+        if let Some(l) = self.logprobs.filter(|&l| l > MAX_LOGPROBS) {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}"),
+            ));
+        }
+        let stop = stop_list(self.stop)?;
+        let prompts = prompt_inputs(self.prompt, lim)?;
+        Ok(Validated {
+            model: self.model,
+            prompts,
+            n: n as usize,
+            sampling,
+            stopping: Stopping {
+                max_tokens: self.max_tokens.unwrap_or(16) as usize,
+                stop,
+            },
+            output: Output {
+                stream: self.stream,
+                include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+                logprobs: self.logprobs.map(|l| l as usize),
+                echo: self.echo,
+                spec_stats: self.spec_stats,
+            },
+            speculate: self.speculate.unwrap_or(true),
+            context: Context {
+                block_size: lim.block_size,
+                truncate_max_tokens: lim.truncate_max_tokens,
+            },
+        })
+    }
+
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(ApiError::invalid(
                 "best_of",
@@ -223,6 +420,10 @@ impl CompletionRequest {
         if self.suffix.is_some() {
             return Err(ApiError::invalid("suffix", "suffix is not supported"));
         }
+        Ok(())
+    }
+
+    fn sampling(&self) -> Result<SamplingParams, ApiError> {
         let temperature = range("temperature", self.temperature.unwrap_or(1.0), 0.0, 2.0)?;
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -231,163 +432,205 @@ impl CompletionRequest {
                 format!("top_p must be in (0, 1], got {top_p}"),
             ));
         }
-        let n = self.n.unwrap_or(1);
-        if !(1..=MAX_N).contains(&n) {
-            return Err(ApiError::invalid(
-                "n",
-                format!("n must be between 1 and {MAX_N}, got {n}"),
-            ));
-        }
-        if let Some(l) = self.logprobs {
-            if l > MAX_LOGPROBS {
-                return Err(ApiError::invalid(
-                    "logprobs",
-                    format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}"),
+        let penalty = |name, v: Option<f32>| range(name, v.unwrap_or(0.0), -2.0, 2.0);
+        Ok(SamplingParams {
+            temperature,
+            top_p,
+            presence_penalty: penalty("presence_penalty", self.presence_penalty)?,
+            frequency_penalty: penalty("frequency_penalty", self.frequency_penalty)?,
+            seed: self.seed.unwrap_or_else(rand::random),
+        })
+    }
+}
+
+fn stop_list(stop: Option<Stop>) -> Result<Arc<[String]>, ApiError> {
+    let stop = match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOP} stop sequences, got {}", stop.len()),
+        ));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop sequence may have at most {MAX_STOP_BYTES} bytes, got {}",
+                long.len()
+            ),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stop.into())
+}
+
+/// The prompts, counted and measured before any tokenizing: at most
+/// [`MAX_PROMPTS`], text within [`Limits::max_prompt_bytes`], ids within
+/// the vocabulary and the context.
+fn prompt_inputs(prompt: Prompt, lim: &Limits) -> Result<Vec<PromptInput>, ApiError> {
+    let prompts: Vec<PromptInput> = match prompt {
+        Prompt::Text(s) => vec![PromptInput::Text(s)],
+        Prompt::Texts(v) => v.into_iter().map(PromptInput::Text).collect(),
+        Prompt::Tokens(ids) => vec![PromptInput::Ids(ids)],
+        Prompt::TokenLists(v) => v.into_iter().map(PromptInput::Ids).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "at most {MAX_PROMPTS} prompts per request, got {}",
+                prompts.len()
+            ),
+        ));
+    }
+    for p in &prompts {
+        match p {
+            PromptInput::Text(s) if s.len() > lim.max_prompt_bytes() => {
+                return Err(context_error(
+                    "prompt",
+                    format!(
+                        "a prompt of {} bytes cannot fit this model's maximum context length of {} tokens (at most {} bytes)",
+                        s.len(),
+                        lim.block_size,
+                        lim.max_prompt_bytes()
+                    ),
                 ));
             }
+            PromptInput::Text(_) => {}
+            PromptInput::Ids(ids) => check_ids(ids, lim)?,
         }
-        let presence_penalty = range(
-            "presence_penalty",
-            self.presence_penalty.unwrap_or(0.0),
-            -2.0,
-            2.0,
-        )?;
-        let frequency_penalty = range(
-            "frequency_penalty",
-            self.frequency_penalty.unwrap_or(0.0),
-            -2.0,
-            2.0,
-        )?;
-        let prompts = self.prompt_tokens(lim)?;
-        let stop = match self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        };
-        if stop.len() > MAX_STOP {
-            return Err(ApiError::invalid(
-                "stop",
-                format!("at most {MAX_STOP} stop sequences, got {}", stop.len()),
-            ));
+    }
+    Ok(prompts)
+}
+
+fn check_ids(ids: &[u32], lim: &Limits) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "a token prompt must not be empty",
+        ));
+    }
+    if let Some(t) = ids.iter().find(|t| **t as usize >= lim.vocab_size) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "token id {t} is outside the vocabulary (0..{})",
+                lim.vocab_size
+            ),
+        ));
+    }
+    if ids.len() > lim.block_size {
+        return Err(prompt_too_long(ids.len(), lim.block_size));
+    }
+    Ok(())
+}
+
+fn prompt_too_long(len: usize, block_size: usize) -> ApiError {
+    context_error(
+        "prompt",
+        format!("prompt has {len} tokens; this model's maximum context length is {block_size} tokens"),
+    )
+}
+
+impl<P> Validated<P> {
+    /// Sequences this request decodes (prompts x n).
+    pub fn sequences(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+}
+
+impl Validated {
+    /// A request of token prompts already checked by the caller (the
+    /// engine's own tests and benchmarks, which have no HTTP request).
+    pub fn from_tokens(
+        prompts: Vec<Vec<u32>>,
+        n: usize,
+        sampling: SamplingParams,
+        stopping: Stopping,
+        output: Output,
+        speculate: bool,
+    ) -> Self {
+        Validated {
+            model: String::new(),
+            prompts,
+            n,
+            sampling,
+            stopping,
+            output,
+            speculate,
+            context: Context {
+                block_size: usize::MAX,
+                truncate_max_tokens: false,
+            },
         }
-        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-            return Err(ApiError::invalid(
-                "stop",
-                format!(
-                    "a stop sequence may have at most {MAX_STOP_BYTES} bytes, got {}",
-                    long.len()
-                ),
-            ));
-        }
-        if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid(
-                "stop",
-                "stop sequences must not be empty",
-            ));
-        }
+    }
+}
+
+impl Validated<PromptInput> {
+    /// Tokenizes the text prompts (CPU work: call it off the async
+    /// runtime) and checks prompt plus `max_tokens` against the context.
+    pub fn tokenize(self, tokenizer: &Tokenizer) -> Result<Validated, ApiError> {
+        let ctx = self.context;
+        let prompts = self
+            .prompts
+            .into_iter()
+            .map(|p| match p {
+                PromptInput::Ids(ids) => Ok(ids),
+                PromptInput::Text(s) => {
+                    let mut ids = tokenizer
+                        .encode(&s)
+                        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+                    if ids.is_empty() {
+                        ids.push(tokenizer.eot()); // an empty prompt starts a new document
+                    }
+                    match ids.len() > ctx.block_size {
+                        true => Err(prompt_too_long(ids.len(), ctx.block_size)),
+                        false => Ok(ids),
+                    }
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut max_tokens = self.max_tokens.unwrap_or(16) as usize;
-        if longest + max_tokens > lim.block_size {
-            if lim.truncate_max_tokens && longest < lim.block_size {
-                max_tokens = lim.block_size - longest;
-            } else {
-                return Err(ApiError {
-                    code: Some("context_length_exceeded"),
-                    ..ApiError::invalid(
-                        "max_tokens",
-                        format!(
-                            "this model's maximum context length is {} tokens, however you requested {} tokens ({longest} in the prompt, {max_tokens} for the completion)",
-                            lim.block_size,
-                            longest + max_tokens
-                        ),
-                    )
-                });
+        let mut stopping = self.stopping;
+        if longest + stopping.max_tokens > ctx.block_size {
+            if !ctx.truncate_max_tokens || longest >= ctx.block_size {
+                return Err(context_error(
+                    "max_tokens",
+                    format!(
+                        "this model's maximum context length is {} tokens, however you requested {} tokens ({longest} in the prompt, {} for the completion)",
+                        ctx.block_size,
+                        longest + stopping.max_tokens,
+                        stopping.max_tokens
+                    ),
+                ));
             }
+            stopping.max_tokens = ctx.block_size - longest;
         }
         Ok(Validated {
             model: self.model,
             prompts,
-            max_tokens,
-            temperature,
-            top_p,
-            n: n as usize,
-            stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-            logprobs: self.logprobs.map(|l| l as usize),
-            echo: self.echo,
-            stop,
-            seed: self.seed,
-            presence_penalty,
-            frequency_penalty,
-            speculate: self.speculate.unwrap_or(true),
-            spec_stats: self.spec_stats,
+            n: self.n,
+            sampling: self.sampling,
+            stopping,
+            output: self.output,
+            speculate: self.speculate,
+            context: ctx,
         })
-    }
-
-    fn prompt_tokens(&self, lim: &Limits) -> Result<Vec<Vec<u32>>, ApiError> {
-        let encode = |s: &str| -> Result<Vec<u32>, ApiError> {
-            let mut ids = lim
-                .tokenizer
-                .encode(s)
-                .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-            if ids.is_empty() {
-                // An empty prompt starts a new document.
-                ids.push(lim.tokenizer.eot());
-            }
-            Ok(ids)
-        };
-        let check_ids = |ids: &Vec<u32>| -> Result<(), ApiError> {
-            if ids.is_empty() {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "a token prompt must not be empty",
-                ));
-            }
-            if let Some(t) = ids.iter().find(|t| **t as usize >= lim.vocab_size) {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    format!(
-                        "token id {t} is outside the vocabulary (0..{})",
-                        lim.vocab_size
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        let prompts = match &self.prompt {
-            Prompt::Text(s) => vec![encode(s)?],
-            Prompt::Texts(v) => v.iter().map(|s| encode(s)).collect::<Result<_, _>>()?,
-            Prompt::Tokens(ids) => vec![ids.clone()],
-            Prompt::TokenLists(v) => v.clone(),
-        };
-        if prompts.is_empty() {
-            return Err(ApiError::invalid(
-                "prompt",
-                "prompt must not be an empty list",
-            ));
-        }
-        if prompts.len() > MAX_PROMPTS {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "at most {MAX_PROMPTS} prompts per request, got {}",
-                    prompts.len()
-                ),
-            ));
-        }
-        for p in &prompts {
-            check_ids(p)?;
-            if p.len() > lim.block_size {
-                return Err(ApiError {
-                    code: Some("context_length_exceeded"),
-                    ..ApiError::invalid(
-                        "prompt",
-                        format!("prompt has {} tokens; this model's maximum context length is {} tokens", p.len(), lim.block_size),
-                    )
-                });
-            }
-        }
-        Ok(prompts)
     }
 }
 
@@ -486,36 +729,37 @@ mod tests {
         .unwrap()
     }
 
-    fn lim(t: &Tokenizer) -> Limits<'_> {
-        Limits {
-            model_id: "m",
-            block_size: 64,
-            vocab_size: t.vocab_size(),
-            truncate_max_tokens: false,
-            tokenizer: t,
-        }
+    fn lim(t: &Tokenizer) -> Limits {
+        Limits::new("m", t, 64, t.vocab_size(), false)
     }
 
     fn req(json: &str) -> Result<Validated, ApiError> {
         let t = tok();
-        parse_request(json.as_bytes())?.validate(&lim(&t))
+        parse_request(json.as_bytes())?
+            .validate(&lim(&t))?
+            .tokenize(&t)
     }
 
     #[test]
     fn defaults_follow_openai() {
         let v = req(r#"{"model":"m","prompt":"hello"}"#).unwrap();
         assert_eq!(
-            (v.max_tokens, v.temperature, v.n, v.top_p),
+            (
+                v.stopping.max_tokens,
+                v.sampling.temperature,
+                v.n,
+                v.sampling.top_p
+            ),
             (16, 1.0, 1, 1.0)
         );
-        assert!(v.speculate && !v.stream && v.logprobs.is_none());
+        assert!(v.speculate && !v.output.stream && v.output.logprobs.is_none());
     }
 
     #[test]
     fn unknown_fields_are_refused_by_name() {
         let e = req(r#"{"model":"m","prompt":"x","tools":[]}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("tools"));
-        assert!(e.message.contains("`tools`"));
+        assert_eq!(e.param(), Some("tools"));
+        assert!(e.message().contains("`tools`"));
     }
 
     #[test]
@@ -525,8 +769,7 @@ mod tests {
         assert_eq!(
             req(r#"{"model":"m","prompt":"x","best_of":2}"#)
                 .unwrap_err()
-                .param
-                .as_deref(),
+                .param(),
             Some("best_of")
         );
     }
@@ -534,34 +777,34 @@ mod tests {
     #[test]
     fn limits_are_named_in_errors() {
         let e = req(r#"{"model":"m","prompt":"x","temperature":-1}"#).unwrap_err();
-        assert!(e.message.contains("temperature must be between 0 and 2"));
+        assert!(e.message().contains("temperature must be between 0 and 2"));
         let e = req(r#"{"model":"m","prompt":"x","max_tokens":100}"#).unwrap_err();
-        assert_eq!(e.code, Some("context_length_exceeded"));
-        assert!(e.message.contains("maximum context length is 64"));
+        assert_eq!(e.code(), Some("context_length_exceeded"));
+        assert!(e.message().contains("maximum context length is 64"));
         let e = req(r#"{"model":"other","prompt":"x"}"#).unwrap_err();
-        assert_eq!(e.code, Some("model_not_found"));
+        assert_eq!(e.code(), Some("model_not_found"));
         let e = req(r#"{"model":"m","prompt":[1,2,99999]}"#).unwrap_err();
-        assert!(e.message.contains("99999"));
+        assert!(e.message().contains("99999"));
         let e = req(r#"{"model":"m","prompt":"x","logprobs":6}"#).unwrap_err();
-        assert!(e.message.contains("between 0 and 5"));
+        assert!(e.message().contains("between 0 and 5"));
         let e = req(r#"{"model":"m","prompt":"x","stop":["a","b","c","d","e"]}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("stop"));
+        assert_eq!(e.param(), Some("stop"));
         let long = format!(
             r#"{{"model":"m","prompt":"x","stop":["{}"]}}"#,
             "a".repeat(257)
         );
         let e = req(&long).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("stop"));
-        assert!(e.message.contains("at most 256 bytes"), "{}", e.message);
+        assert_eq!(e.param(), Some("stop"));
+        assert!(e.message().contains("at most 256 bytes"), "{}", e.message());
     }
 
     #[test]
     fn malformed_json_and_wrong_types_are_400s() {
         let e = req(r#"{"model":"m","#).unwrap_err();
-        assert_eq!(e.status, 400);
-        assert!(e.message.contains("malformed JSON"));
+        assert_eq!(e.status(), 400);
+        assert!(e.message().contains("malformed JSON"));
         let e = req(r#"{"model":"m","prompt":"x","max_tokens":"ten"}"#).unwrap_err();
-        assert_eq!(e.status, 400);
+        assert_eq!(e.status(), 400);
     }
 
     #[test]
@@ -590,14 +833,65 @@ mod tests {
     #[test]
     fn truncation_flag_clamps_max_tokens() {
         let t = tok();
-        let l = Limits {
-            truncate_max_tokens: true,
-            ..lim(&t)
-        };
+        let l = Limits::new("m", &t, 64, t.vocab_size(), true);
         let v = parse_request(br#"{"model":"m","prompt":"hello","max_tokens":1000}"#)
             .unwrap()
             .validate(&l)
+            .unwrap()
+            .tokenize(&t)
             .unwrap();
-        assert_eq!(v.max_tokens + v.prompts[0].len(), 64);
+        assert_eq!(v.stopping.max_tokens + v.prompts[0].len(), 64);
+    }
+
+    #[test]
+    fn counts_and_byte_lengths_are_checked_before_tokenizing() {
+        let t = tok();
+        let l = lim(&t);
+        let too_many = format!(r#"{{"model":"m","prompt":{:?}}}"#, vec!["a"; 65]);
+        let e = parse_request(too_many.as_bytes())
+            .unwrap()
+            .validate(&l)
+            .unwrap_err();
+        assert!(e.message().contains("at most 64 prompts"), "{}", e.message());
+        let long = "a".repeat(l.max_prompt_bytes() + 1);
+        let body = format!(r#"{{"model":"m","prompt":"{long}"}}"#);
+        let e = parse_request(body.as_bytes())
+            .unwrap()
+            .validate(&l)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("context_length_exceeded"));
+        assert!(e.message().contains("bytes"), "{}", e.message());
+        // Within the byte limit, the token count decides after tokenizing.
+        let ok = "hello ".repeat(5);
+        let body = format!(r#"{{"model":"m","prompt":"{ok}"}}"#);
+        let v = parse_request(body.as_bytes()).unwrap().validate(&l).unwrap();
+        assert_eq!(v.sequences(), 1);
+        assert!(v.tokenize(&t).is_ok());
+    }
+
+    #[test]
+    fn every_error_maps_to_one_status_type_and_code() {
+        let cases = [
+            (ApiError::invalid("n", "x"), 400, "invalid_request_error", None),
+            (ApiError::Unauthorized, 401, "invalid_request_error", Some("invalid_api_key")),
+            (
+                ApiError::ModelNotFound { asked: "a".into(), served: "b".into() },
+                404,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            (ApiError::TooLarge, 413, "invalid_request_error", None),
+            (ApiError::NotJson { mime: "text/plain".into() }, 415, "invalid_request_error", None),
+            (ApiError::Overloaded { capacity: 3 }, 429, "rate_limit_error", Some("overloaded")),
+            (ApiError::Internal { message: "x".into() }, 500, "server_error", None),
+            (ApiError::Unavailable { message: "x" }, 503, "server_error", None),
+            (ApiError::Timeout { secs: 1 }, 504, "timeout_error", None),
+        ];
+        for (e, status, kind, code) in cases {
+            let body = e.body();
+            assert_eq!((e.status(), body.error.kind.as_str()), (status, kind), "{e:?}");
+            assert_eq!(body.error.code.as_deref(), code, "{e:?}");
+            assert!(!body.error.message.is_empty());
+        }
     }
 }

@@ -12,12 +12,13 @@ pub enum Piece {
 
 #[derive(Debug, Default, Clone)]
 pub struct StopText {
-    stops: Vec<String>,
+    /// Shared by every choice of a request.
+    stops: std::sync::Arc<[String]>,
     held: String,
 }
 
 impl StopText {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub fn new(stops: std::sync::Arc<[String]>) -> Self {
         Self {
             stops,
             held: String::new(),
@@ -38,7 +39,7 @@ impl StopText {
         }
         // Hold back the longest suffix that is a proper prefix of a stop string.
         let mut keep = 0;
-        for s in &self.stops {
+        for s in self.stops.iter() {
             for (i, _) in s.char_indices().skip(1) {
                 if self.held.ends_with(&s[..i]) {
                     keep = keep.max(i);
@@ -63,13 +64,13 @@ mod tests {
 
     #[test]
     fn text_without_stops_passes_through() {
-        let mut s = StopText::new(vec![]);
+        let mut s = StopText::new(vec![].into());
         assert_eq!(s.push("abc"), Piece::Text("abc".into()));
     }
 
     #[test]
     fn a_stop_string_split_across_pieces_is_cut_and_not_emitted() {
-        let mut s = StopText::new(vec!["END".into()]);
+        let mut s = StopText::new(vec!["END".into()].into());
         assert_eq!(s.push("hello E"), Piece::Text("hello ".into()));
         assert_eq!(s.push("N"), Piece::Text("".into()));
         assert_eq!(s.push("D tail"), Piece::Stopped("".into()));
@@ -77,17 +78,17 @@ mod tests {
 
     #[test]
     fn held_text_that_was_not_a_stop_is_released() {
-        let mut s = StopText::new(vec!["END".into()]);
+        let mut s = StopText::new(vec!["END".into()].into());
         assert_eq!(s.push("E"), Piece::Text("".into()));
         assert_eq!(s.push("Xy"), Piece::Text("EXy".into()));
-        let mut s = StopText::new(vec!["\n\n".into()]);
+        let mut s = StopText::new(vec!["\n\n".into()].into());
         assert_eq!(s.push("a\n"), Piece::Text("a".into()));
         assert_eq!(s.flush(), "\n");
     }
 
     #[test]
     fn the_earliest_of_several_stops_wins() {
-        let mut s = StopText::new(vec!["b".into(), "a".into()]);
+        let mut s = StopText::new(vec!["b".into(), "a".into()].into());
         assert_eq!(s.push("xxaxb"), Piece::Stopped("xx".into()));
     }
 }

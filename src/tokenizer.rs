@@ -37,24 +37,30 @@ pub struct Tokenizer {
     /// Whether each token's text starts a new word (begins with a space or
     /// newline); drafter features use it.
     word_start: Vec<bool>,
+    /// Bytes of the longest token's text: a text of `b` bytes has at least
+    /// `b / max_token_bytes` tokens.
+    max_token_bytes: usize,
 }
 
 impl Tokenizer {
     fn wrap(inner: HfTokenizer) -> Result<Self> {
         let eot = inner.token_to_id(EOT).ok_or(TokenizerError::NoEot)?;
         let n = inner.get_vocab_size(true);
-        let word_start = (0..n as u32)
-            .map(|id| {
-                inner
-                    .decode(&[id], false)
-                    .map(|s| s.starts_with([' ', '\n', '\t']))
-                    .unwrap_or(false)
-            })
+        let texts: Vec<String> = (0..n as u32)
+            .map(|id| inner.decode(&[id], false).unwrap_or_default())
             .collect();
+        let word_start = texts
+            .iter()
+            .map(|s| s.starts_with([' ', '\n', '\t']))
+            .collect();
+        // A lone byte of a multi-byte character decodes to U+FFFD (3
+        // bytes): an overestimate, which keeps the bound safe.
+        let max_token_bytes = texts.iter().map(String::len).max().unwrap_or(1).max(1);
         Ok(Self {
             inner,
             eot,
             word_start,
+            max_token_bytes,
         })
     }
 
@@ -124,6 +130,11 @@ impl Tokenizer {
 
     pub fn eot(&self) -> u32 {
         self.eot
+    }
+
+    /// Bytes of the longest token's text.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -12,17 +12,18 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
 use gpt_serve::cpu::CpuGpt;
 use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::engine::{Backend, Engine, EngineConfig, Event, Job};
+use gpt_serve::engine::{Backend, Engine, EngineConfig, Event, Job, EVENT_BUFFER};
 use gpt_serve::metrics::Metrics;
+use gpt_serve::openai::{Output, Stopping, Validated};
 use gpt_serve::sampling::SamplingParams;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -85,19 +86,46 @@ struct Run {
     prompt: Vec<u32>,
     params: GenParams,
     echo: Option<usize>,
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mpsc::Receiver<Event>,
     cancel: Arc<AtomicBool>,
 }
 
+/// Submits `prompt` as choice `params.choice` of a request; only a
+/// prompt's first choice scores the prompt (echo), as the engine does.
 fn submit(e: &Engine, prompt: Vec<u32>, params: GenParams, echo: Option<usize>) -> Run {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let cancel = Arc::new(AtomicBool::new(false));
+    let choice = params.choice as usize;
+    let mut params = params;
+    let echo = echo.filter(|_| choice == 0);
+    if let Some(k) = echo {
+        params.logprobs = params.logprobs.or(Some(k));
+    }
+    let echo = echo.and(params.logprobs);
+    let request = Validated::from_tokens(
+        vec![prompt.clone()],
+        choice + 1,
+        params.sampling.clone(),
+        Stopping {
+            max_tokens: params.max_tokens,
+            stop: Arc::new([]),
+        },
+        Output {
+            logprobs: params.logprobs,
+            echo: echo.is_some(),
+            ..Default::default()
+        },
+        params.speculate,
+    );
+    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
     e.submit(Job {
-        prompt: prompt.clone(),
-        params: params.clone(),
-        echo_logprobs: echo,
+        request: Arc::new(request),
+        prompt: 0,
+        choice,
         events: tx,
         cancel: cancel.clone(),
+        permit,
+        deadline: Instant::now() + Duration::from_secs(600),
     })
     .unwrap();
     Run {
@@ -225,7 +253,7 @@ fn sixteen_staggered_sequences_in_a_batch_each_give_what_they_give_alone() {
 fn a_long_prompt_arriving_never_stalls_the_decoding_streams_for_more_than_two_iterations() {
     let Some(s) = shipped() else { return };
     let e = engine(16, 16);
-    let mut streams: Vec<Run> = (0..8)
+    let streams: Vec<Run> = (0..8)
         .map(|i| {
             submit(
                 &e,
@@ -237,6 +265,7 @@ fn a_long_prompt_arriving_never_stalls_the_decoding_streams_for_more_than_two_it
         .collect();
     // Wait until every stream decodes, then send a 220-token prompt.
     let mut first = Vec::new();
+    let mut streams = streams;
     for r in streams.iter_mut() {
         loop {
             match r.rx.blocking_recv() {
@@ -249,13 +278,19 @@ fn a_long_prompt_arriving_never_stalls_the_decoding_streams_for_more_than_two_it
             }
         }
     }
+    // Every stream's client keeps reading (a sequence whose client does
+    // not read pauses, which is not what this test is about).
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut r| std::thread::spawn(move || collect(&mut r)))
+        .collect();
     let mut long = submit(&e, s.text[100..320].to_vec(), params(4, 0.0, 0, 0), None);
     let long_out = collect(&mut long);
     assert!(long_out.done);
     let started = long_out.iterations[0];
     let mut checked = 0;
-    for (i, r) in streams.iter_mut().enumerate() {
-        let o = collect(r);
+    for (i, reader) in readers.into_iter().enumerate() {
+        let o = reader.join().unwrap();
         let mut last = first[i];
         for &it in o.iterations.iter().filter(|&&it| it <= started) {
             assert!(

@@ -8,9 +8,9 @@ use candle_core::Device;
 use futures::StreamExt;
 use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
 use gpt_serve::config::Config;
-use gpt_serve::engine::{Engine, EngineConfig};
+use gpt_serve::engine::EngineConfig;
 use gpt_serve::metrics::Metrics;
-use gpt_serve::server::{router, AppState, ServeOptions};
+use gpt_serve::server::{self, AppState, ServeOptions};
 use serde_json::{json, Value};
 
 /// A tiny random-weight checkpoint with a real tokenizer.
@@ -59,47 +59,25 @@ async fn start_faulty(
     fault: Option<gpt_serve::engine::Fault>,
 ) -> Server {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
-    let cfg = loaded.config.model.clone();
-    let tok = loaded.tokenizer.clone();
+    let engine = EngineConfig {
+        backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
+        max_active,
+        max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
+        cascade: false,
+        exit_confidence: 0.5,
+        fault,
+    };
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::spawn(
-        loaded,
-        None,
-        EngineConfig {
-            backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
-            max_active,
-            max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
-            cascade: false,
-            exit_confidence: 0.5,
-            fault,
-        },
-        metrics.clone(),
-    )
-    .unwrap();
-    let state = AppState::new(
-        engine,
-        tok,
-        "tiny".into(),
-        cfg.block_size,
-        cfg.vocab_size,
-        metrics,
-        opts,
-    );
+    let state = server::build(loaded, None, engine, "tiny", metrics, opts).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    for _ in 0..100 {
-        if state
-            .0
-            .engine
-            .ready
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let serving = state.clone();
+    tokio::spawn(async move {
+        server::serve(listener, serving, std::future::pending())
+            .await
+            .unwrap()
+    });
+    state.wait_ready(Duration::from_secs(5)).await;
     Server {
         url,
         _dir: dir,
@@ -423,7 +401,6 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
             json!({"model": "tiny", "prompt": "x", "max_tokens": 100000}),
             "max_tokens",
         ),
-        (json!({"model": "nope", "prompt": "x"}), "model"),
         (
             json!({"model": "tiny", "prompt": "x", "logprobs": 9}),
             "logprobs",
@@ -446,6 +423,10 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
+    // An unknown model is a 404 naming it, as with OpenAI and vLLM.
+    let (st, v) = post(&s, "/v1/completions", json!({"model": "nope", "prompt": "x"})).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    assert_eq!(v["error"]["param"], "model");
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
         .header("content-type", "application/json")

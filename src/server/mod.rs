@@ -1,0 +1,622 @@
+//! HTTP: [`router`] with the OpenAI completions endpoint (JSON and
+//! server-sent events), tokenize/detokenize, models, health and Prometheus
+//! metrics; [`build`] assembles the engine and the state from a checkpoint
+//! and [`serve`] runs the accept loop, for `gpt-serve serve` and the tests
+//! alike. Handlers turn validated requests into engine jobs and engine
+//! events into text; they never touch tensors.
+//!
+//! A request's path: parse and check every field, counts and byte lengths
+//! ([`crate::openai`]); take admission slots (429 beyond `max_active +
+//! max_waiting`); tokenize off the async runtime; one engine job per
+//! sequence, each carrying its slot, which the engine frees when it drops
+//! the sequence; then the events become a JSON body or a stream
+//! ([`completion`]). Every wait is bounded by the request's deadline.
+
+mod completion;
+mod listen;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use utoipa::OpenApi;
+
+use crate::checkpoint::Loaded;
+use crate::drafter::Drafter;
+use crate::engine::{Engine, EngineConfig, Job, EVENT_BUFFER};
+use crate::metrics::Metrics;
+use crate::openai::*;
+use crate::tokenizer::Tokenizer;
+use completion::{ChoiceState, Completion, Delta};
+pub use listen::serve;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Bearer token required on the API routes (None: no auth).
+    pub api_key: Option<String>,
+    /// Put `/metrics` behind the API key too.
+    pub protect_metrics: bool,
+    pub request_timeout: Duration,
+    pub truncate_max_tokens: bool,
+    pub max_waiting: usize,
+    pub body_limit: usize,
+    /// Open connections at most; beyond, a connection gets 503 and is
+    /// closed.
+    pub max_connections: usize,
+    /// A client must send a request's headers within this time.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            protect_metrics: false,
+            request_timeout: Duration::from_secs(600),
+            truncate_max_tokens: false,
+            max_waiting: 64,
+            body_limit: 1 << 20,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reads an API key from a file (a mounted secret): the first line,
+/// without surrounding whitespace; an unreadable or empty file is an error
+/// naming it.
+pub fn read_api_key(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--api-key-file {}: {e}", path.display()))?;
+    match text.lines().next().map(str::trim) {
+        Some(key) if !key.is_empty() => Ok(key.to_string()),
+        _ => Err(format!(
+            "--api-key-file {}: the file is empty (expected the key on its first line)",
+            path.display()
+        )),
+    }
+}
+
+pub struct Inner {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub opts: ServeOptions,
+    limiter: Arc<Semaphore>,
+    created: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+/// Starts the engine on a loaded checkpoint and builds the server's state:
+/// what `gpt-serve serve` and the tests both run.
+pub fn build(
+    loaded: Loaded,
+    drafter: Option<Drafter>,
+    engine: EngineConfig,
+    model_id: &str,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+) -> std::io::Result<AppState> {
+    let cfg = loaded.config.model.clone();
+    let tokenizer = Arc::new(loaded.tokenizer.clone());
+    let engine = Engine::spawn(loaded, drafter, engine, metrics.clone())?;
+    let limits = Limits::new(
+        model_id,
+        &tokenizer,
+        cfg.block_size,
+        cfg.vocab_size,
+        opts.truncate_max_tokens,
+    );
+    let permits = engine.config.max_active + opts.max_waiting;
+    Ok(AppState(Arc::new(Inner {
+        engine,
+        tokenizer,
+        limits,
+        metrics,
+        opts,
+        limiter: Arc::new(Semaphore::new(permits)),
+        created: now(),
+    })))
+}
+
+impl AppState {
+    /// The admission semaphore (one permit per decoding or queued sequence).
+    pub fn limiter(&self) -> &Arc<Semaphore> {
+        &self.0.limiter
+    }
+
+    /// Decoding plus queued sequences at most.
+    pub fn capacity(&self) -> usize {
+        self.0.engine.config.max_active + self.0.opts.max_waiting
+    }
+
+    /// Waits until the model is loaded (or `limit` passes); tests use it.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if self.0.engine.ready.load(Ordering::SeqCst) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    fn check_ready(&self) -> Result<(), ApiError> {
+        if self.0.engine.failed.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable {
+                message: "the engine has failed; the server is exiting",
+            });
+        }
+        match self.0.engine.ready.load(Ordering::SeqCst) {
+            true => Ok(()),
+            false => Err(ApiError::Unavailable {
+                message: "model is loading",
+            }),
+        }
+    }
+
+    /// One slot per sequence, or 429 (400 when no server state could ever
+    /// take the request).
+    fn admit<P>(&self, v: &Validated<P>) -> Result<OwnedSemaphorePermit, ApiError> {
+        let (n_seq, capacity) = (v.sequences(), self.capacity());
+        if n_seq > capacity {
+            let param = if v.n > 1 { "n" } else { "prompt" };
+            return Err(ApiError::invalid(
+                param,
+                format!("{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}"),
+            ));
+        }
+        self.0
+            .limiter
+            .clone()
+            .try_acquire_many_owned(n_seq as u32)
+            .map_err(|_| ApiError::Overloaded { capacity })
+    }
+
+    /// Tokenizes the prompts on a blocking thread.
+    async fn tokenize(&self, v: Validated<PromptInput>) -> Result<Validated, ApiError> {
+        let (tok, m) = (self.0.tokenizer.clone(), self.0.metrics.clone());
+        blocking(move || {
+            let t = std::time::Instant::now();
+            let v = v.tokenize(&tok);
+            m.tokenize_seconds.observe(t.elapsed().as_secs_f64());
+            v
+        })
+        .await?
+    }
+
+    /// One engine job per sequence, each with one of the request's slots.
+    fn submit(
+        &self,
+        v: Arc<Validated>,
+        mut permit: OwnedSemaphorePermit,
+        deadline: Instant,
+    ) -> Result<Completion, ApiError> {
+        let mut choices = Vec::with_capacity(v.sequences());
+        let mut receivers = Vec::with_capacity(v.sequences());
+        let mut permits: Vec<OwnedSemaphorePermit> =
+            std::iter::from_fn(|| (permit.num_permits() > 1).then(|| permit.split(1)).flatten())
+                .collect();
+        permits.push(permit);
+        let mut permits = permits.into_iter();
+        for prompt in 0..v.prompts.len() {
+            for choice in 0..v.n {
+                let (events, rx) = mpsc::channel(EVENT_BUFFER);
+                let cancel = Arc::new(AtomicBool::new(false));
+                let index = prompt * v.n + choice;
+                let permit = permits.next().ok_or_else(|| ApiError::Internal {
+                    message: "fewer admission slots than sequences".into(),
+                })?;
+                self.0
+                    .engine
+                    .submit(Job {
+                        request: v.clone(),
+                        prompt,
+                        choice,
+                        events,
+                        cancel: cancel.clone(),
+                        permit,
+                        deadline: deadline.into_std(),
+                    })
+                    .map_err(|_| ApiError::Unavailable {
+                        message: "the engine has stopped",
+                    })?;
+                choices.push(ChoiceState::new(index, prompt, v.stopping.stop.clone(), cancel));
+                receivers.push(rx);
+            }
+        }
+        let m = &self.0.metrics;
+        m.prompt_tokens
+            .inc_by(v.prompts.iter().map(Vec::len).sum::<usize>() as u64 * v.n as u64);
+        Ok(Completion::new(v, choices, receivers))
+    }
+}
+
+/// Runs CPU work (tokenizing) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal {
+            message: format!("a tokenizer task failed: {e}"),
+        })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(self.body())).into_response();
+        if self.retry_later() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The request body as bytes, with size and read errors as OpenAI errors.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // A body that says it is not JSON is refused before it is read: a
+        // web page can post `text/plain` to a keyless local server without
+        // a CORS preflight. (No content type at all is read as JSON.)
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            let mime = ct.split(';').next().unwrap_or("").trim();
+            if mime != "application/json" && !mime.ends_with("+json") {
+                return Err(ApiError::NotJson {
+                    mime: mime.to_string(),
+                });
+            }
+        }
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Body(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge),
+            Err(e) => Err(ApiError::invalid(
+                "",
+                format!("cannot read the request body: {e}"),
+            )),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gpt-serve",
+        description = "OpenAI-compatible completions with speculative cascade decoding"
+    ),
+    paths(completions, list_models, tokenize, detokenize, health, metrics),
+    components(schemas(
+        CompletionRequest,
+        CompletionResponse,
+        Choice,
+        Logprobs,
+        Usage,
+        ErrorBody,
+        ErrorDetail,
+        ModelList,
+        ModelCard,
+        TokenizeRequest,
+        TokenizeResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        Prompt,
+        Stop,
+        StreamOptions
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document of this server (what `proto/openapi.json` holds).
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+pub fn router(state: AppState) -> Router {
+    let mut api = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize));
+    let mut open = Router::new().route("/health", get(health)).route(
+        "/openapi.json",
+        get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+    );
+    match state.0.opts.protect_metrics {
+        true => api = api.route("/metrics", get(metrics)),
+        false => open = open.route("/metrics", get(metrics)),
+    }
+    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .merge(open)
+        .layer(DefaultBodyLimit::max(state.0.opts.body_limit))
+        .with_state(state)
+}
+
+async fn auth(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &st.0.opts.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time: the comparison takes as long whichever byte
+        // differs (only the length can be told apart).
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Model loaded"), (status = 503, description = "Still loading, or the engine failed", body = ErrorBody)))]
+async fn health(State(st): State<AppState>) -> Response {
+    match st.check_ready() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String), (status = 401, body = ErrorBody)))]
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.0.metrics.render(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
+async fn list_models(State(st): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: st.0.limits.model_id.clone(),
+            object: "model".into(),
+            created: st.0.created,
+            owned_by: "gpt-serve".into(),
+            max_model_len: st.0.limits.block_size,
+        }],
+    })
+}
+
+fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if *m != st.0.limits.model_id => Err(ApiError::ModelNotFound {
+            asked: m.clone(),
+            served: st.0.limits.model_id.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))
+}
+
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn tokenize(
+    State(st): State<AppState>,
+    Body(body): Body,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let req: TokenizeRequest = parse(&body)?;
+    check_model(&st, &req.model)?;
+    let tok = st.0.tokenizer.clone();
+    let tokens = blocking(move || tok.encode(&req.prompt))
+        .await?
+        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        tokens,
+        max_model_len: st.0.limits.block_size,
+    }))
+}
+
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn detokenize(
+    State(st): State<AppState>,
+    Body(body): Body,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let req: DetokenizeRequest = parse(&body)?;
+    check_model(&st, &req.model)?;
+    let vocab = st.0.limits.vocab_size;
+    if let Some(t) = req.tokens.iter().find(|t| **t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {t} is outside the vocabulary (0..{vocab})"),
+        ));
+    }
+    let tok = st.0.tokenizer.clone();
+    let prompt = blocking(move || tok.decode(&req.tokens))
+        .await?
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
+
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
+    responses((status = 200, description = "A completion, or server-sent events of chunks with the same shape ending in `data: [DONE]`", body = CompletionResponse),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn completions(State(st): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+    let timeout = st.0.opts.request_timeout;
+    let deadline = Instant::now() + timeout;
+    st.check_ready()?;
+    let checked = parse_request(&body)?.validate(&st.0.limits)?;
+    let permit = st.admit(&checked)?;
+    let v = Arc::new(st.tokenize(checked).await?);
+    let comp = st.submit(v.clone(), permit, deadline)?;
+    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    if v.output.stream {
+        return Ok(stream(st, comp, id, deadline).into_response());
+    }
+    match tokio::time::timeout_at(deadline, collect(&st, comp, id)).await {
+        Ok(r) => r.map(IntoResponse::into_response),
+        Err(_) => Err(ApiError::Timeout {
+            secs: timeout.as_secs(),
+        }),
+    }
+}
+
+fn response(
+    id: &str,
+    v: &Validated,
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+    spec_stats: Option<serde_json::Value>,
+) -> CompletionResponse {
+    CompletionResponse {
+        id: id.to_string(),
+        object: "text_completion".into(),
+        created: now(),
+        model: v.model.clone(),
+        choices,
+        usage,
+        spec_stats,
+    }
+}
+
+async fn collect(
+    st: &AppState,
+    mut comp: Completion,
+    id: String,
+) -> Result<Json<CompletionResponse>, ApiError> {
+    let (tok, m) = (&st.0.tokenizer, &st.0.metrics);
+    let v = comp.request.clone();
+    let mut all: Vec<Delta> = (0..v.sequences())
+        .map(|index| Delta {
+            index,
+            logprobs: v.output.logprobs.map(|_| Logprobs::default()),
+            ..Default::default()
+        })
+        .collect();
+    let mut events = comp.events();
+    while let Some((i, ev)) = events.next().await {
+        for d in comp.apply(tok, m, i, ev)? {
+            let index = d.index;
+            all[index].absorb(d);
+        }
+    }
+    comp.finish(m)?;
+    let choices = all.into_iter().map(Delta::into_choice).collect();
+    Ok(Json(response(
+        &id,
+        &v,
+        choices,
+        Some(comp.usage()),
+        comp.spec_stats(),
+    )))
+}
+
+fn sse_json<T: serde::Serialize>(x: &T) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(x).unwrap_or_default())
+}
+
+type SseSender = mpsc::Sender<Result<SseEvent, std::convert::Infallible>>;
+
+/// Why a stream ended early.
+enum Ended {
+    /// The client went away (its connection closed).
+    ClientGone,
+    /// An error to report as the stream's last event.
+    Failed(ApiError),
+}
+
+fn stream(st: AppState, mut comp: Completion, id: String, deadline: Instant) -> impl IntoResponse {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let timeout = st.0.opts.request_timeout.as_secs();
+        match pump(&st, &mut comp, &id, deadline, &tx).await {
+            Ok(()) => {}
+            Err(Ended::ClientGone) => comp.cancel(),
+            Err(Ended::Failed(e)) => {
+                comp.cancel();
+                let e = match e {
+                    ApiError::Timeout { .. } => ApiError::Timeout { secs: timeout },
+                    e => e,
+                };
+                // Never waits: a client that does not read gets nothing more.
+                let _ = tx.try_send(Ok(sse_json(&e.body())));
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
+
+/// Sends one event, within the request's deadline.
+async fn send(tx: &SseSender, deadline: Instant, ev: SseEvent) -> Result<(), Ended> {
+    match tokio::time::timeout_at(deadline, tx.send(Ok(ev))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Ended::ClientGone),
+        Err(_) => Err(Ended::Failed(ApiError::Timeout { secs: 0 })),
+    }
+}
+
+/// Engine events to chunks until every choice is done, then usage and
+/// `[DONE]`. A closed connection is seen at once, even while no tokens come.
+async fn pump(
+    st: &AppState,
+    comp: &mut Completion,
+    id: &str,
+    deadline: Instant,
+    tx: &SseSender,
+) -> Result<(), Ended> {
+    let (tok, m) = (&st.0.tokenizer, &st.0.metrics);
+    let v = comp.request.clone();
+    let mut events = comp.events();
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return Err(Ended::ClientGone),
+            next = tokio::time::timeout_at(deadline, events.next()) => next,
+        };
+        let Some((i, ev)) = next.map_err(|_| Ended::Failed(ApiError::Timeout { secs: 0 }))? else {
+            break;
+        };
+        for d in comp.apply(tok, m, i, ev).map_err(Ended::Failed)? {
+            if !d.is_empty() {
+                let chunk = response(id, &v, vec![d.into_choice()], None, None);
+                send(tx, deadline, sse_json(&chunk)).await?;
+            }
+        }
+    }
+    comp.finish(m).map_err(Ended::Failed)?;
+    if v.output.include_usage || v.output.spec_stats {
+        let usage = v.output.include_usage.then(|| comp.usage());
+        let last = response(id, &v, vec![], usage, comp.spec_stats());
+        send(tx, deadline, sse_json(&last)).await?;
+    }
+    send(tx, deadline, SseEvent::default().data("[DONE]")).await
+}
