@@ -740,3 +740,262 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A metric's value (the first sample whose name matches exactly).
+async fn metric(s: &Server, name: &str) -> f64 {
+    let m = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .parse()
+        .unwrap()
+}
+
+/// A model with a 1024-token context, slow enough (~1 ms a token) for
+/// requests to overlap.
+fn long_context_dir() -> tempfile::TempDir {
+    checkpoint_dir_with(|c| {
+        c.n_layer = 4;
+        c.n_embd = 256;
+        c.n_head = 4;
+        c.block_size = 1024;
+        c.exits = gpt_serve::config::default_exits(4);
+    })
+}
+
+/// Sends a raw HTTP/1.1 request on a fresh connection and returns it
+/// unread; `recv_buffer` shrinks the client's receive window.
+async fn raw_request(s: &Server, body: &Value, recv_buffer: Option<u32>) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(b) = recv_buffer {
+        socket.set_recv_buffer_size(b).unwrap();
+    }
+    let mut conn = socket.connect(addr).await.unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all((head + &body).as_bytes()).await.unwrap();
+    conn
+}
+
+/// Status of a request that needs every slot of the server (n = capacity).
+async fn status_of_a_request_for_every_slot(s: &Server, n: usize) -> u16 {
+    let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 1, "n": n});
+    post(s, "/v1/completions", body).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
+    let opts = ServeOptions {
+        request_timeout: Duration::from_secs(3),
+        max_waiting: 0,
+        ..Default::default()
+    };
+    let s = start_with(opts, 16, long_context_dir()).await;
+    // 16 choices x 1000 tokens with top-5 logprobs: megabytes of events,
+    // far beyond the socket buffers of a client that never reads.
+    let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000,
+        "n": 16, "logprobs": 5, "stream": true, "temperature": 1.0});
+    let unread = raw_request(&s, &body, Some(4096)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
+    // The output outgrew the buffers: the sequences paused, unfinished.
+    let generated = metric(&s, "vllm:generation_tokens_total").await;
+    assert!(generated < 16_000.0, "{generated} tokens for a client that never reads");
+    // Past the deadline the slots are back, though the connection is
+    // still open and unread.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 200);
+    assert_eq!(metric(&s, "vllm:num_requests_running").await, 0.0);
+    drop(unread);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_queue() {
+    let opts = ServeOptions {
+        max_waiting: 2,
+        ..Default::default()
+    };
+    let fault = Some(gpt_serve::engine::Fault::SlowIterations(30));
+    let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
+    // One request decodes for a while (~100 iterations of 30 ms).
+    let url = format!("{}/v1/completions", s.url);
+    let busy = tokio::spawn(async move {
+        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
+        reqwest::Client::new().post(url).json(&body).send().await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Ten clients send a request and hang up at once.
+    let body = json!({"model": "tiny", "prompt": "b", "max_tokens": 20});
+    for _ in 0..10 {
+        let conn = raw_request(&s, &body, None).await;
+        tokio::time::sleep(Duration::from_millis(30)).await; // queued by now
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiting = metric(&s, "vllm:num_requests_waiting").await;
+        assert!(waiting <= 2.0, "{waiting} waiting with --max-waiting 2");
+    }
+    assert!(!busy.is_finished(), "the busy request ended too soon for this test");
+    assert_eq!(busy.await.unwrap(), 200);
+    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "c", "max_tokens": 1})).await;
+    assert_eq!(st, 200);
+    // Only the busy request and the last one were ever started.
+    assert_eq!(metric(&s, "vllm:request_queue_time_seconds_count").await, 2.0);
+    assert!(metric(&s, "gpt_serve:abandoned_in_queue_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_stream_whose_client_leaves_frees_its_slot_before_any_token() {
+    let opts = ServeOptions {
+        max_waiting: 1,
+        ..Default::default()
+    };
+    let fault = Some(gpt_serve::engine::Fault::SlowIterations(10));
+    let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
+    let url = format!("{}/v1/completions", s.url);
+    let busy = tokio::spawn(async move {
+        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
+        reqwest::Client::new().post(url).json(&body).send().await.unwrap().status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A stream queued behind it: its headers arrive, then its client goes.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&json!({"model": "tiny", "prompt": "b", "max_tokens": 20, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!busy.is_finished(), "the busy request ended too soon for this test");
+    // Its slot is free while the busy request still decodes.
+    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "c", "max_tokens": 1})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(busy.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_capacity_or_too_long_are_refused_before_tokenizing() {
+    let s = start(ServeOptions { max_waiting: 0, ..Default::default() }, 1).await;
+    let count = "gpt_serve:tokenize_seconds_count";
+    let held = s.state.limiter().clone().acquire_many_owned(1).await.unwrap();
+    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "hello there"})).await;
+    assert_eq!(st, 429);
+    drop(held);
+    let limits = &s.state.0.limits;
+    let long = "z".repeat(limits.max_prompt_bytes() + 1);
+    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": long})).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("context_length_exceeded")));
+    assert_eq!(metric(&s, count).await, 0.0, "a refused prompt was tokenized");
+    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "hello", "max_tokens": 1})).await;
+    assert_eq!(st, 200);
+    assert_eq!(metric(&s, count).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_logprobs_are_computed_once_per_prompt_and_shared_by_its_choices() {
+    let s = start(ServeOptions::default(), 4).await;
+    let body = json!({"model": "tiny", "prompt": ["The quick brown", "lazy dog"], "n": 3,
+        "echo": true, "logprobs": 2, "max_tokens": 3, "temperature": 1.0, "seed": 5});
+    let (st, v) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for prompt in choices.chunks(3) {
+        let echo = |c: &Value| c["logprobs"]["token_logprobs"].as_array().unwrap()[..3].to_vec();
+        assert!(echo(&prompt[0])[1].is_number(), "{}", prompt[0]);
+        assert_eq!(echo(&prompt[0]), echo(&prompt[1]));
+        assert_eq!(echo(&prompt[0]), echo(&prompt[2]));
+    }
+    // Streaming gives the same texts and scores.
+    let mut body = body;
+    body["stream"] = json!(true);
+    let events = stream_events(&s, body).await;
+    let mut texts = vec![String::new(); 6];
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            texts[ch["index"].as_u64().unwrap() as usize] += ch["text"].as_str().unwrap();
+        }
+    }
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(texts[i], c["text"].as_str().unwrap(), "choice {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_can_come_from_a_file_and_guard_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    std::fs::write(&path, "from-a-file\n").unwrap();
+    let key = server::read_api_key(&path).unwrap();
+    assert_eq!(key, "from-a-file");
+    std::fs::write(&path, "\n").unwrap();
+    assert!(server::read_api_key(&path).unwrap_err().contains("empty"));
+    assert!(server::read_api_key(&dir.path().join("absent")).unwrap_err().contains("absent"));
+    let opts = ServeOptions {
+        api_key: Some(key),
+        protect_metrics: true,
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    let c = reqwest::Client::new();
+    let get = |auth: Option<&'static str>| {
+        let r = c.get(format!("{}/metrics", s.url));
+        let r = match auth {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        };
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(None).await, 401);
+    assert_eq!(get(Some("from-a-filX")).await, 401);
+    assert_eq!(get(Some("from-a-file-and-more")).await, 401);
+    assert_eq!(get(Some("from-a-file")).await, 200);
+    let health = c.get(format!("{}/health", s.url)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let opts = ServeOptions {
+        header_read_timeout: Duration::from_millis(500),
+        max_connections: 2,
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    // Two connections that send half a header hold both slots...
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        slow.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...so a third gets a 503 and is closed.
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // The header timeout closes the slow ones, and the slots come back.
+    for c in &mut slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a connection that never finished its headers stayed open");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = reqwest::get(format!("{}/health", s.url)).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
