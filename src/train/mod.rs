@@ -3,8 +3,10 @@
 //!
 //! Deterministic given `--seed`: batch `s` depends only on (seed, s), so a
 //! run resumed from its last checkpoint (`--resume`) replays exactly what an
-//! uninterrupted run does. Checkpoints hold weights, optimizer moments and
-//! the trainer state (step, schedule state, elapsed time, budget).
+//! uninterrupted run does. Snapshots hold weights, optimizer moments and
+//! the trainer state (step, schedule state, elapsed time, budget), each set
+//! whole or absent ([`snapshot`]); the newest weights are also published as
+//! a servable checkpoint in `--out`.
 
 pub mod data;
 pub mod eval;
@@ -12,6 +14,7 @@ pub mod label;
 pub mod optim;
 pub mod report;
 pub mod schedule;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,6 +30,7 @@ use crate::config::{Config, Dwa, Exit, ExitHead};
 use crate::model::{init_weights, Gpt, LossOptions, Losses};
 use crate::tokenizer::Tokenizer;
 use schedule::{Schedule, ScheduleKind};
+use snapshot::Saved;
 
 pub const TRAINER_FILE: &str = "trainer.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -148,6 +152,11 @@ pub struct TrainOptions {
     /// Stop after this many steps of this invocation (for tests of resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
+    /// Make the first save stop at this point, as a kill would (for tests
+    /// of crash safety).
+    #[arg(long, value_enum, hide = true)]
+    #[serde(skip)]
+    pub crash_at: Option<snapshot::SavePoint>,
     /// Device: cpu, or cuda[:N] (builds with the `cuda` feature). A resumed
     /// run may move to another device.
     #[arg(long, default_value = "cpu")]
@@ -309,43 +318,32 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
     finish(&r, &state, last_loss)
 }
 
-/// A run continued with `--resume`: its stored state, and the directory
-/// holding its weights, optimizer moments and tokenizer.
-struct Resumed {
-    state: TrainerState,
-    dir: PathBuf,
-}
-
 /// The options this invocation runs with: the command line's, or with
-/// `--resume` the stored ones (the command line keeps `--out`,
-/// `--stop-after` and `--device`).
-fn resume_or_start(cli: TrainOptions) -> anyhow::Result<(TrainOptions, Option<Resumed>)> {
+/// `--resume` those stored in the newest complete snapshot (the command
+/// line keeps `--out`, `--stop-after`, `--crash-at` and `--device`).
+fn resume_or_start(cli: TrainOptions) -> anyhow::Result<(TrainOptions, Option<Saved>)> {
     if !cli.resume {
         return Ok((cli, None));
     }
-    let p = cli.out.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| {
+    snapshot::remove_stale(&cli.out)?;
+    let saved = snapshot::latest(&cli.out)?.with_context(|| {
         format!(
-            "--resume: no trainer state at {} (nothing to resume)",
-            p.display()
+            "--resume: no complete snapshot in {} (nothing to resume; train without --resume to start over)",
+            cli.out.join(snapshot::SNAPSHOTS_DIR).display()
         )
     })?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("--resume: {} is corrupt", p.display()))?;
+    if saved.dir != cli.out {
+        snapshot::publish(&saved.dir, &cli.out, None)?;
+    }
     let o = TrainOptions {
         out: cli.out.clone(),
         resume: true,
         stop_after: cli.stop_after,
+        crash_at: cli.crash_at,
         device: cli.device.clone(),
-        ..state.options.clone()
+        ..saved.state.options.clone()
     };
-    Ok((
-        o,
-        Some(Resumed {
-            state,
-            dir: cli.out,
-        }),
-    ))
+    Ok((o, Some(saved)))
 }
 
 /// The fixed parts of a run: options, tokens, model and optimizer.
@@ -370,7 +368,7 @@ impl Run {
 }
 
 /// Tokenizer, token streams, model config and initial weights.
-fn setup(mut o: TrainOptions, resumed: Option<&Resumed>) -> anyhow::Result<Run> {
+fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
     check_options(&o)?;
     let device = crate::device::parse(&o.device)?;
     let t_setup = Instant::now();
@@ -379,9 +377,10 @@ fn setup(mut o: TrainOptions, resumed: Option<&Resumed>) -> anyhow::Result<Run> 
         None => build_tokenizer(&o, || tokenizer_sample(&o))?,
     };
     let (train, val) = token_splits(&o, &tokenizer)?;
-    let cfg = match &o.init_from {
-        Some(dir) => checkpoint::load_config(dir)?.model,
-        None => model_config(&o, tokenizer.vocab_size())?,
+    let cfg = match (resumed, &o.init_from) {
+        (Some(r), _) => checkpoint::load_config(&r.dir)?.model,
+        (None, Some(dir)) => checkpoint::load_config(dir)?.model,
+        (None, None) => model_config(&o, tokenizer.vocab_size())?,
     };
     let t = o.context.unwrap_or(cfg.block_size).min(cfg.block_size);
     o.context = Some(t);
@@ -449,7 +448,7 @@ fn token_splits(o: &TrainOptions, tok: &Tokenizer) -> anyhow::Result<(Vec<u32>, 
 fn initial_weights(
     o: &TrainOptions,
     cfg: &Config,
-    resumed: Option<&Resumed>,
+    resumed: Option<&Saved>,
     device: &Device,
 ) -> anyhow::Result<Vec<(String, Tensor)>> {
     let dir = match (resumed, &o.init_from) {
@@ -510,9 +509,9 @@ fn build_model(
 
 /// The resumed trainer state (with its optimizer moments loaded and the
 /// metrics log cut back to its step), or a fresh one at step 0.
-fn initial_state(r: &mut Run, resumed: Option<Resumed>) -> anyhow::Result<TrainerState> {
+fn initial_state(r: &mut Run, resumed: Option<Saved>) -> anyhow::Result<TrainerState> {
     let log = r.o.out.join(METRICS_FILE);
-    if let Some(Resumed { state, dir }) = resumed {
+    if let Some(Saved { state, dir }) = resumed {
         let moments = checkpoint::load_tensors(&dir.join(OPTIMIZER_FILE), &r.device)?;
         r.opt.load_state(&moments, state.step)?;
         report::truncate_log(&log, state.step)?;
@@ -527,6 +526,7 @@ fn initial_state(r: &mut Run, resumed: Option<Resumed>) -> anyhow::Result<Traine
     let mut schedule = Schedule::new(o.schedule, o.lr, o.warmup, total);
     schedule.hyper_beta = o.hyper_beta;
     let _ = std::fs::remove_file(log);
+    snapshot::clear(&o.out)?;
     Ok(TrainerState {
         step: 0,
         total_steps: total,
@@ -591,7 +591,7 @@ fn train_loop(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<f32> {
         pb.set_message(format!("loss {last_loss:.3} | {tok_s:.0} tok/s"));
         let last = state.step == state.total_steps;
         let stop_now = r.o.stop_after.is_some_and(|n| pace.steps >= n);
-        if (r.o.save_every > 0 && state.step % r.o.save_every == 0) || last || stop_now {
+        if (r.o.save_every > 0 && state.step.is_multiple_of(r.o.save_every)) || last || stop_now {
             save_training(r, state, if last { &r.o.save_dtype } else { "f32" })?;
         }
         if stop_now {
@@ -619,7 +619,7 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
     let (x, y) = data::batch(&r.train, o.batch_size, t, o.seed, step);
     let x = Tensor::from_vec(x, (o.batch_size, t), &r.device)?;
     let y = Tensor::from_vec(y, (o.batch_size, t), &r.device)?;
-    let exits_on = step % o.exit_every == 0 && r.cfg.exits.len() > 1;
+    let exits_on = step.is_multiple_of(o.exit_every) && r.cfg.exits.len() > 1;
     let exit_rows = (o.exit_frac < 1.0).then(|| sample_rows(t, o.exit_frac, o.seed, step));
     let n_rows = exit_rows.as_ref().map_or(t, Vec::len);
     let lopt = LossOptions {
@@ -699,7 +699,7 @@ fn step_record(
         rec[format!("train_loss_{}", e.block)] = serde_json::json!(l.to_scalar::<f32>()?);
     }
     let last = state.step == state.total_steps;
-    if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
+    if (o.eval_every > 0 && state.step.is_multiple_of(o.eval_every)) || last {
         let vl = eval::exit_losses(&r.model, &r.val, o.batch_size, r.t, o.eval_batches)?;
         for (e, l) in cfg.exits.iter().zip(&vl) {
             rec[format!("val_loss_{}", e.block)] = serde_json::json!(l);
@@ -755,7 +755,7 @@ fn sample_rows(t: usize, frac: f64, seed: u64, step: u64) -> Vec<u32> {
 }
 
 /// Saves weights (in `dtype`), optimizer moments, tokenizer, config and
-/// trainer state into the run's directory.
+/// trainer state as one snapshot, and publishes the weights in `--out`.
 fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<()> {
     let out = &r.o.out;
     let weights: Vec<(String, Tensor)> = {
@@ -770,21 +770,20 @@ fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<(
     let prev_training = checkpoint::load_config(out)
         .map(|c| c.training)
         .unwrap_or_default();
-    let ck = CheckpointConfig {
+    let config = CheckpointConfig {
         format_version: FORMAT_VERSION,
         model: r.cfg.clone(),
         dtype: dtype.to_string(),
         training: prev_training,
     };
-    // Optimizer and trainer state first: a crash between files leaves the
-    // previous weights with newer state only if the trainer file is last.
-    checkpoint::save_tensors(&out.join(OPTIMIZER_FILE), &r.opt.state(), DType::F32)?;
-    checkpoint::save(out, &ck, &weights, &r.tokenizer)?;
-    checkpoint::write_atomic(
-        &out.join(TRAINER_FILE),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    Ok(())
+    let snap = snapshot::Snapshot {
+        config: &config,
+        weights: &weights,
+        optimizer: &r.opt.state(),
+        tokenizer: &r.tokenizer,
+        state,
+    };
+    snapshot::save(out, &snap, r.o.crash_at)
 }
 
 fn write_training_meta(out: &Path, s: &TrainSummary) -> anyhow::Result<()> {
