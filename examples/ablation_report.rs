@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use gpt_serve::checkpoint;
 use gpt_serve::train::report::{multi_plot, series, Curve};
-use serde_json::{json, Value};
+use gpt_serve::train::snapshot;
+use serde_json::json;
 
 struct RunData {
     arm: String,
@@ -81,7 +82,9 @@ fn load_run(
     let (arm, seed) = name.rsplit_once("-s").context("run dir is not ARM-sSEED")?;
     let ck = checkpoint::load_config(dir)?;
     let cfg = ck.model.clone();
-    let trainer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json"))?)?;
+    let saved = snapshot::latest(dir)?
+        .with_context(|| format!("{} has no complete training snapshot", dir.display()))?;
+    let trainer = serde_json::to_value(&saved.state)?;
     let o = &trainer["options"];
     let ctx = o["context"].as_u64().unwrap_or(64) as usize;
     let frac = o["exit_frac"].as_f64().unwrap_or(1.0);

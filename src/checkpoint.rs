@@ -5,10 +5,12 @@
 //! model.safetensors  weights with GPT-2 names (f32, or f16 to halve the size)
 //! tokenizer.json     Hugging Face tokenizer
 //! drafter.json       the tree drafter (optional)
-//! optimizer.safetensors, trainer.json   while training, for exact resume
 //! ```
-//! Every file is written atomically (temp file + rename), so a crash never
-//! leaves a half-written checkpoint where a good one was.
+//! Every file is written atomically and durably (temp file, fsync, rename,
+//! fsync of the directory), so a crash never leaves a half-written file
+//! where a good one was. A training run also keeps `snapshots/step-N/`
+//! beside these (weights, optimizer moments, trainer state), each set whole
+//! or absent, for exact resume: see [`crate::train::snapshot`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,7 +45,10 @@ pub enum CheckpointError {
         "checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("cannot write {path}: {msg}")]
+    #[error(
+        "cannot write {path}: {msg} (check that its directory is writable and has space; \
+         the file it would replace is kept)"
+    )]
     Write { path: PathBuf, msg: String },
 }
 
@@ -60,6 +65,17 @@ pub struct CheckpointConfig {
     pub training: serde_json::Value,
 }
 
+impl CheckpointConfig {
+    /// The dtype model.safetensors is stored in.
+    pub fn storage_dtype(&self) -> DType {
+        if self.dtype == "f16" {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+}
+
 /// Writes `bytes` to `path` via a temp file in the same directory + rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::atomic_file::write(path, bytes).map_err(|e| CheckpointError::Write {
@@ -68,7 +84,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Saves tensors as safetensors atomically, casting to `dtype`.
+/// Saves tensors as safetensors atomically and durably, casting to `dtype`.
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
     let werr = |e: candle_core::Error| CheckpointError::Write {
         path: path.to_path_buf(),
@@ -88,10 +104,12 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
     }
-    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::Write {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
+    crate::atomic_file::sync_file(&tmp)
+        .and_then(|()| crate::atomic_file::rename_durably(&tmp, path))
+        .map_err(|e| CheckpointError::Write {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
 }
 
 /// Loads a safetensors file as f32 tensors.
@@ -156,19 +174,18 @@ pub fn save(
         path: dir.to_path_buf(),
         msg: e.to_string(),
     })?;
-    let dtype = if cfg.dtype == "f16" {
-        DType::F16
-    } else {
-        DType::F32
-    };
-    save_tensors(&dir.join(WEIGHTS_FILE), weights, dtype)?;
-    let tok_path = dir.join(TOKENIZER_FILE);
+    save_tensors(&dir.join(WEIGHTS_FILE), weights, cfg.storage_dtype())?;
+    save_tokenizer(dir, tokenizer)?;
+    save_config(dir, cfg)
+}
+
+pub fn save_tokenizer(dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    let path = dir.join(TOKENIZER_FILE);
     let json = tokenizer.to_json().map_err(|e| CheckpointError::Write {
-        path: tok_path.clone(),
+        path: path.clone(),
         msg: e.to_string(),
     })?;
-    write_atomic(&tok_path, json.as_bytes())?;
-    save_config(dir, cfg)
+    write_atomic(&path, json.as_bytes())
 }
 
 /// A loaded checkpoint: config, tokenizer, weights (f32).

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use gpt_serve::train::snapshot::{self, SavePoint};
 use gpt_serve::train::{self, TrainOptions};
 
 mod common;
@@ -175,6 +176,129 @@ fn a_run_stopped_and_resumed_ends_exactly_where_an_uninterrupted_run_does() {
     assert_eq!(log.lines().count(), 16);
 }
 
+/// Options of a 12-step run saving every 4 steps, for the crash tests.
+fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
+    let mut v = vec![
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--context",
+        "32",
+        "--warmup",
+        "4",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "4",
+        "--drafter",
+        "false",
+        "--schedule",
+        "hyper-speed",
+    ];
+    v.extend_from_slice(extra);
+    opts(&v)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Paths under `dir` whose name ends in `.tmp`.
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".tmp") {
+            found.push(p.clone());
+        }
+        if p.is_dir() {
+            found.extend(temporaries(&p));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_save_killed_at_any_point_resumes_bitwise_equal_to_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4000);
+    let whole = dir.path().join("whole");
+    train::run(crash_run(&data, &whole, &[])).unwrap();
+    // A run stopped cleanly at step 4; every copy of it is killed while
+    // saving step 8, then resumed to the end.
+    let at4 = dir.path().join("at4");
+    train::run(crash_run(&data, &at4, &["--stop-after", "4"])).unwrap();
+    for point in SavePoint::ALL {
+        let out = dir.path().join(format!("{point:?}"));
+        copy_dir(&at4, &out);
+        let name = format!("{point:?}");
+        let flag = clap::ValueEnum::to_possible_value(&point).unwrap();
+        let killed = train::run(crash_run(
+            &data,
+            &out,
+            &["--resume", "--crash-at", flag.get_name()],
+        ));
+        let e = format!("{:#}", killed.expect_err("the hook stops the save"));
+        assert!(e.contains("--crash-at"), "{name}: {e}");
+        // Work is kept from the commit on, and never half of it.
+        let kept = snapshot::latest(&out).unwrap().unwrap().state.step;
+        let committed = point as usize >= SavePoint::Commit as usize;
+        assert_eq!(kept, if committed { 8 } else { 4 }, "{name}");
+        let resumed = train::run(crash_run(&data, &out, &["--resume"])).unwrap();
+        assert_eq!(resumed.steps, 12, "{name}");
+        let (wa, wb) = (weights(&whole), weights(&out));
+        assert_eq!(wa.len(), wb.len(), "{name}");
+        for (k, ta) in &wa {
+            let d = common::max_abs_diff(ta, &wb[k]);
+            assert!(d == 0.0, "after a kill at {name}, {k} differs by {d}");
+        }
+        assert_eq!(temporaries(&out), Vec::<PathBuf>::new(), "{name}");
+        let sets = std::fs::read_dir(out.join(snapshot::SNAPSHOTS_DIR)).unwrap();
+        assert_eq!(sets.count(), 1, "{name}: older snapshots are removed");
+    }
+}
+
+#[test]
+fn resume_skips_a_snapshot_that_fails_its_checks_and_takes_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4000);
+    let out = dir.path().join("ck");
+    train::run(crash_run(&data, &out, &["--stop-after", "4"])).unwrap();
+    let sets = out.join(snapshot::SNAPSHOTS_DIR);
+    let older = sets.join("step-00000004");
+    // A newer set whose trainer state is not at its step.
+    copy_dir(&older, &sets.join("step-00000008"));
+    assert_eq!(snapshot::latest(&out).unwrap().unwrap().state.step, 4);
+    // Without any complete set, resume says so and what to do.
+    std::fs::remove_file(older.join("trainer.json")).unwrap();
+    let e = format!(
+        "{:#}",
+        train::run(crash_run(&data, &out, &["--resume"]))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("nothing to resume") && e.contains("without --resume"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_wall_clock_budget_fixes_the_step_count_after_the_warm_steps_and_the_schedule_follows() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,10 +332,9 @@ fn a_wall_clock_budget_fixes_the_step_count_after_the_warm_steps_and_the_schedul
     .unwrap();
     // Steps 5..15 are timed, so the budget is fixed after step 15.
     assert!(summary.steps > 15, "{} steps", summary.steps);
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("trainer.json")).unwrap()).unwrap();
-    assert_eq!(state["total_steps"].as_u64(), Some(summary.steps));
-    assert_eq!(state["schedule"]["total"].as_u64(), Some(summary.steps));
+    let state = snapshot::latest(&out).unwrap().unwrap().state;
+    assert_eq!(state.total_steps, summary.steps);
+    assert_eq!(state.schedule.total, summary.steps);
     // The cosine schedule ran to its end: the last step's rate is near 10% of peak.
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();

@@ -3,8 +3,10 @@
 //!
 //! Deterministic given `--seed`: batch `s` depends only on (seed, s), so a
 //! run resumed from its last checkpoint (`--resume`) replays exactly what an
-//! uninterrupted run does. Checkpoints hold weights, optimizer moments and
-//! the trainer state (step, schedule state, elapsed time, budget).
+//! uninterrupted run does. Snapshots hold weights, optimizer moments and
+//! the trainer state (step, schedule state, elapsed time, budget), each set
+//! whole or absent ([`snapshot`]); the newest weights are also published as
+//! a servable checkpoint in `--out`.
 
 pub mod data;
 pub mod eval;
@@ -12,20 +14,23 @@ pub mod label;
 pub mod optim;
 pub mod report;
 pub mod schedule;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
 use crate::config::{Config, Dwa, Exit, ExitHead};
-use crate::model::{init_weights, Gpt, LossOptions};
+use crate::model::{init_weights, Gpt, LossOptions, Losses};
 use crate::tokenizer::Tokenizer;
 use schedule::{Schedule, ScheduleKind};
+use snapshot::Saved;
 
 pub const TRAINER_FILE: &str = "trainer.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -147,6 +152,11 @@ pub struct TrainOptions {
     /// Stop after this many steps of this invocation (for tests of resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
+    /// Make the first save stop at this point, as a kill would (for tests
+    /// of crash safety).
+    #[arg(long, value_enum, hide = true)]
+    #[serde(skip)]
+    pub crash_at: Option<snapshot::SavePoint>,
     /// Device: cpu, or cuda[:N] (builds with the `cuda` feature). A resumed
     /// run may move to another device.
     #[arg(long, default_value = "cpu")]
@@ -301,70 +311,76 @@ fn prepare_out(out: &Path) -> anyhow::Result<()> {
 
 pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
     prepare_out(&cli.out)?;
-    let resumed: Option<TrainerState> = if cli.resume {
-        let p = cli.out.join(TRAINER_FILE);
-        let text = std::fs::read_to_string(&p).with_context(|| {
-            format!(
-                "--resume: no trainer state at {} (nothing to resume)",
-                p.display()
-            )
-        })?;
-        Some(
-            serde_json::from_str(&text)
-                .with_context(|| format!("--resume: {} is corrupt", p.display()))?,
+    let (o, resumed) = resume_or_start(cli)?;
+    let mut r = setup(o, resumed.as_ref())?;
+    let mut state = initial_state(&mut r, resumed)?;
+    let last_loss = train_loop(&mut r, &mut state)?;
+    finish(&r, &state, last_loss)
+}
+
+/// The options this invocation runs with: the command line's, or with
+/// `--resume` those stored in the newest complete snapshot (the command
+/// line keeps `--out`, `--stop-after`, `--crash-at` and `--device`).
+fn resume_or_start(cli: TrainOptions) -> anyhow::Result<(TrainOptions, Option<Saved>)> {
+    if !cli.resume {
+        return Ok((cli, None));
+    }
+    snapshot::remove_stale(&cli.out)?;
+    let saved = snapshot::latest(&cli.out)?.with_context(|| {
+        format!(
+            "--resume: no complete snapshot in {} (nothing to resume; train without --resume to start over)",
+            cli.out.join(snapshot::SNAPSHOTS_DIR).display()
         )
-    } else {
-        None
+    })?;
+    if saved.dir != cli.out {
+        snapshot::publish(&saved.dir, &cli.out, None)?;
+    }
+    let o = TrainOptions {
+        out: cli.out.clone(),
+        resume: true,
+        stop_after: cli.stop_after,
+        crash_at: cli.crash_at,
+        device: cli.device.clone(),
+        ..saved.state.options.clone()
     };
-    let mut o = match &resumed {
-        Some(s) => TrainOptions {
-            out: cli.out.clone(),
-            resume: true,
-            stop_after: cli.stop_after,
-            device: cli.device.clone(),
-            ..s.options.clone()
-        },
-        None => cli,
-    };
+    Ok((o, Some(saved)))
+}
+
+/// The fixed parts of a run: options, tokens, model and optimizer.
+struct Run {
+    o: TrainOptions,
+    device: Device,
+    cfg: Config,
+    /// Sequence length of a batch row.
+    t: usize,
+    tokenizer: Tokenizer,
+    train: Vec<u32>,
+    val: Vec<u32>,
+    varmap: VarMap,
+    model: Gpt,
+    opt: optim::AdamW,
+}
+
+impl Run {
+    fn tokens_per_step(&self) -> u64 {
+        (self.o.batch_size * self.t) as u64
+    }
+}
+
+/// Tokenizer, token streams, model config and initial weights.
+fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
     check_options(&o)?;
     let device = crate::device::parse(&o.device)?;
     let t_setup = Instant::now();
-
-    // Tokenizer and token streams.
-    let tokenizer = if resumed.is_some() {
-        Tokenizer::from_file(&o.out.join(checkpoint::TOKENIZER_FILE))?
-    } else {
-        build_tokenizer(&o, || {
-            let mut s = String::new();
-            for d in data::read_documents(&o.data)? {
-                s.push_str(&d);
-                if s.len() >= o.tokenizer_sample_mb << 20 {
-                    break;
-                }
-            }
-            Ok(s)
-        })?
+    let tokenizer = match resumed {
+        Some(r) => Tokenizer::from_file(&r.dir.join(checkpoint::TOKENIZER_FILE))?,
+        None => build_tokenizer(&o, || tokenizer_sample(&o))?,
     };
-    let cache = o.cache_dir.clone().or_else(default_cache_dir);
-    let (train, val) = if o.val.is_empty() {
-        let docs = data::read_documents(&o.data)?;
-        let (tr, va) = data::split_by_document(docs, 0.05, o.seed);
-        let tr = data::encode_documents(&tokenizer, &tr)?;
-        if va.is_empty() {
-            let cut = tr.len() - tr.len() / 20;
-            (tr[..cut].to_vec(), tr[cut..].to_vec())
-        } else {
-            (tr, data::encode_documents(&tokenizer, &va)?)
-        }
-    } else {
-        (
-            data::load_tokens(&o.data, &tokenizer, cache.as_deref())?,
-            data::load_tokens(&o.val, &tokenizer, cache.as_deref())?,
-        )
-    };
-    let cfg = match &o.init_from {
-        Some(dir) => checkpoint::load_config(dir)?.model,
-        None => model_config(&o, tokenizer.vocab_size())?,
+    let (train, val) = token_splits(&o, &tokenizer)?;
+    let cfg = match (resumed, &o.init_from) {
+        (Some(r), _) => checkpoint::load_config(&r.dir)?.model,
+        (None, Some(dir)) => checkpoint::load_config(dir)?.model,
+        (None, None) => model_config(&o, tokenizer.vocab_size())?,
     };
     let t = o.context.unwrap_or(cfg.block_size).min(cfg.block_size);
     o.context = Some(t);
@@ -378,38 +394,93 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         t_setup.elapsed().as_secs_f64(),
         cfg.n_params()
     );
+    let initial = initial_weights(&o, &cfg, resumed, &device)?;
+    let (varmap, model, opt) = build_model(&o, &cfg, initial, &device)?;
+    Ok(Run {
+        o,
+        device,
+        cfg,
+        t,
+        tokenizer,
+        train,
+        val,
+        varmap,
+        model,
+        opt,
+    })
+}
 
-    // Model parameters.
-    let varmap = VarMap::new();
-    let initial: Vec<(String, Tensor)> = if resumed.is_some() {
-        let w = checkpoint::load_tensors(&o.out.join(checkpoint::WEIGHTS_FILE), &device)?;
-        crate::model::param_shapes(&cfg)
-            .into_iter()
-            .map(|(n, _)| {
-                Ok((
-                    n.clone(),
-                    w.get(&n)
-                        .with_context(|| format!("checkpoint lacks `{n}`"))?
-                        .clone(),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?
-    } else if let Some(dir) = &o.init_from {
-        let w = checkpoint::load_tensors(&dir.join(checkpoint::WEIGHTS_FILE), &device)?;
-        crate::model::param_shapes(&cfg)
-            .into_iter()
-            .map(|(n, _)| {
-                Ok((
-                    n.clone(),
-                    w.get(&n)
-                        .with_context(|| format!("--init-from lacks `{n}`"))?
-                        .clone(),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?
+/// The first `--tokenizer-sample-mb` of the training documents.
+fn tokenizer_sample(o: &TrainOptions) -> anyhow::Result<String> {
+    let mut s = String::new();
+    for d in data::read_documents(&o.data)? {
+        s.push_str(&d);
+        if s.len() >= o.tokenizer_sample_mb << 20 {
+            break;
+        }
+    }
+    Ok(s)
+}
+
+/// Train and validation tokens: the `--val` files, or a seeded split by
+/// document (the last 5% of the train tokens when it leaves none).
+fn token_splits(o: &TrainOptions, tok: &Tokenizer) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    if !o.val.is_empty() {
+        let cache = o.cache_dir.clone().or_else(default_cache_dir);
+        return Ok((
+            data::load_tokens(&o.data, tok, cache.as_deref())?,
+            data::load_tokens(&o.val, tok, cache.as_deref())?,
+        ));
+    }
+    let docs = data::read_documents(&o.data)?;
+    let (tr, va) = data::split_by_document(docs, 0.05, o.seed);
+    let tr = data::encode_documents(tok, &tr)?;
+    if va.is_empty() {
+        let cut = tr.len() - tr.len() / 20;
+        Ok((tr[..cut].to_vec(), tr[cut..].to_vec()))
     } else {
-        init_weights(&cfg, o.seed, &device)?
+        Ok((tr, data::encode_documents(tok, &va)?))
+    }
+}
+
+/// The starting weights: the resumed run's, `--init-from`'s, or seeded
+/// random ones.
+fn initial_weights(
+    o: &TrainOptions,
+    cfg: &Config,
+    resumed: Option<&Saved>,
+    device: &Device,
+) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let dir = match (resumed, &o.init_from) {
+        (Some(r), _) => &r.dir,
+        (None, Some(dir)) => dir,
+        (None, None) => return Ok(init_weights(cfg, o.seed, device)?),
     };
+    let path = dir.join(checkpoint::WEIGHTS_FILE);
+    let w = checkpoint::load_tensors(&path, device)?;
+    crate::model::param_shapes(cfg)
+        .into_iter()
+        .map(|(n, _)| {
+            let t = w.get(&n).with_context(|| {
+                format!(
+                    "{} lacks tensor `{n}`: it holds another model config",
+                    path.display()
+                )
+            })?;
+            Ok((n, t.clone()))
+        })
+        .collect()
+}
+
+/// Variables holding `initial`, the model that reads them, and AdamW over
+/// them.
+fn build_model(
+    o: &TrainOptions,
+    cfg: &Config,
+    initial: Vec<(String, Tensor)>,
+    device: &Device,
+) -> anyhow::Result<(VarMap, Gpt, optim::AdamW)> {
+    let varmap = VarMap::new();
     let mut vars = Vec::new();
     {
         let mut data = varmap.data().lock().expect("varmap lock");
@@ -420,12 +491,12 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
         }
     }
     let model = Gpt::new(
-        &cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
         false,
     )?;
-    let mut opt = optim::AdamW::new(
-        vars.clone(),
+    let opt = optim::AdamW::new(
+        vars,
         optim::AdamWConfig {
             weight_decay: o.weight_decay,
             grad_clip: o.grad_clip,
@@ -433,156 +504,225 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
             ..Default::default()
         },
     )?;
+    Ok((varmap, model, opt))
+}
 
-    let tokens_per_step = (o.batch_size * t) as u64;
-    let mut state = match resumed {
-        Some(s) => {
-            let st = checkpoint::load_tensors(&o.out.join(OPTIMIZER_FILE), &device)?;
-            opt.load_state(&st, s.step)?;
-            report::truncate_log(&o.out.join(METRICS_FILE), s.step)?;
-            eprintln!("resuming at step {} of {}", s.step, s.total_steps);
-            s
-        }
-        None => {
-            let total = o
-                .steps
-                .or(o.tokens.map(|n| n.div_ceil(tokens_per_step)))
-                .unwrap_or(u64::MAX);
-            let mut sched = Schedule::new(o.schedule, o.lr, o.warmup, total);
-            sched.hyper_beta = o.hyper_beta;
-            let _ = std::fs::remove_file(o.out.join(METRICS_FILE));
-            TrainerState {
-                step: 0,
-                total_steps: total,
-                tokens_seen: 0,
-                elapsed_secs: 0.0,
-                schedule: sched,
-                options: o.clone(),
-            }
-        }
-    };
+/// The resumed trainer state (with its optimizer moments loaded and the
+/// metrics log cut back to its step), or a fresh one at step 0.
+fn initial_state(r: &mut Run, resumed: Option<Saved>) -> anyhow::Result<TrainerState> {
+    let log = r.o.out.join(METRICS_FILE);
+    if let Some(Saved { state, dir }) = resumed {
+        let moments = checkpoint::load_tensors(&dir.join(OPTIMIZER_FILE), &r.device)?;
+        r.opt.load_state(&moments, state.step)?;
+        report::truncate_log(&log, state.step)?;
+        eprintln!("resuming at step {} of {}", state.step, state.total_steps);
+        return Ok(state);
+    }
+    let o = &r.o;
+    let total = o
+        .steps
+        .or(o.tokens.map(|n| n.div_ceil(r.tokens_per_step())))
+        .unwrap_or(u64::MAX);
+    let mut schedule = Schedule::new(o.schedule, o.lr, o.warmup, total);
+    schedule.hyper_beta = o.hyper_beta;
+    let _ = std::fs::remove_file(log);
+    snapshot::clear(&o.out)?;
+    Ok(TrainerState {
+        step: 0,
+        total_steps: total,
+        tokens_seen: 0,
+        elapsed_secs: 0.0,
+        schedule,
+        options: o.clone(),
+    })
+}
 
-    let log_path = o.out.join(METRICS_FILE);
+/// Clocks of this invocation (a resumed run starts them again).
+struct Pace {
+    start: Instant,
+    /// Training seconds before this invocation.
+    elapsed0: f64,
+    steps: u64,
+    /// Seconds into this invocation when its 5th step ended.
+    warm_mark: f64,
+    /// Start and step count of the window `tok/s` is measured over.
+    window: (Instant, u64),
+}
+
+impl Pace {
+    fn new(elapsed0: f64) -> Self {
+        Pace {
+            start: Instant::now(),
+            elapsed0,
+            steps: 0,
+            warm_mark: 0.0,
+            window: (Instant::now(), 0),
+        }
+    }
+
+    fn tokens_per_sec(&self, tokens_per_step: u64) -> f64 {
+        self.window.1 as f64 * tokens_per_step as f64 / self.window.0.elapsed().as_secs_f64()
+    }
+}
+
+/// Steps until the budget is spent or `--stop-after`; logs, evaluates and
+/// saves along the way. Returns the last training loss of the final exit.
+fn train_loop(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<f32> {
+    let log_path = r.o.out.join(METRICS_FILE);
     let pb = report::progress(state.total_steps, state.step);
-    let run_start = Instant::now();
-    let elapsed0 = state.elapsed_secs;
-    let cheap_cost = cfg.n_layer as f64 + 1.0;
+    let mut pace = Pace::new(state.elapsed_secs);
     let mut last_loss = f32::NAN;
-    let mut steps_this_run = 0u64;
-    let mut warm_mark = 0f64;
-    let mut window = (Instant::now(), 0u64);
     while state.step < state.total_steps {
-        let step = state.step;
-        let lr = state.schedule.lr(step);
-        let (x, y) = data::batch(&train, o.batch_size, t, o.seed, step);
-        let x = Tensor::from_vec(x, (o.batch_size, t), &device)?;
-        let y = Tensor::from_vec(y, (o.batch_size, t), &device)?;
-        let exits_on = step % o.exit_every == 0 && cfg.exits.len() > 1;
-        let exit_rows = (o.exit_frac < 1.0).then(|| sample_rows(t, o.exit_frac, o.seed, step));
-        let n_rows = exit_rows.as_ref().map_or(t, Vec::len);
-        let lopt = LossOptions {
-            exits: exits_on,
-            exit_scale: o.exit_every as f64 * t as f64 / n_rows as f64,
-            exit_rows: exit_rows
-                .map(|r| Tensor::from_vec(r, n_rows, &device))
-                .transpose()?,
-        };
-        let losses = model.loss_with(&x, &y, &lopt)?;
-        let grads = losses.total.backward()?;
-        let stats = opt.step(&grads, lr)?;
-        // Step cost in units of one block; each computed exit head ~ one block.
-        let n_heads = if exits_on {
-            (cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64
-        } else {
-            0.0
-        };
-        state
-            .schedule
-            .observe(step, stats.hyper_cos, (cheap_cost + n_heads) / cheap_cost);
-        last_loss = losses
-            .per_exit
-            .last()
-            .expect("final exit")
-            .to_scalar::<f32>()?;
+        let s = train_step(r, state)?;
+        last_loss = s.final_loss;
         state.step += 1;
-        state.tokens_seen += tokens_per_step;
-        state.elapsed_secs = elapsed0 + run_start.elapsed().as_secs_f64();
-        steps_this_run += 1;
-        window.1 += 1;
-
-        // Wall-clock budget: time steps 5..15 of this run (the first ones pay
-        // for allocator and kernel warm-up, on a GPU for PTX compilation), then
-        // fix the step count so that the time left at that pace fills it.
-        if let (Some(min), u64::MAX) = (o.minutes, state.total_steps) {
-            let now = run_start.elapsed().as_secs_f64();
-            if steps_this_run == 5 {
-                warm_mark = now;
-            } else if steps_this_run == 15 {
-                let per_step = (now - warm_mark) / 10.0;
-                let left = (min * 60.0 - now).max(0.0);
-                state.total_steps = state.step + ((left / per_step) as u64).max(1);
-                state.schedule.total = state.total_steps;
-                pb.set_length(state.total_steps);
-            }
-        }
-        let tok_s = window.1 as f64 * tokens_per_step as f64 / window.0.elapsed().as_secs_f64();
-        let mut rec = serde_json::json!({
-            "step": state.step, "lr": lr, "loss": losses.total.to_scalar::<f32>()?, "grad_norm": stats.grad_norm,
-            "tokens": state.tokens_seen, "elapsed": state.elapsed_secs, "tok_per_s": tok_s,
-        });
-        let computed: Vec<&Exit> = cfg
-            .exits
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| exits_on || *k == cfg.exits.len() - 1)
-            .map(|(_, e)| e)
-            .collect();
-        for (e, l) in computed.iter().zip(&losses.per_exit) {
-            rec[format!("train_loss_{}", e.block)] = serde_json::json!(l.to_scalar::<f32>()?);
-        }
-        let last = state.step == state.total_steps;
-        if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
-            let vl = eval::exit_losses(&model, &val, o.batch_size, t, o.eval_batches)?;
-            for (e, l) in cfg.exits.iter().zip(&vl) {
-                rec[format!("val_loss_{}", e.block)] = serde_json::json!(l);
-            }
-            pb.println(format!(
-                "step {} | train {:.4} | val {} | lr {:.2e} | {:.0} tok/s",
-                state.step,
-                last_loss,
-                vl.iter()
-                    .map(|l| format!("{l:.4}"))
-                    .collect::<Vec<_>>()
-                    .join("/"),
-                lr,
-                tok_s
-            ));
-        }
+        state.tokens_seen += r.tokens_per_step();
+        state.elapsed_secs = pace.elapsed0 + pace.start.elapsed().as_secs_f64();
+        pace.steps += 1;
+        pace.window.1 += 1;
+        fix_step_budget(&r.o, state, &mut pace, &pb);
+        let tok_s = pace.tokens_per_sec(r.tokens_per_step());
+        let rec = step_record(r, state, &s, tok_s, &pb)?;
         report::append_log(&log_path, &rec)?;
-        if window.1 >= 20 {
-            window = (Instant::now(), 0);
+        if pace.window.1 >= 20 {
+            pace.window = (Instant::now(), 0);
         }
         pb.set_position(state.step);
         pb.set_message(format!("loss {last_loss:.3} | {tok_s:.0} tok/s"));
-        let stop_now = o.stop_after.is_some_and(|n| steps_this_run >= n);
-        if (o.save_every > 0 && state.step % o.save_every == 0) || last || stop_now {
-            save_training(
-                &o.out,
-                &cfg,
-                &varmap,
-                &opt,
-                &tokenizer,
-                &state,
-                if last { &o.save_dtype } else { "f32" },
-            )?;
+        let last = state.step == state.total_steps;
+        let stop_now = r.o.stop_after.is_some_and(|n| pace.steps >= n);
+        if (r.o.save_every > 0 && state.step.is_multiple_of(r.o.save_every)) || last || stop_now {
+            save_training(r, state, if last { &r.o.save_dtype } else { "f32" })?;
         }
         if stop_now {
             break;
         }
     }
     pb.finish_and_clear();
-    let _ = report::plot(&log_path, &o.out.join("loss.png"), &cfg);
-    let val_loss = eval::exit_losses(&model, &val, o.batch_size, t, o.eval_batches)?;
+    Ok(last_loss)
+}
+
+/// What one optimizer step reports.
+struct StepOut {
+    lr: f64,
+    losses: Losses,
+    grad_norm: f64,
+    /// Whether the non-final exits were computed this step.
+    exits_on: bool,
+    final_loss: f32,
+}
+
+/// One optimizer step on batch `state.step`; tells the schedule its cost.
+fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> {
+    let (o, t, step) = (&r.o, r.t, state.step);
+    let lr = state.schedule.lr(step);
+    let (x, y) = data::batch(&r.train, o.batch_size, t, o.seed, step);
+    let x = Tensor::from_vec(x, (o.batch_size, t), &r.device)?;
+    let y = Tensor::from_vec(y, (o.batch_size, t), &r.device)?;
+    let exits_on = step.is_multiple_of(o.exit_every) && r.cfg.exits.len() > 1;
+    let exit_rows = (o.exit_frac < 1.0).then(|| sample_rows(t, o.exit_frac, o.seed, step));
+    let n_rows = exit_rows.as_ref().map_or(t, Vec::len);
+    let lopt = LossOptions {
+        exits: exits_on,
+        exit_scale: o.exit_every as f64 * t as f64 / n_rows as f64,
+        exit_rows: exit_rows
+            .map(|rows| Tensor::from_vec(rows, n_rows, &r.device))
+            .transpose()?,
+    };
+    let losses = r.model.loss_with(&x, &y, &lopt)?;
+    let grads = losses.total.backward()?;
+    let stats = r.opt.step(&grads, lr)?;
+    // Step cost in units of one block; each computed exit head ~ one block.
+    let cheap_cost = r.cfg.n_layer as f64 + 1.0;
+    let n_heads = if exits_on {
+        (r.cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64
+    } else {
+        0.0
+    };
+    state
+        .schedule
+        .observe(step, stats.hyper_cos, (cheap_cost + n_heads) / cheap_cost);
+    let final_loss = losses
+        .per_exit
+        .last()
+        .expect("final exit")
+        .to_scalar::<f32>()?;
+    Ok(StepOut {
+        lr,
+        losses,
+        grad_norm: stats.grad_norm,
+        exits_on,
+        final_loss,
+    })
+}
+
+/// Wall-clock budget: time steps 5..15 of this run (the first ones pay for
+/// allocator and kernel warm-up, on a GPU for PTX compilation), then fix the
+/// step count so that the time left at that pace fills it.
+fn fix_step_budget(o: &TrainOptions, state: &mut TrainerState, pace: &mut Pace, pb: &ProgressBar) {
+    let (Some(min), u64::MAX) = (o.minutes, state.total_steps) else {
+        return;
+    };
+    let now = pace.start.elapsed().as_secs_f64();
+    if pace.steps == 5 {
+        pace.warm_mark = now;
+    } else if pace.steps == 15 {
+        let per_step = (now - pace.warm_mark) / 10.0;
+        let left = (min * 60.0 - now).max(0.0);
+        state.total_steps = state.step + ((left / per_step) as u64).max(1);
+        state.schedule.total = state.total_steps;
+        pb.set_length(state.total_steps);
+    }
+}
+
+/// The metrics line of a step, with the validation loss of every exit
+/// every `--eval-every` steps and at the end (also printed).
+fn step_record(
+    r: &Run,
+    state: &TrainerState,
+    s: &StepOut,
+    tok_s: f64,
+    pb: &ProgressBar,
+) -> anyhow::Result<serde_json::Value> {
+    let (o, cfg) = (&r.o, &r.cfg);
+    let mut rec = serde_json::json!({
+        "step": state.step, "lr": s.lr, "loss": s.losses.total.to_scalar::<f32>()?, "grad_norm": s.grad_norm,
+        "tokens": state.tokens_seen, "elapsed": state.elapsed_secs, "tok_per_s": tok_s,
+    });
+    let computed = cfg
+        .exits
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| s.exits_on || *k == cfg.exits.len() - 1)
+        .map(|(_, e)| e);
+    for (e, l) in computed.zip(&s.losses.per_exit) {
+        rec[format!("train_loss_{}", e.block)] = serde_json::json!(l.to_scalar::<f32>()?);
+    }
+    let last = state.step == state.total_steps;
+    if (o.eval_every > 0 && state.step.is_multiple_of(o.eval_every)) || last {
+        let vl = eval::exit_losses(&r.model, &r.val, o.batch_size, r.t, o.eval_batches)?;
+        for (e, l) in cfg.exits.iter().zip(&vl) {
+            rec[format!("val_loss_{}", e.block)] = serde_json::json!(l);
+        }
+        let vl: Vec<String> = vl.iter().map(|l| format!("{l:.4}")).collect();
+        pb.println(format!(
+            "step {} | train {:.4} | val {} | lr {:.2e} | {:.0} tok/s",
+            state.step,
+            s.final_loss,
+            vl.join("/"),
+            s.lr,
+            tok_s
+        ));
+    }
+    Ok(rec)
+}
+
+/// The plot, the final evaluation and, when the budget is spent, the
+/// training metadata and the drafter.
+fn finish(r: &Run, state: &TrainerState, last_loss: f32) -> anyhow::Result<TrainSummary> {
+    let (o, cfg) = (&r.o, &r.cfg);
+    let _ = report::plot(&o.out.join(METRICS_FILE), &o.out.join("loss.png"), cfg);
+    let val_loss = eval::exit_losses(&r.model, &r.val, o.batch_size, r.t, o.eval_batches)?;
     let summary = TrainSummary {
         steps: state.step,
         tokens: state.tokens_seen,
@@ -594,7 +734,7 @@ pub fn run(cli: TrainOptions) -> anyhow::Result<TrainSummary> {
     if state.step == state.total_steps {
         write_training_meta(&o.out, &summary)?;
         if o.drafter {
-            label::train_drafter(&o.out, &o.drafter_opts, &val, &train)?;
+            label::train_drafter(&o.out, &o.drafter_opts, &r.val, &r.train)?;
         }
     }
     Ok(summary)
@@ -614,17 +754,12 @@ fn sample_rows(t: usize, frac: f64, seed: u64, step: u64) -> Vec<u32> {
     rows
 }
 
-fn save_training(
-    out: &Path,
-    cfg: &Config,
-    varmap: &VarMap,
-    opt: &optim::AdamW,
-    tok: &Tokenizer,
-    state: &TrainerState,
-    dtype: &str,
-) -> anyhow::Result<()> {
+/// Saves weights (in `dtype`), optimizer moments, tokenizer, config and
+/// trainer state as one snapshot, and publishes the weights in `--out`.
+fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<()> {
+    let out = &r.o.out;
     let weights: Vec<(String, Tensor)> = {
-        let data = varmap.data().lock().expect("varmap lock");
+        let data = r.varmap.data().lock().expect("varmap lock");
         let mut w: Vec<_> = data
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -635,21 +770,20 @@ fn save_training(
     let prev_training = checkpoint::load_config(out)
         .map(|c| c.training)
         .unwrap_or_default();
-    let ck = CheckpointConfig {
+    let config = CheckpointConfig {
         format_version: FORMAT_VERSION,
-        model: cfg.clone(),
+        model: r.cfg.clone(),
         dtype: dtype.to_string(),
         training: prev_training,
     };
-    // Optimizer and trainer state first: a crash between files leaves the
-    // previous weights with newer state only if the trainer file is last.
-    checkpoint::save_tensors(&out.join(OPTIMIZER_FILE), &opt.state(), DType::F32)?;
-    checkpoint::save(out, &ck, &weights, tok)?;
-    checkpoint::write_atomic(
-        &out.join(TRAINER_FILE),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    Ok(())
+    let snap = snapshot::Snapshot {
+        config: &config,
+        weights: &weights,
+        optimizer: &r.opt.state(),
+        tokenizer: &r.tokenizer,
+        state,
+    };
+    snapshot::save(out, &snap, r.o.crash_at)
 }
 
 fn write_training_meta(out: &Path, s: &TrainSummary) -> anyhow::Result<()> {
