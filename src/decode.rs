@@ -274,8 +274,6 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
     verified: Verified,
     /// Keep `verified` current (the tree drafter and its labelling read it).
     track_verified: bool,
-    /// Adaptive draft length (prompt lookup and oracle).
-    k_cur: usize,
     /// Running estimate of the per-draft acceptance rate (tree drafter).
     ema_accept: f64,
     /// Verify cost of k drafts relative to a plain step (tree drafter).
@@ -331,11 +329,6 @@ impl<'m, M: Forward> Generator<'m, M> {
                 cfg.vocab_size
             );
         }
-        let k_cur = match proposer {
-            Proposer::None => 0,
-            Proposer::Tree(d) => d.k_max,
-            Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
-        };
         Ok(Generator {
             model,
             proposer,
@@ -352,7 +345,6 @@ impl<'m, M: Forward> Generator<'m, M> {
                 top1_prob: 0.5,
                 entropy: 2.0,
             },
-            k_cur,
             ema_accept: 0.6,
             verify_costs: match proposer {
                 Proposer::Tree(d) => d.verify_costs(),
@@ -515,8 +507,9 @@ impl<'m, M: Forward> Generator<'m, M> {
             .min(cfg.block_size - self.tokens.len())
             .min(cap);
         let k = match self.proposer {
+            Proposer::None => 0,
             Proposer::Tree(_) => self.best_k(),
-            _ => self.k_cur,
+            Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
         }
         .min(room);
         // When drafting does not pay, still ask the tree for its first token

@@ -143,16 +143,10 @@ impl Drafter {
     }
 
     /// Feature row and candidates for predicting the token after `ctx`.
-    pub fn features(
-        &self,
-        ctx: &[u32],
-        depth: usize,
-        verified: Verified,
-    ) -> (Vec<f32>, Candidates) {
+    pub fn features(&self, ctx: &[u32], verified: Verified) -> (Vec<f32>, Candidates) {
         let class_of = |t: u32| self.class_of(t);
         features::features(&FeatureInput {
             ctx,
-            depth,
             verified,
             tables: &self.tables,
             class_of: &class_of,
@@ -184,8 +178,8 @@ impl Drafter {
 
     /// Best next token after `ctx` and its probability (classes that resolve
     /// to the same token add up); None when `__MODEL__` wins.
-    pub fn predict(&self, ctx: &[u32], depth: usize, verified: Verified) -> Option<Draft> {
-        let (row, cand) = self.features(ctx, depth, verified);
+    pub fn predict(&self, ctx: &[u32], verified: Verified) -> Option<Draft> {
+        let (row, cand) = self.features(ctx, verified);
         let mut p = [0f32; 512];
         let mut heap;
         let p: &mut [f32] = if self.gbdt.n_classes <= p.len() {
@@ -254,7 +248,7 @@ impl Drafter {
         let mut out = Vec::new();
         let mut path = 1f32;
         while out.len() < k.min(self.k_max) {
-            match self.predict(&ext, out.len(), verified) {
+            match self.predict(&ext, verified) {
                 Some(d) if d.prob >= threshold && path * d.prob >= min_path => {
                     path *= d.prob;
                     ext.push(d.token);
@@ -457,7 +451,7 @@ mod tests {
         for start in 0..30u32 {
             let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
             let next = (start + 6) % 39;
-            let (row, cand) = d.features(&ctx, 0, Verified::default());
+            let (row, cand) = d.features(&ctx, Verified::default());
             targets.push(d.target(next, &cand));
             rows.push(row);
         }
@@ -480,7 +474,7 @@ mod tests {
         let back = Drafter::load(&path, 40).unwrap();
         for start in 0..30u32 {
             let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
-            let (row, _) = d.features(&ctx, 0, Verified::default());
+            let (row, _) = d.features(&ctx, Verified::default());
             assert_eq!(d.gbdt.predict_proba(&row), back.gbdt.predict_proba(&row));
             assert_eq!(
                 d.propose(&ctx, 4, Verified::default()),

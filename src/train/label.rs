@@ -199,8 +199,10 @@ fn rows_of(
     out: &mut LabelledRows,
 ) {
     for i in from..seq.len() - 1 {
+        // Draft depth j: the verified stats are j positions back, as at
+        // draft time (depth itself is no feature).
         let depth = rng.random_range(0..4usize).min(i - from);
-        let (row, cand) = d.features(&seq[..=i], depth, verified(i - depth));
+        let (row, cand) = d.features(&seq[..=i], verified(i - depth));
         out.1.push(d.target(next(i), &cand));
         out.0.push(row);
         out.2.push(
