@@ -29,6 +29,25 @@ use crate::drafter::Drafter;
 use crate::forward::{Forward, Logits, Segment};
 use crate::sampling::{self, SamplingParams};
 
+/// The drafter's statistics of the last verified position before the
+/// first verify step (the prefill does not read them off its last row): a
+/// middling top-1 probability of 0.5 and entropy of 2 nats, set by hand,
+/// not measured. Labelling never yields this value: the first rows of a
+/// continuation take the first step's statistics (`train::label`).
+const VERIFIED_BEFORE_ANY_STEP: Verified = Verified {
+    top1_prob: 0.5,
+    entropy: 2.0,
+};
+
+/// The per-draft acceptance rate assumed before a sequence has verified any
+/// draft: the start of `ema_accept`, which sets the tree's first draft
+/// length (`best_k`) and prices prompt-lookup drafts in a batch. Set by
+/// hand, not derived; it sits near the share of drafts the shipped tree has
+/// accepted greedily (61-68%, docs/benchmarks.md); at temperature 0.8
+/// (22-23%) the running estimate moves off it, its weight falling as 0.8^n
+/// over n updates.
+const ACCEPT_PRIOR: f64 = 0.6;
+
 /// Where draft tokens come from.
 #[derive(Clone, Copy)]
 pub enum Proposer<'m> {
@@ -341,11 +360,8 @@ impl<'m, M: Forward> Generator<'m, M> {
             echo: vec![None],
             counts: HashMap::new(),
             track_verified: matches!(proposer, Proposer::Tree(_)),
-            verified: Verified {
-                top1_prob: 0.5,
-                entropy: 2.0,
-            },
-            ema_accept: 0.6,
+            verified: VERIFIED_BEFORE_ANY_STEP,
+            ema_accept: ACCEPT_PRIOR,
             verify_costs: match proposer {
                 Proposer::Tree(d) => d.verify_costs(),
                 _ => vec![],

@@ -29,6 +29,17 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const N_POINTERS: usize = 4;
 pub const MODEL_CLASS_NAME: &str = "__MODEL__";
 
+/// Cost model of a verify step for a drafter whose report holds no measured
+/// curve (one built in a test or by hand; `train-drafter` always stores
+/// one, `train::label::verify_costs`): k drafts cost `1 + 0.15 k` one-row
+/// steps. 0.15 is not derived: it was set in commit 957291a, when the
+/// shipped model measured 1.8-2.2x for 8 drafts (1 + 0.15 x 8 = 2.2); the
+/// current one measures 1.64x (`models/default/drafter.json`). The engine's
+/// measured cost curve (`scheduler::Budget`) does not make it obsolete: the
+/// Budget prices rows within a batch, while this curve still sets each
+/// sequence's draft length (`decode::Generator::best_k`).
+pub const GUESSED_COST_PER_DRAFT: f64 = 0.15;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrafterError {
     #[error("drafter file {path} cannot be read: {msg}")]
@@ -128,7 +139,8 @@ impl Drafter {
     }
 
     /// Measured cost of verifying k drafts relative to a plain step (index
-    /// k = 0..=k_max), from training; a linear guess when absent.
+    /// k = 0..=k_max), from training; [`GUESSED_COST_PER_DRAFT`] per draft
+    /// when absent.
     pub fn verify_costs(&self) -> Vec<f64> {
         let measured: Vec<f64> = self.report["verify_cost"]
             .as_array()
@@ -138,7 +150,9 @@ impl Drafter {
             c[0] = 1.0;
             c
         } else {
-            (0..=self.k_max).map(|k| 1.0 + 0.15 * k as f64).collect()
+            (0..=self.k_max)
+                .map(|k| 1.0 + GUESSED_COST_PER_DRAFT * k as f64)
+                .collect()
         }
     }
 
