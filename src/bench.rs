@@ -403,7 +403,6 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         "machine": format!("{} threads", rayon::current_num_threads()),
         "plain": plain_rows,
         "reference": reference,
-        "reference_issue_9": {"small_decode_llama_cpp": 605, "small_decode_pytorch_eager": 192, "gpt2_decode_llama_cpp": 40, "gpt2_decode_pytorch_eager": 34.5},
     });
     if !o.plain {
         let drafter = Drafter::load(
