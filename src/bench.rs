@@ -335,9 +335,10 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
 }
 
 /// The LayerSkip setting the bench measures: the exit one block below the
-/// final, 2 drafts, confidence floor 0.2 (the best of
-/// `examples/self_draft_sweep` on train-split prompts for the shipped
-/// model, `bench/self-draft/`); None when the model has no early exit.
+/// final, 2 drafts, confidence floor 0.2 (the best of a sweep on
+/// train-split prompts for the shipped model, `bench/self-draft/`, made with
+/// `examples/self_draft_sweep.rs`, removed after `cc6f1c3`; see git
+/// history); None when the model has no early exit.
 fn self_draft_setting(cfg: &Config) -> Option<SelfDraft> {
     let n = cfg.exits.len();
     (n >= 2).then_some(SelfDraft {
@@ -403,7 +404,6 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         "machine": format!("{} threads", rayon::current_num_threads()),
         "plain": plain_rows,
         "reference": reference,
-        "reference_issue_9": {"small_decode_llama_cpp": 605, "small_decode_pytorch_eager": 192, "gpt2_decode_llama_cpp": 40, "gpt2_decode_pytorch_eager": 34.5},
     });
     if !o.plain {
         let drafter = Drafter::load(

@@ -27,8 +27,8 @@ const LN_EPS: f32 = 1e-5;
 /// Runs `f` on a worker of the inference thread pool (one thread per
 /// core). Fork/join from inside a pool is work stealing; from an outside
 /// thread every parallel matmul is a cross-thread wake-up, which made a
-/// decode step 1.5x slower on this 2-core machine
-/// (`cargo run --release --example verify_profile`).
+/// decode step 1.5x slower on this 2-core machine (measured with
+/// `examples/verify_profile.rs`, removed after `cc6f1c3`; see git history).
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::OnceLock;
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();

@@ -29,6 +29,25 @@ use crate::drafter::Drafter;
 use crate::forward::{Forward, Logits, Segment};
 use crate::sampling::{self, SamplingParams};
 
+/// The drafter's statistics of the last verified position before the
+/// first verify step (the prefill does not read them off its last row): a
+/// middling top-1 probability of 0.5 and entropy of 2 nats, set by hand,
+/// not measured. Labelling never yields this value: the first rows of a
+/// continuation take the first step's statistics (`train::label`).
+const VERIFIED_BEFORE_ANY_STEP: Verified = Verified {
+    top1_prob: 0.5,
+    entropy: 2.0,
+};
+
+/// The per-draft acceptance rate assumed before a sequence has verified any
+/// draft: the start of `ema_accept`, which sets the tree's first draft
+/// length (`best_k`) and prices prompt-lookup drafts in a batch. Set by
+/// hand, not derived; it sits near the share of drafts the shipped tree has
+/// accepted greedily (61-68%, docs/benchmarks.md); at temperature 0.8
+/// (22-23%) the running estimate moves off it, its weight falling as 0.8^n
+/// over n updates.
+const ACCEPT_PRIOR: f64 = 0.6;
+
 /// Where draft tokens come from.
 #[derive(Clone, Copy)]
 pub enum Proposer<'m> {
@@ -274,8 +293,6 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
     verified: Verified,
     /// Keep `verified` current (the tree drafter and its labelling read it).
     track_verified: bool,
-    /// Adaptive draft length (prompt lookup and oracle).
-    k_cur: usize,
     /// Running estimate of the per-draft acceptance rate (tree drafter).
     ema_accept: f64,
     /// Verify cost of k drafts relative to a plain step (tree drafter).
@@ -331,11 +348,6 @@ impl<'m, M: Forward> Generator<'m, M> {
                 cfg.vocab_size
             );
         }
-        let k_cur = match proposer {
-            Proposer::None => 0,
-            Proposer::Tree(d) => d.k_max,
-            Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
-        };
         Ok(Generator {
             model,
             proposer,
@@ -348,12 +360,8 @@ impl<'m, M: Forward> Generator<'m, M> {
             echo: vec![None],
             counts: HashMap::new(),
             track_verified: matches!(proposer, Proposer::Tree(_)),
-            verified: Verified {
-                top1_prob: 0.5,
-                entropy: 2.0,
-            },
-            k_cur,
-            ema_accept: 0.6,
+            verified: VERIFIED_BEFORE_ANY_STEP,
+            ema_accept: ACCEPT_PRIOR,
             verify_costs: match proposer {
                 Proposer::Tree(d) => d.verify_costs(),
                 _ => vec![],
@@ -515,8 +523,9 @@ impl<'m, M: Forward> Generator<'m, M> {
             .min(cfg.block_size - self.tokens.len())
             .min(cap);
         let k = match self.proposer {
+            Proposer::None => 0,
             Proposer::Tree(_) => self.best_k(),
-            _ => self.k_cur,
+            Proposer::Lookup { k } | Proposer::Oracle { k, .. } => k,
         }
         .min(room);
         // When drafting does not pay, still ask the tree for its first token

@@ -150,12 +150,9 @@ fn context_successor(ctx: &[u32]) -> (usize, f32, Option<u32>) {
     }
 }
 
-/// Computes the feature row for predicting the token after `ctx`.
+/// What the feature row of the token after `ctx` is computed from.
 pub struct FeatureInput<'a> {
     pub ctx: &'a [u32],
-    /// Tokens drafted so far in this chain (0 for the first draft); not a
-    /// feature since format 2 (it did not pay), kept for callers.
-    pub depth: usize,
     pub verified: Verified,
     pub tables: &'a Tables,
     /// Class index of each token (or `n_token_classes` when not a class).
@@ -163,6 +160,7 @@ pub struct FeatureInput<'a> {
     pub word_start: &'a [bool],
 }
 
+/// Computes the feature row for predicting the token after `ctx`.
 pub fn features(inp: &FeatureInput) -> (Vec<f32>, Candidates) {
     let ctx = inp.ctx;
     let n = ctx.len();

@@ -29,6 +29,17 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const N_POINTERS: usize = 4;
 pub const MODEL_CLASS_NAME: &str = "__MODEL__";
 
+/// Cost model of a verify step for a drafter whose report holds no measured
+/// curve (one built in a test or by hand; `train-drafter` always stores
+/// one, `train::label::verify_costs`): k drafts cost `1 + 0.15 k` one-row
+/// steps. 0.15 is not derived: it was set in commit 957291a, when the
+/// shipped model measured 1.8-2.2x for 8 drafts (1 + 0.15 x 8 = 2.2); the
+/// current one measures 1.64x (`models/default/drafter.json`). The engine's
+/// measured cost curve (`scheduler::Budget`) does not make it obsolete: the
+/// Budget prices rows within a batch, while this curve still sets each
+/// sequence's draft length (`decode::Generator::best_k`).
+pub const GUESSED_COST_PER_DRAFT: f64 = 0.15;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrafterError {
     #[error("drafter file {path} cannot be read: {msg}")]
@@ -128,7 +139,8 @@ impl Drafter {
     }
 
     /// Measured cost of verifying k drafts relative to a plain step (index
-    /// k = 0..=k_max), from training; a linear guess when absent.
+    /// k = 0..=k_max), from training; [`GUESSED_COST_PER_DRAFT`] per draft
+    /// when absent.
     pub fn verify_costs(&self) -> Vec<f64> {
         let measured: Vec<f64> = self.report["verify_cost"]
             .as_array()
@@ -138,21 +150,17 @@ impl Drafter {
             c[0] = 1.0;
             c
         } else {
-            (0..=self.k_max).map(|k| 1.0 + 0.15 * k as f64).collect()
+            (0..=self.k_max)
+                .map(|k| 1.0 + GUESSED_COST_PER_DRAFT * k as f64)
+                .collect()
         }
     }
 
     /// Feature row and candidates for predicting the token after `ctx`.
-    pub fn features(
-        &self,
-        ctx: &[u32],
-        depth: usize,
-        verified: Verified,
-    ) -> (Vec<f32>, Candidates) {
+    pub fn features(&self, ctx: &[u32], verified: Verified) -> (Vec<f32>, Candidates) {
         let class_of = |t: u32| self.class_of(t);
         features::features(&FeatureInput {
             ctx,
-            depth,
             verified,
             tables: &self.tables,
             class_of: &class_of,
@@ -184,8 +192,8 @@ impl Drafter {
 
     /// Best next token after `ctx` and its probability (classes that resolve
     /// to the same token add up); None when `__MODEL__` wins.
-    pub fn predict(&self, ctx: &[u32], depth: usize, verified: Verified) -> Option<Draft> {
-        let (row, cand) = self.features(ctx, depth, verified);
+    pub fn predict(&self, ctx: &[u32], verified: Verified) -> Option<Draft> {
+        let (row, cand) = self.features(ctx, verified);
         let mut p = [0f32; 512];
         let mut heap;
         let p: &mut [f32] = if self.gbdt.n_classes <= p.len() {
@@ -254,7 +262,7 @@ impl Drafter {
         let mut out = Vec::new();
         let mut path = 1f32;
         while out.len() < k.min(self.k_max) {
-            match self.predict(&ext, out.len(), verified) {
+            match self.predict(&ext, verified) {
                 Some(d) if d.prob >= threshold && path * d.prob >= min_path => {
                     path *= d.prob;
                     ext.push(d.token);
@@ -457,7 +465,7 @@ mod tests {
         for start in 0..30u32 {
             let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
             let next = (start + 6) % 39;
-            let (row, cand) = d.features(&ctx, 0, Verified::default());
+            let (row, cand) = d.features(&ctx, Verified::default());
             targets.push(d.target(next, &cand));
             rows.push(row);
         }
@@ -480,7 +488,7 @@ mod tests {
         let back = Drafter::load(&path, 40).unwrap();
         for start in 0..30u32 {
             let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
-            let (row, _) = d.features(&ctx, 0, Verified::default());
+            let (row, _) = d.features(&ctx, Verified::default());
             assert_eq!(d.gbdt.predict_proba(&row), back.gbdt.predict_proba(&row));
             assert_eq!(
                 d.propose(&ctx, 4, Verified::default()),

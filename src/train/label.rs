@@ -23,12 +23,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+use crate::config::Config;
 use crate::decode::greedy_with_stats;
 use crate::drafter::features::{Tables, Verified, N_FEATURES};
 use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
 use crate::drafter::{self, Drafter, Replay};
 use crate::forward::Forward;
 use crate::sampling;
+use crate::tokenizer::Tokenizer;
 
 #[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
 pub struct DrafterOptions {
@@ -109,10 +111,11 @@ pub fn continuations<M: Forward>(
         .collect()
 }
 
-/// Teacher-forced windows: (tokens, model top-1 at each position, stats).
 /// A window of text, the model's top-1 after each position, and its stats.
 type Window = (Vec<u32>, Vec<u32>, Vec<Verified>);
 
+/// `n` teacher-forced windows of `t` tokens drawn from `tokens`, one
+/// forward each.
 fn teacher_forced<M: Forward>(
     model: &M,
     tokens: &[u32],
@@ -196,8 +199,10 @@ fn rows_of(
     out: &mut LabelledRows,
 ) {
     for i in from..seq.len() - 1 {
+        // Draft depth j: the verified stats are j positions back, as at
+        // draft time (depth itself is no feature).
         let depth = rng.random_range(0..4usize).min(i - from);
-        let (row, cand) = d.features(&seq[..=i], depth, verified(i - depth));
+        let (row, cand) = d.features(&seq[..=i], verified(i - depth));
         out.1.push(d.target(next(i), &cand));
         out.0.push(row);
         out.2.push(
@@ -217,6 +222,7 @@ pub fn train_drafter(
     crate::cpu::in_pool(|| train_drafter_in_pool(dir, o, val, train))
 }
 
+/// The steps: label, classes (and tables), rows, fit, threshold, report.
 fn train_drafter_in_pool(
     dir: &Path,
     o: &DrafterOptions,
@@ -224,20 +230,78 @@ fn train_drafter_in_pool(
     train: &[u32],
 ) -> anyhow::Result<Drafter> {
     let t0 = Instant::now();
-    let device = Device::Cpu;
-    let loaded = checkpoint::load(dir, &device)?;
+    let loaded = checkpoint::load(dir, &Device::Cpu)?;
     // The serving path: continuations and verify costs as served.
     let model = loaded.cpu(loaded.serving_dtype())?;
-    let tok = &loaded.tokenizer;
-    let eot = tok.eot();
-    let t = model.cfg.block_size.min(256);
+    let eot = loaded.tokenizer.eot();
+    let samples = label(&model, o, train, eot)?;
+    let (classes, tables) = classes_and_tables(&samples, o.drafter_classes);
+    let mut d = untrained_drafter(&loaded.tokenizer, &model.cfg, classes, tables, o);
+    let rows = labelled_rows(&d, &samples);
+    if let Some(path) = &o.drafter_rows_out {
+        write_rows(path, &d, &rows)?;
+    }
+    let label_secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "drafter: {} rows ({} from continuations) in {label_secs:.0}s; fitting",
+        rows.len(),
+        rows.from_continuations
+    );
+    let fit_secs = fit(&mut d, &rows, o)?;
+    let costs = verify_costs(&model, o.drafter_k_max)?;
+    let cost = |k: usize| costs[k.min(costs.len() - 1)];
+    let curve = choose_threshold(&mut d, &samples.tune, &cost);
+    // Report on val-split continuations.
+    let vconts = continuations(
+        &model,
+        val,
+        24,
+        samples.prompt_len,
+        o.drafter_gen_tokens,
+        21,
+        eot,
+    )?;
+    let val_replay = replay_report(&d, &vconts, &cost);
+    let secs = (label_secs, fit_secs);
+    d.report = report(&d, &rows, secs, &costs, curve, val_replay);
+    d.save(&dir.join(checkpoint::DRAFTER_FILE))
+        .context("saving the drafter")?;
+    eprintln!(
+        "drafter: {}",
+        serde_json::to_string(&d.report["val_replay"])?
+    );
+    Ok(d)
+}
+
+/// The model's own outputs on train text, split by use: a held-out slice
+/// of the continuations tunes the threshold; of the rest, and of the
+/// windows, the first half builds the classes and tables and the second
+/// half becomes rows.
+struct Samples {
+    /// Prompt length of the continuations.
+    prompt_len: usize,
+    tune: Vec<Continuation>,
+    table_conts: Vec<Continuation>,
+    table_windows: Vec<Window>,
+    row_conts: Vec<Continuation>,
+    row_windows: Vec<Window>,
+}
+
+/// Label: greedy continuations and teacher-forced windows of train text.
+fn label<M: Forward>(
+    model: &M,
+    o: &DrafterOptions,
+    train: &[u32],
+    eot: u32,
+) -> anyhow::Result<Samples> {
+    let t = model.config().block_size.min(256);
     let plen = 32.min(t / 2);
     eprintln!(
         "drafter: labelling with the model ({} continuations, {} windows)",
         o.drafter_prompts, o.drafter_windows
     );
-    let conts = continuations(
-        &model,
+    let mut conts = continuations(
+        model,
         train,
         o.drafter_prompts,
         plen,
@@ -245,15 +309,27 @@ fn train_drafter_in_pool(
         11,
         eot,
     )?;
-    let windows = teacher_forced(&model, train, o.drafter_windows, t, 12)?;
-    // Halves: tables from the first, rows from the second; a held-out slice
-    // of continuations tunes the threshold.
+    let mut table_windows = teacher_forced(model, train, o.drafter_windows, t, 12)?;
     let n_tune = (conts.len() / 6).max(1);
-    let (tune, conts) = conts.split_at(n_tune);
-    let (c_tab, c_rows) = conts.split_at(conts.len() / 2);
-    let (w_tab, w_rows) = windows.split_at(windows.len() / 2);
+    let mut table_conts = conts.split_off(n_tune);
+    let row_conts = table_conts.split_off(table_conts.len() / 2);
+    let row_windows = table_windows.split_off(table_windows.len() / 2);
+    Ok(Samples {
+        prompt_len: plen,
+        tune: conts,
+        table_conts,
+        table_windows,
+        row_conts,
+        row_windows,
+    })
+}
+
+/// Classes: the `n` tokens the model predicts most often (ties by token id),
+/// and the next-token tables, from the table half of the samples.
+fn classes_and_tables(s: &Samples, n: usize) -> (Vec<u32>, Tables) {
+    // (previous token, last token, the model's next token)
     let mut triples: Vec<(Option<u32>, u32, u32)> = Vec::new();
-    for c in c_tab {
+    for c in &s.table_conts {
         for i in c.prompt - 1..c.tokens.len() - 1 {
             triples.push((
                 (i > 0).then(|| c.tokens[i - 1]),
@@ -262,37 +338,67 @@ fn train_drafter_in_pool(
             ));
         }
     }
-    for (w, top, _) in w_tab {
+    for (w, top, _) in &s.table_windows {
         for i in 0..w.len() {
             triples.push(((i > 0).then(|| w[i - 1]), w[i], top[i]));
         }
     }
-    // Token classes: the model's most frequent predictions.
     let mut freq: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     for tr in &triples {
         *freq.entry(tr.2).or_default() += 1;
     }
     let mut by_freq: Vec<(u32, usize)> = freq.into_iter().collect();
     by_freq.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let classes: Vec<u32> = by_freq
-        .iter()
-        .take(o.drafter_classes)
-        .map(|x| x.0)
-        .collect();
-    let tables = Tables::build(triples.into_iter(), 2);
-    let vocab = model.cfg.vocab_size;
-    // Features need the classes and tables only; the trees come below.
+    let classes = by_freq.iter().take(n).map(|x| x.0).collect();
+    (classes, Tables::build(triples.into_iter(), 2))
+}
+
+/// A drafter with its classes and tables and constant trees: its features
+/// need no more, and `fit` grows the trees.
+fn untrained_drafter(
+    tok: &Tokenizer,
+    cfg: &Config,
+    classes: Vec<u32>,
+    tables: Tables,
+    o: &DrafterOptions,
+) -> Drafter {
     let untrained = Gbdt::constant(N_FEATURES, classes.len() + drafter::N_POINTERS + 1);
     let mut ws = tok.word_start().to_vec();
-    ws.resize(vocab, false);
-    let mut d = Drafter::new(vocab, classes, tables, untrained, ws, 0.5, o.drafter_k_max);
+    ws.resize(cfg.vocab_size, false);
+    Drafter::new(
+        cfg.vocab_size,
+        classes,
+        tables,
+        untrained,
+        ws,
+        0.5,
+        o.drafter_k_max,
+    )
+}
 
+/// The labelled rows, split into a fit part and a validation part.
+struct Rows {
+    train: LabelledRows,
+    valid: LabelledRows,
+    /// Rows that came from continuations (the rest from windows).
+    from_continuations: usize,
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.train.0.len() + self.valid.0.len()
+    }
+}
+
+/// Rows from the row half of the samples: every position of every row
+/// continuation and window, a tenth of them (interleaved) for validation.
+fn labelled_rows(d: &Drafter, s: &Samples) -> Rows {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
     let mut data: LabelledRows = Default::default();
-    for c in c_rows {
+    for c in &s.row_conts {
         let gen_start = c.prompt - 1;
         rows_of(
-            &d,
+            d,
             &c.tokens,
             &|i| c.tokens[i + 1],
             &|i| {
@@ -306,10 +412,10 @@ fn train_drafter_in_pool(
             &mut data,
         );
     }
-    let n_gen_rows = data.0.len();
-    for (w, top, stats) in w_rows {
+    let from_continuations = data.0.len();
+    for (w, top, stats) in &s.row_windows {
         rows_of(
-            &d,
+            d,
             w,
             &|i| top[i],
             &|i| stats[i.saturating_sub(1)],
@@ -318,87 +424,111 @@ fn train_drafter_in_pool(
             &mut data,
         );
     }
-    let n = data.0.len();
-    let n_valid = n / 10;
-    // Interleaved validation rows.
-    let (mut tr, mut va) = (LabelledRows::default(), LabelledRows::default());
+    let n_valid = data.0.len() / 10;
+    let (mut train, mut valid) = (LabelledRows::default(), LabelledRows::default());
     for (i, ((x, y), c)) in data.0.into_iter().zip(data.1).zip(data.2).enumerate() {
-        let dst = if i % 10 == 0 && va.0.len() < n_valid {
-            &mut va
+        let dst = if i % 10 == 0 && valid.0.len() < n_valid {
+            &mut valid
         } else {
-            &mut tr
+            &mut train
         };
         dst.0.push(x);
         dst.1.push(y);
         dst.2.push(c);
     }
-    if let Some(path) = &o.drafter_rows_out {
-        let dump = RowsDump {
-            feature_names: crate::drafter::features::FEATURE_NAMES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            n_classes: d.n_classes(),
-            model_class: d.model_class(),
-            classes: d.classes.clone(),
-            train: tr.clone(),
-            valid: va.clone(),
-        };
-        let json = serde_json::to_vec(&dump)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing drafter rows to {}", path.display()))?;
-        eprintln!("drafter: rows written to {}", path.display());
+    Rows {
+        train,
+        valid,
+        from_continuations,
     }
-    let label_secs = t0.elapsed().as_secs_f64();
-    eprintln!("drafter: {n} rows ({n_gen_rows} from continuations) in {label_secs:.0}s; fitting");
-    let t_fit = Instant::now();
+}
+
+/// `--drafter-rows-out`: the rows as JSON, to compare classifiers on them.
+fn write_rows(path: &Path, d: &Drafter, rows: &Rows) -> anyhow::Result<()> {
+    let dump = RowsDump {
+        feature_names: crate::drafter::features::FEATURE_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        n_classes: d.n_classes(),
+        model_class: d.model_class(),
+        classes: d.classes.clone(),
+        train: rows.train.clone(),
+        valid: rows.valid.clone(),
+    };
+    let json = serde_json::to_vec(&dump)?;
+    std::fs::write(path, json)
+        .with_context(|| format!("writing drafter rows to {}", path.display()))?;
+    eprintln!("drafter: rows written to {}", path.display());
+    Ok(())
+}
+
+/// Fit: the trees on the fit rows, early-stopped on the validation rows.
+/// Returns the seconds it took.
+fn fit(d: &mut Drafter, rows: &Rows, o: &DrafterOptions) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
     let params = GbdtParams {
         rounds: o.drafter_rounds,
         max_depth: o.drafter_depth,
         ..Default::default()
     };
+    let (tr, va) = (&rows.train, &rows.valid);
     d.gbdt = Gbdt::fit(&tr.0, &tr.1, d.n_classes(), (&va.0, &va.1), &params)?;
-    let fit_secs = t_fit.elapsed().as_secs_f64();
+    Ok(t0.elapsed().as_secs_f64())
+}
 
-    // Threshold: best replayed speedup on held-out train continuations.
-    let costs = verify_costs(&model, o.drafter_k_max)?;
-    let cost = |k: usize| costs[k.min(costs.len() - 1)];
+/// The draft thresholds tried.
+const THRESHOLDS: [f32; 8] = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+
+/// Threshold: sets the one with the best replayed speedup on the held-out
+/// continuations (0.5 when none beats 0.0); returns the replay of each.
+fn choose_threshold(
+    d: &mut Drafter,
+    tune: &[Continuation],
+    cost: &dyn Fn(usize) -> f64,
+) -> Vec<serde_json::Value> {
     let mut curve = Vec::new();
     let mut best = (0.0f64, 0.5f32);
-    for th in [0.2f32, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] {
-        let r = replay_tree(&d, tune, th, &cost);
+    for th in THRESHOLDS {
+        let r = replay_tree(d, tune, th, cost);
         curve.push(serde_json::json!({"threshold": th, "precision": r.precision(), "drafts_per_step": r.drafted as f64 / r.steps.max(1) as f64, "tokens_per_step": r.tokens_per_step(), "speedup": r.speedup()}));
         if r.speedup() > best.0 {
             best = (r.speedup(), th);
         }
     }
     d.threshold = best.1;
+    curve
+}
 
-    // Report on val-split continuations.
-    let vconts = continuations(&model, val, 24, plen, o.drafter_gen_tokens, 21, eot)?;
-    let report = replay_report(&d, &vconts, &cost);
-    let importance: Vec<(String, f64)> = {
-        let total: f64 = d.gbdt.importance.iter().sum::<f64>().max(1e-12);
-        let mut v: Vec<(String, f64)> = crate::drafter::features::FEATURE_NAMES
-            .iter()
-            .zip(&d.gbdt.importance)
-            .map(|(n, g)| (n.to_string(), g / total))
-            .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
-    d.report = serde_json::json!({
-        "rows": n, "rows_from_continuations": n_gen_rows, "label_secs": label_secs, "fit_secs": fit_secs,
+/// Report: what labelling, the fit and the threshold choice measured, and
+/// the val-split replay; `secs` is (labelling, fit).
+fn report(
+    d: &Drafter,
+    rows: &Rows,
+    secs: (f64, f64),
+    costs: &[f64],
+    curve: Vec<serde_json::Value>,
+    val_replay: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "rows": rows.len(), "rows_from_continuations": rows.from_continuations,
+        "label_secs": secs.0, "fit_secs": secs.1,
         "trees": d.gbdt.n_trees(), "valid_loss": d.gbdt.valid_loss, "threshold": d.threshold,
-        "verify_cost": costs, "threshold_curve_tune": curve, "val_replay": report, "feature_importance": importance,
-    });
-    d.save(&dir.join(checkpoint::DRAFTER_FILE))
-        .context("saving the drafter")?;
-    eprintln!(
-        "drafter: {}",
-        serde_json::to_string(&d.report["val_replay"])?
-    );
-    Ok(d)
+        "verify_cost": costs, "threshold_curve_tune": curve, "val_replay": val_replay,
+        "feature_importance": feature_importance(&d.gbdt),
+    })
+}
+
+/// Each feature's share of the trees' split gain, largest first.
+fn feature_importance(g: &Gbdt) -> Vec<(String, f64)> {
+    let total: f64 = g.importance.iter().sum::<f64>().max(1e-12);
+    let mut v: Vec<(String, f64)> = crate::drafter::features::FEATURE_NAMES
+        .iter()
+        .zip(&g.importance)
+        .map(|(n, g)| (n.to_string(), g / total))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }
 
 /// Replays the tree drafter at `threshold` over continuations.
