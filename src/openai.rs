@@ -184,9 +184,7 @@ impl ApiError {
             Self::Invalid { message, .. }
             | Self::ContextLength { message, .. }
             | Self::Internal { message } => message.clone(),
-            Self::Unauthorized => {
-                "missing or invalid API key (Authorization: Bearer ...)".into()
-            }
+            Self::Unauthorized => "missing or invalid API key (Authorization: Bearer ...)".into(),
             Self::ModelNotFound { asked, served } => {
                 format!("model `{asked}` is not served here; this server serves `{served}`")
             }
@@ -543,7 +541,9 @@ fn check_ids(ids: &[u32], lim: &Limits) -> Result<(), ApiError> {
 fn prompt_too_long(len: usize, block_size: usize) -> ApiError {
     context_error(
         "prompt",
-        format!("prompt has {len} tokens; this model's maximum context length is {block_size} tokens"),
+        format!(
+            "prompt has {len} tokens; this model's maximum context length is {block_size} tokens"
+        ),
     )
 }
 
@@ -852,7 +852,11 @@ mod tests {
             .unwrap()
             .validate(&l)
             .unwrap_err();
-        assert!(e.message().contains("at most 64 prompts"), "{}", e.message());
+        assert!(
+            e.message().contains("at most 64 prompts"),
+            "{}",
+            e.message()
+        );
         let long = "a".repeat(l.max_prompt_bytes() + 1);
         let body = format!(r#"{{"model":"m","prompt":"{long}"}}"#);
         let e = parse_request(body.as_bytes())
@@ -864,7 +868,10 @@ mod tests {
         // Within the byte limit, the token count decides after tokenizing.
         let ok = "hello ".repeat(5);
         let body = format!(r#"{{"model":"m","prompt":"{ok}"}}"#);
-        let v = parse_request(body.as_bytes()).unwrap().validate(&l).unwrap();
+        let v = parse_request(body.as_bytes())
+            .unwrap()
+            .validate(&l)
+            .unwrap();
         assert_eq!(v.sequences(), 1);
         assert!(v.tokenize(&t).is_ok());
     }
@@ -872,24 +879,65 @@ mod tests {
     #[test]
     fn every_error_maps_to_one_status_type_and_code() {
         let cases = [
-            (ApiError::invalid("n", "x"), 400, "invalid_request_error", None),
-            (ApiError::Unauthorized, 401, "invalid_request_error", Some("invalid_api_key")),
             (
-                ApiError::ModelNotFound { asked: "a".into(), served: "b".into() },
+                ApiError::invalid("n", "x"),
+                400,
+                "invalid_request_error",
+                None,
+            ),
+            (
+                ApiError::Unauthorized,
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            (
+                ApiError::ModelNotFound {
+                    asked: "a".into(),
+                    served: "b".into(),
+                },
                 404,
                 "invalid_request_error",
                 Some("model_not_found"),
             ),
             (ApiError::TooLarge, 413, "invalid_request_error", None),
-            (ApiError::NotJson { mime: "text/plain".into() }, 415, "invalid_request_error", None),
-            (ApiError::Overloaded { capacity: 3 }, 429, "rate_limit_error", Some("overloaded")),
-            (ApiError::Internal { message: "x".into() }, 500, "server_error", None),
-            (ApiError::Unavailable { message: "x" }, 503, "server_error", None),
+            (
+                ApiError::NotJson {
+                    mime: "text/plain".into(),
+                },
+                415,
+                "invalid_request_error",
+                None,
+            ),
+            (
+                ApiError::Overloaded { capacity: 3 },
+                429,
+                "rate_limit_error",
+                Some("overloaded"),
+            ),
+            (
+                ApiError::Internal {
+                    message: "x".into(),
+                },
+                500,
+                "server_error",
+                None,
+            ),
+            (
+                ApiError::Unavailable { message: "x" },
+                503,
+                "server_error",
+                None,
+            ),
             (ApiError::Timeout { secs: 1 }, 504, "timeout_error", None),
         ];
         for (e, status, kind, code) in cases {
             let body = e.body();
-            assert_eq!((e.status(), body.error.kind.as_str()), (status, kind), "{e:?}");
+            assert_eq!(
+                (e.status(), body.error.kind.as_str()),
+                (status, kind),
+                "{e:?}"
+            );
             assert_eq!(body.error.code.as_deref(), code, "{e:?}");
             assert!(!body.error.message.is_empty());
         }

@@ -424,8 +424,16 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
     // An unknown model is a 404 naming it, as with OpenAI and vLLM.
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "nope", "prompt": "x"})).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "nope", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
     assert_eq!(v["error"]["param"], "model");
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
@@ -810,7 +818,10 @@ async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
     assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
     // The output outgrew the buffers: the sequences paused, unfinished.
     let generated = metric(&s, "vllm:generation_tokens_total").await;
-    assert!(generated < 16_000.0, "{generated} tokens for a client that never reads");
+    assert!(
+        generated < 16_000.0,
+        "{generated} tokens for a client that never reads"
+    );
     // Past the deadline the slots are back, though the connection is
     // still open and unread.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -831,7 +842,13 @@ async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_qu
     let url = format!("{}/v1/completions", s.url);
     let busy = tokio::spawn(async move {
         let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
-        reqwest::Client::new().post(url).json(&body).send().await.unwrap().status()
+        reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Ten clients send a request and hang up at once.
@@ -844,12 +861,23 @@ async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_qu
         let waiting = metric(&s, "vllm:num_requests_waiting").await;
         assert!(waiting <= 2.0, "{waiting} waiting with --max-waiting 2");
     }
-    assert!(!busy.is_finished(), "the busy request ended too soon for this test");
+    assert!(
+        !busy.is_finished(),
+        "the busy request ended too soon for this test"
+    );
     assert_eq!(busy.await.unwrap(), 200);
-    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "c", "max_tokens": 1})).await;
+    let (st, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "c", "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(st, 200);
     // Only the busy request and the last one were ever started.
-    assert_eq!(metric(&s, "vllm:request_queue_time_seconds_count").await, 2.0);
+    assert_eq!(
+        metric(&s, "vllm:request_queue_time_seconds_count").await,
+        2.0
+    );
     assert!(metric(&s, "gpt_serve:abandoned_in_queue_total").await >= 1.0);
 }
 
@@ -864,7 +892,13 @@ async fn a_queued_stream_whose_client_leaves_frees_its_slot_before_any_token() {
     let url = format!("{}/v1/completions", s.url);
     let busy = tokio::spawn(async move {
         let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
-        reqwest::Client::new().post(url).json(&body).send().await.unwrap().status()
+        reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A stream queued behind it: its headers arrive, then its client goes.
@@ -877,27 +911,70 @@ async fn a_queued_stream_whose_client_leaves_frees_its_slot_before_any_token() {
     assert_eq!(r.status(), 200);
     drop(r);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!busy.is_finished(), "the busy request ended too soon for this test");
+    assert!(
+        !busy.is_finished(),
+        "the busy request ended too soon for this test"
+    );
     // Its slot is free while the busy request still decodes.
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "c", "max_tokens": 1})).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "c", "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(busy.await.unwrap(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_capacity_or_too_long_are_refused_before_tokenizing() {
-    let s = start(ServeOptions { max_waiting: 0, ..Default::default() }, 1).await;
+    let s = start(
+        ServeOptions {
+            max_waiting: 0,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
     let count = "gpt_serve:tokenize_seconds_count";
-    let held = s.state.limiter().clone().acquire_many_owned(1).await.unwrap();
-    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "hello there"})).await;
+    let held = s
+        .state
+        .limiter()
+        .clone()
+        .acquire_many_owned(1)
+        .await
+        .unwrap();
+    let (st, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "hello there"}),
+    )
+    .await;
     assert_eq!(st, 429);
     drop(held);
     let limits = &s.state.0.limits;
     let long = "z".repeat(limits.max_prompt_bytes() + 1);
-    let (st, v) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": long})).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("context_length_exceeded")));
-    assert_eq!(metric(&s, count).await, 0.0, "a refused prompt was tokenized");
-    let (st, _) = post(&s, "/v1/completions", json!({"model": "tiny", "prompt": "hello", "max_tokens": 1})).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": long}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded"))
+    );
+    assert_eq!(
+        metric(&s, count).await,
+        0.0,
+        "a refused prompt was tokenized"
+    );
+    let (st, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "hello", "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(metric(&s, count).await, 1.0);
 }
@@ -942,7 +1019,9 @@ async fn the_key_can_come_from_a_file_and_guard_metrics() {
     assert_eq!(key, "from-a-file");
     std::fs::write(&path, "\n").unwrap();
     assert!(server::read_api_key(&path).unwrap_err().contains("empty"));
-    assert!(server::read_api_key(&dir.path().join("absent")).unwrap_err().contains("absent"));
+    assert!(server::read_api_key(&dir.path().join("absent"))
+        .unwrap_err()
+        .contains("absent"));
     let opts = ServeOptions {
         api_key: Some(key),
         protect_metrics: true,
@@ -980,7 +1059,9 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     let mut slow = Vec::new();
     for _ in 0..2 {
         let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
         slow.push(c);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -993,7 +1074,10 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     for c in &mut slow {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut buf)).await;
-        assert!(read.is_ok(), "a connection that never finished its headers stayed open");
+        assert!(
+            read.is_ok(),
+            "a connection that never finished its headers stayed open"
+        );
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = reqwest::get(format!("{}/health", s.url)).await.unwrap();

@@ -106,7 +106,14 @@ impl ChoiceState {
         }
     }
 
-    fn push_logprob(&mut self, tok: &Tokenizer, d: &mut Delta, t: Option<&TokenOut>, id: u32, len: usize) {
+    fn push_logprob(
+        &mut self,
+        tok: &Tokenizer,
+        d: &mut Delta,
+        t: Option<&TokenOut>,
+        id: u32,
+        len: usize,
+    ) {
         if let Some(lp) = &mut d.logprobs {
             lp.tokens.push(tok.token_text(id));
             lp.token_logprobs.push(t.and_then(|t| t.logprob));
@@ -245,18 +252,24 @@ impl Completion {
     /// What an event of choice `i` adds (and, for a prompt's first choice
     /// starting, what its held-back siblings add). Metrics of tokens and
     /// finishes are recorded here.
-    pub fn apply(&mut self, tok: &Tokenizer, m: &Metrics, i: usize, ev: Event) -> Result<Vec<Delta>, ApiError> {
+    pub fn apply(
+        &mut self,
+        tok: &Tokenizer,
+        m: &Metrics,
+        i: usize,
+        ev: Event,
+    ) -> Result<Vec<Delta>, ApiError> {
         let n = self.request.n;
-        let prompt = i / n;
-        if self.needs_scores() && i % n > 0 && self.scores[prompt].is_none() {
+        let (prompt, first) = (i / n, i.is_multiple_of(n));
+        if self.needs_scores() && !first && self.scores[prompt].is_none() {
             self.held[i].push_back(ev);
             return Ok(vec![]);
         }
-        if let (Event::Started { echo }, true) = (&ev, self.needs_scores() && i % n == 0) {
+        if let (Event::Started { echo }, true) = (&ev, self.needs_scores() && first) {
             self.scores[prompt] = Some(echo.clone());
         }
         let mut out = vec![self.apply_one(tok, m, i, ev)?];
-        if self.needs_scores() && i % n == 0 {
+        if self.needs_scores() && first {
             for sibling in i + 1..i + n {
                 while let Some(ev) = self.held[sibling].pop_front() {
                     out.push(self.apply_one(tok, m, sibling, ev)?);
@@ -266,7 +279,13 @@ impl Completion {
         Ok(out)
     }
 
-    fn apply_one(&mut self, tok: &Tokenizer, m: &Metrics, i: usize, ev: Event) -> Result<Delta, ApiError> {
+    fn apply_one(
+        &mut self,
+        tok: &Tokenizer,
+        m: &Metrics,
+        i: usize,
+        ev: Event,
+    ) -> Result<Delta, ApiError> {
         let v = self.request.clone();
         let c = &mut self.choices[i];
         let d = match ev {
@@ -295,7 +314,9 @@ impl Completion {
     fn record_tokens(&mut self, m: &Metrics, n: usize) {
         let now = Instant::now();
         match self.last_tokens {
-            None => m.ttft.observe(now.duration_since(self.started).as_secs_f64()),
+            None => m
+                .ttft
+                .observe(now.duration_since(self.started).as_secs_f64()),
             Some(prev) => {
                 let per = now.duration_since(prev).as_secs_f64() / n.max(1) as f64;
                 for _ in 0..n {
@@ -321,7 +342,8 @@ impl Completion {
     }
 
     pub fn usage(&self) -> Usage {
-        let prompt_tokens = self.request.prompts.iter().map(Vec::len).sum::<usize>() * self.request.n;
+        let prompt_tokens =
+            self.request.prompts.iter().map(Vec::len).sum::<usize>() * self.request.n;
         let completion_tokens = self.choices.iter().map(|c| c.completion_tokens).sum();
         Usage {
             prompt_tokens,
@@ -408,7 +430,17 @@ mod tests {
         let m = Metrics::new();
         let mut tokens: Vec<TokenOut> = ids.iter().map(|&id| token(id, -1.0)).collect();
         tokens.push(token(tok.eot(), -1.0));
-        let mut out = c.apply(&tok, &m, 0, Event::Tokens { tokens, iteration: 0 }).unwrap();
+        let mut out = c
+            .apply(
+                &tok,
+                &m,
+                0,
+                Event::Tokens {
+                    tokens,
+                    iteration: 0,
+                },
+            )
+            .unwrap();
         let done = Event::Done {
             finish: Finish::Eot,
             stats: SpecStats::default(),
@@ -435,19 +467,32 @@ mod tests {
             tokens: vec![token(prompt[0], -2.0)],
             iteration: 1,
         };
-        assert!(c.apply(&tok, &m, 2, Event::Started { echo: vec![] }).unwrap().is_empty());
+        assert!(c
+            .apply(&tok, &m, 2, Event::Started { echo: vec![] })
+            .unwrap()
+            .is_empty());
         assert!(c.apply(&tok, &m, 2, early).unwrap().is_empty());
         // Choice 0 starts with the scores: it and choice 2 come out, in order.
-        let out = c.apply(&tok, &m, 0, Event::Started { echo: scores }).unwrap();
+        let out = c
+            .apply(&tok, &m, 0, Event::Started { echo: scores })
+            .unwrap();
         let echoed: Vec<&Delta> = out.iter().filter(|d| !d.text.is_empty()).collect();
-        assert_eq!(out.iter().map(|d| d.index).collect::<Vec<_>>(), vec![0, 2, 2]);
+        assert_eq!(
+            out.iter().map(|d| d.index).collect::<Vec<_>>(),
+            vec![0, 2, 2]
+        );
         assert_eq!(echoed[0].text, "It was a dark night");
-        assert_eq!(echoed[0].logprobs, echoed[1].logprobs, "choice 2 got other scores");
+        assert_eq!(
+            echoed[0].logprobs, echoed[1].logprobs,
+            "choice 2 got other scores"
+        );
         let lp = echoed[1].logprobs.as_ref().unwrap();
         assert_eq!(lp.token_logprobs[0], None);
         assert_eq!(lp.token_logprobs[1], Some(-0.5));
         // Choice 1, starting later, takes the scores at once.
-        let late = c.apply(&tok, &m, 1, Event::Started { echo: vec![] }).unwrap();
+        let late = c
+            .apply(&tok, &m, 1, Event::Started { echo: vec![] })
+            .unwrap();
         assert_eq!(late[0].logprobs, echoed[0].logprobs);
     }
 }

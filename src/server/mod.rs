@@ -179,7 +179,9 @@ impl AppState {
             let param = if v.n > 1 { "n" } else { "prompt" };
             return Err(ApiError::invalid(
                 param,
-                format!("{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}"),
+                format!(
+                    "{n_seq} sequences (prompts x n) exceed this server's capacity of {capacity}"
+                ),
             ));
         }
         self.0
@@ -210,9 +212,12 @@ impl AppState {
     ) -> Result<Completion, ApiError> {
         let mut choices = Vec::with_capacity(v.sequences());
         let mut receivers = Vec::with_capacity(v.sequences());
-        let mut permits: Vec<OwnedSemaphorePermit> =
-            std::iter::from_fn(|| (permit.num_permits() > 1).then(|| permit.split(1)).flatten())
-                .collect();
+        let mut permits: Vec<OwnedSemaphorePermit> = std::iter::from_fn(|| {
+            (permit.num_permits() > 1)
+                .then(|| permit.split(1))
+                .flatten()
+        })
+        .collect();
         permits.push(permit);
         let mut permits = permits.into_iter();
         for prompt in 0..v.prompts.len() {
@@ -237,7 +242,12 @@ impl AppState {
                     .map_err(|_| ApiError::Unavailable {
                         message: "the engine has stopped",
                     })?;
-                choices.push(ChoiceState::new(index, prompt, v.stopping.stop.clone(), cancel));
+                choices.push(ChoiceState::new(
+                    index,
+                    prompt,
+                    v.stopping.stop.clone(),
+                    cancel,
+                ));
                 receivers.push(rx);
             }
         }
@@ -249,7 +259,9 @@ impl AppState {
 }
 
 /// Runs CPU work (tokenizing) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal {
@@ -266,7 +278,8 @@ fn now() -> u64 {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, Json(self.body())).into_response();
         if self.retry_later() {
             resp.headers_mut()
