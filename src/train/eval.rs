@@ -2,6 +2,7 @@
 //! a token stream (the same windows at every evaluation, so curves compare).
 
 use candle_core::{Result, Tensor};
+use std::path::PathBuf;
 
 use crate::model::Gpt;
 
@@ -104,4 +105,37 @@ pub fn exit_agreement<M: crate::forward::Forward>(
         );
     }
     Ok(same.into_iter().map(|s| s as f32 / n as f32).collect())
+}
+
+/// `gpt-serve eval`: what to score.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    #[arg(required = true)]
+    pub data: Vec<PathBuf>,
+    /// Windows of block_size tokens to score.
+    #[arg(long, default_value_t = 200)]
+    pub max_windows: usize,
+}
+
+/// Prints each exit's loss and its top-1 agreement with the final head.
+pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
+    let (model, data, max_windows) = (&a.model, &a.data, a.max_windows);
+    let device = candle_core::Device::Cpu;
+    let loaded = crate::checkpoint::load(model, &device)?;
+    let gpt = loaded.model(&device)?;
+    let tokens = crate::train::data::load_tokens(data, &loaded.tokenizer, None)?;
+    let losses = exit_losses_sequential(&gpt, &tokens, gpt.cfg.block_size, max_windows)?;
+    let fast = loaded.cpu(loaded.serving_dtype())?;
+    let agree =
+        crate::cpu::in_pool(|| exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows))?;
+    for ((e, l), a) in gpt.cfg.exits.iter().zip(losses).zip(agree) {
+        println!(
+            "exit {:>3}: loss {l:.4}, top-1 agreement with the final head {:.1}%",
+            e.block,
+            100.0 * a
+        );
+    }
+    Ok(())
 }

@@ -589,3 +589,29 @@ pub fn replay_report(
     let row = |r: &Replay| serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(), "precision": r.precision(), "drafted": r.drafted, "accepted": r.accepted, "tokens": r.tokens});
     serde_json::json!({"tree": row(&tree), "prompt_lookup": row(&lookup), "oracle": row(&oracle), "tree_share_of_oracle": (tree.speedup() - 1.0) / (oracle.speedup() - 1.0).max(1e-9)})
 }
+
+/// `gpt-serve train-drafter`: which checkpoint, and the text to label with.
+#[derive(clap::Args, Debug)]
+pub struct TrainDrafterArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: std::path::PathBuf,
+    /// Text to label with (train split).
+    #[arg(long, required = true)]
+    pub data: Vec<std::path::PathBuf>,
+    /// Held-out text for the replay report.
+    #[arg(long, required = true)]
+    pub val: Vec<std::path::PathBuf>,
+    #[command(flatten)]
+    pub opts: DrafterOptions,
+}
+
+/// Retrains the checkpoint's drafter and prints its report.
+pub fn run(a: &TrainDrafterArgs) -> anyhow::Result<()> {
+    let loaded = checkpoint::load(&a.model, &Device::Cpu)?;
+    let cache = super::default_cache_dir();
+    let tr = super::data::load_tokens(&a.data, &loaded.tokenizer, cache.as_deref())?;
+    let va = super::data::load_tokens(&a.val, &loaded.tokenizer, cache.as_deref())?;
+    let d = train_drafter(&a.model, &a.opts, &va, &tr)?;
+    println!("{}", serde_json::to_string_pretty(&d.report)?);
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! The `sample` subcommand: one prompt through the CPU inference path with
+//! the checkpoint's drafter, text to stdout and speed to stderr.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::checkpoint;
+use crate::decode::{GenParams, Generator, Proposer};
+use crate::sampling::SamplingParams;
+
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 100)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Decode without the drafter.
+    #[arg(long)]
+    pub no_speculate: bool,
+}
+
+pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
+    let (model, prompt) = (&a.model, &a.prompt);
+    let (max_tokens, temperature, seed, no_speculate) =
+        (a.max_tokens, a.temperature, a.seed, a.no_speculate);
+    let device = candle_core::Device::Cpu;
+    let loaded = checkpoint::load(model, &device)?;
+    let gpt = loaded.cpu(loaded.serving_dtype())?;
+    let drafter =
+        crate::drafter::Drafter::load(&model.join(checkpoint::DRAFTER_FILE), gpt.cfg.vocab_size)
+            .ok();
+    let tok = &loaded.tokenizer;
+    let mut ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        ids.push(tok.eot());
+    }
+    let max_tokens = max_tokens.min(gpt.cfg.block_size.saturating_sub(ids.len()));
+    let params = GenParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            seed,
+            ..Default::default()
+        },
+        speculate: !no_speculate,
+        ..Default::default()
+    };
+    let proposer = drafter.as_ref().map_or(Proposer::None, Proposer::Tree);
+    let (mut g, _) =
+        Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
+    let t0 = std::time::Instant::now();
+    let out = crate::cpu::in_pool(|| g.run())?;
+    let secs = t0.elapsed().as_secs_f64();
+    let ids: Vec<u32> = out.iter().map(|t| t.id).collect();
+    println!("{prompt}{}", tok.decode(&ids)?);
+    eprintln!(
+        "{} tokens in {:.2}s ({:.1} tok/s), {} steps, {} drafted, {} accepted",
+        ids.len(),
+        secs,
+        ids.len() as f64 / secs,
+        g.stats.steps,
+        g.stats.drafted,
+        g.stats.accepted
+    );
+    Ok(())
+}

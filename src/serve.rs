@@ -1,0 +1,220 @@
+//! The `serve` subcommand: its flags, loading the checkpoint and drafter,
+//! the memory check, starting the engine and the HTTP server, and what
+//! happens on SIGTERM (in-flight requests finish) or an engine failure
+//! (exit 1, so an orchestrator restarts the process); and the
+//! `healthcheck` subcommand that container HEALTHCHECKs run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::{checkpoint, engine, metrics, server};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "GPT_SERVE_MODEL", default_value = "models/default")]
+    model: PathBuf,
+    #[arg(long, env = "GPT_SERVE_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "GPT_SERVE_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Name clients use in `model` (default: the directory name).
+    #[arg(long, env = "GPT_SERVE_MODEL_ID")]
+    model_id: Option<String>,
+    /// Sequences decoding at once (continuous batching: one forward serves
+    /// all of them on the CPU; with --device cuda, one forward per sequence).
+    #[arg(long, env = "GPT_SERVE_MAX_ACTIVE", default_value_t = 32)]
+    max_active: usize,
+    /// Rows per forward, all sequences together: prompt chunks, pending
+    /// tokens and drafts share it.
+    #[arg(long, env = "GPT_SERVE_MAX_BATCH_ROWS", default_value_t = crate::engine::DEFAULT_MAX_BATCH_ROWS)]
+    max_batch_rows: usize,
+    /// Sequences allowed to wait; beyond, 429.
+    #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
+    /// Bearer token required on API routes.
+    #[arg(long, env = "GPT_SERVE_API_KEY", conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// Read the bearer token from this file's first line (a mounted secret).
+    #[arg(long, env = "GPT_SERVE_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Put /metrics behind the API key too.
+    #[arg(long, env = "GPT_SERVE_PROTECT_METRICS")]
+    protect_metrics: bool,
+    /// Open connections at most; beyond, a new connection gets 503.
+    #[arg(long, env = "GPT_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client gets to send a request's headers (also closes idle
+    /// keep-alive connections).
+    #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    header_read_timeout: u64,
+    /// Seconds a request may take.
+    #[arg(long, env = "GPT_SERVE_REQUEST_TIMEOUT", default_value_t = 600)]
+    request_timeout: u64,
+    /// Clamp max_tokens to the context window instead of answering 400.
+    #[arg(long, env = "GPT_SERVE_TRUNCATE_MAX_TOKENS")]
+    truncate_max_tokens: bool,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "GPT_SERVE_BODY_LIMIT", default_value_t = 1 << 20)]
+    body_limit: usize,
+    /// Let early exits truncate drafts (cascade verification).
+    #[arg(long, env = "GPT_SERVE_CASCADE")]
+    cascade: bool,
+    /// An exit truncates a draft when its own top-1 probability reaches this.
+    #[arg(long, default_value_t = 0.5)]
+    exit_confidence: f32,
+    /// Serve without the drafter (plain decoding only).
+    #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
+    no_speculate: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Weight storage of the CPU inference path: auto (as the checkpoint
+    /// stores them), f32, or f16 (half the memory traffic).
+    #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["auto", "f32", "f16"], default_value = "auto")]
+    weights: String,
+    /// cpu (the CPU inference path), or cuda[:N] (candle's model on the GPU;
+    /// builds with the `cuda` feature).
+    #[arg(long, env = "GPT_SERVE_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::cpu::WeightDtype {
+    match s {
+        "f16" => crate::cpu::WeightDtype::F16,
+        "f32" => crate::cpu::WeightDtype::F32,
+        _ => loaded.serving_dtype(),
+    }
+}
+
+/// Runs `gpt-serve serve` until SIGTERM, or exits 1 if the engine fails.
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let loaded = checkpoint::load(&a.model, &device)
+        .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
+    let cfg = loaded.config.model.clone();
+    let drafter = if a.no_speculate {
+        None
+    } else {
+        match crate::drafter::Drafter::load(&a.model.join(checkpoint::DRAFTER_FILE), cfg.vocab_size)
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("warning: {e}; serving without a drafter (plain decoding)");
+                None
+            }
+        }
+    };
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        a.model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "default".into())
+    });
+    let backend = match crate::device::parse(&a.device)? {
+        candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, &loaded)),
+        gpu => engine::Backend::Candle(gpu),
+    };
+    if matches!(backend, engine::Backend::Cpu(_)) {
+        if let Some(avail) = crate::memory::available_bytes() {
+            crate::memory::check_kv_fits(&cfg, a.max_active.max(1), avail)
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    let api_key = match &a.api_key_file {
+        Some(path) => Some(server::read_api_key(path).map_err(anyhow::Error::msg)?),
+        None => a.api_key.clone(),
+    };
+    let engine_config = engine::EngineConfig {
+        max_active: a.max_active.max(1),
+        max_batch_rows: a.max_batch_rows.max(1),
+        fault: None,
+        backend,
+        cascade: a.cascade,
+        exit_confidence: a.exit_confidence,
+    };
+    let opts = server::ServeOptions {
+        api_key,
+        protect_metrics: a.protect_metrics,
+        request_timeout: std::time::Duration::from_secs(a.request_timeout),
+        truncate_max_tokens: a.truncate_max_tokens,
+        max_waiting: a.max_waiting,
+        body_limit: a.body_limit,
+        max_connections: a.max_connections,
+        header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
+    };
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "gpt-serve: serving `{model_id}` on http://{}",
+            listener.local_addr()?
+        );
+        let deadline = a.shutdown_timeout;
+        let failed = state.0.engine.failed.clone();
+        tokio::spawn(async move {
+            // An engine that cannot continue takes the process down (after
+            // in-flight requests got their errors), so an orchestrator
+            // restarts it instead of routing to a server that answers 503.
+            while !failed.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            eprintln!("gpt-serve: the engine failed (see the log above); exiting");
+            std::process::exit(1);
+        });
+        server::serve(listener, state, async move {
+            shutdown_signal().await;
+            eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
+                eprintln!("gpt-serve: shutdown deadline passed, exiting");
+                std::process::exit(0);
+            });
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// `gpt-serve healthcheck`: Ok when a local server answers /health with 200.
+pub fn healthcheck(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("no server on port {port}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if resp.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!("unhealthy: {}", resp.lines().next().unwrap_or(""))
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
