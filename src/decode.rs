@@ -48,6 +48,17 @@ const VERIFIED_BEFORE_ANY_STEP: Verified = Verified {
 /// over n updates.
 const ACCEPT_PRIOR: f64 = 0.6;
 
+/// Weight of the newest verify step in `ema_accept` (an exponential moving
+/// average over about the last 1 / 0.2 = 5 steps: quick enough to follow a
+/// change of text, smooth enough that one unlucky step does not cut the
+/// draft length). Set by hand.
+const ACCEPT_EMA_WEIGHT: f64 = 0.2;
+
+/// `ema_accept` after one more verify step that accepted `rate` of its drafts.
+fn update_accept(ema: f64, rate: f64) -> f64 {
+    (1.0 - ACCEPT_EMA_WEIGHT) * ema + ACCEPT_EMA_WEIGHT * rate
+}
+
 /// Where draft tokens come from.
 #[derive(Clone, Copy)]
 pub enum Proposer<'m> {
@@ -680,7 +691,7 @@ impl<'m, M: Forward> Generator<'m, M> {
         }
         let accepted = out.len() - 1;
         if let Some(t) = shadow {
-            self.ema_accept = 0.8 * self.ema_accept + 0.2 * f64::from(u8::from(t == out[0].id));
+            self.ema_accept = update_accept(self.ema_accept, f64::from(u8::from(t == out[0].id)));
         }
         if self_drafted {
             self.stats.steps += 1;
@@ -749,7 +760,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             }
         }
         if !drafts.is_empty() {
-            self.ema_accept = 0.8 * self.ema_accept + 0.2 * accepted as f64 / drafts.len() as f64;
+            self.ema_accept = update_accept(self.ema_accept, accepted as f64 / drafts.len() as f64);
         }
     }
 

@@ -90,22 +90,9 @@ fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::cpu::WeightDtype
 
 /// Runs `gpt-serve serve` until SIGTERM, or exits 1 if the engine fails.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
-    let loaded = checkpoint::load(&a.model, &device)
+    let loaded = checkpoint::load(&a.model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
-    let cfg = loaded.config.model.clone();
-    let drafter = if a.no_speculate {
-        None
-    } else {
-        match crate::drafter::Drafter::load(&a.model.join(checkpoint::DRAFTER_FILE), cfg.vocab_size)
-        {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("warning: {e}; serving without a drafter (plain decoding)");
-                None
-            }
-        }
-    };
+    let drafter = drafter(&a, loaded.config.model.vocab_size);
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         a.model
             .canonicalize()
@@ -113,29 +100,57 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "default".into())
     });
+    let engine_config = engine_config(&a, &loaded)?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let opts = server_options(&a)?;
+    let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
+    serve_until_shutdown(&a, &model_id, state)
+}
+
+/// The checkpoint's drafter, unless `--no-speculate`; one that cannot be
+/// loaded is a warning, and serving goes on with plain decoding.
+fn drafter(a: &ServeArgs, vocab_size: usize) -> Option<crate::drafter::Drafter> {
+    if a.no_speculate {
+        return None;
+    }
+    let path = a.model.join(checkpoint::DRAFTER_FILE);
+    crate::drafter::Drafter::load(&path, vocab_size)
+        .inspect_err(|e| eprintln!("warning: {e}; serving without a drafter (plain decoding)"))
+        .ok()
+}
+
+/// The engine's settings; on the CPU, refuses to start when the KV caches
+/// of `--max-active` sequences cannot fit in memory.
+fn engine_config(
+    a: &ServeArgs,
+    loaded: &checkpoint::Loaded,
+) -> anyhow::Result<engine::EngineConfig> {
     let backend = match crate::device::parse(&a.device)? {
-        candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, &loaded)),
+        candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, loaded)),
         gpu => engine::Backend::Candle(gpu),
     };
     if matches!(backend, engine::Backend::Cpu(_)) {
         if let Some(avail) = crate::memory::available_bytes() {
-            crate::memory::check_kv_fits(&cfg, a.max_active.max(1), avail)
+            crate::memory::check_kv_fits(&loaded.config.model, a.max_active.max(1), avail)
                 .map_err(anyhow::Error::msg)?;
         }
     }
-    let api_key = match &a.api_key_file {
-        Some(path) => Some(server::read_api_key(path).map_err(anyhow::Error::msg)?),
-        None => a.api_key.clone(),
-    };
-    let engine_config = engine::EngineConfig {
+    Ok(engine::EngineConfig {
         max_active: a.max_active.max(1),
         max_batch_rows: a.max_batch_rows.max(1),
         fault: None,
         backend,
         cascade: a.cascade,
         exit_confidence: a.exit_confidence,
+    })
+}
+
+fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
+    let api_key = match &a.api_key_file {
+        Some(path) => Some(server::read_api_key(path).map_err(anyhow::Error::msg)?),
+        None => a.api_key.clone(),
     };
-    let opts = server::ServeOptions {
+    Ok(server::ServeOptions {
         api_key,
         protect_metrics: a.protect_metrics,
         request_timeout: std::time::Duration::from_secs(a.request_timeout),
@@ -144,9 +159,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         body_limit: a.body_limit,
         max_connections: a.max_connections,
         header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
-    };
-    let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
+    })
+}
+
+/// Listens and serves until SIGTERM (in-flight requests get
+/// `--shutdown-timeout` to finish) or an engine failure (exit 1).
+fn serve_until_shutdown(
+    a: &ServeArgs,
+    model_id: &str,
+    state: server::AppState,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
