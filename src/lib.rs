@@ -4,9 +4,12 @@
 //! ```text
 //! train:  corpus -> tokenizer -> token cache -> multi-exit GPT (AdamW) -> checkpoint
 //!         -> label positions with the model -> gradient-boosted tree drafter
-//! serve:  HTTP (server, openai) -> engine (queue, round-robin) -> decode
-//!         (tree drafts -> early exits truncate -> final head accepts) -> SSE/JSON
+//! serve:  HTTP (server, openai: validate, admit, tokenize) -> engine (queue,
+//!         continuous batching by scheduler: one forward over every sequence's
+//!         rows) -> decode (tree drafts -> final head accepts -> commit) -> SSE/JSON
 //! ```
+//! `main` is the command line only: each subcommand's body lives beside its
+//! module (`serve`, `sample`, `train`, `train::label`, `train::eval`, `bench`).
 //! Boundaries: `server`/`openai` never touch tensors; `drafter` never touches
 //! candle; `decode` knows nothing of HTTP; `engine` is where async code meets
 //! tensors. The model takes its KV cache as an argument, so one model serves
