@@ -113,6 +113,8 @@ pub enum ApiError {
     Unauthorized,
     /// 404 `model_not_found`.
     ModelNotFound { asked: String, served: String },
+    /// 404: no such endpoint.
+    NoRoute { path: String },
     /// 413: the body is larger than `--body-limit`.
     TooLarge,
     /// 415: the body says it is not JSON.
@@ -140,7 +142,7 @@ impl ApiError {
         match self {
             Self::Invalid { .. } | Self::ContextLength { .. } => 400,
             Self::Unauthorized => 401,
-            Self::ModelNotFound { .. } => 404,
+            Self::ModelNotFound { .. } | Self::NoRoute { .. } => 404,
             Self::TooLarge => 413,
             Self::NotJson { .. } => 415,
             Self::Overloaded { .. } => 429,
@@ -188,6 +190,7 @@ impl ApiError {
             Self::ModelNotFound { asked, served } => {
                 format!("model `{asked}` is not served here; this server serves `{served}`")
             }
+            Self::NoRoute { path } => format!("no endpoint at `{path}`"),
             Self::TooLarge => {
                 "request body is larger than the server's limit (--body-limit)".into()
             }
@@ -899,6 +902,12 @@ mod tests {
                 404,
                 "invalid_request_error",
                 Some("model_not_found"),
+            ),
+            (
+                ApiError::NoRoute { path: "/x".into() },
+                404,
+                "invalid_request_error",
+                None,
             ),
             (ApiError::TooLarge, 413, "invalid_request_error", None),
             (

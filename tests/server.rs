@@ -423,6 +423,13 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
+    // An unknown endpoint is a 404 with OpenAI's error body.
+    let (st, v) = post(&s, "/v1/chat/nothing", json!({})).await;
+    assert_eq!(st, 404);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/chat/nothing"));
     // An unknown model is a 404 naming it, as with OpenAI and vLLM.
     let (st, v) = post(
         &s,

@@ -371,8 +371,16 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(open)
+        .fallback(no_route)
         .layer(DefaultBodyLimit::max(state.0.opts.body_limit))
         .with_state(state)
+}
+
+/// An unknown path: OpenAI's error body, not an empty 404.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::NoRoute {
+        path: uri.path().to_string(),
+    }
 }
 
 async fn auth(
