@@ -33,7 +33,7 @@ done
 REPORT=$(mktemp -d)
 "$VENV/bin/schemathesis" run proto/openapi.json --url "http://127.0.0.1:$PORT" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
-  --max-examples 300 --seed 20261129 --generation-database none --workers 2 \
+  --max-examples 800 --seed 20261129 --generation-database none --workers 1 \
   --no-color | tee "$REPORT/st.log" | tail -25
 GENERATED=$(grep -oE '[0-9]+ generated' "$REPORT/st.log" | tail -1 | cut -d' ' -f1)
 if [[ -z $GENERATED || $GENERATED -lt 1000 ]]; then
