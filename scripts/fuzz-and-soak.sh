@@ -16,19 +16,9 @@ if [[ ! -f $MODEL/config.json ]]; then
   exit 0
 fi
 VENV=${FUZZ_VENV:-$HOME/.cache/gpt-serve-fuzz-venv}
-if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "4.32.5"; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "schemathesis==4.32.5"
-fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" --model-id default \
-  --max-active 32 --max-waiting 64 2>/tmp/gpt-serve-fuzz-soak.$PORT.log &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-  sleep 0.1
-done
+source "$(dirname "$0")/local-server.sh"
+venv_with "$VENV" "schemathesis==4.32.5" 'bin/schemathesis --version | grep -q 4.32.5'
+start_server "$BIN" "$MODEL" --max-active 32 --max-waiting 64 2>"$(mktemp -t gpt-serve-fuzz-soak.XXXX.log)"
 
 REPORT=$(mktemp -d)
 "$VENV/bin/schemathesis" run proto/openapi.json --url "http://127.0.0.1:$PORT" \

@@ -71,11 +71,15 @@ pub struct Job {
     pub deadline: Instant,
 }
 
+/// Whether a sequence's client no longer wants it: gone (its receiver
+/// dropped), cancelled, or past the request's deadline.
+fn abandoned(events: &mpsc::Sender<Event>, cancel: &AtomicBool, deadline: Instant) -> bool {
+    events.is_closed() || cancel.load(Ordering::Relaxed) || Instant::now() > deadline
+}
+
 impl Job {
     fn abandoned(&self) -> bool {
-        self.events.is_closed()
-            || self.cancel.load(Ordering::Relaxed)
-            || Instant::now() > self.deadline
+        abandoned(&self.events, &self.cancel, self.deadline)
     }
 
     fn params(&self, cfg: &EngineConfig) -> GenParams {
@@ -251,10 +255,7 @@ struct Active<'m, M: Forward> {
 
 impl<M: Forward> Active<'_, M> {
     fn wanted(&self) -> bool {
-        self.alive
-            && !self.events.is_closed()
-            && !self.cancel.load(Ordering::Relaxed)
-            && Instant::now() <= self.deadline
+        self.alive && !abandoned(&self.events, &self.cancel, self.deadline)
     }
 
     /// Whether its client has read enough of its output for this

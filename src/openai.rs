@@ -334,6 +334,17 @@ impl Limits {
         }
     }
 
+    /// A request's `model` must name the served one (404 otherwise).
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        match model == self.model_id {
+            true => Ok(()),
+            false => Err(ApiError::ModelNotFound {
+                asked: model.to_string(),
+                served: self.model_id.clone(),
+            }),
+        }
+    }
+
     /// Bytes of a text prompt at most.
     pub fn max_prompt_bytes(&self) -> usize {
         self.block_size * self.max_token_bytes.max(1)
@@ -358,12 +369,7 @@ impl CompletionRequest {
     /// Checks every setting, the prompt count and each prompt's length in
     /// bytes or ids; tokenizing comes after, off the async runtime.
     pub fn validate(self, lim: &Limits) -> Result<Validated<PromptInput>, ApiError> {
-        if self.model != lim.model_id {
-            return Err(ApiError::ModelNotFound {
-                asked: self.model,
-                served: lim.model_id.clone(),
-            });
-        }
+        lim.check_model(&self.model)?;
         self.refuse_unsupported()?;
         let sampling = self.sampling()?;
         let n = self.n.unwrap_or(1);

@@ -802,6 +802,19 @@ async fn raw_request(s: &Server, body: &Value, recv_buffer: Option<u32>) -> toki
     conn
 }
 
+/// A 100-token request decoding in the background (the engine is slowed
+/// by a fault, so it outlasts what a test does meanwhile); its status.
+async fn busy_request(s: &Server) -> tokio::task::JoinHandle<u16> {
+    let url = format!("{}/v1/completions", s.url);
+    let busy = tokio::spawn(async move {
+        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
+        let r = reqwest::Client::new().post(url).json(&body).send().await;
+        r.unwrap().status().as_u16()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    busy
+}
+
 /// Status of a request that needs every slot of the server (n = capacity).
 async fn status_of_a_request_for_every_slot(s: &Server, n: usize) -> u16 {
     let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 1, "n": n});
@@ -846,18 +859,7 @@ async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_qu
     let fault = Some(gpt_serve::engine::Fault::SlowIterations(30));
     let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
     // One request decodes for a while (~100 iterations of 30 ms).
-    let url = format!("{}/v1/completions", s.url);
-    let busy = tokio::spawn(async move {
-        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
-        reqwest::Client::new()
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy = busy_request(&s).await;
     // Ten clients send a request and hang up at once.
     let body = json!({"model": "tiny", "prompt": "b", "max_tokens": 20});
     for _ in 0..10 {
@@ -896,18 +898,7 @@ async fn a_queued_stream_whose_client_leaves_frees_its_slot_before_any_token() {
     };
     let fault = Some(gpt_serve::engine::Fault::SlowIterations(10));
     let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
-    let url = format!("{}/v1/completions", s.url);
-    let busy = tokio::spawn(async move {
-        let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0});
-        reqwest::Client::new()
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy = busy_request(&s).await;
     // A stream queued behind it: its headers arrive, then its client goes.
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))

@@ -37,6 +37,16 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// Nothing yet for choice `index` (an empty logprobs record when the
+    /// request asked for logprobs).
+    pub fn new(index: usize, v: &Validated) -> Self {
+        Delta {
+            index,
+            logprobs: v.output.logprobs.map(|_| Logprobs::default()),
+            ..Default::default()
+        }
+    }
+
     /// Nothing to tell the client.
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
@@ -99,11 +109,7 @@ impl ChoiceState {
     }
 
     fn delta(&self, v: &Validated) -> Delta {
-        Delta {
-            index: self.index,
-            logprobs: v.output.logprobs.map(|_| Logprobs::default()),
-            ..Default::default()
-        }
+        Delta::new(self.index, v)
     }
 
     fn push_logprob(

@@ -435,14 +435,11 @@ async fn list_models(State(st): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// An optional `model` (tokenize, detokenize) must name the served one.
 fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if *m != st.0.limits.model_id => Err(ApiError::ModelNotFound {
-            asked: m.clone(),
-            served: st.0.limits.model_id.clone(),
-        }),
-        _ => Ok(()),
-    }
+    model
+        .as_deref()
+        .map_or(Ok(()), |m| st.0.limits.check_model(m))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -537,13 +534,7 @@ async fn collect(
 ) -> Result<Json<CompletionResponse>, ApiError> {
     let (tok, m) = (&st.0.tokenizer, &st.0.metrics);
     let v = comp.request.clone();
-    let mut all: Vec<Delta> = (0..v.sequences())
-        .map(|index| Delta {
-            index,
-            logprobs: v.output.logprobs.map(|_| Logprobs::default()),
-            ..Default::default()
-        })
-        .collect();
+    let mut all: Vec<Delta> = (0..v.sequences()).map(|i| Delta::new(i, &v)).collect();
     let mut events = comp.events();
     while let Some((i, ev)) = events.next().await {
         for d in comp.apply(tok, m, i, ev)? {
@@ -572,6 +563,8 @@ type SseSender = mpsc::Sender<Result<SseEvent, std::convert::Infallible>>;
 enum Ended {
     /// The client went away (its connection closed).
     ClientGone,
+    /// The request's deadline passed.
+    TimedOut,
     /// An error to report as the stream's last event.
     Failed(ApiError),
 }
@@ -579,19 +572,18 @@ enum Ended {
 fn stream(st: AppState, mut comp: Completion, id: String, deadline: Instant) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let timeout = st.0.opts.request_timeout.as_secs();
-        match pump(&st, &mut comp, &id, deadline, &tx).await {
-            Ok(()) => {}
-            Err(Ended::ClientGone) => comp.cancel(),
-            Err(Ended::Failed(e)) => {
-                comp.cancel();
-                let e = match e {
-                    ApiError::Timeout { .. } => ApiError::Timeout { secs: timeout },
-                    e => e,
-                };
-                // Never waits: a client that does not read gets nothing more.
-                let _ = tx.try_send(Ok(sse_json(&e.body())));
-            }
+        let error = match pump(&st, &mut comp, &id, deadline, &tx).await {
+            Ok(()) => return,
+            Err(Ended::ClientGone) => None,
+            Err(Ended::TimedOut) => Some(ApiError::Timeout {
+                secs: st.0.opts.request_timeout.as_secs(),
+            }),
+            Err(Ended::Failed(e)) => Some(e),
+        };
+        comp.cancel();
+        if let Some(e) = error {
+            // Never waits: a client that does not read gets nothing more.
+            let _ = tx.try_send(Ok(sse_json(&e.body())));
         }
     });
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
@@ -602,7 +594,7 @@ async fn send(tx: &SseSender, deadline: Instant, ev: SseEvent) -> Result<(), End
     match tokio::time::timeout_at(deadline, tx.send(Ok(ev))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Ended::ClientGone),
-        Err(_) => Err(Ended::Failed(ApiError::Timeout { secs: 0 })),
+        Err(_) => Err(Ended::TimedOut),
     }
 }
 
@@ -623,7 +615,7 @@ async fn pump(
             _ = tx.closed() => return Err(Ended::ClientGone),
             next = tokio::time::timeout_at(deadline, events.next()) => next,
         };
-        let Some((i, ev)) = next.map_err(|_| Ended::Failed(ApiError::Timeout { secs: 0 }))? else {
+        let Some((i, ev)) = next.map_err(|_| Ended::TimedOut)? else {
             break;
         };
         for d in comp.apply(tok, m, i, ev).map_err(Ended::Failed)? {
