@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use gpt_serve::train::snapshot::{self, SavePoint};
 use gpt_serve::train::{self, TrainOptions};
 
@@ -118,45 +118,12 @@ fn weights(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor>
 fn a_run_stopped_and_resumed_ends_exactly_where_an_uninterrupted_run_does() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 4000);
-    let common = |out: &str| -> Vec<String> {
-        [
-            data.to_str().unwrap(),
-            "--out",
-            out,
-            "--preset",
-            "tiny",
-            "--vocab-size",
-            "300",
-            "--steps",
-            "16",
-            "--batch-size",
-            "4",
-            "--context",
-            "32",
-            "--warmup",
-            "4",
-            "--eval-every",
-            "0",
-            "--save-every",
-            "0",
-            "--drafter",
-            "false",
-            "--exit-every",
-            "2",
-            "--schedule",
-            "hyper-speed",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     let a = dir.path().join("a");
     let b = dir.path().join("b");
-    let args_a = common(a.to_str().unwrap());
-    train::run(opts(&args_a.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
-    let mut args_b = common(b.to_str().unwrap());
-    args_b.extend(["--stop-after".to_string(), "7".to_string()]);
-    let first = train::run(opts(&args_b.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+    let exits = ["--exit-every", "2"];
+    train::run(tiny_run(&data, &a, 16, 0, &exits)).unwrap();
+    let stop = ["--exit-every", "2", "--stop-after", "7"];
+    let first = train::run(tiny_run(&data, &b, 16, 0, &stop)).unwrap();
     assert_eq!(first.steps, 7);
     let resumed = train::run(opts(&[
         data.to_str().unwrap(),
@@ -176,8 +143,10 @@ fn a_run_stopped_and_resumed_ends_exactly_where_an_uninterrupted_run_does() {
     assert_eq!(log.lines().count(), 16);
 }
 
-/// Options of a 12-step run saving every 4 steps, for the crash tests.
-fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
+/// Options of a tiny run of `steps` steps saving every `save_every`
+/// (0: at the end only), without a drafter.
+fn tiny_run(data: &Path, out: &Path, steps: u32, save_every: u32, extra: &[&str]) -> TrainOptions {
+    let (steps, save_every) = (steps.to_string(), save_every.to_string());
     let mut v = vec![
         data.to_str().unwrap(),
         "--out",
@@ -187,7 +156,7 @@ fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
         "--vocab-size",
         "300",
         "--steps",
-        "12",
+        &steps,
         "--batch-size",
         "4",
         "--context",
@@ -197,7 +166,7 @@ fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
         "--eval-every",
         "0",
         "--save-every",
-        "4",
+        &save_every,
         "--drafter",
         "false",
         "--schedule",
@@ -205,6 +174,11 @@ fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
     ];
     v.extend_from_slice(extra);
     opts(&v)
+}
+
+/// Options of a 12-step run saving every 4 steps, for the crash tests.
+fn crash_run(data: &Path, out: &Path, extra: &[&str]) -> TrainOptions {
+    tiny_run(data, out, 12, 4, extra)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -244,7 +218,7 @@ fn a_save_killed_at_any_point_resumes_bitwise_equal_to_an_uninterrupted_run() {
     // saving step 8, then resumed to the end.
     let at4 = dir.path().join("at4");
     train::run(crash_run(&data, &at4, &["--stop-after", "4"])).unwrap();
-    for point in SavePoint::ALL {
+    for &point in SavePoint::value_variants() {
         let out = dir.path().join(format!("{point:?}"));
         copy_dir(&at4, &out);
         let name = format!("{point:?}");

@@ -607,10 +607,11 @@ pub struct TrainDrafterArgs {
 
 /// Retrains the checkpoint's drafter and prints its report.
 pub fn run(a: &TrainDrafterArgs) -> anyhow::Result<()> {
-    let loaded = checkpoint::load(&a.model, &Device::Cpu)?;
+    // The tokenizer alone: `train_drafter` loads the weights itself.
+    let tokenizer = Tokenizer::from_file(&a.model.join(checkpoint::TOKENIZER_FILE))?;
     let cache = super::default_cache_dir();
-    let tr = super::data::load_tokens(&a.data, &loaded.tokenizer, cache.as_deref())?;
-    let va = super::data::load_tokens(&a.val, &loaded.tokenizer, cache.as_deref())?;
+    let tr = super::data::load_tokens(&a.data, &tokenizer, cache.as_deref())?;
+    let va = super::data::load_tokens(&a.val, &tokenizer, cache.as_deref())?;
     let d = train_drafter(&a.model, &a.opts, &va, &tr)?;
     println!("{}", serde_json::to_string_pretty(&d.report)?);
     Ok(())

@@ -42,7 +42,8 @@ const SET_FILES: [&str; 5] = [
 /// The files published at OUT's top level, in publishing order.
 const PUBLISHED: [&str; 3] = [WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE];
 
-/// A point in a save, in order. `--crash-at` (a test hook) makes the save
+/// A point in a save, in order (`ValueEnum::value_variants` lists them).
+/// `--crash-at` (a test hook) makes the save
 /// stop right after it, leaving the disk as a kill there would.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SavePoint {
@@ -56,21 +57,6 @@ pub enum SavePoint {
     PublishWeights,
     PublishTokenizer,
     PublishConfig,
-}
-
-impl SavePoint {
-    pub const ALL: [SavePoint; 10] = [
-        SavePoint::Optimizer,
-        SavePoint::Weights,
-        SavePoint::Tokenizer,
-        SavePoint::Config,
-        SavePoint::TrainerState,
-        SavePoint::Commit,
-        SavePoint::Prune,
-        SavePoint::PublishWeights,
-        SavePoint::PublishTokenizer,
-        SavePoint::PublishConfig,
-    ];
 }
 
 /// What one save holds.
