@@ -62,6 +62,42 @@ pub struct BenchOptions {
     /// this bench right after, so both come from one run); shown side by side.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Only these speculative modes (comma-separated; plain always runs):
+    /// tree, tree-point, tree+exits, exit-draft, tree+exit-draft,
+    /// prompt-lookup, oracle.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Option<Vec<String>>,
+    /// Sampling temperatures to run (0 = greedy).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0f32, 0.8])]
+    pub temperatures: Vec<f32>,
+    /// top_p for temperatures above 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Override the drafter's `sample_sharpness` (tuning, on the train split).
+    #[arg(long, hide = true)]
+    pub sample_sharpness: Option<f32>,
+}
+
+/// A speculative mode of the bench: its name, the exit cascade, LayerSkip
+/// drafting, and whether the tree drafter follows the sampler's noise.
+const MODES: [(&str, bool, bool, bool); 7] = [
+    ("tree", false, false, true),
+    ("tree-point", false, false, false),
+    ("tree+exits", true, false, true),
+    ("exit-draft", false, true, true),
+    ("tree+exit-draft", false, true, true),
+    ("prompt-lookup", false, false, true),
+    ("oracle", false, false, true),
+];
+
+/// How one decoding run of the bench decodes.
+#[derive(Clone, Copy)]
+struct Decoding {
+    temperature: f32,
+    top_p: f32,
+    cascade: bool,
+    self_draft: Option<SelfDraft>,
+    draft_with_noise: bool,
 }
 
 /// Best-of-3 seconds of `f`.
@@ -213,10 +249,8 @@ fn decode_all<'a>(
     model: &'a CpuGpt,
     prompts: &[Vec<u32>],
     n: usize,
-    temp: f32,
     proposer: &dyn Fn(usize) -> Proposer<'a>,
-    cascade: bool,
-    self_draft: Option<SelfDraft>,
+    how: Decoding,
 ) -> anyhow::Result<Run> {
     let mut r = Run {
         tokens: vec![],
@@ -229,13 +263,15 @@ fn decode_all<'a>(
         let params = GenParams {
             max_tokens: n,
             sampling: SamplingParams {
-                temperature: temp,
+                temperature: how.temperature,
+                top_p: how.top_p,
                 seed: 1000 + i as u64,
                 ..Default::default()
             },
             speculate: true,
-            cascade,
-            self_draft,
+            cascade: how.cascade,
+            self_draft: how.self_draft,
+            draft_with_noise: how.draft_with_noise,
             stop_at_eot: false,
             ..Default::default()
         };
@@ -336,6 +372,65 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
 
 /// The LayerSkip setting the bench measures: the exit one block below the
 /// final, 2 drafts, confidence floor 0.2 (the best of a sweep on
+/// Plain decoding and every selected speculative mode on `prompts` at
+/// temperature `temp`: (distinct 4-grams of the plain output, share of
+/// tokens on non-repeating stretches, one summary row per mode).
+fn speculative_suite(
+    model: &CpuGpt,
+    drafter: &Drafter,
+    prompts: &[Vec<u32>],
+    n: usize,
+    temp: f32,
+    o: &BenchOptions,
+) -> anyhow::Result<(f64, f64, Vec<Value>)> {
+    let plain_how = Decoding {
+        temperature: temp,
+        top_p: if temp > 0.0 { o.top_p } else { 1.0 },
+        cascade: false,
+        self_draft: None,
+        draft_with_noise: true,
+    };
+    let plain = decode_all(model, prompts, n, &|_| Proposer::None, plain_how)?;
+    let total: usize = plain.tokens.iter().map(Vec::len).sum();
+    let conts = plain.tokens.clone();
+    let mut rows = vec![summary("plain", prompts, &plain, &plain, total)];
+    let exit_draft = self_draft_setting(&model.cfg);
+    for (name, cascade, self_drafts, noise) in MODES {
+        let wanted = o.modes.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
+        if !wanted || (self_drafts && exit_draft.is_none()) || (name == "tree-point" && temp <= 0.0)
+        {
+            continue;
+        }
+        let prop = |i: usize| match name {
+            "prompt-lookup" => Proposer::Lookup { k: drafter.k_max },
+            "oracle" => Proposer::Oracle {
+                continuation: &conts[i],
+                k: drafter.k_max,
+            },
+            "exit-draft" => Proposer::None,
+            _ => Proposer::Tree(drafter),
+        };
+        let how = Decoding {
+            cascade,
+            self_draft: exit_draft.filter(|_| self_drafts),
+            draft_with_noise: noise,
+            ..plain_how
+        };
+        let r = decode_all(model, prompts, n, &prop, how)?;
+        let row = summary(name, prompts, &plain, &r, total);
+        eprintln!(
+            "bench: t={temp} {name}: {:.1} tok/s, speedup {:.2}x, {:.2} tokens/step",
+            row["tok_s"].as_f64().unwrap_or(0.0),
+            row["speedup"].as_f64().unwrap_or(0.0),
+            row["tokens_per_step"].as_f64().unwrap_or(0.0)
+        );
+        rows.push(row);
+    }
+    let d4 = plain.tokens.iter().map(|t| distinct4(t)).sum::<f64>() / plain.tokens.len() as f64;
+    let fresh = rows[0]["non_repeating_tokens"].as_u64().unwrap_or(0) as f64;
+    Ok((d4, fresh / total.max(1) as f64, rows))
+}
+
 /// train-split prompts for the shipped model, `bench/self-draft/`, made with
 /// `examples/self_draft_sweep.rs`, removed after `cc6f1c3`; see git
 /// history); None when the model has no early exit.
@@ -406,56 +501,22 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         "reference": reference,
     });
     if !o.plain {
-        let drafter = Drafter::load(
+        let mut drafter = Drafter::load(
             &o.model.join(checkpoint::DRAFTER_FILE),
             model.cfg.vocab_size,
         )?;
+        if let Some(s) = o.sample_sharpness {
+            drafter.sample_sharpness = s;
+        }
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);
         let mut suites = Vec::new();
         for (source, path) in [("val", &o.val), ("unseen", &o.unseen)] {
             let prompts = prompts_from(path, tok, o.prompts, o.prompt_len)?;
-            for temp in [0.0f32, 0.8] {
-                let plain =
-                    decode_all(&model, &prompts, n, temp, &|_| Proposer::None, false, None)?;
-                let total: usize = plain.tokens.iter().map(Vec::len).sum();
-                let conts = plain.tokens.clone();
-                let mut rows = vec![summary("plain", &prompts, &plain, &plain, total)];
-                let exit_draft = self_draft_setting(&model.cfg);
-                for (name, cascade, self_draft) in [
-                    ("tree", false, None),
-                    ("tree+exits", true, None),
-                    ("exit-draft", false, exit_draft),
-                    ("tree+exit-draft", false, exit_draft),
-                    ("prompt-lookup", false, None),
-                    ("oracle", false, None),
-                ] {
-                    if name.contains("exit-draft") && self_draft.is_none() {
-                        continue;
-                    }
-                    let prop = |i: usize| match name {
-                        "prompt-lookup" => Proposer::Lookup { k: drafter.k_max },
-                        "oracle" => Proposer::Oracle {
-                            continuation: &conts[i],
-                            k: drafter.k_max,
-                        },
-                        "exit-draft" => Proposer::None,
-                        _ => Proposer::Tree(&drafter),
-                    };
-                    let r = decode_all(&model, &prompts, n, temp, &prop, cascade, self_draft)?;
-                    let row = summary(name, &prompts, &plain, &r, total);
-                    eprintln!(
-                        "bench: {source} t={temp} {name}: {:.1} tok/s, speedup {:.2}x",
-                        row["tok_s"].as_f64().unwrap_or(0.0),
-                        row["speedup"].as_f64().unwrap_or(0.0)
-                    );
-                    rows.push(row);
-                }
-                let d4 = plain.tokens.iter().map(|t| distinct4(t)).sum::<f64>()
-                    / plain.tokens.len() as f64;
-                let fresh = rows[0]["non_repeating_tokens"].as_u64().unwrap_or(0) as f64;
-                let fresh_share = fresh / total.max(1) as f64;
-                suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "prompts": prompts.len(), "new_tokens": n, "distinct4": d4, "non_repeating_share": fresh_share, "modes": rows}));
+            for &temp in &o.temperatures {
+                let suite = speculative_suite(&model, &drafter, &prompts, n, temp, o)?;
+                eprintln!("bench: {source} t={temp} done");
+                suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "top_p": if temp > 0.0 { o.top_p } else { 1.0 }, "prompts": prompts.len(), "new_tokens": n, "distinct4": suite.0, "non_repeating_share": suite.1, "modes": suite.2}));
             }
         }
         result["speculative"] = json!(suites);

@@ -25,7 +25,7 @@ use candle_core::Result;
 
 use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
-use crate::drafter::Drafter;
+use crate::drafter::{DraftRule, Drafter};
 use crate::forward::{Forward, Logits, Segment};
 use crate::sampling::{self, SamplingParams};
 
@@ -84,6 +84,10 @@ pub struct GenParams {
     /// Top logprobs to return per token (None: no logprobs).
     pub logprobs: Option<usize>,
     pub speculate: bool,
+    /// At temperature > 0, the tree drafter drafts the sample of its own
+    /// estimate with the sampler's keyed noise (`DraftRule::Sample`);
+    /// false: its most likely token (the rule before; kept for benchmarks).
+    pub draft_with_noise: bool,
     /// Let early exits truncate drafts before the final blocks.
     pub cascade: bool,
     /// An exit truncates when its top-1 probability is at least this.
@@ -127,6 +131,7 @@ impl Default for GenParams {
             prompt: 0,
             logprobs: None,
             speculate: true,
+            draft_with_noise: true,
             cascade: false,
             exit_confidence: 0.5,
             self_draft: None,
@@ -543,8 +548,7 @@ impl<'m, M: Forward> Generator<'m, M> {
         // (microseconds) to keep the acceptance estimate current.
         let shadow = match self.proposer {
             Proposer::Tree(d) if k == 0 && self.params.speculate => d
-                .propose(&self.tokens, 1, self.verified)
-                .first()
+                .draft(&self.tokens, self.verified, self.draft_rule())
                 .map(|d| d.token),
             _ => None,
         };
@@ -556,7 +560,9 @@ impl<'m, M: Forward> Generator<'m, M> {
             _ if !self.params.speculate || k == 0 => (vec![], vec![], shadow),
             Proposer::None => (vec![], vec![], shadow),
             Proposer::Tree(d) => {
-                let ds = d.propose_path(&self.tokens, k, self.verified, d.threshold, min_gain);
+                let rule = self.draft_rule();
+                let ds =
+                    d.propose_path(&self.tokens, k, self.verified, d.threshold, min_gain, rule);
                 let probs = ds.iter().map(|d| d.prob).collect();
                 (ds.into_iter().map(|d| d.token).collect(), probs, shadow)
             }
@@ -571,6 +577,19 @@ impl<'m, M: Forward> Generator<'m, M> {
                     .map_or(vec![], |c| c.iter().take(k).copied().collect());
                 fixed(c, 1.0)
             }
+        }
+    }
+
+    /// How the tree drafter drafts for this sequence's sampling.
+    fn draft_rule(&self) -> DraftRule {
+        let sp = &self.params.sampling;
+        match sp.is_greedy() || !self.params.draft_with_noise {
+            true => DraftRule::Best,
+            false => DraftRule::Sample {
+                seed: sp.seed,
+                stream: self.params.stream(),
+                temperature: sp.temperature,
+            },
         }
     }
 

@@ -164,9 +164,16 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
         stop_at_eot: false,
         ..Default::default()
     };
-    let (diverged, ties, _) = compare(&f, params);
-    eprintln!("t=0.8: {diverged} diverged, {ties} near ties");
-    assert_eq!(diverged, 0);
+    for draft_with_noise in [true, false] {
+        let params = GenParams {
+            draft_with_noise,
+            ..params.clone()
+        };
+        let (diverged, ties, accepted) = compare(&f, params);
+        eprintln!("t=0.8, drafts follow the noise: {draft_with_noise}: {diverged} diverged, {ties} near ties, {accepted} accepted");
+        assert_eq!(diverged, 0);
+        assert!(accepted > 0, "no sampled draft was ever accepted");
+    }
 }
 
 #[test]

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use features::{Candidates, FeatureInput, Tables, Verified};
 use gbdt::Gbdt;
 
+use crate::sampling::{Noise, OTHER_TOKEN};
+
 /// 2: 14 features (six that did not pay dropped).
 pub const FORMAT_VERSION: u32 = 2;
 /// Pointer classes after the K token classes, then `__MODEL__`.
@@ -70,6 +72,11 @@ pub struct Drafter {
     pub threshold: f32,
     /// Longest chain drafted per verify step.
     pub k_max: usize,
+    /// At temperature T, sampled drafts come from the estimate raised to
+    /// `sample_sharpness / T` ([`DraftRule::Sample`]); tuned on the train
+    /// split (docs/benchmarks.md).
+    #[serde(default = "default_sample_sharpness")]
+    pub sample_sharpness: f32,
     /// Whether each token starts a word (from the tokenizer).
     pub word_start: Vec<bool>,
     /// Training report: feature importances, replay figures.
@@ -79,11 +86,74 @@ pub struct Drafter {
     class_index: Vec<u32>,
 }
 
+fn default_sample_sharpness() -> f32 {
+    1.0
+}
+
 /// One drafted token and the probability the tree gave it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Draft {
     pub token: u32,
     pub prob: f32,
+}
+
+/// How the drafter picks a draft among its candidates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DraftRule {
+    /// Its most likely token: what greedy decoding will choose.
+    Best,
+    /// The Gumbel-max sample of its own estimate, tempered, with the noise
+    /// that the model's sampler will add at each position (DESIGN.md): it
+    /// agrees with the model's keyed sample as often as the estimate is
+    /// close to the model's distribution, where a point draft agrees only
+    /// with the sample's probability.
+    Sample {
+        seed: u64,
+        stream: u64,
+        temperature: f32,
+    },
+}
+
+/// The drafter's distribution over the model's next token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    /// Candidate tokens and their probabilities.
+    pub tokens: Vec<(u32, f32)>,
+    /// The `__MODEL__` class's probability.
+    pub model: f32,
+    /// Mass outside the candidates (`__MODEL__` and the skipped tail).
+    pub rest: f32,
+}
+
+impl Estimate {
+    /// The Gumbel-max draw from the estimate raised to `sharpness` and
+    /// renormalised, the mass outside the candidates drawing as one
+    /// outcome of its own ([`OTHER_TOKEN`]'s noise): None when that outcome
+    /// wins. The draft's probability is the tempered mass of the
+    /// candidates: the chance that the model's sample is one of them,
+    /// which the shared noise then makes the drafted one.
+    pub fn sample(&self, noise: Noise, sharpness: f32) -> Option<Draft> {
+        let weight = |q: f32| if q > 0.0 { q.powf(sharpness) } else { 0.0 };
+        let other = weight(self.rest);
+        let mut best: Option<(f32, u32)> = None;
+        let mut covered = 0.0;
+        for &(t, q) in &self.tokens {
+            let w = weight(q);
+            covered += w;
+            let s = w.ln() + noise.gumbel(t);
+            if best.is_none_or(|b| s > b.0) {
+                best = Some((s, t));
+            }
+        }
+        let (score, token) = best?;
+        if other > 0.0 && other.ln() + noise.gumbel(OTHER_TOKEN) > score {
+            return None;
+        }
+        Some(Draft {
+            token,
+            prob: covered / (covered + other),
+        })
+    }
 }
 
 impl Drafter {
@@ -104,6 +174,7 @@ impl Drafter {
             gbdt,
             threshold,
             k_max,
+            sample_sharpness: default_sample_sharpness(),
             word_start,
             report: serde_json::Value::Null,
             class_index: vec![],
@@ -190,9 +261,11 @@ impl Drafter {
         hits.into_iter().map(|c| (c, w)).collect()
     }
 
-    /// Best next token after `ctx` and its probability (classes that resolve
-    /// to the same token add up); None when `__MODEL__` wins.
-    pub fn predict(&self, ctx: &[u32], verified: Verified) -> Option<Draft> {
+    /// The drafter's estimate of the model's next token after `ctx`: each
+    /// candidate token with its probability (classes that resolve to the
+    /// same token add up; classes under 2% are skipped), and the mass left
+    /// to `__MODEL__` and the skipped tail.
+    pub fn estimate(&self, ctx: &[u32], verified: Verified) -> Estimate {
         let (row, cand) = self.features(ctx, verified);
         let mut p = [0f32; 512];
         let mut heap;
@@ -204,12 +277,11 @@ impl Drafter {
         };
         self.gbdt.predict_proba_into(&row, p);
         let k = self.classes.len();
-        let mut mass: Vec<(u32, f32)> = Vec::with_capacity(8);
-        let mut add = |t: u32, q: f32| match mass.iter_mut().find(|m| m.0 == t) {
+        let mut tokens: Vec<(u32, f32)> = Vec::with_capacity(8);
+        let mut add = |t: u32, q: f32| match tokens.iter_mut().find(|m| m.0 == t) {
             Some(m) => m.1 += q,
-            None => mass.push((t, q)),
+            None => tokens.push((t, q)),
         };
-        // Only classes with real mass matter; skip the long tail.
         for (i, &q) in p[..k].iter().enumerate() {
             if q > 0.02 {
                 add(self.classes[i], q);
@@ -223,11 +295,39 @@ impl Drafter {
                 add(*t, p[k + i]);
             }
         }
-        let best = mass.into_iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
-        (best.1 > p[self.model_class()]).then_some(Draft {
+        let covered: f32 = tokens.iter().map(|t| t.1).sum();
+        Estimate {
+            tokens,
+            model: p[self.model_class()],
+            rest: (1.0 - covered).max(0.0),
+        }
+    }
+
+    /// Best next token after `ctx` and its probability; None when
+    /// `__MODEL__` wins.
+    pub fn predict(&self, ctx: &[u32], verified: Verified) -> Option<Draft> {
+        let e = self.estimate(ctx, verified);
+        let best = e.tokens.into_iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+        (best.1 > e.model).then_some(Draft {
             token: best.0,
             prob: best.1,
         })
+    }
+
+    /// The next draft after `ctx` by `rule` (see [`DraftRule`]).
+    pub fn draft(&self, ctx: &[u32], verified: Verified, rule: DraftRule) -> Option<Draft> {
+        match rule {
+            DraftRule::Best => self.predict(ctx, verified),
+            DraftRule::Sample {
+                seed,
+                stream,
+                temperature,
+            } => {
+                let noise = Noise::at(seed, stream, ctx.len());
+                let sharpness = self.sample_sharpness / temperature;
+                self.estimate(ctx, verified).sample(noise, sharpness)
+            }
+        }
     }
 
     /// Drafts up to `k` tokens after `ctx` (stops at `__MODEL__` or when a
@@ -243,13 +343,14 @@ impl Drafter {
         verified: Verified,
         threshold: f32,
     ) -> Vec<Draft> {
-        self.propose_path(ctx, k, verified, threshold, 0.0)
+        self.propose_path(ctx, k, verified, threshold, 0.0, DraftRule::Best)
     }
 
-    /// As [`Self::propose_with`], and also stops once the path probability
-    /// (the product of the drafts' probabilities) falls below `min_path`:
-    /// a batch where a draft row must be likely to pay for itself asks for
-    /// no drafts it would drop, and spends no prediction time on them.
+    /// Drafts up to `k` tokens by `rule`, stopping at `__MODEL__`, below
+    /// `threshold`, or once the path probability (the product of the
+    /// drafts' probabilities) falls below `min_path`: a batch where a draft
+    /// row must be likely to pay for itself asks for no drafts it would
+    /// drop, and spends no prediction time on them.
     pub fn propose_path(
         &self,
         ctx: &[u32],
@@ -257,12 +358,13 @@ impl Drafter {
         verified: Verified,
         threshold: f32,
         min_path: f32,
+        rule: DraftRule,
     ) -> Vec<Draft> {
         let mut ext = ctx.to_vec();
         let mut out = Vec::new();
         let mut path = 1f32;
         while out.len() < k.min(self.k_max) {
-            match self.predict(&ext, verified) {
+            match self.draft(&ext, verified, rule) {
                 Some(d) if d.prob >= threshold && path * d.prob >= min_path => {
                     path *= d.prob;
                     ext.push(d.token);
@@ -495,6 +597,56 @@ mod tests {
                 back.propose(&ctx, 4, Verified::default())
             );
         }
+    }
+
+    #[test]
+    fn a_drafter_that_knows_the_distribution_drafts_the_keyed_sample() {
+        use crate::sampling::{choose, SamplingParams};
+        let logits = [1.0f32, 0.2, 2.0, -1.0, 1.5, 0.0];
+        let lse = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let estimate = Estimate {
+            tokens: (0..6u32)
+                .map(|t| (t, (logits[t as usize] - lse).exp()))
+                .collect(),
+            model: 0.0,
+            rest: 0.0,
+        };
+        let t = 0.8;
+        let params = SamplingParams {
+            temperature: t,
+            seed: 9,
+            ..Default::default()
+        };
+        let (mut noisy, mut point) = (0, 0);
+        let best = estimate
+            .tokens
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap()
+            .0;
+        for pos in 0..2000 {
+            let model = choose(&logits, &params, 7, pos);
+            let d = estimate.sample(Noise::at(9, 7, pos), 1.0 / t).unwrap();
+            noisy += usize::from(d.token == model);
+            point += usize::from(best == model);
+        }
+        // Equal up to rounding; a point draft agrees only p(best) of the time.
+        assert!(noisy >= 1990, "{noisy} of 2000 agree");
+        assert!(point < 1200, "{point} of 2000 point drafts agree");
+    }
+
+    #[test]
+    fn mass_outside_the_candidates_stops_sampled_drafts() {
+        let estimate = Estimate {
+            tokens: vec![(3, 0.1)],
+            model: 0.9,
+            rest: 0.9,
+        };
+        let drafted = (0..2000)
+            .filter(|&pos| estimate.sample(Noise::at(1, 0, pos), 1.0).is_some())
+            .count();
+        // The candidate wins the race with probability 0.1.
+        assert!((150..250).contains(&drafted), "{drafted}");
     }
 
     fn load_err(path: &Path, vocab: usize) -> String {
