@@ -63,8 +63,8 @@ pub struct BenchOptions {
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Only these speculative modes (comma-separated; plain always runs):
-    /// tree, tree-point, tree+exits, exit-draft, tree+exit-draft,
-    /// prompt-lookup, oracle.
+    /// tree, tree-chain, tree-before, tree+exits, exit-draft,
+    /// tree+exit-draft, prompt-lookup, oracle.
     #[arg(long, value_delimiter = ',')]
     pub modes: Option<Vec<String>>,
     /// Sampling temperatures to run (0 = greedy).
@@ -76,18 +76,53 @@ pub struct BenchOptions {
     /// Override the drafter's `sample_sharpness` (tuning, on the train split).
     #[arg(long, hide = true)]
     pub sample_sharpness: Option<f32>,
+    /// Override the drafter's `sibling_floor` (tuning, on the train split).
+    #[arg(long, hide = true)]
+    pub sibling_floor: Option<f32>,
 }
 
-/// A speculative mode of the bench: its name, the exit cascade, LayerSkip
-/// drafting, and whether the tree drafter follows the sampler's noise.
-const MODES: [(&str, bool, bool, bool); 7] = [
-    ("tree", false, false, true),
-    ("tree-point", false, false, false),
-    ("tree+exits", true, false, true),
-    ("exit-draft", false, true, true),
-    ("tree+exit-draft", false, true, true),
-    ("prompt-lookup", false, false, true),
-    ("oracle", false, false, true),
+/// A speculative mode of the bench.
+struct Mode {
+    name: &'static str,
+    /// Early exits truncate drafts.
+    cascade: bool,
+    /// An early exit drafts where the tree drafter does not (LayerSkip).
+    self_draft: bool,
+    /// The tree drafter may branch (greedy).
+    branch: bool,
+    /// The tree drafter follows the sampler's noise (temperature > 0).
+    noise: bool,
+}
+
+const fn mode(
+    name: &'static str,
+    cascade: bool,
+    self_draft: bool,
+    branch: bool,
+    noise: bool,
+) -> Mode {
+    Mode {
+        name,
+        cascade,
+        self_draft,
+        branch,
+        noise,
+    }
+}
+
+/// The tree drafter as served ("tree": draft trees when greedy, drafts
+/// that follow the noise when sampling), as a chain, and as it drafted
+/// before both ("tree-before": a chain of its most likely tokens); with
+/// the exits; and the baselines.
+const MODES: [Mode; 8] = [
+    mode("tree", false, false, true, true),
+    mode("tree-chain", false, false, false, true),
+    mode("tree-before", false, false, false, false),
+    mode("tree+exits", true, false, false, true),
+    mode("exit-draft", false, true, false, true),
+    mode("tree+exit-draft", false, true, false, true),
+    mode("prompt-lookup", false, false, false, true),
+    mode("oracle", false, false, false, true),
 ];
 
 /// How one decoding run of the bench decodes.
@@ -97,6 +132,7 @@ struct Decoding {
     top_p: f32,
     cascade: bool,
     self_draft: Option<SelfDraft>,
+    draft_tree: bool,
     draft_with_noise: bool,
 }
 
@@ -271,6 +307,7 @@ fn decode_all<'a>(
             speculate: true,
             cascade: how.cascade,
             self_draft: how.self_draft,
+            draft_tree: how.draft_tree,
             draft_with_noise: how.draft_with_noise,
             stop_at_eot: false,
             ..Default::default()
@@ -361,6 +398,8 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
         "drafted_by_pos": s.drafted_by_pos,
         "truncated_by_exit": s.truncated_by_exit,
         "no_draft_steps": s.no_draft_steps,
+        "tree_steps": s.tree_steps,
+        "accepted_later_child": s.accepted_later_child,
         "exit_draft_steps": s.exit_draft_steps,
         "exit_drafted": s.exit_drafted,
         "exit_accepted": s.exit_accepted,
@@ -388,6 +427,7 @@ fn speculative_suite(
         top_p: if temp > 0.0 { o.top_p } else { 1.0 },
         cascade: false,
         self_draft: None,
+        draft_tree: true,
         draft_with_noise: true,
     };
     let plain = decode_all(model, prompts, n, &|_| Proposer::None, plain_how)?;
@@ -395,10 +435,10 @@ fn speculative_suite(
     let conts = plain.tokens.clone();
     let mut rows = vec![summary("plain", prompts, &plain, &plain, total)];
     let exit_draft = self_draft_setting(&model.cfg);
-    for (name, cascade, self_drafts, noise) in MODES {
-        let wanted = o.modes.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
-        if !wanted || (self_drafts && exit_draft.is_none()) || (name == "tree-point" && temp <= 0.0)
-        {
+    for m in &MODES {
+        let name = m.name;
+        let wanted = o.modes.as_ref().is_none_or(|w| w.iter().any(|x| x == name));
+        if !wanted || (m.self_draft && exit_draft.is_none()) {
             continue;
         }
         let prop = |i: usize| match name {
@@ -411,9 +451,10 @@ fn speculative_suite(
             _ => Proposer::Tree(drafter),
         };
         let how = Decoding {
-            cascade,
-            self_draft: exit_draft.filter(|_| self_drafts),
-            draft_with_noise: noise,
+            cascade: m.cascade,
+            self_draft: exit_draft.filter(|_| m.self_draft),
+            draft_tree: m.branch,
+            draft_with_noise: m.noise,
             ..plain_how
         };
         let r = decode_all(model, prompts, n, &prop, how)?;
@@ -507,6 +548,9 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         )?;
         if let Some(s) = o.sample_sharpness {
             drafter.sample_sharpness = s;
+        }
+        if let Some(f) = o.sibling_floor {
+            drafter.sibling_floor = f;
         }
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);

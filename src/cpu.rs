@@ -19,8 +19,8 @@ use candle_core::{bail, Result, Tensor};
 use half::f16;
 
 use crate::config::{Config, ExitHead};
-use crate::forward::Segment;
-use crate::kernels::{self, Matrix};
+use crate::forward::{Segment, Tree};
+use crate::kernels::{self, KeyRows, Matrix};
 
 const LN_EPS: f32 = 1e-5;
 
@@ -128,6 +128,7 @@ pub struct CpuCache {
     v: Vec<Vec<f32>>,
     len: Vec<usize>,
     cap: usize,
+    head_size: usize,
 }
 
 impl CpuCache {
@@ -149,6 +150,32 @@ impl CpuCache {
         for l in &mut self.len {
             *l = (*l).min(len);
         }
+    }
+
+    /// Moves slots `from + keep[i]` (ascending) to `from + i` in every
+    /// layer and head, and drops every slot after them.
+    pub fn compact(&mut self, from: usize, keep: &[usize]) -> Result<()> {
+        if keep.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("cache slots to keep must ascend: {keep:?}");
+        }
+        if let Some(&last) = keep.last() {
+            if let Some(l) = self.len.iter().position(|&l| l <= from + last) {
+                bail!("cache layer {l} has no slot {} to keep", from + last);
+            }
+        }
+        let (cap, hs) = (self.cap, self.head_size);
+        for layer in 0..self.len.len() {
+            for buf in [&mut self.k[layer], &mut self.v[layer]] {
+                for head in buf.chunks_exact_mut(cap * hs) {
+                    for (i, &slot) in keep.iter().enumerate() {
+                        let src = (from + slot) * hs;
+                        head.copy_within(src..src + hs, (from + i) * hs);
+                    }
+                }
+            }
+            self.len[layer] = from + keep.len();
+        }
+        Ok(())
     }
 }
 
@@ -196,6 +223,11 @@ impl CpuStream {
     }
 }
 
+/// A segment's layer as attention reads it: keys, values, position of
+/// its first row, its first row among the rows in flight, and its rows'
+/// ancestors when they are a draft tree.
+type SegView<'a> = (&'a [f32], &'a [f32], usize, usize, Option<&'a [Vec<usize>]>);
+
 /// One sequence's rows inside a forward over several sequences.
 struct SegRows<'c> {
     /// Its rows among the rows in flight.
@@ -203,6 +235,8 @@ struct SegRows<'c> {
     /// Absolute position of its first row (= rows every layer has cached).
     pos: usize,
     cache: &'c mut CpuCache,
+    /// For a draft tree: each row's ancestors' cache slots, itself last.
+    ancestors: Option<Vec<Vec<usize>>>,
 }
 
 fn get(w: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -322,18 +356,27 @@ impl CpuGpt {
             v: vec![vec![0f32; cap * c]; n],
             len: vec![0; n],
             cap,
+            head_size: c / self.cfg.n_head,
         }
     }
 
     /// Embeds `tokens` at positions `pos..pos + T`.
     pub fn embed(&self, tokens: &[u32], pos: usize) -> Result<CpuStream> {
         let mut x = Vec::new();
-        self.embed_into(tokens, pos, &mut x)?;
+        self.embed_into(tokens, pos, None, &mut x)?;
         Ok(self.stream(x, pos))
     }
 
     /// Appends the embeddings of `tokens` at positions `pos..` to `x`.
-    fn embed_into(&self, tokens: &[u32], pos: usize, x: &mut Vec<f32>) -> Result<()> {
+    /// Embeds `tokens` at positions `pos..`, or at `pos + depth` for the
+    /// rows of a draft tree.
+    fn embed_into(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        tree: Option<&Tree>,
+        x: &mut Vec<f32>,
+    ) -> Result<()> {
         let (c, t) = (self.cfg.n_embd, tokens.len());
         if pos + t > self.cfg.block_size {
             bail!(
@@ -351,7 +394,8 @@ impl CpuGpt {
                     self.cfg.vocab_size
                 );
             }
-            let (e, p) = (&self.wte[tok * c..][..c], &self.wpe[(pos + r) * c..][..c]);
+            let at = pos + tree.map_or(r, |t| t.depth(r));
+            let (e, p) = (&self.wte[tok * c..][..c], &self.wpe[at * c..][..c]);
             x.extend(e.iter().zip(p).map(|(a, b)| a + b));
         }
         Ok(())
@@ -384,6 +428,7 @@ impl CpuGpt {
             rows: 0..s.rows,
             pos: s.pos,
             cache,
+            ancestors: None,
         }];
         for i in s.block..to {
             self.block(i, s, &mut segs)?;
@@ -414,11 +459,23 @@ impl CpuGpt {
                 );
             }
             let start = x.len() / c;
-            self.embed_into(sg.tokens, sg.pos, &mut x)?;
+            let tree = sg.tree.filter(|t| !t.is_chain());
+            if tree.is_some_and(|t| t.len() != sg.tokens.len()) {
+                bail!(
+                    "a tree of {} rows for {} tokens",
+                    tree.map_or(0, Tree::len),
+                    sg.tokens.len()
+                );
+            }
+            self.embed_into(sg.tokens, sg.pos, tree, &mut x)?;
             rows.push(SegRows {
                 rows: start..start + sg.tokens.len(),
                 pos: sg.pos,
                 cache: &mut *sg.cache,
+                ancestors: tree.map(|t| {
+                    let slots = |r: usize| t.path_to(r).iter().map(|a| sg.pos + a).collect();
+                    (0..t.len()).map(slots).collect()
+                }),
             });
         }
         // The batch's stream: `pos` is per segment (in `rows`), not used.
@@ -501,7 +558,8 @@ impl CpuGpt {
 
     /// Causal attention in layer `layer` of every segment's new rows (their
     /// q, k, v in `qkv`, (T, 3C)) over that segment's cached rows plus its
-    /// own new rows; writes their k, v into the segment's cache.
+    /// own new rows (a tree row: its ancestors' rows); writes their k, v
+    /// into the segment's cache.
     fn attend(&self, layer: usize, qkv: &[f32], segs: &mut [SegRows<'_>]) -> Vec<f32> {
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let (hs, cap) = (c / nh, self.cfg.block_size);
@@ -521,11 +579,12 @@ impl CpuGpt {
             sg.cache.len[layer] = sg.pos + sg.rows.len();
             macs += sg.rows.len() * nh * (sg.pos + sg.rows.len()) * hs;
         }
-        let views: Vec<(&[f32], &[f32], usize, usize)> = segs
+        let views: Vec<SegView> = segs
             .iter()
             .map(|sg| {
                 let l = &*sg.cache;
-                (&l.k[layer][..], &l.v[layer][..], sg.pos, sg.rows.start)
+                let anc = sg.ancestors.as_deref();
+                (&l.k[layer][..], &l.v[layer][..], sg.pos, sg.rows.start, anc)
             })
             .collect();
         let scale = 1.0 / (hs as f32).sqrt();
@@ -533,12 +592,23 @@ impl CpuGpt {
         // One task per (row, head): y's chunk of hs floats at r * nh + h.
         let one = |(i, out): (usize, &mut [f32])| {
             let (r, h) = (i / nh, i % nh);
-            let (kc, vc, pos, start) = views[seg_of[r]];
-            let len = pos + (r - start) + 1;
+            let (kc, vc, pos, start, anc) = views[seg_of[r]];
+            let (len, keys) = match anc {
+                None => (pos + (r - start) + 1, KeyRows::ALL),
+                Some(a) => {
+                    let tail = &a[r - start];
+                    let keys = KeyRows {
+                        prefix: pos,
+                        tail: Some(tail),
+                    };
+                    (pos + tail.len(), keys)
+                }
+            };
             let q = &qkv[r * 3 * c + h * hs..][..hs];
+            let rows = pos + (r - start) + 1;
             let (kh, vh) = (
-                &kc[h * cap * hs..][..len * hs],
-                &vc[h * cap * hs..][..len * hs],
+                &kc[h * cap * hs..][..rows * hs],
+                &vc[h * cap * hs..][..rows * hs],
             );
             // Scores on the stack up to 1024 positions (no allocator churn).
             let mut stack = [0f32; 1024];
@@ -549,7 +619,7 @@ impl CpuGpt {
                 heap.resize(len, 0f32);
                 &mut heap[..]
             };
-            kernels::attend_head(q, kh, vh, scale, att, out);
+            kernels::attend_head(q, kh, vh, keys, scale, att, out);
         };
         // Below ~64k multiply-adds the fork/join costs more than it saves.
         if macs < 1 << 16 {

@@ -26,7 +26,7 @@ use candle_core::Result;
 use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
 use crate::drafter::{DraftRule, Drafter};
-use crate::forward::{Forward, Logits, Segment};
+use crate::forward::{Forward, Logits, Segment, Tree};
 use crate::sampling::{self, SamplingParams};
 
 /// The drafter's statistics of the last verified position before the
@@ -84,6 +84,9 @@ pub struct GenParams {
     /// Top logprobs to return per token (None: no logprobs).
     pub logprobs: Option<usize>,
     pub speculate: bool,
+    /// Let the tree drafter branch (a draft tree; greedy decoding on a
+    /// backend that takes trees); false: a chain.
+    pub draft_tree: bool,
     /// At temperature > 0, the tree drafter drafts the sample of its own
     /// estimate with the sampler's keyed noise (`DraftRule::Sample`);
     /// false: its most likely token (the rule before; kept for benchmarks).
@@ -131,6 +134,7 @@ impl Default for GenParams {
             prompt: 0,
             logprobs: None,
             speculate: true,
+            draft_tree: true,
             draft_with_noise: true,
             cascade: false,
             exit_confidence: 0.5,
@@ -161,6 +165,10 @@ pub struct SpecStats {
     /// Accepted counts by draft position (index 0 = first draft).
     pub accepted_by_pos: Vec<u64>,
     pub drafted_by_pos: Vec<u64>,
+    /// Verify steps whose drafts branched (a tree, not a chain).
+    pub tree_steps: u64,
+    /// Verify steps that accepted a draft other than its parent's first child.
+    pub accepted_later_child: u64,
     /// Steps where the drafter proposed nothing (`__MODEL__` or low confidence).
     pub no_draft_steps: u64,
     /// Steps that drafted with an early exit (LayerSkip), their drafts and
@@ -176,6 +184,8 @@ impl SpecStats {
         self.drafted += o.drafted;
         self.accepted += o.accepted;
         self.no_draft_steps += o.no_draft_steps;
+        self.tree_steps += o.tree_steps;
+        self.accepted_later_child += o.accepted_later_child;
         self.exit_draft_steps += o.exit_draft_steps;
         self.exit_drafted += o.exit_drafted;
         self.exit_accepted += o.exit_accepted;
@@ -215,11 +225,14 @@ pub struct Rows {
 enum RowKind {
     /// A prompt chunk; logits of every row when echo logprobs are asked.
     Prefill { echo: bool },
-    /// `[pending, drafts..]`: the drafter's probability of each draft, and
-    /// its first token when drafting did not pay (to keep its estimate).
+    /// `[pending, drafts..]` as a draft tree (a chain unless the drafter
+    /// branched): the drafter's probability of each draft given its
+    /// parent, and its first token when drafting did not pay (to keep its
+    /// estimate).
     Verify {
         probs: Vec<f32>,
         shadow: Option<u32>,
+        tree: Tree,
     },
 }
 
@@ -254,6 +267,14 @@ impl Rows {
         }
     }
 
+    /// The draft tree, when the drafts branch (None for a chain).
+    pub fn tree(&self) -> Option<&Tree> {
+        match &self.kind {
+            RowKind::Verify { tree, .. } if !tree.is_chain() => Some(tree),
+            _ => None,
+        }
+    }
+
     /// The drafts (empty for a prefill chunk or a plain step).
     pub fn drafts(&self) -> &[u32] {
         match self.kind {
@@ -265,27 +286,67 @@ impl Rows {
     /// The expected number of tokens each draft adds: the drafter's
     /// probability that it and every draft before it are accepted.
     pub fn draft_gains(&self) -> Vec<f32> {
-        let RowKind::Verify { probs, .. } = &self.kind else {
+        let RowKind::Verify { probs, tree, .. } = &self.kind else {
             return vec![];
         };
-        probs
-            .iter()
-            .scan(1f32, |path, p| {
-                *path *= p.clamp(0.0, 1.0);
-                Some(*path)
-            })
-            .collect()
+        // Row i + 1 holds draft i; row 0's gain is 1.
+        let mut gain = vec![1f32; probs.len() + 1];
+        for (i, p) in probs.iter().enumerate() {
+            gain[i + 1] = gain[tree.parent(i + 1)] * p.clamp(0.0, 1.0);
+        }
+        gain.remove(0);
+        gain
     }
 
     /// Keeps the first `n` rows (at least one): a shorter prompt chunk, or
     /// fewer drafts (the batch had no room for the rest).
     pub fn keep_rows(&mut self, n: usize) {
         let n = n.max(1);
-        if let RowKind::Verify { probs, .. } = &mut self.kind {
+        if let RowKind::Verify { probs, tree, .. } = &mut self.kind {
             probs.truncate(n - 1);
+            tree.truncate(n);
         }
         self.tokens.truncate(n);
     }
+}
+
+/// A step's drafts: tokens, the drafter's probability of each given its
+/// parent, and the tree over `[pending, drafts..]`.
+struct Drafts {
+    tokens: Vec<u32>,
+    probs: Vec<f32>,
+    tree: Tree,
+}
+
+impl Drafts {
+    /// A chain of drafts, each with probability `p`.
+    fn chain(tokens: Vec<u32>, p: f32) -> Drafts {
+        Drafts {
+            probs: vec![p; tokens.len()],
+            tree: Tree::chain(tokens.len() + 1),
+            tokens,
+        }
+    }
+
+    fn tree(nodes: Vec<crate::drafter::TreeDraft>) -> Drafts {
+        let parents = std::iter::once(0).chain(nodes.iter().map(|n| n.parent));
+        Drafts {
+            tokens: nodes.iter().map(|n| n.token).collect(),
+            probs: nodes.iter().map(|n| n.prob).collect(),
+            tree: Tree::from_parents(parents.collect()).expect("the drafter puts parents first"),
+        }
+    }
+}
+
+/// What a verify step drafted, for the counters.
+#[derive(Clone, Copy)]
+enum Drafted {
+    /// A chain of n drafts (some may have been dropped by the exits).
+    Chain(usize),
+    /// The tree of the rows.
+    Tree,
+    /// n drafts by an early exit (LayerSkip).
+    ByExit(usize),
 }
 
 /// One sequence being decoded: prefill (its prompt goes into the cache,
@@ -446,12 +507,16 @@ impl<'m, M: Forward> Generator<'m, M> {
             self.finished = Some(Finish::Length);
             return None;
         }
-        let (drafts, probs, shadow) = self.propose(max_rows - 1, min_gain);
+        let (drafts, shadow) = self.propose(max_rows - 1, min_gain, true);
         let pending = *self.tokens.last().expect("non-empty");
         Some(Rows {
-            tokens: [&[pending][..], &drafts].concat(),
+            tokens: [&[pending][..], &drafts.tokens].concat(),
             pos: self.tokens.len() - 1,
-            kind: RowKind::Verify { probs, shadow },
+            kind: RowKind::Verify {
+                probs: drafts.probs,
+                shadow,
+                tree: drafts.tree,
+            },
         })
     }
 
@@ -474,6 +539,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             pos: rows.pos,
             cache: &mut self.cache,
             logits: rows.logits(),
+            tree: rows.tree(),
         }];
         let mut out = self.model.forward_batch(&mut seg)?;
         Ok(out.pop().expect("one segment"))
@@ -489,9 +555,9 @@ impl<'m, M: Forward> Generator<'m, M> {
                 self.prefilled += rows.tokens.len();
                 vec![]
             }
-            RowKind::Verify { shadow, .. } => {
-                let drafts = &rows.tokens[1..];
-                self.accept_rows(drafts, drafts.len() + 1, logits, shadow, false)
+            RowKind::Verify { shadow, tree, .. } => {
+                let drafted = Drafted::Tree;
+                self.accept_rows(&rows.tokens, &tree, logits, shadow, drafted)
             }
         }
     }
@@ -531,9 +597,10 @@ impl<'m, M: Forward> Generator<'m, M> {
 
     /// Drafts for the next step, clamped so the step cannot pass max_tokens,
     /// the window or `cap`, and stopped where the path probability falls
-    /// below `min_gain` (tree drafter): (drafts, the drafter's probability
-    /// of each, the tree's first token when drafting did not pay).
-    fn propose(&mut self, cap: usize, min_gain: f32) -> (Vec<u32>, Vec<f32>, Option<u32>) {
+    /// below `min_gain` (tree drafter; a tree when `branch` and greedy and
+    /// the backend takes trees); and the tree's first token when drafting
+    /// did not pay.
+    fn propose(&mut self, cap: usize, min_gain: f32, branch: bool) -> (Drafts, Option<u32>) {
         let cfg = self.model.config();
         let room = (self.remaining() - 1)
             .min(cfg.block_size - self.tokens.len())
@@ -552,19 +619,42 @@ impl<'m, M: Forward> Generator<'m, M> {
                 .map(|d| d.token),
             _ => None,
         };
-        let fixed = |drafts: Vec<u32>, p: f64| {
-            let probs = vec![p as f32; drafts.len()];
-            (drafts, probs, shadow)
-        };
-        match self.proposer {
-            _ if !self.params.speculate || k == 0 => (vec![], vec![], shadow),
-            Proposer::None => (vec![], vec![], shadow),
+        let fixed = |drafts: Vec<u32>, p: f64| Drafts::chain(drafts, p as f32);
+        let drafts = match self.proposer {
+            _ if !self.params.speculate || k == 0 => Drafts::chain(vec![], 1.0),
+            Proposer::None => Drafts::chain(vec![], 1.0),
             Proposer::Tree(d) => {
                 let rule = self.draft_rule();
-                let ds =
-                    d.propose_path(&self.tokens, k, self.verified, d.threshold, min_gain, rule);
-                let probs = ds.iter().map(|d| d.prob).collect();
-                (ds.into_iter().map(|d| d.token).collect(), probs, shadow)
+                let tree = branch
+                    && self.params.draft_tree
+                    && rule == DraftRule::Best
+                    && self.model.supports_trees();
+                match tree {
+                    true => Drafts::tree(d.propose_tree(
+                        &self.tokens,
+                        k,
+                        self.verified,
+                        d.threshold,
+                        min_gain,
+                    )),
+                    false => {
+                        let ds = d.propose_path(
+                            &self.tokens,
+                            k,
+                            self.verified,
+                            d.threshold,
+                            min_gain,
+                            rule,
+                        );
+                        let probs = ds.iter().map(|d| d.prob).collect();
+                        let tokens: Vec<u32> = ds.into_iter().map(|d| d.token).collect();
+                        Drafts {
+                            tree: Tree::chain(tokens.len() + 1),
+                            tokens,
+                            probs,
+                        }
+                    }
+                }
             }
             Proposer::Lookup { .. } => fixed(
                 crate::drafter::prompt_lookup(&self.tokens, k, 2),
@@ -577,7 +667,8 @@ impl<'m, M: Forward> Generator<'m, M> {
                     .map_or(vec![], |c| c.iter().take(k).copied().collect());
                 fixed(c, 1.0)
             }
-        }
+        };
+        (drafts, shadow)
     }
 
     /// How the tree drafter drafts for this sequence's sampling.
@@ -606,7 +697,8 @@ impl<'m, M: Forward> Generator<'m, M> {
         }
         let cfg = self.model.config();
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
-        let (drafts, _, shadow) = self.propose(usize::MAX, 0.0);
+        let (drafts, shadow) = self.propose(usize::MAX, 0.0, false);
+        let drafts = drafts.tokens;
         let pos = self.tokens.len() - 1;
         let n_exits = cfg.exits.len();
         // Self-drafting when the proposer gave nothing: the rows arrive
@@ -651,55 +743,37 @@ impl<'m, M: Forward> Generator<'m, M> {
         self.model
             .run_blocks(&mut s, cfg.n_layer, &mut self.cache)?;
         let logits = self.model.exit_logits(&s, n_exits - 1, 0..kept)?;
-        Ok(self.accept_rows(&drafts, kept, &logits, shadow, self_draft.is_some()))
+        let pending = *self.tokens.last().expect("non-empty");
+        let rows = [&[pending][..], &drafts[..kept - 1]].concat();
+        let chain = Tree::chain(kept);
+        let drafted = match self_draft {
+            Some(_) => Drafted::ByExit(drafts.len()),
+            None => Drafted::Chain(drafts.len()),
+        };
+        Ok(self.accept_rows(&rows, &chain, &logits, shadow, drafted))
     }
 
-    /// Accepts drafts while each equals the keyed sample at its position
-    /// (rows `[pending, drafts..]`, the first `kept` verified, their final
-    /// logits in `logits`), commits the tokens, updates the drafter's state
-    /// and the counters, and rolls the cache back to the committed length.
+    /// Walks the verified rows `rows` (`[pending, drafts..]`, shaped by
+    /// `tree`, their final logits in `logits`) by [`accept`], commits the
+    /// tokens, keeps the walked rows' cache slots and drops the rest,
+    /// updates the drafter's state and the counters (`drafted` drafts were
+    /// made, verified or not).
     fn accept_rows(
         &mut self,
-        drafts: &[u32],
-        kept: usize,
+        rows: &[u32],
+        tree: &Tree,
         logits: &Logits,
         shadow: Option<u32>,
-        self_drafted: bool,
+        drafted: Drafted,
     ) -> Vec<TokenOut> {
+        let from = self.tokens.len() - 1;
         let mut out = Vec::new();
-        let sp = &self.params.sampling;
-        let penalized = sp.presence_penalty != 0.0 || sp.frequency_penalty != 0.0;
-        let mut last_row = 0;
-        accept(drafts, kept, |i| {
-            let row = &logits[i];
-            let pos = self.tokens.len();
-            let f = if penalized {
-                let mut l = row.to_vec();
-                sampling::penalize(&mut l, &self.params.sampling, &self.counts);
-                sampling::choose(&l, &self.params.sampling, self.params.stream(), pos)
-            } else {
-                sampling::choose(row, &self.params.sampling, self.params.stream(), pos)
-            };
-            last_row = i;
-            let lp = self.params.logprobs.map(|n| {
-                let lp = sampling::log_softmax(row);
-                (lp[f as usize], sampling::top_logprobs(&lp, n))
-            });
-            out.push(TokenOut {
-                id: f,
-                logprob: lp.as_ref().map(|x| x.0),
-                top: lp.map(|x| x.1).unwrap_or_default(),
-                gap: sampling::top2_gap(row),
-            });
-            self.tokens.push(f);
-            *self.counts.entry(f).or_default() += 1;
-            if self.params.stop_at_eot && f == self.eot {
-                self.finished = Some(Finish::Eot);
-            } else if self.remaining() == 0 {
-                self.finished = Some(Finish::Length);
-            }
-            (f, self.finished.is_some())
+        let (path, _) = accept(tree, rows, |i| {
+            let (t, stop) = self.commit_one(&logits[i]);
+            out.push(t);
+            (out.last().expect("pushed").id, stop)
         });
+        let last_row = *path.last().expect("the root");
         // The drafter's features read the model's stats where it last committed.
         if self.track_verified {
             let (p1, ent) = sampling::top1_and_entropy(&logits[last_row]);
@@ -712,18 +786,62 @@ impl<'m, M: Forward> Generator<'m, M> {
         if let Some(t) = shadow {
             self.ema_accept = update_accept(self.ema_accept, f64::from(u8::from(t == out[0].id)));
         }
-        if self_drafted {
-            self.stats.steps += 1;
-            self.stats.exit_draft_steps += 1;
-            self.stats.exit_drafted += drafts.len() as u64;
-            self.stats.exit_accepted += accepted as u64;
-        } else {
-            self.record(drafts, accepted);
+        match drafted {
+            Drafted::ByExit(n) => {
+                self.stats.steps += 1;
+                self.stats.exit_draft_steps += 1;
+                self.stats.exit_drafted += n as u64;
+                self.stats.exit_accepted += accepted as u64;
+            }
+            Drafted::Chain(n) => self.record((1..=n).collect(), accepted, false),
+            Drafted::Tree => {
+                let depths = (1..tree.len()).map(|r| tree.depth(r)).collect();
+                let later_child = path
+                    .iter()
+                    .any(|&r| r > 0 && tree.children(tree.parent(r)).next() != Some(r));
+                self.record(depths, accepted, later_child);
+            }
         }
-        // Roll back: the cache holds every committed token but the pending one.
+        // The walked rows' slots move to the committed positions; the cache
+        // then holds every committed token but the pending one.
+        let kept = self.model.compact_cache(&mut self.cache, from, &path);
+        debug_assert!(kept.is_ok(), "{kept:?}");
         self.model
             .truncate_cache(&mut self.cache, self.tokens.len() - 1);
         out
+    }
+
+    /// Commits the model's token for the position after a row with final
+    /// logits `row` (penalties, then the keyed sample or the argmax); says
+    /// whether generation must stop there.
+    fn commit_one(&mut self, row: &[f32]) -> (TokenOut, bool) {
+        let sp = &self.params.sampling;
+        let pos = self.tokens.len();
+        let f = if sp.presence_penalty != 0.0 || sp.frequency_penalty != 0.0 {
+            let mut l = row.to_vec();
+            sampling::penalize(&mut l, sp, &self.counts);
+            sampling::choose(&l, sp, self.params.stream(), pos)
+        } else {
+            sampling::choose(row, sp, self.params.stream(), pos)
+        };
+        let lp = self.params.logprobs.map(|n| {
+            let lp = sampling::log_softmax(row);
+            (lp[f as usize], sampling::top_logprobs(&lp, n))
+        });
+        let t = TokenOut {
+            id: f,
+            logprob: lp.as_ref().map(|x| x.0),
+            top: lp.map(|x| x.1).unwrap_or_default(),
+            gap: sampling::top2_gap(row),
+        };
+        self.tokens.push(f);
+        *self.counts.entry(f).or_default() += 1;
+        if self.params.stop_at_eot && f == self.eot {
+            self.finished = Some(Finish::Eot);
+        } else if self.remaining() == 0 {
+            self.finished = Some(Finish::Length);
+        }
+        (t, self.finished.is_some())
     }
 
     /// LayerSkip drafting (see [`SelfDraft`]): returns the drafts and the
@@ -760,26 +878,34 @@ impl<'m, M: Forward> Generator<'m, M> {
         Ok((drafts, s))
     }
 
-    fn record(&mut self, drafts: &[u32], accepted: usize) {
+    /// Counts a verify step whose drafts sat at `depths` (1 = right after
+    /// the pending token), of which `accepted` were accepted, one of them
+    /// not its parent's first child when `later_child`.
+    fn record(&mut self, depths: Vec<usize>, accepted: usize, later_child: bool) {
         let st = &mut self.stats;
         st.steps += 1;
-        st.drafted += drafts.len() as u64;
+        st.drafted += depths.len() as u64;
         st.accepted += accepted as u64;
-        if drafts.is_empty() && !matches!(self.proposer, Proposer::None) && self.params.speculate {
+        if depths.is_empty() && !matches!(self.proposer, Proposer::None) && self.params.speculate {
             st.no_draft_steps += 1;
         }
-        if st.drafted_by_pos.len() < drafts.len() {
-            st.drafted_by_pos.resize(drafts.len(), 0);
-            st.accepted_by_pos.resize(drafts.len(), 0);
+        let deepest = depths.iter().copied().max().unwrap_or(0);
+        if st.drafted_by_pos.len() < deepest {
+            st.drafted_by_pos.resize(deepest, 0);
+            st.accepted_by_pos.resize(deepest, 0);
         }
-        for i in 0..drafts.len() {
-            st.drafted_by_pos[i] += 1;
-            if i < accepted {
-                st.accepted_by_pos[i] += 1;
-            }
+        for &d in &depths {
+            st.drafted_by_pos[d - 1] += 1;
         }
-        if !drafts.is_empty() {
-            self.ema_accept = update_accept(self.ema_accept, accepted as f64 / drafts.len() as f64);
+        for d in 0..accepted {
+            st.accepted_by_pos[d] += 1;
+        }
+        if depths.iter().enumerate().any(|(i, &d)| d != i + 1) {
+            st.tree_steps += 1;
+        }
+        st.accepted_later_child += u64::from(later_child);
+        if !depths.is_empty() {
+            self.ema_accept = update_accept(self.ema_accept, accepted as f64 / deepest as f64);
         }
     }
 
@@ -831,26 +957,33 @@ impl<'m, M: Forward> Generator<'m, M> {
     }
 }
 
-/// The acceptance rule. Rows are `[pending, d1..dk]`, of which the first
-/// `kept` survived the exits; `choose(i)` commits the model's token for the
-/// position after row i and says whether generation must stop there. The
-/// draft d(i+1) is accepted iff it equals that token; the walk ends at the
-/// first mismatch, which yields the model's token in its place. Returns the
-/// committed tokens: at least one.
+/// The acceptance rule over a draft tree (a chain is a tree). Rows are
+/// `[pending, drafts..]`, shaped by `tree`; `choose(row)` commits the
+/// model's token for the position after `row` and says whether generation
+/// must stop there. From the root, the walk descends into the child that
+/// carries the model's token; where none does, that token ends the walk in
+/// the child's place. Returns the rows walked (the root first) and the
+/// committed tokens, one per row walked: at least one.
 pub fn accept(
-    drafts: &[u32],
-    kept: usize,
+    tree: &Tree,
+    rows: &[u32],
     mut choose: impl FnMut(usize) -> (u32, bool),
-) -> Vec<u32> {
-    let mut out = Vec::new();
-    for i in 0..kept.max(1) {
-        let (f, stop) = choose(i);
+) -> (Vec<usize>, Vec<u32>) {
+    let (mut path, mut out) = (Vec::new(), Vec::new());
+    let mut row = 0;
+    loop {
+        let (f, stop) = choose(row);
+        path.push(row);
         out.push(f);
-        if stop || i + 1 >= kept || drafts.get(i) != Some(&f) {
+        if stop {
             break;
         }
+        match tree.children(row).find(|&c| rows.get(c) == Some(&f)) {
+            Some(c) => row = c,
+            None => break,
+        }
     }
-    out
+    (path, out)
 }
 
 /// Greedy continuation with the final head's top-1 probability and entropy
@@ -908,14 +1041,13 @@ mod tests {
         };
         let mut seq = vec![2u32];
         while seq.len() < 4 {
-            let drafts = [0u32, 0];
             let kept = (4 - seq.len()).min(3);
-            let base = seq.clone();
-            let mut ctx = base.clone();
-            let got = accept(&drafts, kept, |i| {
+            let rows = [*seq.last().unwrap(), 0, 0];
+            let mut ctx = seq.clone();
+            let (_, got) = accept(&Tree::chain(kept), &rows[..kept], |i| {
                 let l = logits(*ctx.last().unwrap());
                 let sample = sampling::choose(&l, &p, 0, ctx.len());
-                let d = drafts.get(i).copied().unwrap_or(u32::MAX);
+                let d = rows[..kept].get(i + 1).copied().unwrap_or(u32::MAX);
                 let f = if rule(d, sample, &l) { d } else { sample };
                 ctx.push(f);
                 (f, ctx.len() >= 4)
@@ -968,10 +1100,42 @@ mod tests {
 
     #[test]
     fn accept_yields_at_least_one_token_and_stops_at_the_first_mismatch() {
-        assert_eq!(accept(&[], 1, |_| (7, false)), vec![7]);
+        let tokens = |r: (Vec<usize>, Vec<u32>)| r.1;
+        assert_eq!(
+            tokens(accept(&Tree::chain(1), &[3], |_| (7, false))),
+            vec![7]
+        );
         let picks = [5u32, 6, 9, 1];
-        assert_eq!(accept(&[5, 6, 8], 4, |i| (picks[i], false)), vec![5, 6, 9]);
-        assert_eq!(accept(&[5, 6, 8], 2, |i| (picks[i], false)), vec![5, 6]);
-        assert_eq!(accept(&[5, 6, 8], 4, |i| (picks[i], i == 0)), vec![5]);
+        let rows = [3, 5, 6, 8];
+        let chain = Tree::chain(4);
+        assert_eq!(
+            tokens(accept(&chain, &rows, |i| (picks[i], false))),
+            vec![5, 6, 9]
+        );
+        let two = Tree::chain(2);
+        assert_eq!(
+            tokens(accept(&two, &rows[..2], |i| (picks[i], false))),
+            vec![5, 6]
+        );
+        assert_eq!(
+            tokens(accept(&chain, &rows, |i| (picks[i], i == 0))),
+            vec![5]
+        );
+    }
+
+    #[test]
+    fn accept_descends_into_the_child_that_carries_the_models_token() {
+        // Root 3 with children 5 (row 1) and 7 (row 2); 7 has child 9 (row
+        // 3), 5 has child 9 (row 4). The model says 7, then 9, then 4.
+        let tree = Tree::from_parents(vec![0, 0, 0, 2, 1]).unwrap();
+        let rows = [3, 5, 7, 9, 9];
+        let picks = |r: usize| match r {
+            0 => 7,
+            2 => 9,
+            _ => 4,
+        };
+        let (path, out) = accept(&tree, &rows, |r| (picks(r), false));
+        assert_eq!(path, vec![0, 2, 3]);
+        assert_eq!(out, vec![7, 9, 4]);
     }
 }

@@ -560,6 +560,7 @@ fn forward<M: Forward>(
                 pos: r.pos(),
                 cache: a.gen.cache_mut(),
                 logits: r.logits(),
+                tree: r.tree(),
             });
         }
     }
@@ -590,6 +591,7 @@ fn cost_curve<M: Forward>(model: &M, max_rows: usize) -> Vec<(usize, f64)> {
                 pos: 0,
                 cache: &mut cache,
                 logits: 0..n,
+                tree: None,
             }];
             model.forward_batch(&mut seg).ok()?;
             best = best.min(t.elapsed().as_secs_f64());

@@ -50,6 +50,91 @@ pub struct Segment<'a, C> {
     pub pos: usize,
     pub cache: &'a mut C,
     pub logits: Range<usize>,
+    /// The rows as a draft tree (DESIGN.md): row i sits at position
+    /// `pos + depth(i)` and attends to the cache and its ancestors only;
+    /// its keys and values go to cache slot `pos + i`. None: a chain.
+    pub tree: Option<&'a Tree>,
+}
+
+/// The shape of a verify step's rows: row 0 is the pending token, every
+/// other row continues its parent, an earlier row. A chain is the tree
+/// whose row i continues row i - 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tree {
+    parent: Vec<usize>,
+    depth: Vec<usize>,
+}
+
+impl Tree {
+    /// A chain of `n` rows.
+    pub fn chain(n: usize) -> Tree {
+        Tree {
+            parent: (0..n).map(|i| i.saturating_sub(1)).collect(),
+            depth: (0..n).collect(),
+        }
+    }
+
+    /// A tree of `parent.len()` rows; `parent[0]` is ignored (the root).
+    /// Rows must come after their parents.
+    pub fn from_parents(parent: Vec<usize>) -> Result<Tree> {
+        let mut depth = Vec::with_capacity(parent.len());
+        for (i, &p) in parent.iter().enumerate() {
+            match i {
+                0 => depth.push(0),
+                _ if p < i => depth.push(depth[p] + 1),
+                _ => candle_core::bail!("tree row {i} has parent {p}, not an earlier row"),
+            }
+        }
+        let mut parent = parent;
+        if let Some(root) = parent.first_mut() {
+            *root = 0;
+        }
+        Ok(Tree { parent, depth })
+    }
+
+    pub fn len(&self) -> usize {
+        self.parent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parent.is_empty()
+    }
+
+    pub fn parent(&self, row: usize) -> usize {
+        self.parent[row]
+    }
+
+    pub fn depth(&self, row: usize) -> usize {
+        self.depth[row]
+    }
+
+    /// Whether row i continues row i - 1 for every i.
+    pub fn is_chain(&self) -> bool {
+        self.depth.iter().enumerate().all(|(i, &d)| d == i)
+    }
+
+    /// The rows from the root to `row`, both included.
+    pub fn path_to(&self, row: usize) -> Vec<usize> {
+        let mut path = vec![row];
+        let mut r = row;
+        while r != 0 {
+            r = self.parent[r];
+            path.push(r);
+        }
+        path.reverse();
+        path
+    }
+
+    /// The children of `row`, in row order.
+    pub fn children(&self, row: usize) -> impl Iterator<Item = usize> + '_ {
+        (row + 1..self.len()).filter(move |&c| self.parent[c] == row)
+    }
+
+    /// Keeps the first `n` rows (a tree still: parents come first).
+    pub fn truncate(&mut self, n: usize) {
+        self.parent.truncate(n);
+        self.depth.truncate(n);
+    }
 }
 
 pub trait Forward {
@@ -71,6 +156,14 @@ pub trait Forward {
     /// starting at the position after `s`'s last row.
     fn append_rows(&self, s: &mut Self::Stream, next: Self::Stream) -> Result<()>;
     fn truncate_cache(&self, cache: &mut Self::Cache, len: usize);
+    /// Keeps, of the cached rows from slot `from` on, the slots
+    /// `from + keep[i]` (ascending) moved to `from + i` in every layer, and
+    /// drops the rest: a draft tree's accepted path.
+    fn compact_cache(&self, cache: &mut Self::Cache, from: usize, keep: &[usize]) -> Result<()>;
+    /// Whether [`Self::forward_batch`] takes draft trees ([`Segment::tree`]).
+    fn supports_trees(&self) -> bool {
+        false
+    }
     fn cache_len(&self, cache: &Self::Cache) -> usize;
     /// Rows held by the fullest layer (equal to `cache_len` between steps).
     fn cache_max_len(&self, cache: &Self::Cache) -> usize;
@@ -83,6 +176,9 @@ pub trait Forward {
         let (last, vocab) = (cfg.exits.len() - 1, cfg.vocab_size);
         segs.iter_mut()
             .map(|sg| {
+                if sg.tree.is_some_and(|t| !t.is_chain()) {
+                    candle_core::bail!("draft trees need the CPU backend");
+                }
                 if sg.tokens.is_empty() {
                     return Ok(Logits::new(vec![], vocab));
                 }
@@ -131,6 +227,13 @@ impl Forward for Gpt {
     fn truncate_cache(&self, cache: &mut KvCache, len: usize) {
         cache.truncate(len)
     }
+    fn compact_cache(&self, cache: &mut KvCache, from: usize, keep: &[usize]) -> Result<()> {
+        if keep.iter().enumerate().any(|(i, &k)| k != i) {
+            candle_core::bail!("draft trees need the CPU backend");
+        }
+        cache.truncate(from + keep.len());
+        Ok(())
+    }
     fn cache_len(&self, cache: &KvCache) -> usize {
         cache.len()
     }
@@ -175,6 +278,12 @@ impl Forward for CpuGpt {
     }
     fn truncate_cache(&self, cache: &mut CpuCache, len: usize) {
         cache.truncate(len)
+    }
+    fn compact_cache(&self, cache: &mut CpuCache, from: usize, keep: &[usize]) -> Result<()> {
+        cache.compact(from, keep)
+    }
+    fn supports_trees(&self) -> bool {
+        true
     }
     fn cache_len(&self, cache: &CpuCache) -> usize {
         cache.len()

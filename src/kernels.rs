@@ -368,15 +368,19 @@ mod simd {
         q: &[f32],
         k: &[f32],
         v: &[f32],
+        keys: super::KeyRows<'_>,
         scale: f32,
         att: &mut [f32],
         out: &mut [f32],
     ) {
-        match q.len() {
-            64 => head::<8>(q, k, v, scale, att, out),
-            128 => head::<16>(q, k, v, scale, att, out),
-            32 => head::<4>(q, k, v, scale, att, out),
-            _ => super::attend_head_portable(q, k, v, scale, att, out),
+        match (q.len(), keys.tail) {
+            (64, None) => head::<8, _>(q, k, v, |j| j, scale, att, out),
+            (128, None) => head::<16, _>(q, k, v, |j| j, scale, att, out),
+            (32, None) => head::<4, _>(q, k, v, |j| j, scale, att, out),
+            (64, Some(_)) => head::<8, _>(q, k, v, |j| keys.row(j), scale, att, out),
+            (128, Some(_)) => head::<16, _>(q, k, v, |j| keys.row(j), scale, att, out),
+            (32, Some(_)) => head::<4, _>(q, k, v, |j| keys.row(j), scale, att, out),
+            _ => super::attend_head_portable(q, k, v, keys, scale, att, out),
         }
     }
 
@@ -392,17 +396,21 @@ mod simd {
     /// registers until the end (the portable loop stored and reloaded the
     /// output for every key: a quarter of a batched forward's time).
     #[inline(always)]
-    unsafe fn head<const L: usize>(
+    unsafe fn head<const L: usize, R: Fn(usize) -> usize>(
         q: &[f32],
         k: &[f32],
         v: &[f32],
+        row: R,
         scale: f32,
         att: &mut [f32],
         out: &mut [f32],
     ) {
         let hs = 8 * L;
         let n = att.len();
-        debug_assert!(k.len() >= n * hs && v.len() >= n * hs && out.len() == hs);
+        debug_assert!(
+            n == 0 || (k.len() >= (row(n - 1) + 1) * hs && v.len() >= (row(n - 1) + 1) * hs)
+        );
+        debug_assert!(out.len() == hs);
         let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
         let mut qv = [_mm256_setzero_ps(); L];
         for (l, r) in qv.iter_mut().enumerate() {
@@ -413,7 +421,7 @@ mod simd {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (l, qr) in qv.iter().enumerate() {
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add((j + i) * hs + 8 * l)), *a);
+                    *a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(row(j + i) * hs + 8 * l)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate() {
@@ -424,7 +432,7 @@ mod simd {
         while j < n {
             let mut a = _mm256_setzero_ps();
             for (l, qr) in qv.iter().enumerate() {
-                a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(j * hs + 8 * l)), a);
+                a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(row(j) * hs + 8 * l)), a);
             }
             att[j] = hsum(a) * scale;
             j += 1;
@@ -434,7 +442,7 @@ mod simd {
         for (j, w) in att.iter().enumerate() {
             let w = _mm256_set1_ps(*w);
             for (l, r) in o.iter_mut().enumerate() {
-                *r = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(j * hs + 8 * l)), *r);
+                *r = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(row(j) * hs + 8 * l)), *r);
             }
         }
         for (l, r) in o.iter().enumerate() {
@@ -800,15 +808,52 @@ pub fn sum_rows_f16(acc: &mut [f32], src: &[f16], offsets: &[u32]) {
     }
 }
 
+/// Which rows of a head's keys and values a query attends to, in order:
+/// rows `0..prefix`, then `tail`'s rows (a draft-tree node: the cached
+/// prefix, then its ancestors' rows); all `att.len()` rows from 0 when
+/// `tail` is None (causal attention over a contiguous history).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRows<'a> {
+    pub prefix: usize,
+    pub tail: Option<&'a [usize]>,
+}
+
+impl KeyRows<'_> {
+    /// Contiguous rows from 0.
+    pub const ALL: KeyRows<'static> = KeyRows {
+        prefix: 0,
+        tail: None,
+    };
+
+    #[inline(always)]
+    fn row(&self, j: usize) -> usize {
+        match self.tail {
+            Some(t) if j >= self.prefix => t[j - self.prefix],
+            _ => j,
+        }
+    }
+}
+
 /// One head of one query row: `out = softmax(scale * q K^T) V` over the
-/// `att.len()` rows of `k` and `v` (each `q.len()` wide).
-pub fn attend_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, att: &mut [f32], out: &mut [f32]) {
+/// `att.len()` rows of `k` and `v` (each `q.len()` wide) that `keys`
+/// picks. Each score is its own dot product, and the softmax and weighted
+/// sum run over the picked rows in order, so picking rows gives bitwise
+/// the result of the same rows stored contiguously.
+pub fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: KeyRows<'_>,
+    scale: f32,
+    att: &mut [f32],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: features detected at run time.
-        return unsafe { simd::attend_head(q, k, v, scale, att, out) };
+        return unsafe { simd::attend_head(q, k, v, keys, scale, att, out) };
     }
-    attend_head_portable(q, k, v, scale, att, out)
+    attend_head_portable(q, k, v, keys, scale, att, out)
 }
 
 #[inline(always)]
@@ -816,18 +861,21 @@ fn attend_head_portable(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    keys: KeyRows<'_>,
     scale: f32,
     att: &mut [f32],
     out: &mut [f32],
 ) {
     let hs = q.len();
     for (j, a) in att.iter_mut().enumerate() {
-        *a = dot_portable(q, &k[j * hs..(j + 1) * hs]) * scale;
+        let r = keys.row(j);
+        *a = dot_portable(q, &k[r * hs..(r + 1) * hs]) * scale;
     }
     softmax(att);
     out.fill(0.0);
     for (j, a) in att.iter().enumerate() {
-        axpy_portable(out, *a, &v[j * hs..(j + 1) * hs]);
+        let r = keys.row(j);
+        axpy_portable(out, *a, &v[r * hs..(r + 1) * hs]);
     }
 }
 
@@ -1072,9 +1120,9 @@ mod tests {
                 let k = data(n * hs, 12);
                 let v = data(n * hs, 13);
                 let (mut att, mut want) = (vec![0f32; n], vec![0f32; hs]);
-                attend_head_portable(&q, &k, &v, 0.125, &mut att, &mut want);
+                attend_head_portable(&q, &k, &v, KeyRows::ALL, 0.125, &mut att, &mut want);
                 let mut got = vec![0f32; hs];
-                attend_head(&q, &k, &v, 0.125, &mut att, &mut got);
+                attend_head(&q, &k, &v, KeyRows::ALL, 0.125, &mut att, &mut got);
                 let err = got
                     .iter()
                     .zip(&want)
@@ -1082,6 +1130,41 @@ mod tests {
                     .fold(0.0, f32::max);
                 assert!(err < 1e-5, "hs {hs} n {n}: max err {err}");
             }
+        }
+    }
+
+    #[test]
+    fn attention_over_picked_rows_equals_attention_over_the_same_rows_stored_contiguously() {
+        for hs in [16, 32, 64] {
+            let (prefix, n_all) = (9, 17);
+            let tail = [10usize, 12, 15, 16];
+            let q = data(hs, 21);
+            let k = data(n_all * hs, 22);
+            let v = data(n_all * hs, 23);
+            let picked: Vec<usize> = (0..prefix).chain(tail).collect();
+            let gather = |m: &[f32]| -> Vec<f32> {
+                picked
+                    .iter()
+                    .flat_map(|&r| m[r * hs..(r + 1) * hs].to_vec())
+                    .collect()
+            };
+            let n = picked.len();
+            let (mut att, mut want, mut got) = (vec![0f32; n], vec![0f32; hs], vec![0f32; hs]);
+            attend_head(
+                &q,
+                &gather(&k),
+                &gather(&v),
+                KeyRows::ALL,
+                0.125,
+                &mut att,
+                &mut want,
+            );
+            let keys = KeyRows {
+                prefix,
+                tail: Some(&tail),
+            };
+            attend_head(&q, &k, &v, keys, 0.125, &mut att, &mut got);
+            assert_eq!(got, want, "hs {hs}");
         }
     }
 

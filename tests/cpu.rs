@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
 use gpt_serve::cpu::{CpuGpt, WeightDtype};
-use gpt_serve::forward::Forward;
+use gpt_serve::forward::{Forward, Segment, Tree};
 use gpt_serve::model::{init_weights, Gpt};
 
 fn configs() -> Vec<(&'static str, Config)> {
@@ -289,4 +289,56 @@ fn rows_join_a_stream_only_at_the_same_block_and_the_next_position() {
     fast.run_blocks(&mut next, 2, &mut cache).unwrap();
     Forward::append_rows(&fast, &mut s, next).unwrap();
     assert_eq!(Forward::rows(&fast, &s), 3);
+}
+
+/// The final logits of `tokens` at `pos` on `cache`, as a chain or a tree.
+fn forward_rows(
+    m: &CpuGpt,
+    cache: &mut <CpuGpt as Forward>::Cache,
+    tokens: &[u32],
+    pos: usize,
+    tree: Option<&Tree>,
+) -> Vec<Vec<f32>> {
+    let mut seg = [Segment {
+        tokens,
+        pos,
+        cache,
+        logits: 0..tokens.len(),
+        tree,
+    }];
+    let out = Forward::forward_batch(m, &mut seg).unwrap();
+    out[0].iter().map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn a_draft_tree_gives_each_path_a_chains_logits_and_compaction_equals_a_fresh_prefill() {
+    let prompt: Vec<u32> = (0..8).map(|i| (i * 41 + 3) % 300).collect();
+    // Root 7; children 11 (row 1) and 22 (row 2); 33 under 11, 44 under 22.
+    let rows = [7u32, 11, 22, 33, 44];
+    let tree = Tree::from_parents(vec![0, 0, 0, 1, 2]).unwrap();
+    for (name, cfg) in configs() {
+        let (_, fast, _) = both_backends(&cfg);
+        let mut cache = fast.new_cache();
+        forward_rows(&fast, &mut cache, &prompt, 0, None);
+        let tree_logits = forward_rows(&fast, &mut cache, &rows, prompt.len(), Some(&tree));
+        for path in [[0usize, 1, 3], [0, 2, 4]] {
+            let chain: Vec<u32> = path.iter().map(|&r| rows[r]).collect();
+            let mut fresh = fast.new_cache();
+            forward_rows(&fast, &mut fresh, &prompt, 0, None);
+            let want = forward_rows(&fast, &mut fresh, &chain, prompt.len(), None);
+            for (i, &r) in path.iter().enumerate() {
+                assert_eq!(tree_logits[r], want[i], "{name}: path {path:?}, row {r}");
+            }
+            if path[1] == 2 {
+                // Keep the accepted path's slots; the next step must see
+                // exactly what a fresh prefill of the path gives.
+                fast.compact_cache(&mut cache, prompt.len(), &path).unwrap();
+                assert_eq!(fast.cache_len(&cache), prompt.len() + 3);
+                let at = prompt.len() + 3;
+                let got = forward_rows(&fast, &mut cache, &[55], at, None);
+                let want = forward_rows(&fast, &mut fresh, &[55], at, None);
+                assert_eq!(got, want, "{name}: the step after compaction");
+            }
+        }
+    }
 }

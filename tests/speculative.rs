@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use gpt_serve::checkpoint;
 use gpt_serve::cpu::{CpuGpt, WeightDtype};
-use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
+use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::sampling::SamplingParams;
 
@@ -93,7 +93,13 @@ fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
 }
 
 fn compare_with(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, usize, u64) {
-    let (mut diverged, mut ties, mut accepted) = (0, 0, 0);
+    let (diverged, ties, stats) = compare_stats(f, params, proposer);
+    (diverged, ties, stats.accepted + stats.exit_accepted)
+}
+
+/// As [`compare_with`], with the speculative runs' counters summed.
+fn compare_stats(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, usize, SpecStats) {
+    let (mut diverged, mut ties, mut stats) = (0, 0, SpecStats::default());
     for p in &f.prompts {
         let (plain, _) = generate(
             f,
@@ -107,7 +113,7 @@ fn compare_with(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, u
         let (mut g, _) =
             Generator::new(&f.model, proposer, p, params.clone(), f.eot, None).unwrap();
         let spec = g.run().unwrap();
-        accepted += g.stats.accepted + g.stats.exit_accepted;
+        stats.add(&g.stats);
         match plain.iter().zip(&spec).position(|(a, b)| a.id != b.id) {
             None => assert_eq!(plain.len(), spec.len()),
             Some(i) if plain[i].gap < NEAR_TIE => ties += 1,
@@ -120,7 +126,7 @@ fn compare_with(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, u
             }
         }
     }
-    (diverged, ties, accepted)
+    (diverged, ties, stats)
 }
 
 #[test]
@@ -131,13 +137,35 @@ fn greedy_speculative_output_equals_plain_output() {
         stop_at_eot: false,
         ..Default::default()
     };
-    let (diverged, ties, accepted) = compare(&f, params.clone());
+    let (diverged, ties, st) = compare_stats(&f, params.clone(), Proposer::Tree(&f.drafter));
     eprintln!(
-        "greedy: {} prompts, {diverged} diverged, {ties} near ties, {accepted} drafts accepted",
-        f.prompts.len()
+        "greedy, draft trees: {} prompts, {diverged} diverged, {ties} near ties, {} drafts accepted, {} steps branched, {} accepted a later child",
+        f.prompts.len(),
+        st.accepted,
+        st.tree_steps,
+        st.accepted_later_child
     );
     assert_eq!(diverged, 0);
-    assert!(accepted > 0, "the drafter never proposed an accepted token");
+    assert!(
+        st.accepted > 0,
+        "the drafter never proposed an accepted token"
+    );
+    assert!(st.tree_steps > 0, "the drafter never branched");
+    assert!(
+        st.accepted_later_child > 0,
+        "no draft but a first child was ever accepted"
+    );
+    let chains = GenParams {
+        draft_tree: false,
+        ..params.clone()
+    };
+    let (diverged, ties, st) = compare_stats(&f, chains, Proposer::Tree(&f.drafter));
+    eprintln!(
+        "greedy, chains: {diverged} diverged, {ties} near ties, {} accepted",
+        st.accepted
+    );
+    assert_eq!(diverged, 0);
+    assert_eq!(st.tree_steps, 0);
     let (diverged, ties, _) = compare(
         &f,
         GenParams {

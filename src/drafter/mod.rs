@@ -77,6 +77,11 @@ pub struct Drafter {
     /// split (docs/benchmarks.md).
     #[serde(default = "default_sample_sharpness")]
     pub sample_sharpness: f32,
+    /// A sibling joins a draft tree when the drafter gives it at least
+    /// this probability (a node's first child follows the chain's rule,
+    /// `threshold`); tuned on the train split (docs/benchmarks.md).
+    #[serde(default = "default_sibling_floor")]
+    pub sibling_floor: f32,
     /// Whether each token starts a word (from the tokenizer).
     pub word_start: Vec<bool>,
     /// Training report: feature importances, replay figures.
@@ -88,6 +93,24 @@ pub struct Drafter {
 
 fn default_sample_sharpness() -> f32 {
     1.0
+}
+
+fn default_sibling_floor() -> f32 {
+    0.05
+}
+
+/// Children per draft-tree node at most.
+pub const MAX_CHILDREN: usize = 3;
+
+/// One node of a draft tree: its token, the drafter's probability of it
+/// given its parent, the product of those from the root (`path`), and its
+/// parent's row (0: the root, the pending token; row i: node i - 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TreeDraft {
+    pub token: u32,
+    pub prob: f32,
+    pub path: f32,
+    pub parent: usize,
 }
 
 /// One drafted token and the probability the tree gave it.
@@ -175,6 +198,7 @@ impl Drafter {
             threshold,
             k_max,
             sample_sharpness: default_sample_sharpness(),
+            sibling_floor: default_sibling_floor(),
             word_start,
             report: serde_json::Value::Null,
             class_index: vec![],
@@ -376,6 +400,81 @@ impl Drafter {
         out
     }
 
+    /// A draft tree of up to `budget` nodes after `ctx`, grown by path
+    /// probability (EAGLE-2's rule): the candidate whose path (the product
+    /// of the drafter's probabilities from the root) is likeliest joins
+    /// next, so nodes come in order of falling path probability, parents
+    /// first. A node's most likely child joins as a chain's next draft
+    /// would (above `threshold` and the `__MODEL__` class); its other
+    /// candidates when their probability reaches `sibling_floor`. Every
+    /// node's path probability is at least `min_path`; depth is at most
+    /// `k_max`. Greedy decoding only: a sampled draft has one child.
+    pub fn propose_tree(
+        &self,
+        ctx: &[u32],
+        budget: usize,
+        verified: Verified,
+        threshold: f32,
+        min_path: f32,
+    ) -> Vec<TreeDraft> {
+        let mut nodes: Vec<TreeDraft> = Vec::new();
+        if budget == 0 {
+            return nodes;
+        }
+        let mut depth: Vec<usize> = vec![0];
+        // Candidates: (path probability, parent row, token, probability).
+        let mut open: Vec<(f32, usize, u32, f32)> = Vec::new();
+        let mut ext = ctx.to_vec();
+        let mut row = 0;
+        loop {
+            if depth[row] < self.k_max {
+                let e = self.estimate(&ext, verified);
+                let path = if row == 0 { 1.0 } else { nodes[row - 1].path };
+                open.extend(
+                    self.children(&e, threshold)
+                        .map(|(t, q)| (path * q, row, t, q)),
+                );
+            }
+            let Some(best) = (0..open.len()).max_by(|&a, &b| open[a].0.total_cmp(&open[b].0))
+            else {
+                break;
+            };
+            let (path, parent, token, prob) = open.swap_remove(best);
+            if path < min_path || nodes.len() >= budget {
+                break;
+            }
+            nodes.push(TreeDraft {
+                token,
+                prob,
+                path,
+                parent,
+            });
+            depth.push(depth[parent] + 1);
+            row = nodes.len();
+            ext.truncate(ctx.len());
+            ext.extend(tokens_to(&nodes, row));
+        }
+        nodes
+    }
+
+    /// The children a tree node gets from its estimate: the most likely
+    /// token as a chain would draft it, then siblings above the floor.
+    fn children(&self, e: &Estimate, threshold: f32) -> impl Iterator<Item = (u32, f32)> {
+        let mut c: Vec<(u32, f32)> = e.tokens.clone();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let first_ok = c.first().is_some_and(|f| f.1 >= threshold && f.1 > e.model);
+        let n = if first_ok {
+            1 + c[1..]
+                .iter()
+                .take_while(|x| x.1 >= self.sibling_floor)
+                .count()
+        } else {
+            0
+        };
+        c.truncate(n.min(MAX_CHILDREN));
+        c.into_iter()
+    }
+
     pub fn save(&self, path: &Path) -> Result<(), DrafterError> {
         let json = serde_json::to_vec(self).map_err(|e| DrafterError::Read {
             path: path.display().to_string(),
@@ -435,6 +534,18 @@ impl Drafter {
         d.index();
         Ok(d)
     }
+}
+
+/// The tokens on the path from the root (excluded) to tree row `row`.
+fn tokens_to(nodes: &[TreeDraft], mut row: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    while row != 0 {
+        let n = &nodes[row - 1];
+        out.push(n.token);
+        row = n.parent;
+    }
+    out.reverse();
+    out
 }
 
 /// The simple baseline: match the context's suffix earlier in the context
