@@ -466,7 +466,12 @@ fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
         cfg.n_params()
     );
     let initial = initial_weights(&o, &cfg, resumed, &device)?;
-    let (varmap, frozen, model, opt) = build_model(&o, &cfg, initial, &device)?;
+    let Built {
+        varmap,
+        frozen,
+        model,
+        opt,
+    } = build_model(&o, &cfg, initial, &device)?;
     Ok(Run {
         o,
         device,
@@ -560,6 +565,14 @@ fn new_exit(name: &str, w: &HashMap<String, Tensor>) -> Option<Tensor> {
     w.get(source).cloned()
 }
 
+/// What [`build_model`] makes.
+struct Built {
+    varmap: VarMap,
+    frozen: Vec<(String, Tensor)>,
+    model: Gpt,
+    opt: optim::AdamW,
+}
+
 /// Variables holding the trainable part of `initial`, the frozen rest,
 /// the model that reads both, and AdamW over the variables.
 fn build_model(
@@ -567,7 +580,7 @@ fn build_model(
     cfg: &Config,
     initial: Vec<(String, Tensor)>,
     device: &Device,
-) -> anyhow::Result<(VarMap, Vec<(String, Tensor)>, Gpt, optim::AdamW)> {
+) -> anyhow::Result<Built> {
     let varmap = VarMap::new();
     let mut vars = Vec::new();
     let mut frozen = Vec::new();
@@ -600,7 +613,12 @@ fn build_model(
             ..Default::default()
         },
     )?;
-    Ok((varmap, frozen, model, opt))
+    Ok(Built {
+        varmap,
+        frozen,
+        model,
+        opt,
+    })
 }
 
 /// The resumed trainer state (with its optimizer moments loaded and the
