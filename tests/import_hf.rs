@@ -3,19 +3,25 @@
 //! scripts/make_hf_fixture.py): its logits on both forward paths, the
 //! `export-hf` round trip bit for bit, sharded and legacy layouts, clear
 //! errors for malformed directories, frozen-backbone exit training, and a
-//! drafter trained on the imported model, speculating with plain output.
+//! drafter trained on the imported model, speculating with plain output in
+//! decoding and through the HTTP server.
 //! Needs no `../shared/data`: the training text is the prose fixture.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use gpt_serve::checkpoint;
 use gpt_serve::cpu::WeightDtype;
-use gpt_serve::decode::{GenParams, Generator, Proposer};
+use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
 use gpt_serve::drafter::Drafter;
+use gpt_serve::engine::{Backend, EngineConfig};
 use gpt_serve::hf::{export::export_hf, import::import_hf};
+use gpt_serve::metrics::Metrics;
+use gpt_serve::server::{self, ServeOptions};
 use gpt_serve::train::{self, TrainOptions};
 
 /// Largest absolute logit difference allowed against `transformers` (f64).
@@ -387,19 +393,27 @@ const HELD_OUT: &str = "The carrier came up the lane at noon with a letter for t
     until the evening, when the lamps were lit and the doors were shut against the rain. \
     Then he read it aloud to us, slowly, as if every word cost him something.";
 
-#[test]
-fn a_drafter_trained_on_the_imported_model_gets_drafts_accepted_with_plain_output() {
+/// The imported fixture with trained exits and drafter. On a model this
+/// small a k-row verify costs nearly k plain steps, so the tuned threshold
+/// may draft nothing; the threshold and the (guessed) verify costs are
+/// fixed to test the drafter's predictions themselves.
+fn with_drafter() -> (tempfile::TempDir, PathBuf, Drafter) {
     let (tmp, ck) = import(&fixture());
     let out = tmp.path().join("exits");
     train_exits(&ck, &out);
-    let loaded = checkpoint::load(&out, &Device::Cpu).unwrap();
-    let model = loaded.cpu(loaded.serving_dtype()).unwrap();
-    let mut drafter = Drafter::load(&out.join("drafter.json"), model.cfg.vocab_size).unwrap();
-    // On a model this small a k-row verify costs nearly k plain steps, so
-    // the tuned threshold may draft nothing; fix it, and the guessed verify
-    // costs, to test the drafter's predictions themselves.
+    let vocab = checkpoint::load_config(&out).unwrap().model.vocab_size;
+    let mut drafter = Drafter::load(&out.join("drafter.json"), vocab).unwrap();
     drafter.threshold = 0.2;
     drafter.report = serde_json::Value::Null;
+    (tmp, out, drafter)
+}
+
+#[test]
+fn a_drafter_trained_on_the_imported_model_gets_drafts_accepted_with_plain_output() {
+    let (_tmp, out, drafter) = with_drafter();
+    let loaded = checkpoint::load(&out, &Device::Cpu).unwrap();
+    let model = loaded.cpu(loaded.serving_dtype()).unwrap();
+    let eot = loaded.tokenizer.eot();
     let ids = loaded.tokenizer.encode(HELD_OUT).unwrap();
     let (mut accepted, mut drafted) = (0, 0);
     for p in ids.chunks_exact(12) {
@@ -412,13 +426,11 @@ fn a_drafter_trained_on_the_imported_model_gets_drafts_accepted_with_plain_outpu
             speculate: false,
             ..params.clone()
         };
-        let eot = loaded.tokenizer.eot();
         let (mut plain, _) =
             Generator::new(&model, Proposer::None, p, plain_params, eot, None).unwrap();
         let (mut spec, _) =
             Generator::new(&model, Proposer::Tree(&drafter), p, params, eot, None).unwrap();
-        let ids =
-            |o: Vec<gpt_serve::decode::TokenOut>| o.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let ids = |o: Vec<TokenOut>| o.into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(
             ids(plain.run().unwrap()),
             ids(spec.run().unwrap()),
@@ -429,4 +441,66 @@ fn a_drafter_trained_on_the_imported_model_gets_drafts_accepted_with_plain_outpu
     }
     eprintln!("{accepted} of {drafted} drafts accepted");
     assert!(accepted > 0, "no draft accepted ({drafted} drafted)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_speculates_on_the_imported_model_with_plain_output() {
+    let (_tmp, out, drafter) = with_drafter();
+    let loaded = checkpoint::load(&out, &Device::Cpu).unwrap();
+    let engine = EngineConfig {
+        backend: Backend::Cpu(loaded.serving_dtype()),
+        max_active: 4,
+        max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
+        cascade: false,
+        exit_confidence: 0.5,
+        fault: None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let state = server::build(
+        loaded,
+        Some(drafter),
+        engine,
+        "gpt2",
+        metrics,
+        ServeOptions::default(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/completions", listener.local_addr().unwrap());
+    let serving = state.clone();
+    tokio::spawn(async move { server::serve(listener, serving, std::future::pending()).await });
+    state.wait_ready(Duration::from_secs(5)).await;
+    let complete = |prompt: String, speculate: bool| {
+        let body = serde_json::json!({"model": "gpt2", "prompt": prompt, "max_tokens": 40,
+            "temperature": 0, "speculate": speculate, "spec_stats": true});
+        let url = url.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v = r.json::<serde_json::Value>().await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+    // Four words each, one request at a time (a lone sequence drafts; a
+    // batch drafts only where it pays): prompt and completion fit the
+    // 64-position context.
+    let words: Vec<&str> = HELD_OUT.split_whitespace().collect();
+    let mut accepted = 0;
+    for w in words.chunks_exact(4) {
+        let plain = complete(w.join(" "), false).await;
+        let spec = complete(w.join(" "), true).await;
+        assert_eq!(
+            plain["choices"][0]["text"], spec["choices"][0]["text"],
+            "{w:?}"
+        );
+        accepted += spec["spec_stats"]["accepted"].as_u64().unwrap();
+    }
+    eprintln!("served: {accepted} drafts accepted");
+    assert!(accepted > 0, "no draft accepted");
 }
