@@ -129,11 +129,7 @@ impl HfTensors {
     fn file_name(&self, name: &str) -> String {
         match self.params.get(name) {
             Some(n) => n.clone(),
-            None if self
-                .params
-                .keys()
-                .any(|k| self.params[k].starts_with(PREFIX)) =>
-            {
+            None if self.params.values().any(|v| v.starts_with(PREFIX)) => {
                 format!("{PREFIX}{name}")
             }
             None => name.to_string(),
