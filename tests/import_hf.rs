@@ -393,6 +393,34 @@ const HELD_OUT: &str = "The carrier came up the lane at noon with a letter for t
     until the evening, when the lamps were lit and the doors were shut against the rain. \
     Then he read it aloud to us, slowly, as if every word cost him something.";
 
+#[test]
+fn a_save_dtype_that_would_round_the_frozen_backbone_is_refused() {
+    let (tmp, ck) = import(&fixture());
+    let prose = root().join("tests/fixtures/prose.txt");
+    let out = tmp.path().join("exits");
+    let args = [
+        "train",
+        prose.to_str().unwrap(),
+        "--init-from",
+        ck.to_str().unwrap(),
+        "--freeze-backbone",
+        "--exits",
+        "2:0.3,3:0.7",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--save-dtype",
+        "f16",
+    ];
+    let err = train::run(Cli::try_parse_from(args).unwrap().o).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("--save-dtype f16") && err.contains("f32"),
+        "{err}"
+    );
+}
+
 /// The imported fixture with trained exits and drafter. On a model this
 /// small a k-row verify costs nearly k plain steps, so the tuned threshold
 /// may draft nothing; the threshold and the (guessed) verify costs are

@@ -310,12 +310,20 @@ fn trainable(o: &TrainOptions, name: &str) -> bool {
 }
 
 /// The final weights' dtype: `--save-dtype`, else the backbone's when it
-/// is frozen, else f32.
+/// is frozen, else f32. A frozen backbone is never rounded: it is saved in
+/// its own dtype or in f32.
 fn save_dtype(o: &TrainOptions) -> anyhow::Result<String> {
-    match (&o.save_dtype, &o.init_from) {
+    let frozen = match &o.init_from {
+        Some(dir) if o.freeze_backbone => Some(checkpoint::load_config(dir)?.dtype),
+        _ => None,
+    };
+    match (&o.save_dtype, frozen) {
+        (Some(d), Some(src)) if *d != src && d != "f32" => bail!(
+            "--save-dtype {d} would round the frozen backbone, stored in {src}: use {src} or f32"
+        ),
         (Some(d), _) => Ok(d.clone()),
-        (None, Some(dir)) if o.freeze_backbone => Ok(checkpoint::load_config(dir)?.dtype),
-        _ => Ok("f32".into()),
+        (None, Some(src)) => Ok(src),
+        (None, None) => Ok("f32".into()),
     }
 }
 
