@@ -14,6 +14,10 @@ Weights are random (GPT-2 init, seed 0); llama.cpp gets the same weights in a
 GGUF file written with the `gguf` package (architecture `gpt2`, GPT-2's own
 vocabulary cut to the model's size). Threads: 2 (both engines).
 
+`--hf DIR` measures a local Hugging Face GPT2LMHeadModel directory instead
+(row preset "served", matching `gpt-serve bench --model` on its import;
+its vocab.json and merges.txt, when present, are the GGUF's vocabulary).
+
 Run by scripts/cpu-reference.sh, outside CI (PyPI's torch wheel brings ~5 GB
 of CUDA libraries; llama-cpp-python compiles llama.cpp). Prints JSON on stdout.
 """
@@ -242,9 +246,24 @@ def llama_figures(model, preset, check_logits):
     return {**figures(decode, prefill, verify, n), "max_logit_diff_vs_torch": err}
 
 
+def hf_dir_model(path):
+    """A local HF directory, as the preset "served" (f32, eval mode)."""
+    global GPT2_DIR
+    model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    c = model.config
+    PRESETS["served"] = (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size, 32)
+    if os.path.exists(os.path.join(path, "vocab.json")):
+        GPT2_DIR = path
+    return model
+
+
 def main():
     torch.set_num_threads(THREADS)
-    presets = sys.argv[1:] or list(PRESETS)
+    args = sys.argv[1:]
+    hf = None
+    if args[:1] == ["--hf"]:
+        hf, args = args[1], args[2:]
+    presets = ["served"] if hf else args or list(PRESETS)
     out = {"threads": THREADS, "torch": torch.__version__, "rows": []}
     try:
         import llama_cpp
@@ -253,7 +272,7 @@ def main():
     except ImportError:
         llama_cpp = None
     for p in presets:
-        model = hf_model(p)
+        model = hf_dir_model(hf) if hf else hf_model(p)
         row = {"preset": p, "pytorch_eager_f32": torch_figures(model, p)}
         print(f"{p} pytorch {row['pytorch_eager_f32']}", file=sys.stderr)
         if llama_cpp is not None:

@@ -583,17 +583,21 @@ fn reference_markdown(result: &Value) -> String {
     let (refs, plain) = (rows(&result["reference"]["rows"]), rows(&result["plain"]));
     let mut ratios = String::new();
     for r in refs {
-        let preset = r["preset"].as_str().unwrap_or("");
+        // "served": the checkpoint under test (`cpu_reference.py --hf`).
+        let model = match r["preset"].as_str().unwrap_or("") {
+            "served" => "served".to_string(),
+            preset => format!("random {preset}"),
+        };
         let ours = plain
             .iter()
-            .find(|p| p["model"].as_str() == Some(&format!("random {preset}")));
+            .find(|p| p["model"].as_str() == Some(model.as_str()));
         for engine in ["pytorch_eager_f32", "llama_cpp_f32"] {
             let p = &r[engine];
             let Some(theirs) = p["decode_tok_s"].as_f64() else {
                 continue;
             };
             s += &format!(
-                "| random {preset} (reference) | {engine} | {:.0} | {:.0} | {:.2}x | {:.2}x |\n",
+                "| {model} (reference) | {engine} | {:.0} | {:.0} | {:.2}x | {:.2}x |\n",
                 theirs,
                 p["prefill_64_tok_s"].as_f64().unwrap_or(0.0),
                 p["verify_4_over_1"].as_f64().unwrap_or(0.0),
@@ -602,7 +606,7 @@ fn reference_markdown(result: &Value) -> String {
             if let Some(o) = ours {
                 let f = |b: &str| o["backends"][b]["decode_tok_s"].as_f64().unwrap_or(0.0) / theirs;
                 ratios += &format!(
-                    "| random {preset} | {engine} | {:.2}x | {:.2}x |\n",
+                    "| {model} | {engine} | {:.2}x | {:.2}x |\n",
                     f("fast_f32"),
                     f("fast_f16")
                 );

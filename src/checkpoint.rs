@@ -58,7 +58,8 @@ type Result<T> = std::result::Result<T, CheckpointError>;
 pub struct CheckpointConfig {
     pub format_version: u32,
     pub model: Config,
-    /// Storage dtype of model.safetensors ("f32" or "f16"); loading upcasts.
+    /// Storage dtype of model.safetensors ("f32", "f16", or "bf16" for
+    /// imported bf16 models); loading upcasts (exactly) to f32.
     pub dtype: String,
     /// Free-form training metadata (command, steps, tokens, losses, time).
     #[serde(default)]
@@ -68,10 +69,10 @@ pub struct CheckpointConfig {
 impl CheckpointConfig {
     /// The dtype model.safetensors is stored in.
     pub fn storage_dtype(&self) -> DType {
-        if self.dtype == "f16" {
-            DType::F16
-        } else {
-            DType::F32
+        match self.dtype.as_str() {
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            _ => DType::F32,
         }
     }
 }
@@ -235,7 +236,8 @@ impl Loaded {
     }
 
     /// The weight storage that serves this checkpoint exactly: f16 when it
-    /// was saved in f16 (no rounding beyond what is stored), else f32.
+    /// was saved in f16 (no rounding beyond what is stored), else f32 (bf16
+    /// has a wider range than f16, so it is served as f32).
     pub fn serving_dtype(&self) -> crate::cpu::WeightDtype {
         match self.config.dtype.as_str() {
             "f16" => crate::cpu::WeightDtype::F16,

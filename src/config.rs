@@ -54,6 +54,16 @@ pub struct Config {
     /// `x = a_i * x + b_i * x0` before each block, a = 1 and b = 0 at init.
     #[serde(default)]
     pub x0_skip: bool,
+    /// Epsilon of every LayerNorm (GPT-2: 1e-5; imported models keep theirs).
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+}
+
+/// GPT-2's LayerNorm epsilon, the default of checkpoints that predate the field.
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
+fn default_layer_norm_epsilon() -> f64 {
+    LAYER_NORM_EPSILON
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -103,6 +113,7 @@ impl Config {
             exit_head: ExitHead::Tied,
             dwa: None,
             x0_skip: false,
+            layer_norm_epsilon: LAYER_NORM_EPSILON,
         })
     }
 
@@ -180,6 +191,12 @@ impl Config {
             return bad(format!(
                 "the last exit must be block n_layer ({}), got {prev}",
                 self.n_layer
+            ));
+        }
+        if !(self.layer_norm_epsilon > 0.0 && self.layer_norm_epsilon < 1.0) {
+            return bad(format!(
+                "layer_norm_epsilon must be in (0, 1), got {}",
+                self.layer_norm_epsilon
             ));
         }
         if let Some(d) = self.dwa {

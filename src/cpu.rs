@@ -22,8 +22,6 @@ use crate::config::{Config, ExitHead};
 use crate::forward::{Segment, Tree};
 use crate::kernels::{self, KeyRows, Matrix};
 
-const LN_EPS: f32 = 1e-5;
-
 /// Runs `f` on a worker of the inference thread pool (one thread per
 /// core). Fork/join from inside a pool is work stealing; from an outside
 /// thread every parallel matmul is a cross-thread wake-up, which made a
@@ -85,12 +83,13 @@ impl Mat {
 struct Norm {
     w: Vec<f32>,
     b: Option<Vec<f32>>,
+    eps: f32,
 }
 
 impl Norm {
     fn forward(&self, x: &[f32]) -> Vec<f32> {
         let mut y = vec![0f32; x.len()];
-        kernels::layer_norm(x, &self.w, self.b.as_deref(), LN_EPS, &mut y);
+        kernels::layer_norm(x, &self.w, self.b.as_deref(), self.eps, &mut y);
         y
     }
 }
@@ -274,6 +273,7 @@ impl CpuGpt {
             Ok(Norm {
                 w: get(w, &format!("{p}.weight"), c)?,
                 b: bias(p, c)?,
+                eps: cfg.layer_norm_epsilon as f32,
             })
         };
         let linear = |p: &str, n: usize, k: usize| -> Result<Mat> {

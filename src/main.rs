@@ -1,4 +1,5 @@
-//! The `gpt-serve` command line: train, sample, eval, train-drafter, serve, bench.
+//! The `gpt-serve` command line: train, sample, eval, train-drafter, serve, bench,
+//! import-hf, export-hf.
 
 /// mimalloc: decoding allocates and frees many mid-size buffers per step
 /// (activations, logits); glibc's malloc spent 7-10% of a decode step in
@@ -39,6 +40,14 @@ enum Cmd {
     Serve(gpt_serve::serve::ServeArgs),
     /// Benchmarks: plain decode figures and speculative decoding side by side.
     Bench(gpt_serve::bench::BenchOptions),
+    /// Import a local Hugging Face GPT-2 directory (GPT2LMHeadModel) as a checkpoint.
+    ImportHf {
+        /// Directory with config.json, model.safetensors (or shards and
+        /// their index) and tokenizer.json (or vocab.json + merges.txt).
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Export a baseline-architecture checkpoint to Hugging Face GPT2LMHeadModel format.
     ExportHf {
         #[arg(long, default_value = "models/default")]
@@ -83,7 +92,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
         Cmd::Sample(a) => gpt_serve::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::serve::run(a)?,
-        Cmd::ExportHf { model, out } => gpt_serve::export::export_hf(&model, &out)?,
+        Cmd::ImportHf { dir, out } => {
+            let c = gpt_serve::hf::import::import_hf(&dir, &out)?;
+            println!("{}", gpt_serve::hf::import::summary(&out, &c));
+        }
+        Cmd::ExportHf { model, out } => gpt_serve::hf::export::export_hf(&model, &out)?,
         Cmd::Bench(o) => {
             let r = gpt_serve::bench::run(&o)?;
             let md = gpt_serve::bench::markdown(&r);

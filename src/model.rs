@@ -18,18 +18,23 @@ use candle_nn::VarBuilder;
 use crate::config::{Config, ExitHead};
 use crate::kv_cache::{KvCache, LayerCache};
 
-const LN_EPS: f64 = 1e-5;
-
 struct Norm {
     weight: Tensor,
     bias: Option<Tensor>,
+    eps: f32,
 }
 
 impl Norm {
-    fn new(c: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.n_embd;
         let weight = vb.get(c, "weight")?;
-        let bias = if bias { Some(vb.get(c, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        let bias = if cfg.bias {
+            Some(vb.get(c, "bias")?)
+        } else {
+            None
+        };
+        let eps = cfg.layer_norm_epsilon as f32;
+        Ok(Self { weight, bias, eps })
     }
 
     fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
@@ -42,9 +47,9 @@ impl Norm {
             }
         };
         if fused {
-            candle_nn::ops::layer_norm(x, &self.weight, bias, LN_EPS as f32)
+            candle_nn::ops::layer_norm(x, &self.weight, bias, self.eps)
         } else {
-            crate::ops::layer_norm(x, &self.weight, bias, LN_EPS as f32)
+            crate::ops::layer_norm(x, &self.weight, bias, self.eps)
         }
     }
 }
@@ -173,7 +178,6 @@ struct Block {
 
 impl Block {
     fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
         let skip = if cfg.x0_skip {
             Some(vb.get(2, "skip")?)
         } else {
@@ -184,9 +188,9 @@ impl Block {
             None => None,
         };
         Ok(Self {
-            ln_1: Norm::new(c, cfg.bias, vb.pp("ln_1"))?,
+            ln_1: Norm::new(cfg, vb.pp("ln_1"))?,
             attn: Attention::new(cfg, vb.pp("attn"))?,
-            ln_2: Norm::new(c, cfg.bias, vb.pp("ln_2"))?,
+            ln_2: Norm::new(cfg, vb.pp("ln_2"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
             skip,
             dwa,
@@ -308,7 +312,7 @@ impl Gpt {
             .map(|(k, e)| {
                 if k == last {
                     return Ok(ExitLayer {
-                        ln: Norm::new(c, cfg.bias, vb.pp("ln_f"))?,
+                        ln: Norm::new(cfg, vb.pp("ln_f"))?,
                         lm_head: None,
                     });
                 }
@@ -318,7 +322,7 @@ impl Gpt {
                     ExitHead::Own => Some(vb.get((cfg.vocab_size, c), "lm_head.weight")?),
                 };
                 Ok(ExitLayer {
-                    ln: Norm::new(c, cfg.bias, vb.pp("ln"))?,
+                    ln: Norm::new(cfg, vb.pp("ln"))?,
                     lm_head,
                 })
             })

@@ -16,6 +16,7 @@ pub mod report;
 pub mod schedule;
 pub mod snapshot;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -132,15 +133,26 @@ pub struct TrainOptions {
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 200)]
     pub save_every: u64,
-    /// Start from the weights of an existing checkpoint (fine-tuning).
+    /// Start from the weights of an existing checkpoint (fine-tuning). With
+    /// --exits, the exits are replaced: new exit LayerNorms start as copies
+    /// of ln_f, own heads as copies of wte.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Train only the exit heads (exit LayerNorms, own projections): every
+    /// block, the embeddings and the final head stay bitwise unchanged.
+    /// Needs --init-from and --exits with an exit before the last block.
+    #[arg(long)]
+    #[serde(default)]
+    pub freeze_backbone: bool,
     /// Continue the run in --out from its last checkpoint (stored options win).
     #[arg(long)]
     pub resume: bool,
-    /// Storage dtype of the final weights: f32 or f16.
-    #[arg(long, value_parser = ["f32", "f16"], default_value = "f32")]
-    pub save_dtype: String,
+    /// Storage dtype of the final weights: f32, f16 or bf16 (default: f32,
+    /// or with --freeze-backbone the --init-from checkpoint's, so the
+    /// backbone keeps its stored bits).
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    #[serde(default)]
+    pub save_dtype: Option<String>,
     /// Token cache directory.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -189,6 +201,10 @@ pub struct TrainSummary {
     pub train_loss: f32,
     /// Validation loss of each exit (block, loss).
     pub val_loss: Vec<(usize, f32)>,
+    /// Top-1 agreement of each exit with the final head on validation
+    /// windows (block, share of positions), when the model has exits.
+    #[serde(default)]
+    pub exit_agreement: Vec<(usize, f32)>,
 }
 
 fn parse_exits(s: &str, n_layer: usize) -> anyhow::Result<Vec<Exit>> {
@@ -233,11 +249,7 @@ pub fn model_config(o: &TrainOptions, vocab_size: usize) -> anyhow::Result<Confi
     if let Some(e) = &o.exits {
         c.exits = parse_exits(e, c.n_layer)?;
     }
-    c.exit_head = if o.exit_head == "own" {
-        ExitHead::Own
-    } else {
-        ExitHead::Tied
-    };
+    c.exit_head = exit_head(o);
     if let Some(d) = &o.dwa {
         let (a, b) = d
             .split_once('x')
@@ -250,6 +262,69 @@ pub fn model_config(o: &TrainOptions, vocab_size: usize) -> anyhow::Result<Confi
     c.x0_skip = o.x0_skip;
     c.validate()?;
     Ok(c)
+}
+
+fn exit_head(o: &TrainOptions) -> ExitHead {
+    if o.exit_head == "own" {
+        ExitHead::Own
+    } else {
+        ExitHead::Tied
+    }
+}
+
+/// The config of an `--init-from` run: the checkpoint's, with `--exits`
+/// (and `--exit-head`) replacing its exits when given.
+fn init_config(o: &TrainOptions, dir: &Path) -> anyhow::Result<Config> {
+    let mut c = checkpoint::load_config(dir)?.model;
+    if let Some(e) = &o.exits {
+        c.exits = parse_exits(e, c.n_layer)?;
+        c.exit_head = exit_head(o);
+        c.validate()?;
+    }
+    Ok(c)
+}
+
+/// `--freeze-backbone` trains exits of a given backbone: it needs one, and
+/// an exit to train.
+fn check_freeze(o: &TrainOptions, cfg: &Config) -> anyhow::Result<()> {
+    if !o.freeze_backbone {
+        return Ok(());
+    }
+    if o.init_from.is_none() {
+        bail!("--freeze-backbone needs --init-from DIR (the trained or imported backbone)");
+    }
+    if cfg.exits.len() < 2 {
+        bail!(
+            "--freeze-backbone trains exit heads only, and the model has none before block {}: give --exits (e.g. {})",
+            cfg.n_layer,
+            crate::hf::import::exits_hint(cfg.n_layer)
+        );
+    }
+    Ok(())
+}
+
+/// Whether `name` learns: everything, or with `--freeze-backbone` the exit
+/// heads only.
+fn trainable(o: &TrainOptions, name: &str) -> bool {
+    !o.freeze_backbone || name.starts_with("exits.")
+}
+
+/// The final weights' dtype: `--save-dtype`, else the backbone's when it
+/// is frozen, else f32. A frozen backbone is never rounded: it is saved in
+/// its own dtype or in f32.
+fn save_dtype(o: &TrainOptions) -> anyhow::Result<String> {
+    let frozen = match &o.init_from {
+        Some(dir) if o.freeze_backbone => Some(checkpoint::load_config(dir)?.dtype),
+        _ => None,
+    };
+    match (&o.save_dtype, frozen) {
+        (Some(d), Some(src)) if *d != src && d != "f32" => bail!(
+            "--save-dtype {d} would round the frozen backbone, stored in {src}: use {src} or f32"
+        ),
+        (Some(d), _) => Ok(d.clone()),
+        (None, Some(src)) => Ok(src),
+        (None, None) => Ok("f32".into()),
+    }
 }
 
 fn check_options(o: &TrainOptions) -> anyhow::Result<()> {
@@ -357,6 +432,8 @@ struct Run {
     train: Vec<u32>,
     val: Vec<u32>,
     varmap: VarMap,
+    /// With `--freeze-backbone`: the backbone, constants (no gradients).
+    frozen: Vec<(String, Tensor)>,
     model: Gpt,
     opt: optim::AdamW,
 }
@@ -379,9 +456,11 @@ fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
     let (train, val) = token_splits(&o, &tokenizer)?;
     let cfg = match (resumed, &o.init_from) {
         (Some(r), _) => checkpoint::load_config(&r.dir)?.model,
-        (None, Some(dir)) => checkpoint::load_config(dir)?.model,
+        (None, Some(dir)) => init_config(&o, dir)?,
         (None, None) => model_config(&o, tokenizer.vocab_size())?,
     };
+    check_freeze(&o, &cfg)?;
+    o.save_dtype = Some(save_dtype(&o)?);
     let t = o.context.unwrap_or(cfg.block_size).min(cfg.block_size);
     o.context = Some(t);
     data::check_len("train", &train, t)?;
@@ -395,7 +474,12 @@ fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
         cfg.n_params()
     );
     let initial = initial_weights(&o, &cfg, resumed, &device)?;
-    let (varmap, model, opt) = build_model(&o, &cfg, initial, &device)?;
+    let Built {
+        varmap,
+        frozen,
+        model,
+        opt,
+    } = build_model(&o, &cfg, initial, &device)?;
     Ok(Run {
         o,
         device,
@@ -405,6 +489,7 @@ fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
         train,
         val,
         varmap,
+        frozen,
         model,
         opt,
     })
@@ -443,8 +528,8 @@ fn token_splits(o: &TrainOptions, tok: &Tokenizer) -> anyhow::Result<(Vec<u32>, 
     }
 }
 
-/// The starting weights: the resumed run's, `--init-from`'s, or seeded
-/// random ones.
+/// The starting weights: the resumed run's, `--init-from`'s (with new
+/// exits started by [`new_exit`]), or seeded random ones.
 fn initial_weights(
     o: &TrainOptions,
     cfg: &Config,
@@ -461,38 +546,70 @@ fn initial_weights(
     crate::model::param_shapes(cfg)
         .into_iter()
         .map(|(n, _)| {
-            let t = w.get(&n).with_context(|| {
+            let t = w.get(&n).cloned().or_else(|| new_exit(&n, &w));
+            let t = t.with_context(|| {
                 format!(
                     "{} lacks tensor `{n}`: it holds another model config",
                     path.display()
                 )
             })?;
-            Ok((n, t.clone()))
+            Ok((n, t))
         })
         .collect()
 }
 
-/// Variables holding `initial`, the model that reads them, and AdamW over
-/// them.
+/// The start of an exit the checkpoint lacks: its LayerNorm a copy of
+/// `ln_f`, its own head a copy of `wte` (the final head's projection), so
+/// it begins as the final head applied early.
+fn new_exit(name: &str, w: &HashMap<String, Tensor>) -> Option<Tensor> {
+    let rest = name.strip_prefix("exits.")?;
+    let (_, param) = rest.split_once('.')?;
+    let source = match param {
+        "ln.weight" => "ln_f.weight",
+        "ln.bias" => "ln_f.bias",
+        "lm_head.weight" => "wte.weight",
+        _ => return None,
+    };
+    w.get(source).cloned()
+}
+
+/// What [`build_model`] makes.
+struct Built {
+    varmap: VarMap,
+    frozen: Vec<(String, Tensor)>,
+    model: Gpt,
+    opt: optim::AdamW,
+}
+
+/// Variables holding the trainable part of `initial`, the frozen rest,
+/// the model that reads both, and AdamW over the variables.
 fn build_model(
     o: &TrainOptions,
     cfg: &Config,
     initial: Vec<(String, Tensor)>,
     device: &Device,
-) -> anyhow::Result<(VarMap, Gpt, optim::AdamW)> {
+) -> anyhow::Result<Built> {
     let varmap = VarMap::new();
     let mut vars = Vec::new();
+    let mut frozen = Vec::new();
+    let mut all = HashMap::new();
     {
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, t) in initial {
+            if !trainable(o, &name) {
+                all.insert(name.clone(), t.clone());
+                frozen.push((name, t));
+                continue;
+            }
             let v = Var::from_tensor(&t)?;
+            all.insert(name.clone(), v.as_tensor().clone());
             data.insert(name.clone(), v.clone());
             vars.push((name, v));
         }
     }
     let model = Gpt::new(
         cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
+        VarBuilder::from_tensors(all, DType::F32, device),
         false,
     )?;
     let opt = optim::AdamW::new(
@@ -504,7 +621,12 @@ fn build_model(
             ..Default::default()
         },
     )?;
-    Ok((varmap, model, opt))
+    Ok(Built {
+        varmap,
+        frozen,
+        model,
+        opt,
+    })
 }
 
 /// The resumed trainer state (with its optimizer moments loaded and the
@@ -592,7 +714,8 @@ fn train_loop(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<f32> {
         let last = state.step == state.total_steps;
         let stop_now = r.o.stop_after.is_some_and(|n| pace.steps >= n);
         if (r.o.save_every > 0 && state.step.is_multiple_of(r.o.save_every)) || last || stop_now {
-            save_training(r, state, if last { &r.o.save_dtype } else { "f32" })?;
+            let final_dtype = r.o.save_dtype.as_deref().unwrap_or("f32");
+            save_training(r, state, if last { final_dtype } else { "f32" })?;
         }
         if stop_now {
             break;
@@ -730,6 +853,7 @@ fn finish(r: &Run, state: &TrainerState, last_loss: f32) -> anyhow::Result<Train
         tokens_per_sec: state.tokens_seen as f64 / state.elapsed_secs.max(1e-9),
         train_loss: last_loss,
         val_loss: cfg.exits.iter().map(|e| e.block).zip(val_loss).collect(),
+        exit_agreement: agreement(r)?,
     };
     if state.step == state.total_steps {
         write_training_meta(&o.out, &summary)?;
@@ -738,6 +862,29 @@ fn finish(r: &Run, state: &TrainerState, last_loss: f32) -> anyhow::Result<Train
         }
     }
     Ok(summary)
+}
+
+/// Validation windows scored for exit agreement at the end of a run.
+const AGREEMENT_WINDOWS: usize = 16;
+
+/// Each exit's top-1 agreement with the final head on validation windows
+/// (on the serving path, f32), printed as it goes; empty without exits.
+fn agreement(r: &Run) -> anyhow::Result<Vec<(usize, f32)>> {
+    if r.cfg.exits.len() < 2 {
+        return Ok(vec![]);
+    }
+    let weights: HashMap<String, Tensor> = all_weights(r).into_iter().collect();
+    let fast = crate::cpu::CpuGpt::from_tensors(&r.cfg, &weights, crate::cpu::WeightDtype::F32)?;
+    let agree =
+        crate::cpu::in_pool(|| eval::exit_agreement(&fast, &r.val, r.t, AGREEMENT_WINDOWS))?;
+    let out: Vec<(usize, f32)> = r.cfg.exits.iter().map(|e| e.block).zip(agree).collect();
+    for (block, a) in &out {
+        eprintln!(
+            "exit {block:>3}: top-1 agreement with the final head {:.1}%",
+            100.0 * a
+        );
+    }
+    Ok(out)
 }
 
 /// Positions for exit losses: a seeded sample of ceil(frac * t) of 0..t.
@@ -754,19 +901,23 @@ fn sample_rows(t: usize, frac: f64, seed: u64, step: u64) -> Vec<u32> {
     rows
 }
 
+/// Every weight of the run, trained and frozen, sorted by name.
+fn all_weights(r: &Run) -> Vec<(String, Tensor)> {
+    let data = r.varmap.data().lock().expect("varmap lock");
+    let mut w: Vec<_> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .chain(r.frozen.iter().cloned())
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
 /// Saves weights (in `dtype`), optimizer moments, tokenizer, config and
 /// trainer state as one snapshot, and publishes the weights in `--out`.
 fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<()> {
     let out = &r.o.out;
-    let weights: Vec<(String, Tensor)> = {
-        let data = r.varmap.data().lock().expect("varmap lock");
-        let mut w: Vec<_> = data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        w.sort_by(|a, b| a.0.cmp(&b.0));
-        w
-    };
+    let weights = all_weights(r);
     let prev_training = checkpoint::load_config(out)
         .map(|c| c.training)
         .unwrap_or_default();

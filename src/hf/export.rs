@@ -1,9 +1,11 @@
 //! Export to Hugging Face `transformers` GPT-2 format (`GPT2LMHeadModel`):
 //! `transformer.`-prefixed names, Conv1D weights stored (in, out), i.e.
 //! transposed from our (out, in) Linear layout, `lm_head` tied to `wte`,
-//! `activation_function: gelu_new` (the tanh GELU we use). The extra exits
-//! are dropped (the HF model is the final exit); DWA and x0 skips have no
-//! GPT-2 equivalent and are refused, as is a model without biases.
+//! `activation_function: gelu_new` (the tanh GELU we use), the checkpoint's
+//! `layer_norm_epsilon` and storage dtype (so an imported model comes back
+//! bit for bit). The extra exits are dropped (the HF model is the final
+//! exit); DWA and x0 skips have no GPT-2 equivalent and are refused, as is a
+//! model without biases.
 
 use std::path::Path;
 
@@ -11,6 +13,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use super::{is_conv1d, PREFIX};
 use crate::checkpoint;
 
 pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
@@ -28,16 +31,15 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
         if name.starts_with("exits.") {
             continue;
         }
-        let conv1d =
-            name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp."));
-        let t = if conv1d {
+        let t = if is_conv1d(name) {
             t.t()?.contiguous()?
         } else {
             t.clone()
         };
-        tensors.push((format!("transformer.{name}"), t));
+        tensors.push((format!("{PREFIX}{name}"), t));
     }
-    checkpoint::save_tensors(&out.join("model.safetensors"), &tensors, DType::F32)?;
+    let dtype = loaded.config.storage_dtype();
+    checkpoint::save_tensors(&out.join("model.safetensors"), &tensors, dtype)?;
     let hf = json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -48,7 +50,8 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "torch_dtype": torch_dtype(dtype),
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "tie_word_embeddings": true,
         "bos_token_id": loaded.tokenizer.eot(),
@@ -63,4 +66,13 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
         loaded.tokenizer.to_json()?.as_bytes(),
     )?;
     Ok(())
+}
+
+/// `transformers`' name of a storage dtype.
+fn torch_dtype(dt: DType) -> &'static str {
+    match dt {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
 }
