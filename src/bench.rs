@@ -278,7 +278,9 @@ struct Run {
     /// Each token's share of the time of the step that produced it.
     token_secs: Vec<Vec<f64>>,
     gaps: Vec<Vec<f32>>,
+    /// The counters of the last of the three runs, and its seconds.
     stats: SpecStats,
+    last_secs: f64,
 }
 
 fn decode_all<'a>(
@@ -294,6 +296,7 @@ fn decode_all<'a>(
         token_secs: vec![],
         gaps: vec![],
         stats: SpecStats::default(),
+        last_secs: 0.0,
     };
     for (i, p) in prompts.iter().enumerate() {
         let params = GenParams {
@@ -332,9 +335,10 @@ fn decode_all<'a>(
             if secs < best.0 {
                 best = (secs, shares);
             }
-            last = Some((g, out));
+            last = Some((g, out, secs));
         }
-        let (g, out) = last.expect("three runs");
+        let (g, out, secs) = last.expect("three runs");
+        r.last_secs += secs;
         r.secs.push(best.0);
         r.token_secs.push(best.1);
         r.tokens.push(out.iter().map(|t| t.id).collect());
@@ -398,6 +402,7 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
         "drafted_by_pos": s.drafted_by_pos,
         "truncated_by_exit": s.truncated_by_exit,
         "no_draft_steps": s.no_draft_steps,
+        "draft_share": s.draft_secs / r.last_secs.max(1e-9),
         "tree_steps": s.tree_steps,
         "accepted_later_child": s.accepted_later_child,
         "exit_draft_steps": s.exit_draft_steps,
@@ -648,7 +653,7 @@ pub fn markdown(result: &Value) -> String {
     s += &reference_markdown(result);
     for suite in result["speculative"].as_array().into_iter().flatten() {
         s += &format!(
-            "\n{} prompts, temperature {}, {} new tokens, distinct-4 {:.2}, non-repeating tokens {:.0}% (4-gram new in prompt + output)\n\n| mode | tok/s | speedup | non-repeating speedup | tokens/step | acceptance | identical / near-tie / diverged |\n|---|---|---|---|---|---|---|\n",
+            "\n{} prompts, temperature {}, {} new tokens, distinct-4 {:.2}, non-repeating tokens {:.0}% (4-gram new in prompt + output)\n\n| mode | tok/s | speedup | non-repeating speedup | tokens/step | acceptance | drafting share of time | identical / near-tie / diverged |\n|---|---|---|---|---|---|---|---|\n",
             suite["source"].as_str().unwrap_or(""),
             suite["temperature"],
             suite["new_tokens"],
@@ -657,7 +662,7 @@ pub fn markdown(result: &Value) -> String {
         );
         for m in suite["modes"].as_array().into_iter().flatten() {
             s += &format!(
-                "| {} | {:.1} | {:.2}x | {} | {:.2} | {:.2} | {} / {} / {} |\n",
+                "| {} | {:.1} | {:.2}x | {} | {:.2} | {:.2} | {:.1}% | {} / {} / {} |\n",
                 m["mode"].as_str().unwrap_or(""),
                 m["tok_s"].as_f64().unwrap_or(0.0),
                 m["speedup"].as_f64().unwrap_or(0.0),
@@ -666,6 +671,7 @@ pub fn markdown(result: &Value) -> String {
                     .map_or("-".into(), |x| format!("{x:.2}x")),
                 m["tokens_per_step"].as_f64().unwrap_or(0.0),
                 m["acceptance"].as_f64().unwrap_or(0.0),
+                100.0 * m["draft_share"].as_f64().unwrap_or(0.0),
                 m["identical_to_plain"],
                 m["near_tie_divergences"],
                 m["divergences"]

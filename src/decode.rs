@@ -85,7 +85,9 @@ pub struct GenParams {
     pub logprobs: Option<usize>,
     pub speculate: bool,
     /// Let the tree drafter branch (a draft tree; greedy decoding on a
-    /// backend that takes trees); false: a chain.
+    /// backend that takes trees); false (the default): a chain. On the
+    /// default model trees add 4% tokens per verify step but no speed
+    /// (docs/benchmarks.md).
     pub draft_tree: bool,
     /// At temperature > 0, the tree drafter drafts the sample of its own
     /// estimate with the sampler's keyed noise (`DraftRule::Sample`);
@@ -134,7 +136,7 @@ impl Default for GenParams {
             prompt: 0,
             logprobs: None,
             speculate: true,
-            draft_tree: true,
+            draft_tree: false,
             draft_with_noise: true,
             cascade: false,
             exit_confidence: 0.5,
@@ -176,6 +178,8 @@ pub struct SpecStats {
     pub exit_draft_steps: u64,
     pub exit_drafted: u64,
     pub exit_accepted: u64,
+    /// Seconds spent drafting (features, the drafter's trees, tree growth).
+    pub draft_secs: f64,
 }
 
 impl SpecStats {
@@ -189,6 +193,7 @@ impl SpecStats {
         self.exit_draft_steps += o.exit_draft_steps;
         self.exit_drafted += o.exit_drafted;
         self.exit_accepted += o.exit_accepted;
+        self.draft_secs += o.draft_secs;
         add_vec(&mut self.truncated_by_exit, &o.truncated_by_exit);
         add_vec(&mut self.accepted_by_pos, &o.accepted_by_pos);
         add_vec(&mut self.drafted_by_pos, &o.drafted_by_pos);
@@ -601,6 +606,18 @@ impl<'m, M: Forward> Generator<'m, M> {
     /// the backend takes trees); and the tree's first token when drafting
     /// did not pay.
     fn propose(&mut self, cap: usize, min_gain: f32, branch: bool) -> (Drafts, Option<u32>) {
+        let t = std::time::Instant::now();
+        let out = self.propose_untimed(cap, min_gain, branch);
+        self.stats.draft_secs += t.elapsed().as_secs_f64();
+        out
+    }
+
+    fn propose_untimed(
+        &mut self,
+        cap: usize,
+        min_gain: f32,
+        branch: bool,
+    ) -> (Drafts, Option<u32>) {
         let cfg = self.model.config();
         let room = (self.remaining() - 1)
             .min(cfg.block_size - self.tokens.len())

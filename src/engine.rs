@@ -92,6 +92,7 @@ impl Job {
             logprobs: v.output.logprobs,
             speculate: v.speculate,
             cascade: cfg.cascade,
+            draft_tree: cfg.draft_trees,
             exit_confidence: cfg.exit_confidence,
             ..Default::default()
         }
@@ -145,6 +146,8 @@ pub struct EngineConfig {
     pub backend: Backend,
     /// Early exits truncate drafts before the final blocks.
     pub cascade: bool,
+    /// Draft trees for greedy requests (`GenParams::draft_tree`).
+    pub draft_trees: bool,
     pub exit_confidence: f32,
     /// Test hook: a fault to inject (None in service).
     pub fault: Option<Fault>,

@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// Let early exits truncate drafts (cascade verification).
     #[arg(long, env = "GPT_SERVE_CASCADE")]
     cascade: bool,
+    /// Draft trees for greedy requests (the drafter branches where it is
+    /// unsure). Off by default: on the default model they add 4% tokens per
+    /// verify step but no speed (docs/benchmarks.md).
+    #[arg(long, env = "GPT_SERVE_DRAFT_TREES")]
+    draft_trees: bool,
     /// An exit truncates a draft when its own top-1 probability reaches this.
     #[arg(long, default_value_t = 0.5)]
     exit_confidence: f32,
@@ -141,6 +146,7 @@ fn engine_config(
         fault: None,
         backend,
         cascade: a.cascade,
+        draft_trees: a.draft_trees,
         exit_confidence: a.exit_confidence,
     })
 }

@@ -69,6 +69,7 @@ fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
             max_batch_rows,
             backend: Backend::Cpu(dtype),
             cascade: false,
+            draft_trees: true,
             exit_confidence: 0.5,
             fault: None,
         },

@@ -480,6 +480,7 @@ async fn the_server_speculates_on_the_imported_model_with_plain_output() {
         max_active: 4,
         max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
+        draft_trees: false,
         exit_confidence: 0.5,
         fault: None,
     };

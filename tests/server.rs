@@ -64,6 +64,7 @@ async fn start_faulty(
         max_active,
         max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
+        draft_trees: false,
         exit_confidence: 0.5,
         fault,
     };

@@ -137,7 +137,11 @@ fn greedy_speculative_output_equals_plain_output() {
         stop_at_eot: false,
         ..Default::default()
     };
-    let (diverged, ties, st) = compare_stats(&f, params.clone(), Proposer::Tree(&f.drafter));
+    let trees = GenParams {
+        draft_tree: true,
+        ..params.clone()
+    };
+    let (diverged, ties, st) = compare_stats(&f, trees, Proposer::Tree(&f.drafter));
     eprintln!(
         "greedy, draft trees: {} prompts, {diverged} diverged, {ties} near ties, {} drafts accepted, {} steps branched, {} accepted a later child",
         f.prompts.len(),
