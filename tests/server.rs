@@ -65,6 +65,7 @@ async fn start_faulty(
         max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
         draft_trees: false,
+        row_costs: None,
         exit_confidence: 0.5,
         fault,
     };
@@ -816,6 +817,19 @@ async fn busy_request(s: &Server) -> tokio::task::JoinHandle<u16> {
     busy
 }
 
+/// A server with one slot, `max_waiting` places in the queue and
+/// iterations slowed to `slow_ms`, and the busy request holding its slot.
+async fn one_slot_busy(max_waiting: usize, slow_ms: u64) -> (Server, tokio::task::JoinHandle<u16>) {
+    let opts = ServeOptions {
+        max_waiting,
+        ..Default::default()
+    };
+    let fault = Some(gpt_serve::engine::Fault::SlowIterations(slow_ms));
+    let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
+    let busy = busy_request(&s).await;
+    (s, busy)
+}
+
 /// Status of a request that needs every slot of the server (n = capacity).
 async fn status_of_a_request_for_every_slot(s: &Server, n: usize) -> u16 {
     let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 1, "n": n});
@@ -853,14 +867,8 @@ async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_queue() {
-    let opts = ServeOptions {
-        max_waiting: 2,
-        ..Default::default()
-    };
-    let fault = Some(gpt_serve::engine::Fault::SlowIterations(30));
-    let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
     // One request decodes for a while (~100 iterations of 30 ms).
-    let busy = busy_request(&s).await;
+    let (s, busy) = one_slot_busy(2, 30).await;
     // Ten clients send a request and hang up at once.
     let body = json!({"model": "tiny", "prompt": "b", "max_tokens": 20});
     for _ in 0..10 {
@@ -893,13 +901,7 @@ async fn clients_that_send_then_disconnect_cost_no_prefill_and_never_grow_the_qu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_stream_whose_client_leaves_frees_its_slot_before_any_token() {
-    let opts = ServeOptions {
-        max_waiting: 1,
-        ..Default::default()
-    };
-    let fault = Some(gpt_serve::engine::Fault::SlowIterations(10));
-    let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
-    let busy = busy_request(&s).await;
+    let (s, busy) = one_slot_busy(1, 10).await;
     // A stream queued behind it: its headers arrive, then its client goes.
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
