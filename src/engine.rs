@@ -148,6 +148,10 @@ pub struct EngineConfig {
     pub cascade: bool,
     /// Draft trees for greedy requests (`GenParams::draft_tree`).
     pub draft_trees: bool,
+    /// Seconds of a forward by row count, as `(rows, seconds)` from 1 row
+    /// up; None (service): measured on this machine at start. A test sets
+    /// it so that what the engine drafts does not depend on timing.
+    pub row_costs: Option<Vec<(usize, f64)>>,
     pub exit_confidence: f32,
     /// Test hook: a fault to inject (None in service).
     pub fault: Option<Fault>,
@@ -406,7 +410,11 @@ fn run<M: Forward>(
     failed: &AtomicBool,
     eot: u32,
 ) {
-    let budget = Budget::measured(cfg.max_batch_rows, &cost_curve(model, cfg.max_batch_rows));
+    let costs = match &cfg.row_costs {
+        Some(c) => c.clone(),
+        None => cost_curve(model, cfg.max_batch_rows),
+    };
+    let budget = Budget::measured(cfg.max_batch_rows, &costs);
     tracing::info!(
         "engine: up to {} rows per forward; measured cost of 2/8/{} rows: {:.2}x/{:.2}x/{:.2}x one row",
         budget.max_rows,

@@ -147,6 +147,7 @@ fn engine_config(
         backend,
         cascade: a.cascade,
         draft_trees: a.draft_trees,
+        row_costs: None,
         exit_confidence: a.exit_confidence,
     })
 }

@@ -70,6 +70,7 @@ fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
             backend: Backend::Cpu(dtype),
             cascade: false,
             draft_trees: true,
+            row_costs: None,
             exit_confidence: 0.5,
             fault: None,
         },

@@ -331,17 +331,7 @@ struct Cli {
 /// Trains tied exits after blocks 1 and 2 of the imported fixture on the
 /// prose fixture, backbone frozen, with a small drafter.
 fn train_exits(ck: &Path, out: &Path) -> train::TrainSummary {
-    let prose = root().join("tests/fixtures/prose.txt");
-    let args = [
-        "train",
-        prose.to_str().unwrap(),
-        "--init-from",
-        ck.to_str().unwrap(),
-        "--freeze-backbone",
-        "--exits",
-        "1:0.1,2:0.2,3:0.7",
-        "--out",
-        out.to_str().unwrap(),
+    let more = [
         "--steps",
         "40",
         "--batch-size",
@@ -363,7 +353,31 @@ fn train_exits(ck: &Path, out: &Path) -> train::TrainSummary {
         "--drafter-rounds",
         "20",
     ];
-    train::run(Cli::try_parse_from(args).unwrap().o).unwrap()
+    frozen_train(ck, out, "1:0.1,2:0.2,3:0.7", &more).unwrap()
+}
+
+/// `gpt-serve train` on the prose fixture from `ck` with the backbone
+/// frozen, exits `exits`, into `out`, with `more` arguments.
+fn frozen_train(
+    ck: &Path,
+    out: &Path,
+    exits: &str,
+    more: &[&str],
+) -> anyhow::Result<train::TrainSummary> {
+    let prose = root().join("tests/fixtures/prose.txt");
+    let mut args = vec![
+        "train",
+        prose.to_str().unwrap(),
+        "--init-from",
+        ck.to_str().unwrap(),
+        "--freeze-backbone",
+        "--exits",
+        exits,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    train::run(Cli::try_parse_from(args).unwrap().o)
 }
 
 #[test]
@@ -396,24 +410,9 @@ const HELD_OUT: &str = "The carrier came up the lane at noon with a letter for t
 #[test]
 fn a_save_dtype_that_would_round_the_frozen_backbone_is_refused() {
     let (tmp, ck) = import(&fixture());
-    let prose = root().join("tests/fixtures/prose.txt");
     let out = tmp.path().join("exits");
-    let args = [
-        "train",
-        prose.to_str().unwrap(),
-        "--init-from",
-        ck.to_str().unwrap(),
-        "--freeze-backbone",
-        "--exits",
-        "2:0.3,3:0.7",
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--save-dtype",
-        "f16",
-    ];
-    let err = train::run(Cli::try_parse_from(args).unwrap().o).unwrap_err();
+    let more = ["--steps", "1", "--save-dtype", "f16"];
+    let err = frozen_train(&ck, &out, "2:0.3,3:0.7", &more).unwrap_err();
     let err = format!("{err:#}");
     assert!(
         err.contains("--save-dtype f16") && err.contains("f32"),
@@ -481,6 +480,11 @@ async fn the_server_speculates_on_the_imported_model_with_plain_output() {
         max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
         draft_trees: false,
+        // Each row costs a tenth of a one-row forward more: a lone
+        // sequence's drafts then pay when likelier than 0.1, whatever the
+        // timing of this machine (measured, the 3 x 32 model's rows cost
+        // nearly a forward each and the engine may draft nothing).
+        row_costs: Some(vec![(1, 1.0), (64, 7.3)]),
         exit_confidence: 0.5,
         fault: None,
     };
