@@ -461,7 +461,7 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax(x: &mut [f32]) {
+    pub unsafe fn softmax(x: &mut [f32]) -> f32 {
         super::softmax_portable(x)
     }
 
@@ -957,8 +957,9 @@ pub fn exp_neg(x: f32) -> f32 {
     }
 }
 
-/// Softmax in place.
-pub fn softmax(x: &mut [f32]) {
+/// Softmax in place; returns the log-sum-exp of the input (the log of
+/// softmax's normaliser, for a cross-entropy from the same pass).
+pub fn softmax(x: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: features detected at run time.
@@ -972,7 +973,7 @@ pub fn softmax(x: &mut [f32]) {
 /// not vectorise; this compiles to packed max/exp/add (a K = 255 drafter
 /// softmax went from ~2.5 us to well under 1 us).
 #[inline(always)]
-fn softmax_portable(x: &mut [f32]) {
+fn softmax_portable(x: &mut [f32]) -> f32 {
     const L: usize = 16;
     let n = x.len();
     let full = n / L * L;
@@ -1004,10 +1005,12 @@ fn softmax_portable(x: &mut [f32]) {
     }
     lanes_exp(&mut sum, &mut tail);
     x[full..].copy_from_slice(&tail[..n - full]);
-    let inv = 1.0 / sum.iter().sum::<f32>();
+    let total = sum.iter().sum::<f32>();
+    let inv = 1.0 / total;
     for v in x {
         *v *= inv;
     }
+    max + total.ln()
 }
 
 #[cfg(test)]

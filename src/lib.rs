@@ -25,6 +25,7 @@ pub mod device;
 pub mod drafter;
 pub mod engine;
 pub mod forward;
+pub mod gemm;
 pub mod hf;
 pub mod kernels;
 pub mod kv_cache;

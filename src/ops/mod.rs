@@ -14,6 +14,14 @@ use rayon::prelude::*;
 
 use crate::kernels::exp_neg;
 
+mod attention;
+mod head;
+mod linear;
+
+pub use attention::causal_attention;
+pub use head::projected_cross_entropy;
+pub use linear::linear;
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d,
@@ -422,6 +430,47 @@ mod tests {
             &[scores],
             |x| causal_softmax(&x[0], 0.5),
             |x| candle_nn::ops::softmax(&(&x[0] * 0.5)?.broadcast_add(&mask)?, D::Minus1),
+        );
+    }
+
+    /// Candle's composition of causal attention, for the fused op to match.
+    fn composed_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+        let (b, t, c3) = qkv.dims3()?;
+        let hs = c3 / 3 / n_head;
+        let qkv = qkv
+            .reshape((b, t, 3, n_head, hs))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let s = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? / (hs as f64).sqrt())?;
+        let mask = crate::model::causal_mask(t, 0, &Device::Cpu)?.expect("t > 1");
+        let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?;
+        p.matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, t, c3 / 3))
+    }
+
+    #[test]
+    fn fused_attention_matches_candle_and_its_finite_differences() {
+        let qkv = (randn(&[2, 7, 3 * 12], 8) * 2.0).unwrap();
+        check(
+            &[qkv],
+            |x| causal_attention(&x[0], 3),
+            |x| composed_attention(&x[0], 3),
+        );
+    }
+
+    #[test]
+    fn fused_linear_matches_candle_and_its_finite_differences() {
+        let inputs = [randn(&[6, 5], 9), randn(&[4, 5], 10), randn(&[4], 11)];
+        check(
+            &inputs,
+            |x| linear(&x[0], &x[1], Some(&x[2])),
+            |x| x[0].matmul(&x[1].t()?)?.broadcast_add(&x[2]),
+        );
+        check(
+            &inputs[..2],
+            |x| linear(&x[0], &x[1], None),
+            |x| x[0].matmul(&x[1].t()?),
         );
     }
 
