@@ -930,7 +930,7 @@ fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<(
     let snap = snapshot::Snapshot {
         config: &config,
         weights: &weights,
-        optimizer: &r.opt.state(),
+        optimizer: &r.opt.state()?,
         tokenizer: &r.tokenizer,
         state,
     };
