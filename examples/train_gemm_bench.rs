@@ -1,6 +1,11 @@
-//! Training-shape GEMMs (quick check): candle's matmul for the forward
-//! (X W^T), dX = dY W and dW = dY^T X at M = 1024.
-use candle_core::{Device, Tensor};
+//! GFLOP/s of the training GEMM (`gpt_serve::gemm`, as the CPU training ops
+//! call it) at the `small` preset's training shapes, M = 1024 rows
+//! (batch 8 x 128): the forward X W^T, and the backward's dX = dY W and
+//! dW = dY^T X. `scripts/torch_train_speed.py --gemm` prints torch.matmul's
+//! figures for the same shapes; `scripts/train-speed.sh` runs both.
+//!
+//! cargo run --release --example train_gemm_bench
+use gpt_serve::gemm::{matmul, Operand};
 use std::time::Instant;
 
 fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
@@ -15,9 +20,14 @@ fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     best
 }
 
-fn main() -> candle_core::Result<()> {
+fn data(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+fn main() {
     let m = 1024;
-    let d = Device::Cpu;
     for (k, n) in [
         (384, 1152),
         (384, 384),
@@ -25,25 +35,23 @@ fn main() -> candle_core::Result<()> {
         (1536, 384),
         (384, 8192),
     ] {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &d)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), &d)?;
-        let dy = Tensor::randn(0f32, 1.0, (m, n), &d)?;
-        let fl = 2.0 * (m * n * k) as f64 / 1e9;
+        let (x, w, dy) = (data(m * k), data(n * k), data(m * n));
+        let (mut y, mut dx, mut dw) = (vec![0f32; m * n], vec![0f32; m * k], vec![0f32; n * k]);
+        let gf = 2.0 * (m * n * k) as f64 / 1e9;
         let f = best(3, || {
-            x.matmul(&w.t().unwrap()).unwrap();
+            matmul(&mut y, Operand::n(&x, m, k), Operand::t(&w, k, n), false)
         });
-        let dx = best(3, || {
-            dy.matmul(&w).unwrap();
+        let b1 = best(3, || {
+            matmul(&mut dx, Operand::n(&dy, m, n), Operand::n(&w, n, k), false)
         });
-        let dw = best(3, || {
-            dy.t().unwrap().matmul(&x).unwrap();
+        let b2 = best(3, || {
+            matmul(&mut dw, Operand::t(&dy, n, m), Operand::n(&x, m, k), false)
         });
         println!(
-            "k {k} n {n}: fwd {:.1} dX {:.1} dW {:.1} GFLOP/s",
-            fl / f,
-            fl / dx,
-            fl / dw
+            "{{\"side\": \"ours\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"fwd\": {:.1}, \"dx\": {:.1}, \"dw\": {:.1}}}",
+            gf / f,
+            gf / b1,
+            gf / b2
         );
     }
-    Ok(())
 }

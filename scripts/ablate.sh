@@ -8,7 +8,9 @@
 #   scripts/ablate.sh report  # table + plot into bench/ablation.{md,json,png}
 #
 # Env: BIN (gpt-serve binary), RUNS (run dir), STEPS, BATCH, CTX, SEEDS,
-# ONLY (space-separated arm names; default all).
+# ONLY (space-separated arm names; default all), SUITE (`options`: the
+# training options above; `exits`: the exit losses of issue #21, into
+# runs/exit-ablation and bench/exit-ablation/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/gpt-serve}
@@ -19,8 +21,8 @@ BATCH=${BATCH:-8}
 CTX=${CTX:-64}
 SEEDS=${SEEDS:-"1 2"}
 ONLY=${ONLY:-}
+SUITE=${SUITE:-options}
 [ -f "$DATA/train.txt.gz" ] || { echo "ablate: $DATA/train.txt.gz not found (needs ../shared/data)"; exit 1; }
-mkdir -p "$RUNS"
 
 # name | extra flags. Exits "final" = one head; default exits = 4/5/6 at 0.05/0.15/0.8.
 ARMS=(
@@ -47,6 +49,19 @@ ARMS=(
   "base-lr2.5e-4|--exits final --lr 2.5e-4"
   "wsd-lr2.5e-4|--exits final --schedule wsd --lr 2.5e-4"
 )
+
+if [ "$SUITE" = exits ]; then
+  RUNS=${RUNS_EXITS:-runs/exit-ablation}
+  # The exit losses of issue #21: none, the full loss, the final head's
+  # top-32 candidates plus the target, a quarter of the positions.
+  ARMS=(
+    "base|--exits final"
+    "exits|"
+    "exits-cand32|--exit-candidates 32"
+    "exits-frac|--exit-frac 0.25"
+  )
+fi
+mkdir -p "$RUNS"
 
 tokenizer() {
   # One BPE for all arms, so every arm sees the same token stream.
@@ -103,6 +118,8 @@ speed_arms() {
 case "${1:-}" in
   train) train_arms ;;
   speed) speed_arms ;;
-  report) cargo run --release --example ablation_report -- "$RUNS" bench ;;
+  report)
+    out=bench; [ "$SUITE" = exits ] && out=bench/exit-ablation && mkdir -p "$out"
+    cargo run --release --example ablation_report -- "$RUNS" "$out" ;;
   *) echo "usage: $0 train|speed|report"; exit 2 ;;
 esac

@@ -1,8 +1,13 @@
 """PyTorch training throughput for the issue's reference config, to compare
-with `cargo run --release --example profile_train` in the same session.
+with `cargo run --release --example profile_train` in the same session
+(`scripts/train-speed.sh` runs both, interleaved).
 n_layer 6, n_head 6, n_embd 384, vocab 8192, batch 8 x 128, AdamW, fp32,
-2 threads; exits 4/5/6 with tied heads like gpt-serve's default (pass
-`final` for the final exit only). Prints tokens/s as JSON.
+2 threads; exits 4/5/6 with tied heads like gpt-serve's default, every
+position, every step (`final`: the final exit only). Prints tokens/s and
+the per-phase split as JSON.
+
+`--gemm`: torch.matmul GFLOP/s at the training shapes instead (M = 1024:
+X W^T, dY W, dY^T X), the reference for examples/train_gemm_bench.rs.
 """
 import json
 import sys
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 torch.manual_seed(0)
 V, C, L, H, B, T = 8192, 384, 6, 6, 8, 128
-EXITS = [6] if (len(sys.argv) > 1 and sys.argv[1] == "final") else [4, 5, 6]
+EXITS = [6] if "final" in sys.argv[1:] else [4, 5, 6]
 W = {4: 0.05, 5: 0.15, 6: 0.8} if len(EXITS) == 3 else {6: 1.0}
 
 
@@ -52,23 +57,61 @@ class GPT(nn.Module):
         return loss
 
 
-def measure(model, steps=8):
+def measure(model, steps=5):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, V, (B, T))
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = time.time()
+    phases = [0.0, 0.0, 0.0]
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
         loss = model(x, x)
+        loss.item()
+        t1 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
-    return steps * B * T / (time.time() - t0)
+        t3 = time.perf_counter()
+        if i >= 1:
+            for j, d in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                phases[j] += d
+    total = sum(phases)
+    return {
+        "tok_s": steps * B * T / total,
+        "fwd_s": phases[0] / steps,
+        "bwd_s": phases[1] / steps,
+        "opt_s": phases[2] / steps,
+    }
 
 
+def gemm():
+    def best(f, reps=3):
+        t = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f()
+            t = min(t, (time.perf_counter() - t0) / reps)
+        return t
+
+    m = B * T
+    for k, n in [(384, 1152), (384, 384), (384, 1536), (1536, 384), (384, 8192)]:
+        x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+        gf = 2 * m * n * k / 1e9
+        row = {"side": "torch", "m": m, "k": k, "n": n}
+        row["fwd"] = round(gf / best(lambda: x @ w.t()), 1)
+        row["dx"] = round(gf / best(lambda: dy @ w), 1)
+        row["dw"] = round(gf / best(lambda: dy.t() @ x), 1)
+        print(json.dumps(row))
+
+
+if "--gemm" in sys.argv[1:]:
+    gemm()
+    sys.exit(0)
 m = GPT()
-out = {"exits": EXITS, "eager_tok_s": measure(m)}
-try:
-    out["compile_tok_s"] = measure(torch.compile(m))
-except Exception as e:  # torch.compile needs a C compiler; report why not
-    out["compile_error"] = str(e)[:200]
+out = {"side": "torch", "exits": len(EXITS), "eager": measure(m)}
+if "--compile" in sys.argv[1:]:
+    try:
+        out["compile"] = measure(torch.compile(m))
+    except Exception as e:  # torch.compile needs a C compiler; report why not
+        out["compile_error"] = str(e)[:200]
 print(json.dumps(out))

@@ -470,46 +470,127 @@ impl Gpt {
         self.loss_with(idx, targets, &LossOptions::default())
     }
 
-    /// As [`Gpt::loss`], with the non-final exits skipped, or computed on a
-    /// subset of positions and rescaled (unbiased, cheaper).
+    /// As [`Gpt::loss`], with the non-final exits skipped, computed on a
+    /// subset of positions and rescaled (unbiased, cheaper), or scored on
+    /// the final head's top candidates only.
     pub fn loss_with(&self, idx: &Tensor, targets: &Tensor, opt: &LossOptions) -> Result<Losses> {
         let mut s = self.embed(idx, 0)?;
         let last = self.cfg.exits.len() - 1;
-        let mut per_exit = Vec::with_capacity(self.cfg.exits.len());
-        let mut total: Option<Tensor> = None;
+        // Each computed exit: (index, its hidden rows, their targets, the
+        // positions scored when a subset).
+        let mut at_exits = Vec::with_capacity(self.cfg.exits.len());
         for (k, e) in self.cfg.exits.iter().enumerate() {
             if k < last && !opt.exits {
                 continue;
             }
             self.run_blocks(&mut s, e.block, None)?;
-            let (x, y, w) = match (&opt.exit_rows, k < last) {
-                (Some(rows), true) => (
+            match (&opt.exit_rows, k < last) {
+                (Some(rows), true) => at_exits.push((
+                    k,
                     s.x.index_select(rows, 1)?,     // (B, n, C)
                     targets.index_select(rows, 1)?, // (B, n)
-                    e.weight as f64 * opt.exit_scale,
-                ),
-                (None, true) => (
-                    s.x.clone(),
-                    targets.clone(),
-                    e.weight as f64 * opt.exit_scale,
-                ),
-                _ => (s.x.clone(), targets.clone(), e.weight as f64),
+                    Some(rows.to_vec1::<u32>()?),
+                )),
+                _ => at_exits.push((k, s.x.clone(), targets.clone(), None)),
+            }
+        }
+        // The final exit first: its best tokens are the other exits'
+        // candidates.
+        let (_, x, y, _) = at_exits.pop().expect("the final exit always runs");
+        let top = if opt.exit_candidates > 0 && !at_exits.is_empty() {
+            opt.exit_candidates + 1
+        } else {
+            0
+        };
+        let (final_ce, best) = self.exit_loss(last, &x, &y, top, opt.grads)?;
+        let (t_all, full_targets) = (targets.dim(1)?, targets.flatten_all()?.to_vec1::<u32>()?);
+        let mut per_exit = Vec::with_capacity(at_exits.len() + 1);
+        let mut total: Option<Tensor> = None;
+        for (k, x, y, rows) in at_exits {
+            let ce = if top > 0 {
+                let sets = CandidateSets {
+                    best: &best,
+                    top,
+                    targets: &full_targets,
+                    t: t_all,
+                };
+                let cand = sets.build(rows.as_deref());
+                let h = self.exits[k].ln.forward(&x, self.fused)?.flatten_to(1)?;
+                let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
+                crate::ops::candidate_cross_entropy(&h, head, cand, opt.exit_candidates + 1)?
+            } else {
+                self.exit_loss(k, &x, &y, 0, opt.grads)?.0
             };
-            let ex = &self.exits[k];
-            let h = ex.ln.forward(&x, self.fused)?.flatten_to(1)?; // (B n, C)
-            let head = ex.lm_head.as_ref().unwrap_or(&self.wte);
-            let ce = crate::ops::projected_cross_entropy(&h, head, &y.flatten_all()?)?;
-            let wl = (&ce * w)?;
+            let wl = (&ce * (self.cfg.exits[k].weight as f64 * opt.exit_scale))?;
             total = Some(match total {
                 Some(t) => (t + wl)?,
                 None => wl,
             });
             per_exit.push(ce);
         }
+        let wl = (&final_ce * self.cfg.exits[last].weight as f64)?;
+        per_exit.push(final_ce);
         Ok(Losses {
-            total: total.expect("the final exit always runs"),
+            total: match total {
+                Some(t) => (t + wl)?,
+                None => wl,
+            },
             per_exit,
         })
+    }
+
+    /// Mean cross-entropy of exit `k` on hidden rows `x` (B, n, C) against
+    /// `y` (B, n), and each row's `top` best tokens.
+    fn exit_loss(
+        &self,
+        k: usize,
+        x: &Tensor,
+        y: &Tensor,
+        top: usize,
+        grads: bool,
+    ) -> Result<(Tensor, Vec<u32>)> {
+        let ex = &self.exits[k];
+        let h = ex.ln.forward(x, self.fused)?.flatten_to(1)?; // (B n, C)
+        let head = ex.lm_head.as_ref().unwrap_or(&self.wte);
+        crate::ops::projected_cross_entropy_top(&h, head, &y.flatten_all()?, top, grads)
+    }
+}
+
+/// Candidate tokens of the cheap exit loss, from the final head's best.
+struct CandidateSets<'a> {
+    /// (B T, top) best tokens of the final head per position.
+    best: &'a [u32],
+    top: usize,
+    /// (B T) targets.
+    targets: &'a [u32],
+    t: usize,
+}
+
+impl CandidateSets<'_> {
+    /// Per scored row: its target, then the final head's best tokens
+    /// other than the target (`top - 1` of them). `rows`: the positions
+    /// scored in each sequence (all when None).
+    fn build(&self, rows: Option<&[u32]>) -> Vec<u32> {
+        let all: Vec<u32>;
+        let rows = match rows {
+            Some(r) => r,
+            None => {
+                all = (0..self.t as u32).collect();
+                &all
+            }
+        };
+        let b = self.targets.len() / self.t.max(1);
+        let mut out = Vec::with_capacity(b * rows.len() * self.top);
+        for seq in 0..b {
+            for &r in rows {
+                let i = seq * self.t + r as usize;
+                let target = self.targets[i];
+                out.push(target);
+                let best = &self.best[i * self.top..(i + 1) * self.top];
+                out.extend(best.iter().filter(|&&c| c != target).take(self.top - 1));
+            }
+        }
+        out
     }
 }
 
@@ -522,6 +603,12 @@ pub struct LossOptions {
     /// Multiplies the non-final exits' weights (1 / sampling rate keeps the
     /// expected gradient equal to scoring every position on every step).
     pub exit_scale: f64,
+    /// Score the non-final exits on the target and the final head's best
+    /// `exit_candidates` other tokens instead of the whole vocabulary
+    /// (0: the whole vocabulary).
+    pub exit_candidates: usize,
+    /// Form gradients (false: evaluation, which never runs a backward).
+    pub grads: bool,
 }
 
 impl Default for LossOptions {
@@ -530,6 +617,8 @@ impl Default for LossOptions {
             exits: true,
             exit_rows: None,
             exit_scale: 1.0,
+            exit_candidates: 0,
+            grads: true,
         }
     }
 }

@@ -101,6 +101,46 @@ fn batch(cfg: &Config) -> (Tensor, Tensor) {
     )
 }
 
+/// With every other token a candidate, the cheap exit loss is the full one.
+#[test]
+fn scoring_exits_on_every_candidate_equals_the_full_exit_loss() {
+    use gpt_serve::model::LossOptions;
+    let cfg = full_config();
+    let w = weights(&cfg, 4);
+    let (x, y) = batch(&cfg);
+    let (model, vars) = build(&cfg, &w, false);
+    let full = model.loss(&x, &y).unwrap();
+    let every = LossOptions {
+        exit_candidates: cfg.vocab_size - 1,
+        ..Default::default()
+    };
+    let cheap = model.loss_with(&x, &y, &every).unwrap();
+    for (a, b) in full.per_exit.iter().zip(&cheap.per_exit) {
+        let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "exit loss {a} vs {b}");
+    }
+    let (g1, g2) = (
+        full.total.backward().unwrap(),
+        cheap.total.backward().unwrap(),
+    );
+    for (name, var) in &vars {
+        let d = max_abs_diff(g1.get(var).unwrap(), g2.get(var).unwrap());
+        assert!(d < 1e-5, "{name}: gradients differ by {d}");
+    }
+    // Fewer candidates: a different loss, still finite.
+    let few = LossOptions {
+        exit_candidates: 4,
+        ..Default::default()
+    };
+    let l = model.loss_with(&x, &y, &few).unwrap();
+    let first = l.per_exit[0].to_scalar::<f32>().unwrap();
+    let full_first = full.per_exit[0].to_scalar::<f32>().unwrap();
+    assert!(
+        first.is_finite() && first < full_first,
+        "{first} vs {full_first}"
+    );
+}
+
 #[test]
 fn every_parameter_gets_the_finite_difference_gradient() {
     let cfg = full_config();

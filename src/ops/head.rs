@@ -10,14 +10,14 @@
 //! its 32 MB gradient, two passes over each, and candle's transposed weight
 //! gradient.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_slice;
 use crate::gemm::{matmul, Operand};
-use crate::kernels::softmax;
+use crate::kernels::{axpy, dot, softmax};
 
 /// Logit rows per chunk: about 2 M floats (8 MB), at least 32 rows.
 fn chunk_rows(vocab: usize) -> usize {
@@ -30,6 +30,10 @@ struct ProjectedCrossEntropy {
     grads_wanted: bool,
     /// (dh, dW) of the mean loss, taken by `bwd`.
     grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Also record each row's `top` highest-scoring tokens (0: none).
+    top: usize,
+    /// (N, top) token ids, best first, when `top > 0`.
+    best: Arc<Mutex<Vec<u32>>>,
 }
 
 impl CustomOp2 for ProjectedCrossEntropy {
@@ -68,12 +72,19 @@ impl CustomOp2 for ProjectedCrossEntropy {
             (Vec::new(), Vec::new())
         };
         let mut total = 0f64;
+        let mut best = vec![0u32; n * self.top];
         for r0 in (0..n).step_by(rows) {
             let r = rows.min(n - r0);
             let hc = &h[r0 * c..(r0 + r) * c];
             let lg = &mut logits[..r * v];
             matmul(lg, Operand::n(hc, r, c), Operand::t(w, c, v), false);
             let targets = &self.targets[r0..r0 + r];
+            if self.top > 0 {
+                let k = self.top;
+                lg.par_chunks(v)
+                    .zip(best[r0 * k..(r0 + r) * k].par_chunks_mut(k))
+                    .for_each(|(row, out)| top_k(row, out));
+            }
             // Each row becomes softmax - onehot, scaled by 1 / N.
             let inv_n = 1.0 / n as f32;
             total += lg
@@ -96,6 +107,7 @@ impl CustomOp2 for ProjectedCrossEntropy {
         if self.grads_wanted {
             *self.grads.lock().expect("gradient slot") = Some((dh, dw));
         }
+        *self.best.lock().expect("candidates slot") = best;
         let mean = if n == 0 { 0.0 } else { total / n as f64 };
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
@@ -107,18 +119,7 @@ impl CustomOp2 for ProjectedCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some((mut dh, mut dw)) = self.grads.lock().expect("gradient slot").take() else {
-            candle_core::bail!("projected cross-entropy: backward ran twice or without gradients")
-        };
-        let g = grad.to_scalar::<f32>()?;
-        if g != 1.0 {
-            dh.par_iter_mut().for_each(|x| *x *= g);
-            dw.par_iter_mut().for_each(|x| *x *= g);
-        }
-        Ok((
-            Some(Tensor::from_vec(dh, h.shape(), h.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-        ))
+        scaled_grads(&self.grads, h, w, grad)
     }
 }
 
@@ -126,12 +127,206 @@ impl CustomOp2 for ProjectedCrossEntropy {
 /// u32, without keeping the logits on the CPU. Other devices project, then
 /// take candle's cross-entropy.
 pub fn projected_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !h.device().is_cpu() {
-        return super::cross_entropy(&h.matmul(&w.t()?)?, targets);
+    Ok(projected_cross_entropy_top(h, w, targets, 0, true)?.0)
+}
+
+/// As [`projected_cross_entropy`], also returning each row's `top` best
+/// tokens (N x top ids, best first; empty when `top` is 0). `grads: false`
+/// skips the gradients (evaluation).
+pub fn projected_cross_entropy_top(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    top: usize,
+    grads: bool,
+) -> Result<(Tensor, Vec<u32>)> {
+    let v = w.dim(0)?;
+    if top > v {
+        candle_core::bail!("projected cross-entropy: top {top} of a vocabulary of {v}");
     }
+    if !h.device().is_cpu() {
+        let logits = h.matmul(&w.t()?)?;
+        let best = if top > 0 {
+            let idx = logits.arg_sort_last_dim(false)?.narrow(1, 0, top)?;
+            idx.flatten_all()?.to_vec1::<u32>()?
+        } else {
+            Vec::new()
+        };
+        return Ok((super::cross_entropy(&logits, targets)?, best));
+    }
+    let best = Arc::new(Mutex::new(Vec::new()));
     let op = ProjectedCrossEntropy {
         targets: targets.to_vec1::<u32>()?,
-        grads_wanted: h.track_op() || w.track_op(),
+        grads_wanted: grads && (h.track_op() || w.track_op()),
+        grads: Mutex::new(None),
+        top,
+        best: best.clone(),
+    };
+    let (h, w) = (h.contiguous()?, w.contiguous()?);
+    let loss = if op.grads_wanted {
+        h.apply_op2(&w, op)?
+    } else {
+        h.apply_op2_no_bwd(&w, &op)?
+    };
+    let best = std::mem::take(&mut *best.lock().expect("candidates slot"));
+    Ok((loss, best))
+}
+
+/// The indices of the `out.len()` largest values of `row`, largest first
+/// (ties: the lower index first).
+fn top_k(row: &[f32], out: &mut [u32]) {
+    let k = out.len();
+    // (value, index), sorted descending; most values fail the first test.
+    let mut held: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in row.iter().enumerate() {
+        if held.len() == k && x <= held[k - 1].0 {
+            continue;
+        }
+        let at = held.partition_point(|&(y, _)| y >= x);
+        held.insert(at, (x, i as u32));
+        held.truncate(k);
+    }
+    for (o, (_, i)) in out.iter_mut().zip(&held) {
+        *o = *i;
+    }
+}
+
+/// An exit's cross-entropy over a candidate set per row instead of the
+/// whole vocabulary: row r's logits are `h_r . w_c` for its candidates c
+/// (the target first), so a row costs `S x C` multiply-adds, not `V x C`.
+/// With the final head's top tokens as candidates this trains an exit to
+/// rank the tokens the final head ranks high, with the target, at ~S/V of
+/// a full exit's cost.
+struct CandidateCrossEntropy {
+    /// (N, S) token ids per row; column 0 is the target.
+    candidates: Vec<u32>,
+    s: usize,
+    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl CustomOp2 for CandidateCrossEntropy {
+    fn name(&self) -> &'static str {
+        "candidate-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (h, w) = (f32_slice(hs, hl)?, f32_slice(ws, wl)?);
+        let (n, c) = hl.shape().dims2()?;
+        let (v, wc) = wl.shape().dims2()?;
+        if wc != c || self.candidates.len() != n * self.s {
+            candle_core::bail!(
+                "candidate cross-entropy: h ({n}, {c}), w ({v}, {wc}), {} candidates of {} per row",
+                self.candidates.len(),
+                self.s
+            );
+        }
+        if let Some(t) = self.candidates.iter().find(|t| **t as usize >= v) {
+            candle_core::bail!("candidate cross-entropy: token {t} outside the vocabulary of {v}");
+        }
+        let inv_n = 1.0 / n.max(1) as f32;
+        // Per row: the candidates' logits become d loss / d logit.
+        let mut d = vec![0f32; n * self.s];
+        let mut dh = vec![0f32; n * c];
+        let total: f64 = d
+            .par_chunks_mut(self.s)
+            .zip(dh.par_chunks_mut(c.max(1)))
+            .zip(
+                h.par_chunks(c.max(1))
+                    .zip(self.candidates.par_chunks(self.s)),
+            )
+            .map(|((d, dh), (hr, cand))| {
+                for (x, &t) in d.iter_mut().zip(cand) {
+                    *x = dot(hr, &w[t as usize * c..(t as usize + 1) * c]);
+                }
+                let target_logit = d[0];
+                let lse = softmax(d);
+                d[0] -= 1.0;
+                for (x, &t) in d.iter_mut().zip(cand) {
+                    *x *= inv_n;
+                    axpy(dh, *x, &w[t as usize * c..(t as usize + 1) * c]);
+                }
+                (lse - target_logit) as f64
+            })
+            .sum();
+        // dW rows of the candidates; rows repeat across positions, so
+        // this scatter runs on one thread.
+        let mut dw = vec![0f32; v * c];
+        for ((d, cand), hr) in d
+            .chunks(self.s)
+            .zip(self.candidates.chunks(self.s))
+            .zip(h.chunks(c.max(1)))
+        {
+            for (&x, &t) in d.iter().zip(cand) {
+                axpy(&mut dw[t as usize * c..(t as usize + 1) * c], x, hr);
+            }
+        }
+        *self.grads.lock().expect("gradient slot") = Some((dh, dw));
+        let mean = if n == 0 { 0.0 } else { total / n as f64 };
+        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        scaled_grads(&self.grads, h, w, grad)
+    }
+}
+
+/// The stored (dh, dW) of a mean loss, scaled by the upstream gradient.
+fn scaled_grads(
+    slot: &Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    h: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let Some((mut dh, mut dw)) = slot.lock().expect("gradient slot").take() else {
+        candle_core::bail!("a fused loss's backward ran twice or without gradients")
+    };
+    let g = grad.to_scalar::<f32>()?;
+    if g != 1.0 {
+        dh.par_iter_mut().for_each(|x| *x *= g);
+        dw.par_iter_mut().for_each(|x| *x *= g);
+    }
+    Ok((
+        Some(Tensor::from_vec(dh, h.shape(), h.device())?),
+        Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+    ))
+}
+
+/// Mean cross-entropy of `h (N, C)` projected by `w (V, C)` onto each row's
+/// candidates only: `candidates` holds N rows of S token ids, the target in
+/// column 0 (training only: evaluation scores the whole vocabulary).
+pub fn candidate_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    candidates: Vec<u32>,
+    s: usize,
+) -> Result<Tensor> {
+    if s == 0 {
+        candle_core::bail!("candidate cross-entropy: no candidates per row");
+    }
+    if !h.device().is_cpu() {
+        // Gather the candidates' weight rows: (N, S, C) . (N, C, 1).
+        let n = h.dim(0)?;
+        let idx = Tensor::from_vec(candidates, n * s, h.device())?;
+        let wc = w.index_select(&idx, 0)?.reshape((n, s, ()))?;
+        let logits = wc.matmul(&h.unsqueeze(2)?)?.squeeze(2)?; // (N, S)
+        let zeros = Tensor::zeros(n, candle_core::DType::U32, h.device())?;
+        return super::cross_entropy(&logits, &zeros);
+    }
+    let op = CandidateCrossEntropy {
+        candidates,
+        s,
         grads: Mutex::new(None),
     };
     h.contiguous()?.apply_op2(&w.contiguous()?, op)
@@ -183,6 +378,14 @@ mod tests {
                 "gradient of {name}: max error {err} vs {scale}"
             );
         }
+    }
+
+    #[test]
+    fn top_k_lists_the_largest_values_best_first() {
+        let row = [0.5, 3.0, -1.0, 3.0, 2.0, 9.0, 0.0];
+        let mut out = [0u32; 4];
+        top_k(&row, &mut out);
+        assert_eq!(out, [5, 1, 3, 4]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod head;
 mod linear;
 
 pub use attention::causal_attention;
-pub use head::projected_cross_entropy;
+pub use head::{candidate_cross_entropy, projected_cross_entropy, projected_cross_entropy_top};
 pub use linear::linear;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -346,7 +346,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -471,6 +471,24 @@ mod tests {
             &inputs[..2],
             |x| linear(&x[0], &x[1], None),
             |x| x[0].matmul(&x[1].t()?),
+        );
+    }
+
+    #[test]
+    fn candidate_cross_entropy_matches_gathered_logits_and_finite_differences() {
+        // 5 rows, 3 candidates each (target first), vocabulary 11.
+        let cand: Vec<u32> = vec![2, 7, 0, 9, 1, 2, 4, 4, 10, 0, 5, 6, 3, 8, 1];
+        let idx = Tensor::new(cand.as_slice(), &Device::Cpu).unwrap();
+        let zeros = Tensor::zeros(5, DType::U32, &Device::Cpu).unwrap();
+        let inputs = [randn(&[5, 6], 12), (randn(&[11, 6], 13) * 2.0).unwrap()];
+        check(
+            &inputs,
+            |x| candidate_cross_entropy(&x[0], &x[1], cand.clone(), 3),
+            |x| {
+                let w = x[1].index_select(&idx, 0)?.reshape((5, 3, 6))?;
+                let logits = w.matmul(&x[0].unsqueeze(2)?)?.squeeze(2)?;
+                candle_nn::loss::cross_entropy(&logits, &zeros)
+            },
         );
     }
 

@@ -4,7 +4,16 @@
 use candle_core::{Result, Tensor};
 use std::path::PathBuf;
 
-use crate::model::Gpt;
+use crate::model::{Gpt, LossOptions};
+
+/// Every exit on every position, no gradients.
+const EVAL: LossOptions = LossOptions {
+    exits: true,
+    exit_rows: None,
+    exit_scale: 1.0,
+    exit_candidates: 0,
+    grads: false,
+};
 
 /// Seed of the evaluation windows (distinct from any training seed use).
 const EVAL_SEED: u64 = 0x005E_ED0F_E7A1;
@@ -23,7 +32,7 @@ pub fn exit_losses(
         let (x, y) = super::data::batch(tokens, b, t, EVAL_SEED, i);
         let x = Tensor::from_vec(x, (b, t), &device)?;
         let y = Tensor::from_vec(y, (b, t), &device)?;
-        let losses = model.loss(&x, &y)?;
+        let losses = model.loss_with(&x, &y, &EVAL)?;
         for (s, l) in sums.iter_mut().zip(&losses.per_exit) {
             *s += l.detach().to_scalar::<f32>()? as f64;
         }
@@ -48,7 +57,7 @@ pub fn exit_losses_sequential(
     for w in tokens.windows(t + 1).step_by(t).take(max_windows) {
         let x = Tensor::from_slice(&w[..t], (1, t), &device)?;
         let y = Tensor::from_slice(&w[1..], (1, t), &device)?;
-        let losses = model.loss(&x, &y)?;
+        let losses = model.loss_with(&x, &y, &EVAL)?;
         for (s, l) in sums.iter_mut().zip(&losses.per_exit) {
             *s += l.to_scalar::<f32>()? as f64;
         }

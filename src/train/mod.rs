@@ -122,6 +122,10 @@ pub struct TrainOptions {
     /// Fraction of positions where non-final exit losses are scored (scaled by 1/frac).
     #[arg(long, default_value_t = 1.0)]
     pub exit_frac: f64,
+    /// Score the non-final exits on the target and the final head's best K
+    /// other tokens instead of the whole vocabulary (0: whole vocabulary).
+    #[arg(long, default_value_t = 0)]
+    pub exit_candidates: usize,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Evaluate every N steps (0: only at the end).
@@ -460,6 +464,13 @@ fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
         (None, None) => model_config(&o, tokenizer.vocab_size())?,
     };
     check_freeze(&o, &cfg)?;
+    if o.exit_candidates >= cfg.vocab_size {
+        bail!(
+            "--exit-candidates {} must be below the vocabulary size {}",
+            o.exit_candidates,
+            cfg.vocab_size
+        );
+    }
     o.save_dtype = Some(save_dtype(&o)?);
     let t = o.context.unwrap_or(cfg.block_size).min(cfg.block_size);
     o.context = Some(t);
@@ -751,14 +762,20 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
         exit_rows: exit_rows
             .map(|rows| Tensor::from_vec(rows, n_rows, &r.device))
             .transpose()?,
+        exit_candidates: o.exit_candidates,
+        grads: true,
     };
     let losses = r.model.loss_with(&x, &y, &lopt)?;
     let grads = losses.total.backward()?;
     let stats = r.opt.step(&grads, lr)?;
     // Step cost in units of one block; each computed exit head ~ one block.
     let cheap_cost = r.cfg.n_layer as f64 + 1.0;
+    let head_share = match o.exit_candidates {
+        0 => 1.0,
+        k => (k + 1) as f64 / r.cfg.vocab_size as f64,
+    };
     let n_heads = if exits_on {
-        (r.cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64
+        (r.cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64 * head_share
     } else {
         0.0
     };
