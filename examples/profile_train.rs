@@ -12,6 +12,11 @@ use gpt_serve::config::{Config, Exit, ExitHead};
 use gpt_serve::model::{init_weights, Gpt, LossOptions};
 use std::time::Instant;
 
+// The allocator `gpt-serve train` runs with (glibc's returns each large
+// buffer to the OS: page faults and TLB shootdowns on every op).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "small")]

@@ -47,6 +47,8 @@ print("| exit loss | gpt-serve | PyTorch eager |")
 print("|---|---|---|")
 for run, label in [("full", "full"), ("cand32", "top-32 candidates"), ("frac0.25", "1/4 of positions")]:
     share = [1 - ours("final", r)[0]["step_s"] / ours(run, r)[0]["step_s"] for r in rounds if ours(run, r) and ours("final", r)]
+    if not share:
+        continue
     tshare = ""
     if run == "full":
         ts = [1 - torch("full", r)[0]["eager"]["tok_s"] / torch("final", r)[0]["eager"]["tok_s"] for r in rounds if torch("full", r) and torch("final", r)]
