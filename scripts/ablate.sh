@@ -53,11 +53,13 @@ ARMS=(
 if [ "$SUITE" = exits ]; then
   RUNS=${RUNS_EXITS:-runs/exit-ablation}
   # The exit losses of issue #21: none, the full loss, the final head's
-  # top-32 candidates plus the target, a quarter of the positions.
+  # top-32 candidates plus the target (alone, and with the whole vocabulary
+  # every 8th step), a quarter of the positions.
   ARMS=(
     "base|--exits final"
     "exits|"
-    "exits-cand32|--exit-candidates 32"
+    "exits-cand32|--exit-candidates 32 --exit-full-every 0"
+    "exits-cand32f8|--exit-candidates 32 --exit-full-every 8"
     "exits-frac|--exit-frac 0.25"
   )
 fi

@@ -35,7 +35,7 @@ for r in $(seq "$ROUNDS"); do
 done
 # The mission's layout: gpt2 (12 x 768, vocab 50257), own heads at 8/10/12.
 for run in "final|--exits final" "own-full|--exit-head own" "own-cand32|--exit-head own --exit-candidates 32"; do
-  "$EX/profile_train" --preset gpt2 --batch 4 --context 128 --steps 2 ${run#*|} | tag 1 "gpt2-${run%%|*}"
+  "$EX/profile_train" --preset gpt2 --batch 8 --context 256 --steps 2 ${run#*|} | tag 1 "gpt2-${run%%|*}"
 done
 python3 scripts/train_speed_report.py "$OUT/results.jsonl" > "$OUT/results.md"
 cat "$OUT/results.md"

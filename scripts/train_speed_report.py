@@ -73,7 +73,7 @@ print(f"\nLowest median ratio: {min(worst):.2f}x.")
 
 g = {r["run"]: r for r in rows if r["run"].startswith("gpt2-")}
 if g:
-    print("\nThe mission's layout: `gpt2` (12 x 768, vocab 50257) with own exit heads at blocks 8/10/12, batch 4 x 128, 2 timed steps, one run.\n")
+    print("\nThe mission's layout: `gpt2` (12 x 768, vocab 50257) with own exit heads at blocks 8/10/12, batch 8 x 256, 2 timed steps after a warm-up step, one run.\n")
     print("| exit loss | step s | tokens/s | exits' share of the step |")
     print("|---|---|---|---|")
     base = g.get("gpt2-final")

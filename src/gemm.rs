@@ -69,10 +69,10 @@ impl<'a> Operand<'a> {
         }
     }
 
-    /// The slice reaches every stored element.
+    /// The slice reaches every stored element (and the stride fits an isize).
     fn fits(&self) -> bool {
         let (r, c) = self.stored();
-        c <= self.ld && (r == 0 || c == 0 || self.data.len() >= (r - 1) * self.ld + c)
+        c <= self.ld && reaches(self.data.len(), r, c, self.ld)
     }
 
     /// (row stride, column stride) of the operand as read.
@@ -82,6 +82,16 @@ impl<'a> Operand<'a> {
             Op::T => (1, self.ld as isize),
         }
     }
+}
+
+/// Whether `len` floats hold `rows` rows of `cols` floats, `ld` apart, with
+/// no overflow in the offsets and `ld` representable as a stride.
+fn reaches(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1).checked_mul(ld).and_then(|x| x.checked_add(cols));
+    isize::try_from(ld).is_ok() && last.is_some_and(|last| last <= len)
 }
 
 /// `c (m, n) = a (m, k) b (k, n)`, or `c += a b` when `accumulate`.
@@ -110,7 +120,7 @@ pub fn matmul_into(c: &mut [f32], ldc: usize, a: Operand, b: Operand, accumulate
         b.data.len(),
         b.ld
     );
-    let fits = n <= ldc && (m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n);
+    let fits = n <= ldc && reaches(c.len(), m, n, ldc);
     assert!(
         fits,
         "gemm: output of {} floats for {m} x {n}, ld {ldc}",
@@ -239,6 +249,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_stride_whose_offsets_overflow_is_refused() {
+        let x = [0f32; 8];
+        let a = Operand::n(&x, 3, 2).stride(usize::MAX / 2);
+        let caught = std::panic::catch_unwind(|| {
+            let mut c = [0f32; 6];
+            matmul(&mut c, a, Operand::n(&x, 2, 2), false)
+        });
+        assert!(
+            caught.is_err(),
+            "an overflowing stride must not reach the kernel"
+        );
+    }
+
+    #[test]
+    fn a_product_big_enough_for_threads_matches_the_naive_one() {
+        // Above the single-thread threshold, with strided operands.
+        let (m, k, n) = (70, 90, 50);
+        let (x, y) = (data(m * 100, 5), data(n * 95, 6));
+        let (a, b) = (
+            Operand::n(&x[1..], m, k).stride(100),
+            Operand::t(&y[2..], k, n).stride(95),
+        );
+        assert!(2 * m * n * k >= 1 << 18);
+        let want = naive(&a, &b);
+        let mut c = vec![0f32; m * n];
+        matmul(&mut c, a, b, false);
+        let err = c
+            .iter()
+            .zip(&want)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-3, "max error {err}");
     }
 
     #[test]

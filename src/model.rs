@@ -489,7 +489,10 @@ impl Gpt {
                     k,
                     s.x.index_select(rows, 1)?,     // (B, n, C)
                     targets.index_select(rows, 1)?, // (B, n)
-                    Some(rows.to_vec1::<u32>()?),
+                    match opt.exit_candidates {
+                        0 => None,
+                        _ => Some(rows.to_vec1::<u32>()?),
+                    },
                 )),
                 _ => at_exits.push((k, s.x.clone(), targets.clone(), None)),
             }
@@ -503,7 +506,10 @@ impl Gpt {
             0
         };
         let (final_ce, best) = self.exit_loss(last, &x, &y, top, opt.grads)?;
-        let (t_all, full_targets) = (targets.dim(1)?, targets.flatten_all()?.to_vec1::<u32>()?);
+        let full_targets = match top {
+            0 => Vec::new(),
+            _ => targets.flatten_all()?.to_vec1::<u32>()?,
+        };
         let mut per_exit = Vec::with_capacity(at_exits.len() + 1);
         let mut total: Option<Tensor> = None;
         for (k, x, y, rows) in at_exits {
@@ -512,7 +518,7 @@ impl Gpt {
                     best: &best,
                     top,
                     targets: &full_targets,
-                    t: t_all,
+                    t: targets.dim(1)?,
                 };
                 let cand = sets.build(rows.as_deref());
                 let h = self.exits[k].ln.forward(&x, self.fused)?.flatten_to(1)?;

@@ -127,6 +127,21 @@ fn scoring_exits_on_every_candidate_equals_the_full_exit_loss() {
         let d = max_abs_diff(g1.get(var).unwrap(), g2.get(var).unwrap());
         assert!(d < 1e-5, "{name}: gradients differ by {d}");
     }
+    // The same on the positions in another order (the candidate rows must
+    // follow the selected rows).
+    let order: Vec<u32> = vec![5, 2, 7, 0, 1, 6, 3, 4];
+    let shuffled = LossOptions {
+        exit_rows: Some(Tensor::new(order.as_slice(), &Device::Cpu).unwrap()),
+        ..every
+    };
+    let l = model.loss_with(&x, &y, &shuffled).unwrap();
+    for (a, b) in full.per_exit.iter().zip(&l.per_exit) {
+        let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!(
+            (a - b).abs() < 1e-5,
+            "exit loss on reordered rows {a} vs {b}"
+        );
+    }
     // Fewer candidates: a different loss, still finite.
     let few = LossOptions {
         exit_candidates: 4,

@@ -146,12 +146,17 @@ pub fn projected_cross_entropy_top(
     }
     if !h.device().is_cpu() {
         let logits = h.matmul(&w.t()?)?;
-        let best = if top > 0 {
-            let idx = logits.arg_sort_last_dim(false)?.narrow(1, 0, top)?;
-            idx.flatten_all()?.to_vec1::<u32>()?
-        } else {
-            Vec::new()
-        };
+        let mut best = vec![0u32; h.dim(0)? * top];
+        if top > 0 {
+            // On the host: a device sort of 50k-wide rows needs more shared
+            // memory than a block has, and ties must break as on the CPU.
+            let rows = logits
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec2::<f32>()?;
+            for (row, out) in rows.iter().zip(best.chunks_mut(top)) {
+                top_k(row, out);
+            }
+        }
         return Ok((super::cross_entropy(&logits, targets)?, best));
     }
     let best = Arc::new(Mutex::new(Vec::new()));

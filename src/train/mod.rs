@@ -126,6 +126,11 @@ pub struct TrainOptions {
     /// other tokens instead of the whole vocabulary (0: whole vocabulary).
     #[arg(long, default_value_t = 0)]
     pub exit_candidates: usize,
+    /// With --exit-candidates: every N-th step scores the exits on the whole
+    /// vocabulary, which keeps tokens outside the candidates from taking an
+    /// exit's argmax (0: never).
+    #[arg(long, default_value_t = 8)]
+    pub exit_full_every: u64,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Evaluate every N steps (0: only at the end).
@@ -756,13 +761,15 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
     let exits_on = step.is_multiple_of(o.exit_every) && r.cfg.exits.len() > 1;
     let exit_rows = (o.exit_frac < 1.0).then(|| sample_rows(t, o.exit_frac, o.seed, step));
     let n_rows = exit_rows.as_ref().map_or(t, Vec::len);
+    let full_step = o.exit_full_every > 0 && step.is_multiple_of(o.exit_full_every);
+    let candidates = if full_step { 0 } else { o.exit_candidates };
     let lopt = LossOptions {
         exits: exits_on,
         exit_scale: o.exit_every as f64 * t as f64 / n_rows as f64,
         exit_rows: exit_rows
             .map(|rows| Tensor::from_vec(rows, n_rows, &r.device))
             .transpose()?,
-        exit_candidates: o.exit_candidates,
+        exit_candidates: candidates,
         grads: true,
     };
     let losses = r.model.loss_with(&x, &y, &lopt)?;
@@ -770,7 +777,7 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
     let stats = r.opt.step(&grads, lr)?;
     // Step cost in units of one block; each computed exit head ~ one block.
     let cheap_cost = r.cfg.n_layer as f64 + 1.0;
-    let head_share = match o.exit_candidates {
+    let head_share = match candidates {
         0 => 1.0,
         k => (k + 1) as f64 / r.cfg.vocab_size as f64,
     };

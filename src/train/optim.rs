@@ -384,8 +384,10 @@ impl Param {
     fn update(&mut self, g: &Tensor, h: Hyper, hypergradient: bool) -> Result<Dots> {
         match &mut self.moments {
             Moments::Host { m, v, u } => {
-                if hypergradient && u.is_none() {
-                    // The first step has no previous direction: it starts at 0.
+                // A parameter's first update has no previous direction: it
+                // adds nothing to the dots (as on other devices).
+                let first = u.is_none();
+                if hypergradient && first {
                     *u = Some(vec![0.0; m.len()]);
                 }
                 let (gs, gl) = g.storage_and_layout();
@@ -414,12 +416,12 @@ impl Param {
                 };
                 self.var.as_tensor().inplace_op1(&op)?;
                 let dots = *op.dots.lock().expect("dots");
-                Ok(dots)
+                Ok(if first { Dots::default() } else { dots })
             }
             Moments::Device { m, v, u } => {
                 let g = (g * h.scale as f64)?;
                 let mut dots = Dots::default();
-                if let Some(u) = u.as_ref() {
+                if let Some(u) = u.as_ref().filter(|_| hypergradient) {
                     dots.gu = (&g * u)?.sum_all()?.to_scalar::<f32>()? as f64;
                     dots.gg = g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
                     dots.uu = u.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
