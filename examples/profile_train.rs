@@ -3,7 +3,7 @@
 //! `scripts/train-speed.sh` runs it beside PyTorch on the same config.
 //!
 //! cargo run --release --example profile_train -- [--preset small]
-//!     [--exits full|final] [--exit-candidates K] [--exit-frac F]
+//!     [--exits full|final] [--exit-frac F [--exit-candidates K]]
 //!     [--exit-head tied|own] [--batch 8] [--context 128] [--steps 6]
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};

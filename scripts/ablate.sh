@@ -52,15 +52,14 @@ ARMS=(
 
 if [ "$SUITE" = exits ]; then
   RUNS=${RUNS_EXITS:-runs/exit-ablation}
-  # The exit losses of issue #21: none, the full loss, the final head's
-  # top-32 candidates plus the target (alone, and with the whole vocabulary
-  # every 8th step), a quarter of the positions.
+  # The exit losses of issue #21: none, the full loss, the full loss on
+  # 1/8 of the positions (rescaled), and that with the other positions
+  # scored on the target and the final head's top-32 candidates.
   ARMS=(
     "base|--exits final"
     "exits|"
-    "exits-cand32|--exit-candidates 32 --exit-full-every 0"
-    "exits-cand32f8|--exit-candidates 32 --exit-full-every 8"
-    "exits-frac|--exit-frac 0.25"
+    "exits-frac8|--exit-frac 0.125"
+    "exits-frac8-cand32|--exit-frac 0.125 --exit-candidates 32"
   )
 fi
 mkdir -p "$RUNS"

@@ -30,11 +30,11 @@ for r in $(seq "$ROUNDS"); do
   "$PY" scripts/torch_train_speed.py final | tag "$r" final
   "$EX/profile_train" | tag "$r" full
   "$EX/profile_train" --exits final | tag "$r" final
-  "$EX/profile_train" --exit-candidates 32 | tag "$r" cand32
-  "$EX/profile_train" --exit-frac 0.25 | tag "$r" frac0.25
+  "$EX/profile_train" --exit-frac 0.125 | tag "$r" frac8
+  "$EX/profile_train" --exit-frac 0.125 --exit-candidates 32 | tag "$r" frac8-cand32
 done
 # The mission's layout: gpt2 (12 x 768, vocab 50257), own heads at 8/10/12.
-for run in "final|--exits final" "own-full|--exit-head own" "own-cand32|--exit-head own --exit-candidates 32"; do
+for run in "final|--exits final" "own-full|--exit-head own" "own-frac8-cand32|--exit-head own --exit-frac 0.125 --exit-candidates 32"; do
   "$EX/profile_train" --preset gpt2 --batch 8 --context 256 --steps 2 ${run#*|} | tag 1 "gpt2-${run%%|*}"
 done
 python3 scripts/train_speed_report.py "$OUT/results.jsonl" > "$OUT/results.md"

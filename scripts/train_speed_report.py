@@ -35,7 +35,7 @@ for run, label in [("full", "three exits, full loss"), ("final", "final exit onl
         ratio = [torch(run, r)[0]["compile"]["tok_s"] / torch(run, r)[0]["eager"]["tok_s"] for r in rounds if "compile" in torch(run, r)[0]]
         print(f"| torch.compile, {label} | {span([c['tok_s'] for c in comp])} | | {span(ratio, '{:.2f}x')} |")
 for run, label, ref in [("full", "three exits, full loss", "full"), ("final", "final exit only", "final"),
-                        ("cand32", "three exits, top-32 candidates", "full"), ("frac0.25", "three exits, 1/4 of positions", "full")]:
+                        ("frac8", "three exits, 1/8 of positions", "full"), ("frac8-cand32", "three exits, 1/8 of positions + top-32 candidates elsewhere", "full")]:
     ms = [ours(run, r)[0] for r in rounds if ours(run, r)]
     if not ms:
         continue
@@ -45,7 +45,7 @@ for run, label, ref in [("full", "three exits, full loss", "full"), ("final", "f
 print("\nShare of the step spent on the non-final exits: 1 - step(final only) / step(with exits), same round.\n")
 print("| exit loss | gpt-serve | PyTorch eager |")
 print("|---|---|---|")
-for run, label in [("full", "full"), ("cand32", "top-32 candidates"), ("frac0.25", "1/4 of positions")]:
+for run, label in [("full", "full"), ("frac8", "1/8 of positions"), ("frac8-cand32", "1/8 of positions + top-32 candidates elsewhere")]:
     share = [1 - ours("final", r)[0]["step_s"] / ours(run, r)[0]["step_s"] for r in rounds if ours(run, r) and ours("final", r)]
     if not share:
         continue
@@ -53,8 +53,7 @@ for run, label in [("full", "full"), ("cand32", "top-32 candidates"), ("frac0.25
     if run == "full":
         ts = [1 - torch("full", r)[0]["eager"]["tok_s"] / torch("final", r)[0]["eager"]["tok_s"] for r in rounds if torch("full", r) and torch("final", r)]
         tshare = span([100 * x for x in ts], "{:.0f}%")
-    print(f"| {label} | {span([100 * x for x in share], '{:.0f}%')} | {tshare} |")
-
+    print(f"| {label} | {span([100 * x for x in share], '{:.1f}%')} | {tshare} |")
 print("\nThe training GEMM (`gpt_serve::gemm`, examples/train_gemm_bench.rs) against torch.matmul, 2 threads, M = 1024 rows; GFLOP/s medians, ratio within each round.\n")
 print("| K x N | X W^T ours / torch | dY W ours / torch | dY^T X ours / torch |")
 print("|---|---|---|---|")
@@ -77,7 +76,7 @@ if g:
     print("| exit loss | step s | tokens/s | exits' share of the step |")
     print("|---|---|---|---|")
     base = g.get("gpt2-final")
-    for run, label in [("gpt2-final", "final exit only"), ("gpt2-own-full", "own heads, full loss"), ("gpt2-own-cand32", "own heads, top-32 candidates")]:
+    for run, label in [("gpt2-final", "final exit only"), ("gpt2-own-full", "own heads, full loss"), ("gpt2-own-frac8-cand32", "own heads, 1/8 of positions + top-32 candidates")]:
         if run in g:
             share = "" if run == "gpt2-final" or not base else f"{100 * (1 - base['step_s'] / g[run]['step_s']):.0f}%"
             print(f"| {label} | {g[run]['step_s']:.2f} | {g[run]['tok_s']:.0f} | {share} |")

@@ -474,59 +474,36 @@ impl Gpt {
     /// subset of positions and rescaled (unbiased, cheaper), or scored on
     /// the final head's top candidates only.
     pub fn loss_with(&self, idx: &Tensor, targets: &Tensor, opt: &LossOptions) -> Result<Losses> {
+        if opt.exit_candidates > 0 && opt.exit_rows.is_none() {
+            candle_core::bail!(
+                "exit candidates score the positions outside exit_rows: give exit_rows \
+                 (the positions scored on the whole vocabulary)"
+            );
+        }
         let mut s = self.embed(idx, 0)?;
         let last = self.cfg.exits.len() - 1;
-        // Each computed exit: (index, its hidden rows, their targets, the
-        // positions scored when a subset).
+        // The hidden rows at each computed exit.
         let mut at_exits = Vec::with_capacity(self.cfg.exits.len());
         for (k, e) in self.cfg.exits.iter().enumerate() {
             if k < last && !opt.exits {
                 continue;
             }
             self.run_blocks(&mut s, e.block, None)?;
-            match (&opt.exit_rows, k < last) {
-                (Some(rows), true) => at_exits.push((
-                    k,
-                    s.x.index_select(rows, 1)?,     // (B, n, C)
-                    targets.index_select(rows, 1)?, // (B, n)
-                    match opt.exit_candidates {
-                        0 => None,
-                        _ => Some(rows.to_vec1::<u32>()?),
-                    },
-                )),
-                _ => at_exits.push((k, s.x.clone(), targets.clone(), None)),
-            }
+            at_exits.push((k, s.x.clone()));
         }
         // The final exit first: its best tokens are the other exits'
         // candidates.
-        let (_, x, y, _) = at_exits.pop().expect("the final exit always runs");
+        let (_, x) = at_exits.pop().expect("the final exit always runs");
         let top = if opt.exit_candidates > 0 && !at_exits.is_empty() {
             opt.exit_candidates + 1
         } else {
             0
         };
-        let (final_ce, best) = self.exit_loss(last, &x, &y, top, opt.grads)?;
-        let full_targets = match top {
-            0 => Vec::new(),
-            _ => targets.flatten_all()?.to_vec1::<u32>()?,
-        };
+        let (final_ce, best) = self.exit_loss(last, &x, targets, top, opt.grads)?;
         let mut per_exit = Vec::with_capacity(at_exits.len() + 1);
         let mut total: Option<Tensor> = None;
-        for (k, x, y, rows) in at_exits {
-            let ce = if top > 0 {
-                let sets = CandidateSets {
-                    best: &best,
-                    top,
-                    targets: &full_targets,
-                    t: targets.dim(1)?,
-                };
-                let cand = sets.build(rows.as_deref());
-                let h = self.exits[k].ln.forward(&x, self.fused)?.flatten_to(1)?;
-                let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
-                crate::ops::candidate_cross_entropy(&h, head, cand, opt.exit_candidates + 1)?
-            } else {
-                self.exit_loss(k, &x, &y, 0, opt.grads)?.0
-            };
+        for (k, x) in at_exits {
+            let ce = self.early_exit_loss(k, &x, targets, opt, &best)?;
             let wl = (&ce * (self.cfg.exits[k].weight as f64 * opt.exit_scale))?;
             total = Some(match total {
                 Some(t) => (t + wl)?,
@@ -543,6 +520,51 @@ impl Gpt {
             },
             per_exit,
         })
+    }
+
+    /// The loss of a non-final exit `k` on its hidden rows `x` (B, T, C):
+    /// the whole vocabulary on every position, or on `opt.exit_rows` only;
+    /// with candidates, those positions on the whole vocabulary and the
+    /// others on their candidates (`best`: the final head's best tokens),
+    /// averaged over all positions.
+    fn early_exit_loss(
+        &self,
+        k: usize,
+        x: &Tensor,
+        targets: &Tensor,
+        opt: &LossOptions,
+        best: &[u32],
+    ) -> Result<Tensor> {
+        let Some(rows) = &opt.exit_rows else {
+            return Ok(self.exit_loss(k, x, targets, 0, opt.grads)?.0);
+        };
+        let pick = |r: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok((x.index_select(r, 1)?, targets.index_select(r, 1)?))
+        };
+        let (xr, yr) = pick(rows)?;
+        let full = self.exit_loss(k, &xr, &yr, 0, opt.grads)?.0;
+        if opt.exit_candidates == 0 {
+            return Ok(full);
+        }
+        let t = targets.dim(1)?;
+        let scored = rows.to_vec1::<u32>()?;
+        let rest: Vec<u32> = (0..t as u32).filter(|r| !scored.contains(r)).collect();
+        if rest.is_empty() {
+            return Ok(full);
+        }
+        let sets = CandidateSets {
+            best,
+            top: opt.exit_candidates + 1,
+            targets: &targets.flatten_all()?.to_vec1::<u32>()?,
+            t,
+        };
+        let cand = sets.build(Some(&rest));
+        let (xc, _) = pick(&Tensor::new(rest.as_slice(), x.device())?)?;
+        let h = self.exits[k].ln.forward(&xc, self.fused)?.flatten_to(1)?;
+        let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
+        let cand_ce = crate::ops::candidate_cross_entropy(&h, head, cand, sets.top)?;
+        let n = scored.len() as f64;
+        (full * (n / t as f64))? + (cand_ce * ((t as f64 - n) / t as f64))?
     }
 
     /// Mean cross-entropy of exit `k` on hidden rows `x` (B, n, C) against
@@ -609,9 +631,9 @@ pub struct LossOptions {
     /// Multiplies the non-final exits' weights (1 / sampling rate keeps the
     /// expected gradient equal to scoring every position on every step).
     pub exit_scale: f64,
-    /// Score the non-final exits on the target and the final head's best
-    /// `exit_candidates` other tokens instead of the whole vocabulary
-    /// (0: the whole vocabulary).
+    /// Score the non-final exits, at the positions outside `exit_rows`, on
+    /// the target and the final head's best `exit_candidates` other tokens
+    /// (0: those positions are not scored).
     pub exit_candidates: usize,
     /// Form gradients (false: evaluation, which never runs a backward).
     pub grads: bool,

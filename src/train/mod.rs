@@ -122,15 +122,11 @@ pub struct TrainOptions {
     /// Fraction of positions where non-final exit losses are scored (scaled by 1/frac).
     #[arg(long, default_value_t = 1.0)]
     pub exit_frac: f64,
-    /// Score the non-final exits on the target and the final head's best K
-    /// other tokens instead of the whole vocabulary (0: whole vocabulary).
+    /// With --exit-frac below 1: score the non-final exits at the other
+    /// positions on the target and the final head's best K other tokens
+    /// (0: those positions are not scored).
     #[arg(long, default_value_t = 0)]
     pub exit_candidates: usize,
-    /// With --exit-candidates: every N-th step scores the exits on the whole
-    /// vocabulary, which keeps tokens outside the candidates from taking an
-    /// exit's argmax (0: never).
-    #[arg(long, default_value_t = 8)]
-    pub exit_full_every: u64,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Evaluate every N steps (0: only at the end).
@@ -348,6 +344,13 @@ fn check_options(o: &TrainOptions) -> anyhow::Result<()> {
     }
     if !(o.exit_frac > 0.0 && o.exit_frac <= 1.0) {
         bail!("--exit-frac must be in (0, 1], got {}", o.exit_frac);
+    }
+    if o.exit_candidates > 0 && o.exit_frac >= 1.0 {
+        bail!(
+            "--exit-candidates {} scores the positions --exit-frac leaves out: give --exit-frac \
+             below 1 (alone, candidates let tokens outside them take the exits' argmax)",
+            o.exit_candidates
+        );
     }
     if o.steps.is_none() && o.tokens.is_none() && o.minutes.is_none() {
         bail!("give a budget: --steps, --tokens or --minutes");
@@ -761,11 +764,17 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
     let exits_on = step.is_multiple_of(o.exit_every) && r.cfg.exits.len() > 1;
     let exit_rows = (o.exit_frac < 1.0).then(|| sample_rows(t, o.exit_frac, o.seed, step));
     let n_rows = exit_rows.as_ref().map_or(t, Vec::len);
-    let full_step = o.exit_full_every > 0 && step.is_multiple_of(o.exit_full_every);
-    let candidates = if full_step { 0 } else { o.exit_candidates };
+    let candidates = o.exit_candidates;
+    // Candidates score the positions the whole-vocabulary loss skips, so
+    // every position counts once and no 1 / frac rescaling applies.
+    let frac_scale = if candidates > 0 {
+        1.0
+    } else {
+        t as f64 / n_rows as f64
+    };
     let lopt = LossOptions {
         exits: exits_on,
-        exit_scale: o.exit_every as f64 * t as f64 / n_rows as f64,
+        exit_scale: o.exit_every as f64 * frac_scale,
         exit_rows: exit_rows
             .map(|rows| Tensor::from_vec(rows, n_rows, &r.device))
             .transpose()?,
@@ -777,12 +786,15 @@ fn train_step(r: &mut Run, state: &mut TrainerState) -> anyhow::Result<StepOut> 
     let stats = r.opt.step(&grads, lr)?;
     // Step cost in units of one block; each computed exit head ~ one block.
     let cheap_cost = r.cfg.n_layer as f64 + 1.0;
-    let head_share = match candidates {
-        0 => 1.0,
-        k => (k + 1) as f64 / r.cfg.vocab_size as f64,
+    // Each exit head costs ~ one block per position on the whole vocabulary,
+    // (K + 1) / V of that on candidates.
+    let scored = n_rows as f64 / t as f64;
+    let per_head = match candidates {
+        0 => scored,
+        k => scored + (1.0 - scored) * (k + 1) as f64 / r.cfg.vocab_size as f64,
     };
     let n_heads = if exits_on {
-        (r.cfg.exits.len() - 1) as f64 * n_rows as f64 / t as f64 * head_share
+        (r.cfg.exits.len() - 1) as f64 * per_head
     } else {
         0.0
     };
