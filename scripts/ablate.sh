@@ -59,7 +59,13 @@ if [ "$SUITE" = exits ]; then
     "base|--exits final"
     "exits|"
     "exits-frac8|--exit-frac 0.125"
-    "exits-frac8-cand32|--exit-frac 0.125 --exit-candidates 32"
+    # The same positions at the exits' own weights (1/8 of the full exit
+    # loss's weight in total: --exit-frac rescales by 8).
+    "exits-frac8-w|--exit-frac 0.125 --exits 4:0.00625,5:0.01875,6:0.8"
+    # The other 7/8 scored on the target, the exit's own top-2 tokens
+    # where it saw the whole vocabulary (up to 32, shared) and the final
+    # head's top 32: 65 candidates.
+    "exits-frac8-cand32h|--exit-frac 0.125 --exit-candidates 32"
   )
 fi
 mkdir -p "$RUNS"

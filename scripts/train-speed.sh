@@ -34,7 +34,8 @@ for r in $(seq "$ROUNDS"); do
   "$EX/profile_train" --exit-frac 0.125 --exit-candidates 32 | tag "$r" frac8-cand32
 done
 # The mission's layout: gpt2 (12 x 768, vocab 50257), own heads at 8/10/12.
-for run in "final|--exits final" "own-full|--exit-head own" "own-frac8-cand32|--exit-head own --exit-frac 0.125 --exit-candidates 32"; do
+for run in "final|--exits final" "own-full|--exit-head own" "own-frac8|--exit-head own --exit-frac 0.125" \
+           "own-frac8-cand32|--exit-head own --exit-frac 0.125 --exit-candidates 32"; do
   "$EX/profile_train" --preset gpt2 --batch 8 --context 256 --steps 2 ${run#*|} | tag 1 "gpt2-${run%%|*}"
 done
 python3 scripts/train_speed_report.py "$OUT/results.jsonl" > "$OUT/results.md"

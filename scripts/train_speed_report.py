@@ -76,7 +76,7 @@ if g:
     print("| exit loss | step s | tokens/s | exits' share of the step |")
     print("|---|---|---|---|")
     base = g.get("gpt2-final")
-    for run, label in [("gpt2-final", "final exit only"), ("gpt2-own-full", "own heads, full loss"), ("gpt2-own-frac8-cand32", "own heads, 1/8 of positions + top-32 candidates")]:
+    for run, label in [("gpt2-final", "final exit only"), ("gpt2-own-full", "own heads, full loss"), ("gpt2-own-frac8", "own heads, 1/8 of positions"), ("gpt2-own-frac8-cand32", "own heads, 1/8 of positions + top-32 candidates")]:
         if run in g:
             share = "" if run == "gpt2-final" or not base else f"{100 * (1 - base['step_s'] / g[run]['step_s']):.0f}%"
             print(f"| {label} | {g[run]['step_s']:.2f} | {g[run]['tok_s']:.0f} | {share} |")

@@ -3,12 +3,13 @@
 //!
 //! Why the `gemm` crate and not our own kernel: at the training shapes of
 //! the `small` preset (M = 1024 rows; K, N in 384..8192) it runs at
-//! 84-133 GFLOP/s on this 2-core AVX2 machine, 0.8-1.1x `torch.matmul` on 2
-//! threads in the same run, for the forward and both transposed backward
-//! products (`examples/train_gemm_bench.rs`). Candle calls the same crate,
-//! but through its graph: transposed gradients, a copy for each
-//! non-contiguous operand and an allocation per product. Inference keeps
-//! `kernels::Matrix`, which reads prepacked weights once for few rows.
+//! 110-167 GFLOP/s on this 2-core AVX2 machine, 0.79-1.40x `torch.matmul`
+//! on 2 threads in the same rounds, for the forward and both transposed
+//! backward products (`scripts/train-speed.sh`, bench/train-speed/).
+//! Candle calls the same crate, but through its graph: transposed
+//! gradients, a copy for each non-contiguous operand and an allocation per
+//! product. Inference keeps `kernels::Matrix`, which reads prepacked
+//! weights once for few rows.
 
 /// Which operand layout a product reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

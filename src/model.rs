@@ -495,7 +495,7 @@ impl Gpt {
         // candidates.
         let (_, x) = at_exits.pop().expect("the final exit always runs");
         let top = if opt.exit_candidates > 0 && !at_exits.is_empty() {
-            opt.exit_candidates + 1
+            candidate_set_size(opt.exit_candidates, self.cfg.vocab_size)
         } else {
             0
         };
@@ -542,7 +542,8 @@ impl Gpt {
             Ok((x.index_select(r, 1)?, targets.index_select(r, 1)?))
         };
         let (xr, yr) = pick(rows)?;
-        let full = self.exit_loss(k, &xr, &yr, 0, opt.grads)?.0;
+        let exit_top = if opt.exit_candidates > 0 { EXIT_TOP } else { 0 };
+        let (full, exit_best) = self.exit_loss(k, &xr, &yr, exit_top, opt.grads)?;
         if opt.exit_candidates == 0 {
             return Ok(full);
         }
@@ -552,9 +553,23 @@ impl Gpt {
         if rest.is_empty() {
             return Ok(full);
         }
+        // The exit's own best tokens where it saw the whole vocabulary: the
+        // tokens it ranks high that candidates from the final head would
+        // never push down.
+        let mut hard: Vec<u32> = Vec::with_capacity(HARD_NEGATIVES);
+        for &c in &exit_best {
+            if hard.len() == HARD_NEGATIVES {
+                break;
+            }
+            if !hard.contains(&c) {
+                hard.push(c);
+            }
+        }
+        let size = candidate_set_size(opt.exit_candidates, self.cfg.vocab_size);
         let sets = CandidateSets {
             best,
-            top: opt.exit_candidates + 1,
+            top: size,
+            shared: &hard,
             targets: &targets.flatten_all()?.to_vec1::<u32>()?,
             t,
         };
@@ -562,7 +577,7 @@ impl Gpt {
         let (xc, _) = pick(&Tensor::new(rest.as_slice(), x.device())?)?;
         let h = self.exits[k].ln.forward(&xc, self.fused)?.flatten_to(1)?;
         let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
-        let cand_ce = crate::ops::candidate_cross_entropy(&h, head, cand, sets.top)?;
+        let cand_ce = crate::ops::candidate_cross_entropy(&h, head, cand, size)?;
         let n = scored.len() as f64;
         (full * (n / t as f64))? + (cand_ce * ((t as f64 - n) / t as f64))?
     }
@@ -584,19 +599,34 @@ impl Gpt {
     }
 }
 
+/// Tokens the exit scores itself on where it sees the whole vocabulary, as
+/// shared hard negatives for the candidate positions.
+const EXIT_TOP: usize = 2;
+/// At most this many of them per step.
+const HARD_NEGATIVES: usize = 32;
+
+/// Candidates per row: the target, the hard negatives, the final head's
+/// best `k` (capped at the vocabulary).
+fn candidate_set_size(k: usize, vocab: usize) -> usize {
+    (k + 1 + HARD_NEGATIVES).min(vocab)
+}
+
 /// Candidate tokens of the cheap exit loss, from the final head's best.
 struct CandidateSets<'a> {
     /// (B T, top) best tokens of the final head per position.
     best: &'a [u32],
+    /// Tokens per row in `best`, and the size of each candidate set.
     top: usize,
+    /// Tokens in every row's set (after the target).
+    shared: &'a [u32],
     /// (B T) targets.
     targets: &'a [u32],
     t: usize,
 }
 
 impl CandidateSets<'_> {
-    /// Per scored row: its target, then the final head's best tokens
-    /// other than the target (`top - 1` of them). `rows`: the positions
+    /// Per scored row: its target, the shared tokens, then the final
+    /// head's best tokens, each once, `top` in all. `rows`: the positions
     /// scored in each sequence (all when None).
     fn build(&self, rows: Option<&[u32]>) -> Vec<u32> {
         let all: Vec<u32>;
@@ -612,10 +642,17 @@ impl CandidateSets<'_> {
         for seq in 0..b {
             for &r in rows {
                 let i = seq * self.t + r as usize;
-                let target = self.targets[i];
-                out.push(target);
+                let start = out.len();
+                out.push(self.targets[i]);
                 let best = &self.best[i * self.top..(i + 1) * self.top];
-                out.extend(best.iter().filter(|&&c| c != target).take(self.top - 1));
+                for &c in self.shared.iter().chain(best) {
+                    if out.len() - start == self.top {
+                        break;
+                    }
+                    if !out[start..].contains(&c) {
+                        out.push(c);
+                    }
+                }
             }
         }
         out

@@ -122,10 +122,12 @@ pub struct TrainOptions {
     /// Fraction of positions where non-final exit losses are scored (scaled by 1/frac).
     #[arg(long, default_value_t = 1.0)]
     pub exit_frac: f64,
-    /// With --exit-frac below 1: score the non-final exits at the other
-    /// positions on the target and the final head's best K other tokens
-    /// (0: those positions are not scored).
-    #[arg(long, default_value_t = 0)]
+    /// Experimental, hidden: with --exit-frac below 1, score the non-final
+    /// exits at the other positions on the target and the final head's best
+    /// K other tokens (0: those positions are not scored). Measured so far
+    /// it lets tokens outside the candidates take the exits' argmax
+    /// (docs/benchmarks.md, "Exit losses").
+    #[arg(long, default_value_t = 0, hide = true)]
     pub exit_candidates: usize,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
