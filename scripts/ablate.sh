@@ -126,7 +126,11 @@ case "${1:-}" in
   train) train_arms ;;
   speed) speed_arms ;;
   report)
-    out=bench; [ "$SUITE" = exits ] && out=bench/exit-ablation && mkdir -p "$out"
-    cargo run --release --example ablation_report -- "$RUNS" "$out" ;;
+    if [ "$SUITE" = exits ]; then
+      mkdir -p bench/exit-ablation
+      python3 scripts/exit_ablation_summary.py "$RUNS" > bench/exit-ablation/summary.md
+    else
+      cargo run --release --example ablation_report -- "$RUNS" bench
+    fi ;;
   *) echo "usage: $0 train|speed|report"; exit 2 ;;
 esac
