@@ -985,3 +985,37 @@ fn write_training_meta(out: &Path, s: &TrainSummary) -> anyhow::Result<()> {
     checkpoint::save_config(out, &ck)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: TrainOptions,
+    }
+
+    fn options(args: &[&str]) -> TrainOptions {
+        let mut all = vec!["train", "corpus.txt", "--out", "out", "--steps", "1"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("valid arguments").o
+    }
+
+    #[test]
+    fn exit_candidates_without_exit_frac_are_refused_with_a_reason() {
+        let err = check_options(&options(&["--exit-candidates", "32"])).unwrap_err();
+        assert!(
+            err.to_string().contains("give --exit-frac below 1"),
+            "{err}"
+        );
+        check_options(&options(&[
+            "--exit-candidates",
+            "32",
+            "--exit-frac",
+            "0.125",
+        ]))
+        .expect("candidates with a fraction of positions");
+    }
+}
