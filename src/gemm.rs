@@ -182,6 +182,14 @@ mod tests {
             .collect()
     }
 
+    /// Largest |c - scale * want|.
+    fn max_err(c: &[f32], want: &[f32], scale: f32) -> f32 {
+        c.iter()
+            .zip(want)
+            .map(|(p, q)| (p - scale * q).abs())
+            .fold(0.0, f32::max)
+    }
+
     fn naive(a: &Operand, b: &Operand) -> Vec<f32> {
         let at = |o: &Operand, i: usize, j: usize| match o.op {
             Op::N => o.data[i * o.ld + j],
@@ -209,18 +217,10 @@ mod tests {
             let want = naive(&a, &b);
             let mut c = vec![0.5f32; m * n];
             matmul(&mut c, a, b, false);
-            let err = c
-                .iter()
-                .zip(&want)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0, f32::max);
+            let err = max_err(&c, &want, 1.0);
             assert!(err < 1e-4, "{:?} x {:?}: max error {err}", a.op, b.op);
             matmul(&mut c, a, b, true);
-            let err = c
-                .iter()
-                .zip(&want)
-                .map(|(p, q)| (p - 2.0 * q).abs())
-                .fold(0.0, f32::max);
+            let err = max_err(&c, &want, 2.0);
             assert!(
                 err < 1e-4,
                 "accumulating {:?} x {:?}: max error {err}",
@@ -279,11 +279,7 @@ mod tests {
         let want = naive(&a, &b);
         let mut c = vec![0f32; m * n];
         matmul(&mut c, a, b, false);
-        let err = c
-            .iter()
-            .zip(&want)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f32::max);
+        let err = max_err(&c, &want, 1.0);
         assert!(err < 1e-3, "max error {err}");
     }
 

@@ -500,10 +500,15 @@ impl Gpt {
             0
         };
         let (final_ce, best) = self.exit_loss(last, &x, targets, top, opt.grads)?;
+        // The positions scored on candidates, the same for every exit.
+        let rest = match (&opt.exit_rows, top) {
+            (Some(rows), 1..) => Some(RestRows::new(rows, targets)?),
+            _ => None,
+        };
         let mut per_exit = Vec::with_capacity(at_exits.len() + 1);
         let mut total: Option<Tensor> = None;
         for (k, x) in at_exits {
-            let ce = self.early_exit_loss(k, &x, targets, opt, &best)?;
+            let ce = self.early_exit_loss(k, &x, targets, opt, &best, rest.as_ref())?;
             let wl = (&ce * (self.cfg.exits[k].weight as f64 * opt.exit_scale))?;
             total = Some(match total {
                 Some(t) => (t + wl)?,
@@ -534,25 +539,17 @@ impl Gpt {
         targets: &Tensor,
         opt: &LossOptions,
         best: &[u32],
+        rest: Option<&RestRows>,
     ) -> Result<Tensor> {
         let Some(rows) = &opt.exit_rows else {
             return Ok(self.exit_loss(k, x, targets, 0, opt.grads)?.0);
         };
-        let pick = |r: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok((x.index_select(r, 1)?, targets.index_select(r, 1)?))
-        };
-        let (xr, yr) = pick(rows)?;
-        let exit_top = if opt.exit_candidates > 0 { EXIT_TOP } else { 0 };
+        let (xr, yr) = (x.index_select(rows, 1)?, targets.index_select(rows, 1)?);
+        let exit_top = if rest.is_some() { EXIT_TOP } else { 0 };
         let (full, exit_best) = self.exit_loss(k, &xr, &yr, exit_top, opt.grads)?;
-        if opt.exit_candidates == 0 {
+        let Some(rest) = rest.filter(|r| !r.rows.is_empty()) else {
             return Ok(full);
-        }
-        let t = targets.dim(1)?;
-        let scored = rows.to_vec1::<u32>()?;
-        let rest: Vec<u32> = (0..t as u32).filter(|r| !scored.contains(r)).collect();
-        if rest.is_empty() {
-            return Ok(full);
-        }
+        };
         // The exit's own best tokens where it saw the whole vocabulary: the
         // tokens it ranks high that candidates from the final head would
         // never push down.
@@ -570,16 +567,16 @@ impl Gpt {
             best,
             top: size,
             shared: &hard,
-            targets: &targets.flatten_all()?.to_vec1::<u32>()?,
-            t,
+            targets: &rest.targets,
+            t: rest.t,
         };
-        let cand = sets.build(Some(&rest));
-        let (xc, _) = pick(&Tensor::new(rest.as_slice(), x.device())?)?;
+        let cand = sets.build(Some(&rest.rows));
+        let xc = x.index_select(&rest.index, 1)?;
         let h = self.exits[k].ln.forward(&xc, self.fused)?.flatten_to(1)?;
         let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
         let cand_ce = crate::ops::candidate_cross_entropy(&h, head, cand, size)?;
-        let n = scored.len() as f64;
-        (full * (n / t as f64))? + (cand_ce * ((t as f64 - n) / t as f64))?
+        let (t, n) = (rest.t as f64, (rest.t - rest.rows.len()) as f64);
+        (full * (n / t))? + (cand_ce * ((t - n) / t))?
     }
 
     /// Mean cross-entropy of exit `k` on hidden rows `x` (B, n, C) against
@@ -609,6 +606,37 @@ const HARD_NEGATIVES: usize = 32;
 /// best `k` (capped at the vocabulary).
 fn candidate_set_size(k: usize, vocab: usize) -> usize {
     (k + 1 + HARD_NEGATIVES).min(vocab)
+}
+
+/// The positions the whole-vocabulary exit loss skips, scored on
+/// candidates instead; computed once per step for every exit.
+struct RestRows {
+    /// Positions (in each sequence) outside `exit_rows`, and as a tensor.
+    rows: Vec<u32>,
+    index: Tensor,
+    /// (B T) targets on the host, and T.
+    targets: Vec<u32>,
+    t: usize,
+}
+
+impl RestRows {
+    fn new(scored: &Tensor, targets: &Tensor) -> Result<Self> {
+        let t = targets.dim(1)?;
+        let mut seen = vec![false; t];
+        for r in scored.to_vec1::<u32>()? {
+            match seen.get_mut(r as usize) {
+                Some(s) => *s = true,
+                None => candle_core::bail!("exit row {r} outside the {t} positions"),
+            }
+        }
+        let rows: Vec<u32> = (0..t as u32).filter(|&r| !seen[r as usize]).collect();
+        Ok(Self {
+            index: Tensor::new(rows.as_slice(), targets.device())?,
+            rows,
+            targets: targets.flatten_all()?.to_vec1::<u32>()?,
+            t,
+        })
+    }
 }
 
 /// Candidate tokens of the cheap exit loss, from the final head's best.

@@ -111,8 +111,7 @@ impl CustomOp2 for ProjectedCrossEntropy {
             *self.grads.lock().expect("gradient slot") = Some((dh, dw));
         }
         *self.best.lock().expect("candidates slot") = best;
-        let mean = if n == 0 { 0.0 } else { total / n as f64 };
-        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
+        Ok(mean_loss(total, n))
     }
 
     fn bwd(
@@ -275,8 +274,7 @@ impl CustomOp2 for CandidateCrossEntropy {
             }
         }
         *self.grads.lock().expect("gradient slot") = Some((dh, dw));
-        let mean = if n == 0 { 0.0 } else { total / n as f64 };
-        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
+        Ok(mean_loss(total, n))
     }
 
     fn bwd(
@@ -288,6 +286,12 @@ impl CustomOp2 for CandidateCrossEntropy {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         scaled_grads(&self.grads, h, w, grad)
     }
+}
+
+/// The scalar output of a loss summed over `n` rows: their mean.
+fn mean_loss(total: f64, n: usize) -> (CpuStorage, Shape) {
+    let mean = if n == 0 { 0.0 } else { total / n as f64 };
+    (CpuStorage::F32(vec![mean as f32]), Shape::from(()))
 }
 
 /// The stored (dh, dW) of a mean loss, scaled by the upstream gradient.
@@ -343,15 +347,8 @@ pub fn candidate_cross_entropy(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::randn;
     use candle_core::{Device, Var};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// Several chunks (V = 70000 gives 256-row chunks) with a short last one.
     #[test]

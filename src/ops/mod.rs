@@ -348,7 +348,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
