@@ -89,7 +89,10 @@ fn load_run(
     let ctx = o["context"].as_u64().unwrap_or(64) as usize;
     let frac = o["exit_frac"].as_f64().unwrap_or(1.0);
     let peak_lr = trainer["schedule"]["peak"].as_f64().unwrap_or(f64::NAN);
-    let every = o["exit_every"].as_f64().unwrap_or(1.0);
+    // null: the default (runs before it existed always stored a number).
+    let every = o["exit_every"]
+        .as_f64()
+        .unwrap_or(gpt_serve::train::DEFAULT_EXIT_EVERY as f64);
     // FLOPs per token (forward): blocks + final head + the extra exit heads
     // on the fraction of positions and steps where they are computed.
     let c = cfg.n_embd as f64;

@@ -3,7 +3,7 @@
 //! `scripts/train-speed.sh` runs it beside PyTorch on the same config.
 //!
 //! cargo run --release --example profile_train -- [--preset small]
-//!     [--exits full|final] [--exit-frac F [--exit-candidates K]]
+//!     [--exits full|final] [--exit-frac F [--exit-candidates K]] [--exit-every K]
 //!     [--exit-head tied|own] [--batch 8] [--context 128] [--steps 6]
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -31,6 +31,10 @@ struct Args {
     exit_candidates: usize,
     #[arg(long, default_value_t = 1.0)]
     exit_frac: f64,
+    /// The exit losses on every k-th timed step only (time a multiple of
+    /// k steps for their mean; `train` defaults to 8).
+    #[arg(long, default_value_t = 1)]
+    exit_every: usize,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 128)]
@@ -87,6 +91,11 @@ fn main() -> anyhow::Result<()> {
     let mut phases = [0f64; 3];
     for i in 0..=a.steps {
         let t0 = Instant::now();
+        let lopt = LossOptions {
+            exits: i % a.exit_every.max(1) == 0,
+            exit_rows: lopt.exit_rows.clone(),
+            ..lopt
+        };
         let l = model.loss_with(&x, &y, &lopt)?;
         let _ = l.total.to_scalar::<f32>()?;
         let t1 = Instant::now();
@@ -103,12 +112,13 @@ fn main() -> anyhow::Result<()> {
     let n = a.steps as f64;
     let total: f64 = phases.iter().sum();
     println!(
-        "{{\"preset\": \"{}\", \"exits\": {}, \"exit_head\": \"{:?}\", \"exit_candidates\": {}, \"exit_frac\": {}, \"batch\": [{b}, {t}], \"tok_s\": {:.1}, \"step_s\": {:.4}, \"fwd_s\": {:.4}, \"bwd_s\": {:.4}, \"opt_s\": {:.4}}}",
+        "{{\"preset\": \"{}\", \"exits\": {}, \"exit_head\": \"{:?}\", \"exit_candidates\": {}, \"exit_frac\": {}, \"exit_every\": {}, \"batch\": [{b}, {t}], \"tok_s\": {:.1}, \"step_s\": {:.4}, \"fwd_s\": {:.4}, \"bwd_s\": {:.4}, \"opt_s\": {:.4}}}",
         a.preset,
         cfg.exits.len(),
         cfg.exit_head,
         a.exit_candidates,
         a.exit_frac,
+        a.exit_every,
         n * (b * t) as f64 / total,
         total / n,
         phases[0] / n,

@@ -27,16 +27,16 @@ SUITE=${SUITE:-options}
 # name | extra flags. Exits "final" = one head; default exits = 4/5/6 at 0.05/0.15/0.8.
 ARMS=(
   "base|--exits final"
-  "exits|"
-  "exits-frac|--exit-frac 0.25"
+  "exits|--exit-every 1"
+  "exits-frac|--exit-every 1 --exit-frac 0.25 --exit-compensate"
   "dwa|--exits final --dwa 1x1"
   "compress-skip|--exits final --n-embd 256 --n-head 4 --x0-skip"
   "hyper|--exits final --schedule hyper"
-  "hyper-speed|--exit-frac 0.25 --exit-every 2 --schedule hyper-speed"
+  "hyper-speed|--exit-frac 0.25 --exit-every 2 --exit-compensate --schedule hyper-speed"
   "wsd|--exits final --schedule wsd"
-  "combo|--n-embd 256 --n-head 4 --x0-skip --dwa 1x1 --exit-frac 0.25"
+  "combo|--n-embd 256 --n-head 4 --x0-skip --dwa 1x1 --exit-every 1 --exit-frac 0.25 --exit-compensate"
   # The one option that paid per wall-clock, with the exits serving needs.
-  "compress-skip-exits|--n-embd 256 --n-head 4 --x0-skip"
+  "compress-skip-exits|--n-embd 256 --n-head 4 --x0-skip --exit-every 1"
   # Peak-LR sweep of the two fixed schedules (1e-3 is `base` / `wsd`); the
   # best peak is picked by the last 20 steps' training loss (batches seen
   # once: a slice of train), never by val.
@@ -57,15 +57,23 @@ if [ "$SUITE" = exits ]; then
   # scored on the target and the final head's top-32 candidates.
   ARMS=(
     "base|--exits final"
-    "exits|"
-    "exits-frac8|--exit-frac 0.125"
+    "exits|--exit-every 1"
+    "exits-frac8|--exit-every 1 --exit-frac 0.125 --exit-compensate"
     # The same positions at the exits' own weights (1/8 of the full exit
-    # loss's weight in total: --exit-frac rescales by 8).
-    "exits-frac8-w|--exit-frac 0.125 --exits 4:0.00625,5:0.01875,6:0.8"
+    # loss's weight in total: --exit-compensate rescales by 8).
+    "exits-frac8-w|--exit-every 1 --exit-frac 0.125 --exit-compensate --exits 4:0.00625,5:0.01875,6:0.8"
     # The other 7/8 scored on the target, the exit's own top-2 tokens
     # where it saw the whole vocabulary (up to 32, shared) and the final
     # head's top 32: 65 candidates.
-    "exits-frac8-cand32h|--exit-frac 0.125 --exit-candidates 32"
+    "exits-frac8-cand32h|--exit-every 1 --exit-frac 0.125 --exit-candidates 32"
+    # Without compensation each scored row pulls on the trunk as hard as
+    # under the full loss: 1/16 of the positions, or the whole exit loss on
+    # every 8th step (the default since; run with an older binary these
+    # read "--exit-frac 0.0625 --exits 4:0.0001953125,5:0.0005859375,6:0.8"
+    # and "--exit-every 8 --exits 4:0.00625,5:0.01875,6:0.8").
+    "exits-frac16-row|--exit-every 1 --exit-frac 0.0625"
+    "exits-every8-row|--exit-every 8"
+    "exits-every12-row|--exit-every 12"
   )
 fi
 mkdir -p "$RUNS"
