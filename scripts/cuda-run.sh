@@ -62,7 +62,7 @@ for dev in "$DEV" cpu; do
 done
 
 # 2. Default-model candidates, in parallel.
-common=(--val "$W/val.txt.gz" --batch-size "${BATCH:-128}" --exit-frac 0.25 --eval-every 250
+common=(--val "$W/val.txt.gz" --batch-size "${BATCH:-128}" --exit-every 1 --exit-frac 0.25 --exit-compensate --eval-every 250
   --eval-batches 16 --save-every 300 --save-dtype f16 --drafter false --device "$DEV"
   --cache-dir "$W/cache" --minutes "$MINUTES")
 "$BIN" train "$W/train.txt" --out "$W/a" --init-from models/default --lr 2e-3 --warmup 50 \
@@ -103,13 +103,13 @@ torchref() { # name, seconds, torch_gpu_reference.py args...
   bounded "$name" "$secs" python3 scripts/torch_gpu_reference.py "$@"
 }
 ours ours-small 60 "$W/train.txt" --val "$W/val.txt.gz" --tokenizer "$TOK" --n-layer 6 --n-embd 256 \
-  --n-head 4 --block-size 256 --batch-size 128 --steps 40 --exit-frac 0.25
+  --n-head 4 --block-size 256 --batch-size 128 --steps 40 --exit-every 1 --exit-frac 0.25 --exit-compensate
 torchref torch-small-f32 60 --layers 6 --embd 256 --heads 4 --vocab 4096 --batch 128 --context 256 \
   --dtype f32 --modes eager --steps 40
 G=(--val "$W/val.txt.gz" --preset gpt2 --tokenizer gpt2 --gpt2-dir "$PACK/tokenizer-gpt2"
   --batch-size 16 --context 1024 --steps 20)
 ours ours-gpt2-final 90 "$W/val.txt.gz" "${G[@]}" --exits final
-ours ours-gpt2-exits 90 "$W/val.txt.gz" "${G[@]}" --exit-frac 0.25
+ours ours-gpt2-exits 90 "$W/val.txt.gz" "${G[@]}" --exit-every 1 --exit-frac 0.25 --exit-compensate
 torchref torch-gpt2-f32 60 --dtype f32 --modes eager --steps 20
 torchref torch-gpt2-bf16 60 --dtype bf16 --modes eager --steps 20
 finish
