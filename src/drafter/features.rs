@@ -97,6 +97,17 @@ pub const FEATURE_NAMES: &[&str] = &[
 
 pub const N_FEATURES: usize = 14;
 
+/// Feature families, for the ablation (`train-drafter --drafter-ablation`)
+/// and for fitting without one (`--drafter-without`): each family's name
+/// and its columns.
+pub const FAMILIES: &[(&str, &[usize])] = &[
+    ("last", &[0, 1]),
+    ("tables", &[2, 3, 4, 5, 6, 7]),
+    ("suffix", &[8, 9, 10]),
+    ("context", &[11]),
+    ("verified", &[12, 13]),
+];
+
 /// Longest match of the context's suffix earlier in the context: (length,
 /// the token that followed it). Capped at 32 tokens.
 pub fn suffix_match(ctx: &[u32]) -> (usize, Option<u32>) {
@@ -207,6 +218,16 @@ pub fn features(inp: &FeatureInput) -> (Vec<f32>, Candidates) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_feature_families_cover_every_column_once() {
+        let mut seen = vec![0; N_FEATURES];
+        for (_, cols) in FAMILIES {
+            cols.iter().for_each(|&c| seen[c] += 1);
+        }
+        assert_eq!(seen, vec![1; N_FEATURES]);
+        assert_eq!(FEATURE_NAMES.len(), N_FEATURES);
+    }
 
     #[test]
     fn suffix_match_finds_the_longest_earlier_occurrence() {

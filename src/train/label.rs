@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::config::Config;
 use crate::decode::greedy_with_stats;
-use crate::drafter::features::{Tables, Verified, N_FEATURES};
+use crate::drafter::features::{Tables, Verified, FAMILIES, N_FEATURES};
 use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
 use crate::drafter::{self, Drafter, Replay};
 use crate::forward::Forward;
@@ -53,6 +53,17 @@ pub struct DrafterOptions {
     /// Longest draft chain.
     #[arg(long, default_value_t = 8)]
     pub drafter_k_max: usize,
+    /// Fit without these feature families (comma-separated: last, tables,
+    /// suffix, context, verified): their columns are
+    /// held at zero, so the trees never read them.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub drafter_without: Vec<String>,
+    /// Also fit one drafter without each feature family in turn and replay
+    /// it on the val split (the report's `ablation`).
+    #[arg(long)]
+    #[serde(default)]
+    pub drafter_ablation: bool,
     /// Also write the labelled rows (features and soft targets, train and
     /// validation parts) to this JSON file, to compare classifiers on them
     /// (`examples/drafter_compare.rs`).
@@ -85,19 +96,29 @@ pub struct Continuation {
     pub verified: Vec<Verified>,
 }
 
-/// Greedy continuations of `n` prompts of `plen` tokens drawn from `tokens`.
+/// Which continuations to generate: `n` prompts of `plen` tokens, `gen`
+/// tokens each, the prompts drawn with `seed`.
+pub struct Prompts {
+    pub n: usize,
+    pub plen: usize,
+    pub gen: usize,
+    pub seed: u64,
+}
+
+/// Greedy continuations of prompts drawn from `tokens`, with the model's
+/// statistics at each generated position.
 pub fn continuations<M: Forward>(
     model: &M,
     tokens: &[u32],
-    n: usize,
-    plen: usize,
-    gen: usize,
-    seed: u64,
+    p: &Prompts,
     eot: u32,
 ) -> anyhow::Result<Vec<Continuation>> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let gen = gen.min(model.config().block_size.saturating_sub(plen));
-    (0..n)
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed);
+    let (plen, gen) = (
+        p.plen,
+        p.gen.min(model.config().block_size.saturating_sub(p.plen)),
+    );
+    (0..p.n)
         .map(|_| {
             let start = rng.random_range(0..tokens.len() - plen);
             let prompt = &tokens[start..start + plen];
@@ -114,35 +135,36 @@ pub fn continuations<M: Forward>(
 /// A window of text, the model's top-1 after each position, and its stats.
 type Window = (Vec<u32>, Vec<u32>, Vec<Verified>);
 
+/// The final logits of every position of a window of text, in one forward.
+fn window_logits<M: Forward>(model: &M, w: &[u32]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let cfg = model.config();
+    let mut cache = model.new_cache()?;
+    let mut s = model.embed(w, 0)?;
+    model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+    let logits = model.exit_logits(&s, cfg.exits.len() - 1, 0..w.len())?;
+    Ok((0..w.len()).map(|i| logits[i].to_vec()).collect())
+}
+
 /// `n` teacher-forced windows of `t` tokens drawn from `tokens`, one
 /// forward each.
 fn teacher_forced<M: Forward>(
     model: &M,
     tokens: &[u32],
-    n: usize,
-    t: usize,
+    (n, t): (usize, usize),
     seed: u64,
 ) -> anyhow::Result<Vec<Window>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let cfg = model.config();
-    let last = cfg.exits.len() - 1;
     (0..n)
         .map(|_| {
             let start = rng.random_range(0..tokens.len() - t);
             let w = tokens[start..start + t].to_vec();
-            let mut cache = model.new_cache()?;
-            let mut s = model.embed(&w, 0)?;
-            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
-            let logits = model.exit_logits(&s, last, 0..t)?;
-            let top: Vec<u32> = logits.iter().map(sampling::argmax).collect();
+            let logits = window_logits(model, &w)?;
+            let top: Vec<u32> = logits.iter().map(|r| sampling::argmax(r)).collect();
             let stats = logits
                 .iter()
                 .map(|r| {
-                    let (p, e) = sampling::top1_and_entropy(r);
-                    Verified {
-                        top1_prob: p,
-                        entropy: e,
-                    }
+                    let (top1_prob, entropy) = sampling::top1_and_entropy(r);
+                    Verified { top1_prob, entropy }
                 })
                 .collect();
             Ok((w, top, stats))
@@ -234,10 +256,12 @@ fn train_drafter_in_pool(
     // The serving path: continuations and verify costs as served.
     let model = loaded.cpu(loaded.serving_dtype())?;
     let eot = loaded.tokenizer.eot();
+    let families = without_columns(&o.drafter_without)?;
     let samples = label(&model, o, train, eot)?;
     let (classes, tables) = classes_and_tables(&samples, o.drafter_classes);
     let mut d = untrained_drafter(&loaded.tokenizer, &model.cfg, classes, tables, o);
-    let rows = labelled_rows(&d, &samples);
+    let mut rows = labelled_rows(&d, &samples);
+    rows.hold_at_zero(&families);
     if let Some(path) = &o.drafter_rows_out {
         write_rows(path, &d, &rows)?;
     }
@@ -252,18 +276,19 @@ fn train_drafter_in_pool(
     let cost = |k: usize| costs[k.min(costs.len() - 1)];
     let curve = choose_threshold(&mut d, &samples.tune, &cost);
     // Report on val-split continuations.
-    let vconts = continuations(
-        &model,
-        val,
-        24,
-        samples.prompt_len,
-        o.drafter_gen_tokens,
-        21,
-        eot,
-    )?;
+    let val_prompts = Prompts {
+        n: 24,
+        plen: samples.prompt_len,
+        gen: o.drafter_gen_tokens,
+        seed: 21,
+    };
+    let vconts = continuations(&model, val, &val_prompts, eot)?;
     let val_replay = replay_report(&d, &vconts, &cost);
     let secs = (label_secs, fit_secs);
     d.report = report(&d, &rows, secs, &costs, curve, val_replay);
+    if o.drafter_ablation {
+        d.report["ablation"] = ablation(&d, &rows, &samples.tune, &vconts, &cost, o)?;
+    }
     d.save(&dir.join(checkpoint::DRAFTER_FILE))
         .context("saving the drafter")?;
     eprintln!(
@@ -287,6 +312,11 @@ struct Samples {
     row_windows: Vec<Window>,
 }
 
+/// Length of the teacher-forced windows.
+fn window_len(cfg: &Config) -> usize {
+    cfg.block_size.min(256)
+}
+
 /// Label: greedy continuations and teacher-forced windows of train text.
 fn label<M: Forward>(
     model: &M,
@@ -294,22 +324,20 @@ fn label<M: Forward>(
     train: &[u32],
     eot: u32,
 ) -> anyhow::Result<Samples> {
-    let t = model.config().block_size.min(256);
+    let t = window_len(model.config());
     let plen = 32.min(t / 2);
     eprintln!(
         "drafter: labelling with the model ({} continuations, {} windows)",
         o.drafter_prompts, o.drafter_windows
     );
-    let mut conts = continuations(
-        model,
-        train,
-        o.drafter_prompts,
+    let prompts = Prompts {
+        n: o.drafter_prompts,
         plen,
-        o.drafter_gen_tokens,
-        11,
-        eot,
-    )?;
-    let mut table_windows = teacher_forced(model, train, o.drafter_windows, t, 12)?;
+        gen: o.drafter_gen_tokens,
+        seed: 11,
+    };
+    let mut conts = continuations(model, train, &prompts, eot)?;
+    let mut table_windows = teacher_forced(model, train, (o.drafter_windows, t), 12)?;
     let n_tune = (conts.len() / 6).max(1);
     let mut table_conts = conts.split_off(n_tune);
     let row_conts = table_conts.split_off(table_conts.len() / 2);
@@ -388,6 +416,75 @@ impl Rows {
     fn len(&self) -> usize {
         self.train.0.len() + self.valid.0.len()
     }
+
+    /// Sets `columns` to zero in every row: a constant column is never split
+    /// on, so the fit ignores those features.
+    fn hold_at_zero(&mut self, columns: &[usize]) {
+        for row in self.train.0.iter_mut().chain(self.valid.0.iter_mut()) {
+            for &c in columns {
+                row[c] = 0.0;
+            }
+        }
+    }
+}
+
+/// The columns of the named feature families; an unknown name is an error
+/// that lists the families.
+fn without_columns(names: &[String]) -> anyhow::Result<Vec<usize>> {
+    let mut cols = Vec::new();
+    for name in names {
+        match FAMILIES.iter().find(|(f, _)| f == name) {
+            Some((_, c)) => cols.extend_from_slice(c),
+            None => anyhow::bail!(
+                "--drafter-without: unknown feature family {name:?}; the families are {}",
+                FAMILIES
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(cols)
+}
+
+/// `--drafter-ablation`: for each feature family in turn, a drafter fitted
+/// on the same rows without it, its threshold chosen on the tune
+/// continuations, replayed on the val ones (greedy, tree drafter as a
+/// chain), next to the full drafter's figures.
+fn ablation(
+    d: &Drafter,
+    rows: &Rows,
+    tune: &[Continuation],
+    vconts: &[Continuation],
+    cost: &dyn Fn(usize) -> f64,
+    o: &DrafterOptions,
+) -> anyhow::Result<serde_json::Value> {
+    let figures = |x: &Drafter| {
+        let r = replay_tree(x, vconts, x.threshold, cost);
+        serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(),
+            "precision": r.precision(), "threshold": x.threshold,
+            "valid_loss": x.gbdt.valid_loss.last()})
+    };
+    let mut out = vec![serde_json::json!({"without": "nothing", "replay": figures(d)})];
+    for (name, cols) in FAMILIES {
+        if o.drafter_without.iter().any(|f| f == name) {
+            continue;
+        }
+        let mut x = d.clone();
+        let mut r = Rows {
+            train: rows.train.clone(),
+            valid: rows.valid.clone(),
+            from_continuations: rows.from_continuations,
+        };
+        r.hold_at_zero(cols);
+        fit(&mut x, &r, o)?;
+        choose_threshold(&mut x, tune, cost);
+        let row = serde_json::json!({"without": name, "replay": figures(&x)});
+        eprintln!("drafter ablation: {row}");
+        out.push(row);
+    }
+    Ok(serde_json::Value::Array(out))
 }
 
 /// Rows from the row half of the samples: every position of every row
@@ -615,4 +712,18 @@ pub fn run(a: &TrainDrafterArgs) -> anyhow::Result<()> {
     let d = train_drafter(&a.model, &a.opts, &va, &tr)?;
     println!("{}", serde_json::to_string_pretty(&d.report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_feature_family_is_refused_with_the_list() {
+        let e = without_columns(&["tables".into(), "pointers".into()]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("\"pointers\"") && e.contains("verified"), "{e}");
+        let cols = without_columns(&["verified".into(), "context".into()]).unwrap();
+        assert_eq!(cols, vec![12, 13, 11]);
+    }
 }
