@@ -74,6 +74,11 @@ if [ "$SUITE" = exits ]; then
     "exits-frac16-row|--exit-every 1 --exit-frac 0.0625"
     "exits-every8-row|--exit-every 8"
     "exits-every12-row|--exit-every 12"
+    # Equal wall-clock with `exits` (300 steps): the steps the same time
+    # buys at the step costs of bench/train-speed/exit-every.jsonl (median
+    # of 3 rounds: full / every-8th = 1.298, full / final only = 1.356).
+    "exits-every8-wall|--exit-every 8 --steps 389"
+    "base-wall|--exits final --steps 407"
   )
 fi
 mkdir -p "$RUNS"
@@ -105,8 +110,10 @@ train_arms() {
       if [ -f "$dir/trainer.json" ]; then
         "$BIN" train $(common) --out "$dir" --resume 2>"$dir.log"
       else
+        steps="--steps $STEPS"
+        [[ $flags == *--steps* ]] && steps=""
         # shellcheck disable=SC2086
-        "$BIN" train $(common) --out "$dir" --seed "$seed" --steps "$STEPS" $flags 2>"$dir.log"
+        "$BIN" train $(common) --out "$dir" --seed "$seed" $steps $flags 2>"$dir.log"
       fi
       touch "$dir/done"
     done
