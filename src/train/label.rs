@@ -135,31 +135,27 @@ pub fn continuations<M: Forward>(
 /// A window of text, the model's top-1 after each position, and its stats.
 type Window = (Vec<u32>, Vec<u32>, Vec<Verified>);
 
-/// The final logits of every position of a window of text, in one forward.
-fn window_logits<M: Forward>(model: &M, w: &[u32]) -> anyhow::Result<Vec<Vec<f32>>> {
-    let cfg = model.config();
-    let mut cache = model.new_cache()?;
-    let mut s = model.embed(w, 0)?;
-    model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
-    let logits = model.exit_logits(&s, cfg.exits.len() - 1, 0..w.len())?;
-    Ok((0..w.len()).map(|i| logits[i].to_vec()).collect())
-}
-
 /// `n` teacher-forced windows of `t` tokens drawn from `tokens`, one
 /// forward each.
 fn teacher_forced<M: Forward>(
     model: &M,
     tokens: &[u32],
-    (n, t): (usize, usize),
+    n: usize,
+    t: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Window>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let cfg = model.config();
+    let last = cfg.exits.len() - 1;
     (0..n)
         .map(|_| {
             let start = rng.random_range(0..tokens.len() - t);
             let w = tokens[start..start + t].to_vec();
-            let logits = window_logits(model, &w)?;
-            let top: Vec<u32> = logits.iter().map(|r| sampling::argmax(r)).collect();
+            let mut cache = model.new_cache()?;
+            let mut s = model.embed(&w, 0)?;
+            model.run_blocks(&mut s, cfg.n_layer, &mut cache)?;
+            let logits = model.exit_logits(&s, last, 0..t)?;
+            let top: Vec<u32> = logits.iter().map(sampling::argmax).collect();
             let stats = logits
                 .iter()
                 .map(|r| {
@@ -337,7 +333,7 @@ fn label<M: Forward>(
         seed: 11,
     };
     let mut conts = continuations(model, train, &prompts, eot)?;
-    let mut table_windows = teacher_forced(model, train, (o.drafter_windows, t), 12)?;
+    let mut table_windows = teacher_forced(model, train, o.drafter_windows, t, 12)?;
     let n_tune = (conts.len() / 6).max(1);
     let mut table_conts = conts.split_off(n_tune);
     let row_conts = table_conts.split_off(table_conts.len() / 2);
