@@ -308,11 +308,6 @@ struct Samples {
     row_windows: Vec<Window>,
 }
 
-/// Length of the teacher-forced windows.
-fn window_len(cfg: &Config) -> usize {
-    cfg.block_size.min(256)
-}
-
 /// Label: greedy continuations and teacher-forced windows of train text.
 fn label<M: Forward>(
     model: &M,
@@ -320,7 +315,7 @@ fn label<M: Forward>(
     train: &[u32],
     eot: u32,
 ) -> anyhow::Result<Samples> {
-    let t = window_len(model.config());
+    let t = model.config().block_size.min(256);
     let plen = 32.min(t / 2);
     eprintln!(
         "drafter: labelling with the model ({} continuations, {} windows)",
@@ -401,6 +396,7 @@ fn untrained_drafter(
 }
 
 /// The labelled rows, split into a fit part and a validation part.
+#[derive(Clone)]
 struct Rows {
     train: LabelledRows,
     valid: LabelledRows,
@@ -468,11 +464,7 @@ fn ablation(
             continue;
         }
         let mut x = d.clone();
-        let mut r = Rows {
-            train: rows.train.clone(),
-            valid: rows.valid.clone(),
-            from_continuations: rows.from_continuations,
-        };
+        let mut r = rows.clone();
         r.hold_at_zero(cols);
         fit(&mut x, &r, o)?;
         choose_threshold(&mut x, tune, cost);
