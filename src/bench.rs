@@ -79,6 +79,10 @@ pub struct BenchOptions {
     /// Override the drafter's `sibling_floor` (tuning, on the train split).
     #[arg(long, hide = true)]
     pub sibling_floor: Option<f32>,
+    /// The exit cascade's margin (`inf`: the exits only measure; tuning,
+    /// on the train split).
+    #[arg(long, default_value_t = crate::decode::DEFAULT_EXIT_MARGIN)]
+    pub exit_margin: f32,
 }
 
 /// A speculative mode of the bench.
@@ -131,6 +135,7 @@ struct Decoding {
     temperature: f32,
     top_p: f32,
     cascade: bool,
+    exit_margin: f32,
     self_draft: Option<SelfDraft>,
     draft_tree: bool,
     draft_with_noise: bool,
@@ -309,6 +314,7 @@ fn decode_all<'a>(
             },
             speculate: true,
             cascade: how.cascade,
+            exit_margin: how.exit_margin,
             self_draft: how.self_draft,
             draft_tree: how.draft_tree,
             draft_with_noise: how.draft_with_noise,
@@ -401,6 +407,7 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
         "accepted_by_pos": s.accepted_by_pos,
         "drafted_by_pos": s.drafted_by_pos,
         "truncated_by_exit": s.truncated_by_exit,
+        "exit_margins": s.exit_margins,
         "no_draft_steps": s.no_draft_steps,
         "draft_share": s.draft_secs / r.last_secs.max(1e-9),
         "tree_steps": s.tree_steps,
@@ -431,6 +438,7 @@ fn speculative_suite(
         temperature: temp,
         top_p: if temp > 0.0 { o.top_p } else { 1.0 },
         cascade: false,
+        exit_margin: o.exit_margin,
         self_draft: None,
         draft_tree: true,
         draft_with_noise: true,

@@ -65,6 +65,14 @@ impl Mat {
         }
     }
 
+    /// Output `o`'s weights and bias.
+    fn output(&self, o: usize) -> (Vec<f32>, f32) {
+        match self {
+            Mat::F32(a) => a.output(o),
+            Mat::F16(a) => a.output(o),
+        }
+    }
+
     /// y (m, n) = x (m, k) W^T + b.
     fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         let n = match self {
@@ -640,6 +648,42 @@ impl CpuGpt {
     /// Logits (rows.len(), V), row-major, of exit `exit` for rows `rows`
     /// of `s`, which must have run exactly to that exit's block.
     pub fn exit_logits(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
+        let h = self.exit_input(s, exit, rows.clone())?;
+        Ok(self.exit_head(exit).forward(&h, rows.len()))
+    }
+
+    /// Logits (rows.len(), ids.len()), row-major, of exit `exit` for rows
+    /// `rows` of `s` and the tokens `ids` only: a dot product per token
+    /// instead of the vocabulary projection. A tied head reads the f32
+    /// embedding rows, which an f16 head rounds (a difference far below
+    /// the margins the exit cascade acts on).
+    pub fn exit_scores(
+        &self,
+        s: &CpuStream,
+        exit: usize,
+        rows: Range<usize>,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        if let Some(bad) = ids.iter().find(|t| **t as usize >= v) {
+            bail!("token id {bad} is outside the vocabulary (size {v})");
+        }
+        let h = self.exit_input(s, exit, rows)?;
+        let weights: Vec<(Vec<f32>, f32)> = match &self.exits[exit].head {
+            Some(m) => ids.iter().map(|&t| m.output(t as usize)).collect(),
+            None => ids
+                .iter()
+                .map(|&t| (self.wte[t as usize * c..][..c].to_vec(), 0.0))
+                .collect(),
+        };
+        Ok(h.chunks_exact(c)
+            .flat_map(|x| weights.iter().map(move |(w, b)| kernels::dot(x, w) + b))
+            .collect())
+    }
+
+    /// Exit `exit`'s normalised input for rows `rows` of `s`, which must
+    /// have run exactly to that exit's block.
+    fn exit_input(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
         let block = self.cfg.exits[exit].block;
         if s.block != block {
             bail!(
@@ -651,12 +695,13 @@ impl CpuGpt {
         if rows.end > s.rows {
             bail!("rows {rows:?} outside the {} rows in flight", s.rows);
         }
-        let e = &self.exits[exit];
-        let h = e.ln.forward(&s.x[rows.start * c..rows.end * c]);
-        Ok(e.head
-            .as_ref()
-            .unwrap_or(&self.wte_head)
-            .forward(&h, rows.len()))
+        Ok(self.exits[exit]
+            .ln
+            .forward(&s.x[rows.start * c..rows.end * c]))
+    }
+
+    fn exit_head(&self, exit: usize) -> &Mat {
+        self.exits[exit].head.as_ref().unwrap_or(&self.wte_head)
     }
 }
 

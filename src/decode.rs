@@ -6,9 +6,12 @@
 //!    [`SelfDraft`], an early exit drafts and the rows arrive at its block
 //!    (LayerSkip; off by default: slower than a plain step on the shipped
 //!    model, see the README);
-//! 2. blocks run up to each early exit; at the first row i where the exit
-//!    head confidently disagrees with d(i+1), rows i+1.. are dropped, and the
-//!    next blocks run on fewer rows (exits only truncate, never accept);
+//! 2. with the exit cascade (off by default: no faster on the shipped
+//!    model), blocks run up to each early exit, whose head scores only the
+//!    candidates (the drafts and the drafter's classes: a few dot products,
+//!    not the vocabulary); at the first row i where a rival outscores
+//!    d(i+1) by `exit_margin`, rows i+1.. are dropped, and the next blocks
+//!    run on fewer rows (exits only truncate, never accept);
 //! 3. the final head gives f0..fm; with the keyed sample f(i) at each
 //!    absolute position, d1..da are accepted while d(i) == f(i-1), and fa is
 //!    the new token: every step yields at least one token, the same tokens
@@ -27,7 +30,7 @@ use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
 use crate::drafter::{DraftRule, Drafter};
 use crate::forward::{Forward, Logits, Segment, Tree};
-use crate::sampling::{self, SamplingParams};
+use crate::sampling::{self, Noise, SamplingParams};
 
 /// The drafter's statistics of the last verified position before the
 /// first verify step (the prefill does not read them off its last row): a
@@ -95,8 +98,9 @@ pub struct GenParams {
     pub draft_with_noise: bool,
     /// Let early exits truncate drafts before the final blocks.
     pub cascade: bool,
-    /// An exit truncates when its top-1 probability is at least this.
-    pub exit_confidence: f32,
+    /// An exit truncates at a draft when a rival candidate outscores it by
+    /// at least this ([`exit_margin`]); infinite: exits only measure.
+    pub exit_margin: f32,
     /// When the proposer drafts nothing, draft with an early exit instead
     /// (LayerSkip); None: a plain step.
     pub self_draft: Option<SelfDraft>,
@@ -139,7 +143,7 @@ impl Default for GenParams {
             draft_tree: false,
             draft_with_noise: true,
             cascade: false,
-            exit_confidence: 0.5,
+            exit_margin: DEFAULT_EXIT_MARGIN,
             self_draft: None,
             stop_at_eot: true,
         }
@@ -164,6 +168,8 @@ pub struct SpecStats {
     pub accepted: u64,
     /// Draft tokens dropped by each non-final exit.
     pub truncated_by_exit: Vec<u64>,
+    /// Per non-final exit, the margins it gave drafts (cascade only).
+    pub exit_margins: Vec<MarginHist>,
     /// Accepted counts by draft position (index 0 = first draft).
     pub accepted_by_pos: Vec<u64>,
     pub drafted_by_pos: Vec<u64>,
@@ -195,9 +201,80 @@ impl SpecStats {
         self.exit_accepted += o.exit_accepted;
         self.draft_secs += o.draft_secs;
         add_vec(&mut self.truncated_by_exit, &o.truncated_by_exit);
+        if self.exit_margins.len() < o.exit_margins.len() {
+            self.exit_margins
+                .resize(o.exit_margins.len(), MarginHist::default());
+        }
+        for (a, b) in self.exit_margins.iter_mut().zip(&o.exit_margins) {
+            add_vec(&mut a.accepted, &b.accepted);
+            add_vec(&mut a.first_rejected, &b.first_rejected);
+        }
         add_vec(&mut self.accepted_by_pos, &o.accepted_by_pos);
         add_vec(&mut self.drafted_by_pos, &o.drafted_by_pos);
     }
+}
+
+/// Margins ([`exit_margin`]) an exit gave the drafts that reached it, by
+/// what the final head then did with each: accepted it (a cut there would
+/// have lost tokens) or rejected it first (a cut there saves the rows
+/// after). Drafts after the first rejected one are not counted: a cut
+/// there changes nothing. Bin i holds margins in
+/// `MARGIN_BIN_LO + i * MARGIN_BIN .. + MARGIN_BIN` (the ends open).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MarginHist {
+    pub accepted: Vec<u64>,
+    pub first_rejected: Vec<u64>,
+}
+
+pub const MARGIN_BIN: f32 = 0.5;
+pub const MARGIN_BIN_LO: f32 = -8.0;
+const MARGIN_BINS: usize = 32;
+
+impl MarginHist {
+    fn bin(margin: f32) -> usize {
+        let i = ((margin - MARGIN_BIN_LO) / MARGIN_BIN).floor();
+        i.clamp(0.0, (MARGIN_BINS - 1) as f32) as usize
+    }
+
+    /// Counts `margins` (row i's for draft i) of a step that accepted
+    /// `accepted` drafts.
+    fn record(&mut self, margins: &[f32], accepted: usize) {
+        self.accepted.resize(MARGIN_BINS, 0);
+        self.first_rejected.resize(MARGIN_BINS, 0);
+        for (i, m) in margins.iter().enumerate().take(accepted + 1) {
+            match i < accepted {
+                true => self.accepted[Self::bin(*m)] += 1,
+                false => self.first_rejected[Self::bin(*m)] += 1,
+            }
+        }
+    }
+}
+
+/// Logit margin at which an exit's candidate scores reject a draft
+/// (`--exit-margin`), set from the margins the exits gave train-split
+/// drafts (docs/benchmarks.md, "Exit cascade").
+pub const DEFAULT_EXIT_MARGIN: f32 = 1.0;
+
+/// How far the best rival outscores `draft` among an exit's logits `z` for
+/// the candidate tokens `ids` (the draft among them); positive: the exit
+/// prefers a rival. With `noise` (sampling at temperature T) each score is
+/// `z / T` plus that token's keyed noise, as the final head's sample is
+/// drawn; penalties and top_p are left out (a cut only costs speed).
+pub fn exit_margin(z: &[f32], ids: &[u32], draft: u32, noise: Option<(f32, Noise)>) -> f32 {
+    let score = |z: f32, t: u32| match noise {
+        Some((temp, g)) => z / temp + g.gumbel(t),
+        None => z,
+    };
+    let mut own = f32::NEG_INFINITY;
+    let mut rival = f32::NEG_INFINITY;
+    for (&zi, &t) in z.iter().zip(ids) {
+        let v = score(zi, t);
+        match t == draft {
+            true => own = v,
+            false => rival = rival.max(v),
+        }
+    }
+    rival - own
 }
 
 fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
@@ -735,27 +812,9 @@ impl<'m, M: Forward> Generator<'m, M> {
             }
         };
         let mut kept = drafts.len() + 1;
-        if self.stats.truncated_by_exit.len() < n_exits - 1 {
-            self.stats.truncated_by_exit.resize(n_exits - 1, 0);
-        }
+        let mut margins = vec![];
         if self.params.cascade && kept > 1 && self_draft.is_none() {
-            for e in 0..n_exits - 1 {
-                self.model
-                    .run_blocks(&mut s, cfg.exits[e].block, &mut self.cache)?;
-                let logits = self.model.exit_logits(&s, e, 0..kept - 1)?;
-                let cut = logits.iter().enumerate().position(|(i, row)| {
-                    sampling::argmax(row) != drafts[i]
-                        && sampling::top1_prob(row) >= self.params.exit_confidence
-                });
-                if let Some(i) = cut {
-                    self.stats.truncated_by_exit[e] += (kept - 1 - i) as u64;
-                    kept = i + 1;
-                    self.model.keep_rows(&mut s, kept)?;
-                }
-                if kept == 1 {
-                    break;
-                }
-            }
+            margins = self.exit_cascade(&mut s, &drafts, &mut kept)?;
         }
         self.model
             .run_blocks(&mut s, cfg.n_layer, &mut self.cache)?;
@@ -767,7 +826,71 @@ impl<'m, M: Forward> Generator<'m, M> {
             Some(_) => Drafted::ByExit(drafts.len()),
             None => Drafted::Chain(drafts.len()),
         };
-        Ok(self.accept_rows(&rows, &chain, &logits, shadow, drafted))
+        let out = self.accept_rows(&rows, &chain, &logits, shadow, drafted);
+        let accepted = out.len().saturating_sub(1);
+        for (e, m) in margins.iter().enumerate() {
+            self.stats.exit_margins[e].record(m, accepted);
+        }
+        Ok(out)
+    }
+
+    /// Runs the rows `[pending, drafts..]` in `s` through the blocks up to
+    /// each non-final exit; each exit scores the candidates (the drafts
+    /// and the tree drafter's classes) and cuts the chain at the first
+    /// draft a rival outscores by `exit_margin`, leaving `kept` rows.
+    /// Returns each exit's margins for the drafts it saw.
+    fn exit_cascade(
+        &mut self,
+        s: &mut M::Stream,
+        drafts: &[u32],
+        kept: &mut usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = self.model.config();
+        let n_exits = cfg.exits.len();
+        let mut ids: Vec<u32> = match self.proposer {
+            Proposer::Tree(d) => d.classes.clone(),
+            _ => vec![],
+        };
+        ids.extend_from_slice(drafts);
+        ids.sort_unstable();
+        ids.dedup();
+        if self.stats.truncated_by_exit.len() < n_exits - 1 {
+            self.stats.truncated_by_exit.resize(n_exits - 1, 0);
+            self.stats
+                .exit_margins
+                .resize(n_exits - 1, MarginHist::default());
+        }
+        let sp = &self.params.sampling;
+        let pos = self.tokens.len();
+        let mut all = vec![];
+        for e in 0..n_exits - 1 {
+            self.model
+                .run_blocks(s, cfg.exits[e].block, &mut self.cache)?;
+            let z = self.model.exit_scores(s, e, 0..*kept - 1, &ids)?;
+            let margins: Vec<f32> = z
+                .chunks_exact(ids.len())
+                .enumerate()
+                .map(|(i, z)| {
+                    let noise = (!sp.is_greedy()).then(|| {
+                        (
+                            sp.temperature,
+                            Noise::at(sp.seed, self.params.stream(), pos + i),
+                        )
+                    });
+                    exit_margin(z, &ids, drafts[i], noise)
+                })
+                .collect();
+            if let Some(i) = margins.iter().position(|m| *m >= self.params.exit_margin) {
+                self.stats.truncated_by_exit[e] += (*kept - 1 - i) as u64;
+                *kept = i + 1;
+                self.model.keep_rows(s, *kept)?;
+            }
+            all.push(margins);
+            if *kept == 1 {
+                break;
+            }
+        }
+        Ok(all)
     }
 
     /// Walks the verified rows `rows` (`[pending, drafts..]`, shaped by
@@ -1154,5 +1277,40 @@ mod tests {
         let (path, out) = accept(&tree, &rows, |r| (picks(r), false));
         assert_eq!(path, vec![0, 2, 3]);
         assert_eq!(out, vec![7, 9, 4]);
+    }
+
+    #[test]
+    fn an_exit_margin_is_how_far_the_best_rival_outscores_the_draft() {
+        let ids = [3, 9, 20];
+        let z = [1.0, 4.0, 2.5];
+        assert_eq!(exit_margin(&z, &ids, 9, None), -1.5);
+        assert_eq!(exit_margin(&z, &ids, 20, None), 1.5);
+        assert_eq!(exit_margin(&z, &ids, 3, None), 3.0);
+        // Sampling: each score is z / T plus the token's keyed noise, as
+        // the final head draws its sample.
+        let g = Noise::at(7, 0, 12);
+        let s = |i: usize| z[i] / 0.5 + g.gumbel(ids[i]);
+        let want = s(0).max(s(2)) - s(1);
+        assert!((exit_margin(&z, &ids, 9, Some((0.5, g))) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn margins_count_accepted_drafts_and_the_first_rejected_only() {
+        let mut h = MarginHist::default();
+        h.record(&[-3.0, 0.2, 1.1, 5.0], 2);
+        let at = |v: &[u64], m: f32| v[MarginHist::bin(m)];
+        assert_eq!(at(&h.accepted, -3.0), 1);
+        assert_eq!(at(&h.accepted, 0.2), 1);
+        assert_eq!(at(&h.first_rejected, 1.1), 1);
+        assert_eq!(h.accepted.iter().sum::<u64>(), 2);
+        assert_eq!(
+            h.first_rejected.iter().sum::<u64>(),
+            1,
+            "5.0 came after the first rejection"
+        );
+        // Out-of-range margins land in the end bins.
+        h.record(&[-100.0, 100.0], 1);
+        assert_eq!(h.accepted[0], 1);
+        assert_eq!(*h.first_rejected.last().unwrap(), 1);
     }
 }

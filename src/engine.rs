@@ -93,7 +93,7 @@ impl Job {
             speculate: v.speculate,
             cascade: cfg.cascade,
             draft_tree: cfg.draft_trees,
-            exit_confidence: cfg.exit_confidence,
+            exit_margin: cfg.exit_margin,
             ..Default::default()
         }
     }
@@ -152,7 +152,7 @@ pub struct EngineConfig {
     /// up; None (service): measured on this machine at start. A test sets
     /// it so that what the engine drafts does not depend on timing.
     pub row_costs: Option<Vec<(usize, f64)>>,
-    pub exit_confidence: f32,
+    pub exit_margin: f32,
     /// Test hook: a fault to inject (None in service).
     pub fault: Option<Fault>,
 }

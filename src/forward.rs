@@ -148,6 +148,31 @@ pub trait Forward {
     fn run_blocks(&self, s: &mut Self::Stream, to: usize, cache: &mut Self::Cache) -> Result<()>;
     /// Logits of exit `exit` for `rows`.
     fn exit_logits(&self, s: &Self::Stream, exit: usize, rows: Range<usize>) -> Result<Logits>;
+    /// Logits (rows.len(), ids.len()), row-major, of exit `exit` for
+    /// `rows` and the tokens `ids` only. The default slices the full
+    /// projection; the CPU model takes a dot product per token.
+    fn exit_scores(
+        &self,
+        s: &Self::Stream,
+        exit: usize,
+        rows: Range<usize>,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        let logits = self.exit_logits(s, exit, rows)?;
+        let mut out = Vec::with_capacity(logits.len() * ids.len());
+        for row in logits.iter() {
+            for &t in ids {
+                match row.get(t as usize) {
+                    Some(z) => out.push(*z),
+                    None => candle_core::bail!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        row.len()
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
     /// Keeps the first `rows` rows in flight.
     fn keep_rows(&self, s: &mut Self::Stream, rows: usize) -> Result<()>;
     /// Rows in flight.
@@ -265,6 +290,15 @@ impl Forward for CpuGpt {
             CpuGpt::exit_logits(self, s, exit, rows)?,
             self.cfg.vocab_size,
         ))
+    }
+    fn exit_scores(
+        &self,
+        s: &CpuStream,
+        exit: usize,
+        rows: Range<usize>,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        CpuGpt::exit_scores(self, s, exit, rows, ids)
     }
     fn keep_rows(&self, s: &mut CpuStream, rows: usize) -> Result<()> {
         s.truncate(rows, self.cfg.n_embd);

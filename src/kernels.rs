@@ -95,6 +95,16 @@ impl<W: WeightElem> Matrix<W> {
         }
     }
 
+    /// Output `o`'s weights (row `o` of nn.Linear's layout) and bias,
+    /// unpacked: a strided read, for scoring a few outputs.
+    pub fn output(&self, o: usize) -> (Vec<f32>, f32) {
+        let (t, j) = (o / TILE, o % TILE);
+        let w = (0..self.k)
+            .map(|i| self.packed[(t * self.k + i) * TILE + j].to_f32())
+            .collect();
+        (w, self.bias[o])
+    }
+
     /// `y (m, n) = x (m, k) W^T + b`, parallel over column tiles.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.k, self.n);

@@ -66,9 +66,10 @@ pub struct ServeArgs {
     /// verify step but no speed (docs/benchmarks.md).
     #[arg(long, env = "GPT_SERVE_DRAFT_TREES")]
     draft_trees: bool,
-    /// An exit truncates a draft when its own top-1 probability reaches this.
-    #[arg(long, default_value_t = 0.5)]
-    exit_confidence: f32,
+    /// With --cascade: an exit truncates at a draft when a rival candidate's
+    /// logit beats the draft's by this much.
+    #[arg(long, default_value_t = crate::decode::DEFAULT_EXIT_MARGIN)]
+    exit_margin: f32,
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
     no_speculate: bool,
@@ -148,7 +149,7 @@ fn engine_config(
         cascade: a.cascade,
         draft_trees: a.draft_trees,
         row_costs: None,
-        exit_confidence: a.exit_confidence,
+        exit_margin: a.exit_margin,
     })
 }
 

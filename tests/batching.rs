@@ -71,7 +71,7 @@ fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
             cascade: false,
             draft_trees: true,
             row_costs: None,
-            exit_confidence: 0.5,
+            exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
             fault: None,
         },
         Arc::new(Metrics::new()),

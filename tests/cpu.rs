@@ -1,7 +1,8 @@
 //! The CPU inference path (`fast`) against candle's model: same logits at
 //! every exit for every option (DWA with dilation/period, x0 skips, own and
 //! tied exit heads, no biases), for a prefill, for k-row verify steps after
-//! a cache, for rows dropped mid-way (cascade), and after cache rollback.
+//! a cache, for rows dropped mid-way (cascade), and after cache rollback;
+//! exit scores of a few candidate tokens equal the full logits there.
 
 use std::collections::HashMap;
 
@@ -340,5 +341,62 @@ fn a_draft_tree_gives_each_path_a_chains_logits_and_compaction_equals_a_fresh_pr
                 assert_eq!(got, want, "{name}: the step after compaction");
             }
         }
+    }
+}
+
+/// Exit `exit`'s scores of `ids` and its full logits at `ids`, for rows
+/// 2.. of `tokens` after a prefill of the first two.
+fn scores_and_logits<M: Forward>(
+    m: &M,
+    tokens: &[u32],
+    exit: usize,
+    ids: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    let block = m.config().exits[exit].block;
+    let mut cache = m.new_cache().unwrap();
+    let mut s = m.embed(&tokens[..2], 0).unwrap();
+    m.run_blocks(&mut s, block, &mut cache).unwrap();
+    let mut s = m.embed(&tokens[2..], 2).unwrap();
+    m.run_blocks(&mut s, block, &mut cache).unwrap();
+    let rows = 0..tokens.len() - 2;
+    let got = m.exit_scores(&s, exit, rows.clone(), ids).unwrap();
+    let logits = m.exit_logits(&s, exit, rows).unwrap();
+    let want = logits
+        .iter()
+        .flat_map(|row| ids.iter().map(|&t| row[t as usize]))
+        .collect();
+    (got, want)
+}
+
+#[test]
+fn exit_scores_equal_the_exit_logits_at_the_candidate_tokens_for_every_option() {
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 300).collect();
+    let ids = [0u32, 7, 299, 150, 42];
+    for (name, cfg) in configs() {
+        let (gpt, fast, w) = both_backends(&cfg);
+        let f16 = CpuGpt::from_tensors(&cfg, &w, WeightDtype::F16).unwrap();
+        for e in 0..cfg.exits.len() {
+            let (got, want) = scores_and_logits(&gpt, &tokens, e, &ids);
+            assert_eq!(got, want, "{name}, exit {e}: candle slices its logits");
+            let (got, want) = scores_and_logits(&fast, &tokens, e, &ids);
+            let d = max_diff(&[got], &[want]);
+            assert!(d < 1e-4, "{name}, exit {e}: max diff {d}");
+            // A tied f16 head rounds the embedding the scores read in f32.
+            let (got, want) = scores_and_logits(&f16, &tokens, e, &ids);
+            let d = max_diff(&[got], &[want]);
+            assert!(d < 2e-2, "{name} f16 weights, exit {e}: max diff {d}");
+        }
+        let mut cache = fast.new_cache();
+        let mut s = fast.embed(&tokens, 0).unwrap();
+        fast.run_blocks(&mut s, cfg.exits[0].block, &mut cache)
+            .unwrap();
+        let err = fast
+            .exit_scores(&s, 0, 0..1, &[300])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("token id 300") && err.contains("vocabulary"),
+            "{err}"
+        );
     }
 }

@@ -66,7 +66,7 @@ async fn start_faulty(
         cascade: false,
         draft_trees: false,
         row_costs: None,
-        exit_confidence: 0.5,
+        exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
         fault,
     };
     let metrics = Arc::new(Metrics::new());

@@ -170,15 +170,23 @@ fn greedy_speculative_output_equals_plain_output() {
     );
     assert_eq!(diverged, 0);
     assert_eq!(st.tree_steps, 0);
-    let (diverged, ties, _) = compare(
-        &f,
-        GenParams {
-            cascade: true,
-            ..params
-        },
-    );
-    eprintln!("greedy + exit cascade: {diverged} diverged, {ties} near ties");
+    assert_cascade_gives_plain_output(&f, params);
+}
+
+/// The exit cascade cuts drafts (at margin 0, more often than served) and
+/// the output stays plain decoding's.
+fn assert_cascade_gives_plain_output(f: &Fixture, params: GenParams) {
+    let t = params.sampling.temperature;
+    let cascade = GenParams {
+        cascade: true,
+        exit_margin: 0.0,
+        ..params
+    };
+    let (diverged, ties, st) = compare_stats(f, cascade, Proposer::Tree(&f.drafter));
+    let cut: u64 = st.truncated_by_exit.iter().sum();
+    eprintln!("t={t} + exit cascade: {diverged} diverged, {ties} near ties, {cut} drafts cut");
     assert_eq!(diverged, 0);
+    assert!(cut > 0, "the exits never cut a draft");
 }
 
 #[test]
@@ -206,6 +214,7 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
         assert_eq!(diverged, 0);
         assert!(accepted > 0, "no sampled draft was ever accepted");
     }
+    assert_cascade_gives_plain_output(&f, params);
 }
 
 #[test]
