@@ -32,9 +32,10 @@ slice 80000000 > "$TMP/trainB.txt"
   --exit-margin inf --val "$TMP/trainA.txt" --unseen "$TMP/trainB.txt" \
   --out "$OUT/calibration.json"
 {
-  echo "Train split, two 4 MB slices (at 36 MB: \"val\", at 76 MB: \"unseen\"), 24 prompts each, 128 tokens, top_p 0.95 at 0.8."
+  echo "Train split, two 4 MB slices (A at 36 MB, B at 76 MB), 24 prompts each, 128 tokens, top_p 0.95 at 0.8."
   echo
-  python3 scripts/exit_margins.py "$OUT/calibration.json"
+  python3 scripts/exit_margins.py "$OUT/calibration.json" |
+    sed -e 's/^| val |/| train slice A |/' -e 's/^| unseen |/| train slice B |/'
 } > "$OUT/calibration.md"
 {
   for text in "$TMP/trainA.txt:train slice A" "$DATA/gutenberg/val.txt.gz:val" "$DATA/tinyshakespeare.txt:tinyshakespeare"; do
