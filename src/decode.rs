@@ -168,7 +168,8 @@ pub struct SpecStats {
     pub accepted: u64,
     /// Draft tokens dropped by each non-final exit.
     pub truncated_by_exit: Vec<u64>,
-    /// Per non-final exit, the margins it gave drafts (cascade only).
+    /// Per non-final exit, the margins it gave the drafts the final head
+    /// then judged (cascade only).
     pub exit_margins: Vec<MarginHist>,
     /// Accepted counts by draft position (index 0 = first draft).
     pub accepted_by_pos: Vec<u64>,
@@ -827,9 +828,14 @@ impl<'m, M: Forward> Generator<'m, M> {
             None => Drafted::Chain(drafts.len()),
         };
         let out = self.accept_rows(&rows, &chain, &logits, shadow, drafted);
-        let accepted = out.len().saturating_sub(1);
-        for (e, m) in margins.iter().enumerate() {
-            self.stats.exit_margins[e].record(m, accepted);
+        // Only the drafts the final head judged, and not when a stop cut
+        // the walk short.
+        if self.finished.is_none() {
+            let accepted = out.len().saturating_sub(1);
+            for (e, m) in margins.iter().enumerate() {
+                let judged = &m[..m.len().min(kept - 1)];
+                self.stats.exit_margins[e].record(judged, accepted);
+            }
         }
         Ok(out)
     }
@@ -856,6 +862,8 @@ impl<'m, M: Forward> Generator<'m, M> {
         ids.dedup();
         if self.stats.truncated_by_exit.len() < n_exits - 1 {
             self.stats.truncated_by_exit.resize(n_exits - 1, 0);
+        }
+        if self.stats.exit_margins.len() < n_exits - 1 {
             self.stats
                 .exit_margins
                 .resize(n_exits - 1, MarginHist::default());
