@@ -421,8 +421,6 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
     })
 }
 
-/// The LayerSkip setting the bench measures: the exit one block below the
-/// final, 2 drafts, confidence floor 0.2 (the best of a sweep on
 /// Plain decoding and every selected speculative mode on `prompts` at
 /// temperature `temp`: (distinct 4-grams of the plain output, share of
 /// tokens on non-repeating stretches, one summary row per mode).
@@ -485,6 +483,8 @@ fn speculative_suite(
     Ok((d4, fresh / total.max(1) as f64, rows))
 }
 
+/// The LayerSkip setting the bench measures: the exit one block below the
+/// final, 2 drafts, confidence floor 0.2 (the best of a sweep on
 /// train-split prompts for the shipped model, `bench/self-draft/`, made with
 /// `examples/self_draft_sweep.rs`, removed after `cc6f1c3`; see git
 /// history); None when the model has no early exit.
