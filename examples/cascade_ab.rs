@@ -68,7 +68,17 @@ fn main() -> anyhow::Result<()> {
     let model = loaded.cpu(loaded.serving_dtype())?;
     let drafter = Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size)?;
     let text = gpt_serve::train::data::read_text(Path::new(&a[2]))?;
-    let ids = loaded.tokenizer.encode(&text[..text.len().min(4 << 20)])?;
+    let mut end = text.len().min(4 << 20);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let ids = loaded.tokenizer.encode(&text[..end])?;
+    anyhow::ensure!(
+        ids.len() > PROMPT_LEN,
+        "{} gives {} tokens, fewer than one {PROMPT_LEN}-token prompt",
+        a[2],
+        ids.len()
+    );
     let stride = (ids.len() - PROMPT_LEN) / n.max(1);
     let arms: Vec<Option<f32>> = std::iter::once(None)
         .chain(margins.iter().copied().map(Some))

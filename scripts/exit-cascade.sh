@@ -24,8 +24,12 @@ trap 'rm -rf "$TMP"' EXIT
 cargo build --release --bin gpt-serve --example cascade_ab
 BIN=${CARGO_TARGET_DIR:-target}/release
 mkdir -p "$OUT"
-# `head` closes the pipe early, so zcat's SIGPIPE is expected here.
-slice() { (set +o pipefail; zcat "$DATA/gutenberg/train.txt.gz" | head -c "$1" | tail -c 4000000); }
+# `head` closes the pipe early, so zcat's SIGPIPE is expected here. The
+# cut lines at both ends go (a byte cut can split a UTF-8 character).
+slice() {
+  (set +o pipefail; zcat "$DATA/gutenberg/train.txt.gz" | head -c "$1" | tail -c 4000000 |
+    tail -n +2 | head -n -1)
+}
 slice 40000000 > "$TMP/trainA.txt"
 slice 80000000 > "$TMP/trainB.txt"
 "$BIN/gpt-serve" bench --no-gpt2 --prompts 24 --top-p 0.95 --modes tree+exits \

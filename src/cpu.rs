@@ -12,6 +12,7 @@
 //! `[head][position][head_size]`, written in place; rolling back is
 //! setting a length (the invariant is the one in `kv_cache.rs`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -669,11 +670,17 @@ impl CpuGpt {
             bail!("token id {bad} is outside the vocabulary (size {v})");
         }
         let h = self.exit_input(s, exit, rows)?;
-        let weights: Vec<(Vec<f32>, f32)> = match &self.exits[exit].head {
-            Some(m) => ids.iter().map(|&t| m.output(t as usize)).collect(),
+        let weights: Vec<(Cow<[f32]>, f32)> = match &self.exits[exit].head {
+            Some(m) => ids
+                .iter()
+                .map(|&t| {
+                    let (w, b) = m.output(t as usize);
+                    (Cow::Owned(w), b)
+                })
+                .collect(),
             None => ids
                 .iter()
-                .map(|&t| (self.wte[t as usize * c..][..c].to_vec(), 0.0))
+                .map(|&t| (Cow::Borrowed(&self.wte[t as usize * c..][..c]), 0.0))
                 .collect(),
         };
         Ok(h.chunks_exact(c)

@@ -99,7 +99,10 @@ pub struct GenParams {
     /// Let early exits truncate drafts before the final blocks.
     pub cascade: bool,
     /// An exit truncates at a draft when a rival candidate outscores it by
-    /// at least this ([`exit_margin`]); infinite: exits only measure.
+    /// at least this ([`exit_margin`]); infinite: exits only measure. The
+    /// rivals are the tree drafter's classes and the other drafts, so
+    /// behind prompt lookup or the oracle the cascade cuts only where the
+    /// chain holds a rival token.
     pub exit_margin: f32,
     /// When the proposer drafts nothing, draft with an early exit instead
     /// (LayerSkip); None: a plain step.
@@ -227,7 +230,10 @@ pub struct MarginHist {
     pub first_rejected: Vec<u64>,
 }
 
+/// Width of a [`MarginHist`] bin, in logits (scripts/exit_margins.py
+/// repeats it and [`MARGIN_BIN_LO`]).
 pub const MARGIN_BIN: f32 = 0.5;
+/// Where the first bin starts; margins below it count in the first bin.
 pub const MARGIN_BIN_LO: f32 = -8.0;
 const MARGIN_BINS: usize = 32;
 
@@ -262,8 +268,9 @@ pub const DEFAULT_EXIT_MARGIN: f32 = 1.0;
 /// `z / T` plus that token's keyed noise, as the final head's sample is
 /// drawn; penalties and top_p are left out (a cut only costs speed).
 pub fn exit_margin(z: &[f32], ids: &[u32], draft: u32, noise: Option<(f32, Noise)>) -> f32 {
+    // As `sampling::choose` scores, operation for operation.
     let score = |z: f32, t: u32| match noise {
-        Some((temp, g)) => z / temp + g.gumbel(t),
+        Some((temp, g)) => z * (1.0 / temp) + g.gumbel(t),
         None => z,
     };
     let mut own = f32::NEG_INFINITY;
@@ -868,8 +875,9 @@ impl<'m, M: Forward> Generator<'m, M> {
                 .exit_margins
                 .resize(n_exits - 1, MarginHist::default());
         }
-        let sp = &self.params.sampling;
-        let pos = self.tokens.len();
+        // Row i judges drafts[i], the token at `first + i`: the position
+        // `commit_one` samples it at.
+        let first = self.tokens.len();
         let mut all = vec![];
         for e in 0..n_exits - 1 {
             self.model
@@ -878,15 +886,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             let margins: Vec<f32> = z
                 .chunks_exact(ids.len())
                 .enumerate()
-                .map(|(i, z)| {
-                    let noise = (!sp.is_greedy()).then(|| {
-                        (
-                            sp.temperature,
-                            Noise::at(sp.seed, self.params.stream(), pos + i),
-                        )
-                    });
-                    exit_margin(z, &ids, drafts[i], noise)
-                })
+                .map(|(i, z)| exit_margin(z, &ids, drafts[i], self.noise_at(first + i)))
                 .collect();
             if let Some(i) = margins.iter().position(|m| *m >= self.params.exit_margin) {
                 self.stats.truncated_by_exit[e] += (*kept - 1 - i) as u64;
@@ -899,6 +899,18 @@ impl<'m, M: Forward> Generator<'m, M> {
             }
         }
         Ok(all)
+    }
+
+    /// The temperature and the sampler's keyed noise at absolute position
+    /// `pos` (None when greedy).
+    fn noise_at(&self, pos: usize) -> Option<(f32, Noise)> {
+        let sp = &self.params.sampling;
+        (!sp.is_greedy()).then(|| {
+            (
+                sp.temperature,
+                Noise::at(sp.seed, self.params.stream(), pos),
+            )
+        })
     }
 
     /// Walks the verified rows `rows` (`[pending, drafts..]`, shaped by
@@ -1300,6 +1312,26 @@ mod tests {
         let s = |i: usize| z[i] / 0.5 + g.gumbel(ids[i]);
         let want = s(0).max(s(2)) - s(1);
         assert!((exit_margin(&z, &ids, 9, Some((0.5, g))) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn over_the_whole_vocabulary_a_draft_beats_its_rivals_exactly_when_the_sampler_draws_it() {
+        let z: Vec<f32> = (0..50).map(|i| (i * 37 % 11) as f32 * 0.3).collect();
+        let ids: Vec<u32> = (0..50).collect();
+        let (seed, stream, temp) = (3, 5, 0.8);
+        let sp = SamplingParams {
+            temperature: temp,
+            seed,
+            ..Default::default()
+        };
+        for pos in 0..40 {
+            let drawn = sampling::choose(&z, &sp, stream, pos);
+            let noise = Some((temp, Noise::at(seed, stream, pos)));
+            for d in 0..50 {
+                let m = exit_margin(&z, &ids, d, noise);
+                assert_eq!(m < 0.0, d == drawn, "position {pos}, draft {d}: margin {m}");
+            }
+        }
     }
 
     #[test]

@@ -95,9 +95,10 @@ impl<W: WeightElem> Matrix<W> {
         }
     }
 
-    /// Output `o`'s weights (row `o` of nn.Linear's layout) and bias,
-    /// unpacked: a strided read, for scoring a few outputs.
+    /// Output `o` (< n)'s weights (row `o` of nn.Linear's layout) and
+    /// bias, unpacked: a strided read, for scoring a few outputs.
     pub fn output(&self, o: usize) -> (Vec<f32>, f32) {
+        debug_assert!(o < self.n, "output {o} of {}", self.n);
         let (t, j) = (o / TILE, o % TILE);
         let w = (0..self.k)
             .map(|i| self.packed[(t * self.k + i) * TILE + j].to_f32())

@@ -135,6 +135,7 @@ fn engine_config(
         candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, loaded)),
         gpu => engine::Backend::Candle(gpu),
     };
+    check_exit_margin(a.exit_margin)?;
     if matches!(backend, engine::Backend::Cpu(_)) {
         if let Some(avail) = crate::memory::available_bytes() {
             crate::memory::check_kv_fits(&loaded.config.model, a.max_active.max(1), avail)
@@ -151,6 +152,17 @@ fn engine_config(
         row_costs: None,
         exit_margin: a.exit_margin,
     })
+}
+
+/// `--exit-margin` is a logit margin: 0 or more, `inf` for exits that
+/// never cut.
+fn check_exit_margin(m: f32) -> anyhow::Result<()> {
+    if m.is_nan() || m < 0.0 {
+        anyhow::bail!(
+            "--exit-margin must be a logit margin of 0 or more (inf: exits never cut), got {m}"
+        );
+    }
+    Ok(())
 }
 
 fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
@@ -247,4 +259,23 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_margin_below_zero_or_not_a_number_is_refused_by_name() {
+        for ok in [0.0, 1.0, f32::INFINITY] {
+            assert!(check_exit_margin(ok).is_ok(), "{ok}");
+        }
+        for bad in [-0.5, f32::NAN] {
+            let e = check_exit_margin(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--exit-margin") && e.contains("0 or more"),
+                "{e}"
+            );
+        }
+    }
 }
