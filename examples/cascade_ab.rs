@@ -67,27 +67,15 @@ fn main() -> anyhow::Result<()> {
     let loaded = checkpoint::load(dir, &Device::Cpu)?;
     let model = loaded.cpu(loaded.serving_dtype())?;
     let drafter = Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size)?;
-    let text = gpt_serve::train::data::read_text(Path::new(&a[2]))?;
-    let mut end = text.len().min(4 << 20);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let ids = loaded.tokenizer.encode(&text[..end])?;
-    anyhow::ensure!(
-        ids.len() > PROMPT_LEN,
-        "{} gives {} tokens, fewer than one {PROMPT_LEN}-token prompt",
-        a[2],
-        ids.len()
-    );
-    let stride = (ids.len() - PROMPT_LEN) / n.max(1);
+    let prompts =
+        gpt_serve::bench::prompts_from(Path::new(&a[2]), &loaded.tokenizer, n, PROMPT_LEN)?;
     let arms: Vec<Option<f32>> = std::iter::once(None)
         .chain(margins.iter().copied().map(Some))
         .collect();
     let mut secs = vec![0.0; arms.len()];
     let mut stats = vec![SpecStats::default(); arms.len()];
     gpt_serve::cpu::in_pool(|| -> anyhow::Result<()> {
-        for i in 0..n {
-            let prompt = &ids[i * stride..i * stride + PROMPT_LEN];
+        for (i, prompt) in prompts.iter().enumerate() {
             for (k, arm) in arms.iter().enumerate() {
                 let params = GenParams {
                     max_tokens: NEW_TOKENS,

@@ -497,7 +497,9 @@ fn self_draft_setting(cfg: &Config) -> Option<SelfDraft> {
     })
 }
 
-fn prompts_from(
+/// `n` prompts of `len` tokens, evenly spaced over the first 4 MB of the
+/// text at `path`; a text shorter than one prompt is an error.
+pub fn prompts_from(
     path: &std::path::Path,
     tok: &crate::tokenizer::Tokenizer,
     n: usize,
@@ -505,7 +507,17 @@ fn prompts_from(
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     let text = crate::train::data::read_text(path)
         .with_context(|| format!("bench prompts from {}", path.display()))?;
-    let ids = tok.encode(&text[..text.len().min(4 << 20)])?;
+    let mut end = text.len().min(4 << 20);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let ids = tok.encode(&text[..end])?;
+    anyhow::ensure!(
+        ids.len() > len,
+        "{} gives {} tokens, fewer than one {len}-token prompt",
+        path.display(),
+        ids.len()
+    );
     let stride = (ids.len() - len) / n.max(1);
     Ok((0..n)
         .map(|i| ids[i * stride..i * stride + len].to_vec())

@@ -650,7 +650,8 @@ impl CpuGpt {
     /// of `s`, which must have run exactly to that exit's block.
     pub fn exit_logits(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Vec<f32>> {
         let h = self.exit_input(s, exit, rows.clone())?;
-        Ok(self.exit_head(exit).forward(&h, rows.len()))
+        let head = self.exits[exit].head.as_ref().unwrap_or(&self.wte_head);
+        Ok(head.forward(&h, rows.len()))
     }
 
     /// Logits (rows.len(), ids.len()), row-major, of exit `exit` for rows
@@ -705,10 +706,6 @@ impl CpuGpt {
         Ok(self.exits[exit]
             .ln
             .forward(&s.x[rows.start * c..rows.end * c]))
-    }
-
-    fn exit_head(&self, exit: usize) -> &Mat {
-        self.exits[exit].head.as_ref().unwrap_or(&self.wte_head)
     }
 }
 
