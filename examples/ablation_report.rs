@@ -123,7 +123,7 @@ fn load_run(
         val_tokens.insert(key.clone(), t);
     }
     let fast = loaded.cpu(loaded.serving_dtype())?;
-    let agree = gpt_serve::cpu::in_pool(|| {
+    let agree = gpt_serve::model::cpu::in_pool(|| {
         gpt_serve::train::eval::exit_agreement(&fast, &val_tokens[&key], ctx, 40)
     })?;
     Ok(RunData {

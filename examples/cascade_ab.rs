@@ -14,9 +14,9 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::cpu::CpuGpt;
 use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats};
 use gpt_serve::drafter::Drafter;
+use gpt_serve::model::cpu::CpuGpt;
 use gpt_serve::sampling::SamplingParams;
 
 const PROMPT_LEN: usize = 32;
@@ -68,13 +68,13 @@ fn main() -> anyhow::Result<()> {
     let model = loaded.cpu(loaded.serving_dtype())?;
     let drafter = Drafter::load(&dir.join(checkpoint::DRAFTER_FILE), model.cfg.vocab_size)?;
     let prompts =
-        gpt_serve::bench::prompts_from(Path::new(&a[2]), &loaded.tokenizer, n, PROMPT_LEN)?;
+        gpt_serve::cli::bench::prompts_from(Path::new(&a[2]), &loaded.tokenizer, n, PROMPT_LEN)?;
     let arms: Vec<Option<f32>> = std::iter::once(None)
         .chain(margins.iter().copied().map(Some))
         .collect();
     let mut secs = vec![0.0; arms.len()];
     let mut stats = vec![SpecStats::default(); arms.len()];
-    gpt_serve::cpu::in_pool(|| -> anyhow::Result<()> {
+    gpt_serve::model::cpu::in_pool(|| -> anyhow::Result<()> {
         for (i, prompt) in prompts.iter().enumerate() {
             for (k, arm) in arms.iter().enumerate() {
                 let params = GenParams {

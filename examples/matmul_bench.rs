@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use gpt_serve::kernels::Matrix;
+use gpt_serve::model::kernels::Matrix;
 use half::f16;
 
 fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {

@@ -2,7 +2,7 @@
 //! computes PyTorch reference tensors for (tests/fixtures/ref/).
 use candle_core::Device;
 use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
-use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
+use gpt_serve::model::config::{Config, Dwa, Exit, ExitHead};
 
 fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new("tests/fixtures/ref");
@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     });
     full.x0_skip = true;
     for (name, cfg, seed) in [("baseline", base, 11u64), ("full", full, 12)] {
-        let mut w = gpt_serve::model::init_weights(&cfg, seed, &Device::Cpu)?;
+        let mut w = gpt_serve::model::gpt::init_weights(&cfg, seed, &Device::Cpu)?;
         // Move DWA/skip weights off identity so the reference exercises them.
         for (n, t) in &mut w {
             if n.ends_with(".dwa") || n.ends_with(".skip") {

@@ -1,11 +1,11 @@
-//! GFLOP/s of the training GEMM (`gpt_serve::gemm`, as the CPU training ops
+//! GFLOP/s of the training GEMM (`gpt_serve::model::gemm`, as the CPU training ops
 //! call it) at the `small` preset's training shapes, M = 1024 rows
 //! (batch 8 x 128): the forward X W^T, and the backward's dX = dY W and
 //! dW = dY^T X. `scripts/torch_train_speed.py --gemm` prints torch.matmul's
 //! figures for the same shapes; `scripts/train-speed.sh` runs both.
 //!
 //! cargo run --release --example train_gemm_bench
-use gpt_serve::gemm::{matmul, Operand};
+use gpt_serve::model::gemm::{matmul, Operand};
 use std::time::Instant;
 
 fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {

@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
-use crate::model::Gpt;
+use crate::model::config::Config;
+use crate::model::gpt::Gpt;
 use crate::tokenizer::Tokenizer;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -225,23 +225,23 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
-    /// Builds the CPU inference model ([`crate::cpu`]).
-    pub fn cpu(&self, dtype: crate::cpu::WeightDtype) -> Result<crate::cpu::CpuGpt> {
-        crate::cpu::CpuGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(|e| {
-            CheckpointError::Corrupt {
+    /// Builds the CPU inference model ([`crate::model::cpu`]).
+    pub fn cpu(&self, dtype: crate::model::cpu::WeightDtype) -> Result<crate::model::cpu::CpuGpt> {
+        crate::model::cpu::CpuGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(
+            |e| CheckpointError::Corrupt {
                 path: PathBuf::from(WEIGHTS_FILE),
                 msg: e.to_string(),
-            }
-        })
+            },
+        )
     }
 
     /// The weight storage that serves this checkpoint exactly: f16 when it
     /// was saved in f16 (no rounding beyond what is stored), else f32 (bf16
     /// has a wider range than f16, so it is served as f32).
-    pub fn serving_dtype(&self) -> crate::cpu::WeightDtype {
+    pub fn serving_dtype(&self) -> crate::model::cpu::WeightDtype {
         match self.config.dtype.as_str() {
-            "f16" => crate::cpu::WeightDtype::F16,
-            _ => crate::cpu::WeightDtype::F32,
+            "f16" => crate::model::cpu::WeightDtype::F16,
+            _ => crate::model::cpu::WeightDtype::F32,
         }
     }
 

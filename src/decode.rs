@@ -26,10 +26,10 @@ use std::collections::HashMap;
 
 use candle_core::Result;
 
-use crate::cpu::CpuGpt;
 use crate::drafter::features::Verified;
 use crate::drafter::{DraftRule, Drafter};
-use crate::forward::{Forward, Logits, Segment, Tree};
+use crate::model::cpu::CpuGpt;
+use crate::model::forward::{Forward, Logits, Segment, Tree};
 use crate::sampling::{self, Noise, SamplingParams};
 
 /// The drafter's statistics of the last verified position before the

@@ -35,11 +35,11 @@ enum Cmd {
     /// Retrain the tree drafter of an existing checkpoint.
     TrainDrafter(train::label::TrainDrafterArgs),
     /// Generate text from a checkpoint.
-    Sample(gpt_serve::sample::SampleArgs),
+    Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
-    Serve(gpt_serve::serve::ServeArgs),
+    Serve(gpt_serve::cli::serve::ServeArgs),
     /// Benchmarks: plain decode figures and speculative decoding side by side.
-    Bench(gpt_serve::bench::BenchOptions),
+    Bench(gpt_serve::cli::bench::BenchOptions),
     /// Import a local Hugging Face GPT-2 directory (GPT2LMHeadModel) as a checkpoint.
     ImportHf {
         /// Directory with config.json, model.safetensors (or shards and
@@ -90,22 +90,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
-        Cmd::Sample(a) => gpt_serve::sample::run(&a)?,
-        Cmd::Serve(a) => gpt_serve::serve::run(a)?,
+        Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
+        Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
         Cmd::ImportHf { dir, out } => {
             let c = gpt_serve::hf::import::import_hf(&dir, &out)?;
             println!("{}", gpt_serve::hf::import::summary(&out, &c));
         }
         Cmd::ExportHf { model, out } => gpt_serve::hf::export::export_hf(&model, &out)?,
         Cmd::Bench(o) => {
-            let r = gpt_serve::bench::run(&o)?;
-            let md = gpt_serve::bench::markdown(&r);
+            let r = gpt_serve::cli::bench::run(&o)?;
+            let md = gpt_serve::cli::bench::markdown(&r);
             std::fs::write(o.out.with_extension("md"), &md)?;
             println!("{md}");
         }
-        Cmd::Healthcheck { port } => gpt_serve::serve::healthcheck(port)?,
+        Cmd::Healthcheck { port } => gpt_serve::cli::serve::healthcheck(port)?,
         Cmd::Openapi { out } => {
-            std::fs::write(&out, gpt_serve::server::openapi_json() + "\n")
+            std::fs::write(&out, gpt_serve::serving::server::openapi_json() + "\n")
                 .with_context(|| format!("writing {}", out.display()))?;
         }
         Cmd::Eval(a) => train::eval::run(&a)?,

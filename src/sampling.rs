@@ -284,7 +284,7 @@ pub fn top1_and_entropy(logits: &[f32]) -> (f32, f32) {
     let (mut s, mut el) = (0f64, 0f64);
     for &l in logits {
         let d = l - m;
-        let e = crate::kernels::exp_neg(d) as f64;
+        let e = crate::model::kernels::exp_neg(d) as f64;
         s += e;
         el += e * d as f64;
     }

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::cpu::CpuGpt;
 use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::engine::{Backend, Engine, EngineConfig, Event, Job, EVENT_BUFFER};
-use gpt_serve::metrics::Metrics;
-use gpt_serve::openai::{Output, Stopping, Validated};
+use gpt_serve::model::cpu::CpuGpt;
 use gpt_serve::sampling::SamplingParams;
+use gpt_serve::serving::engine::{Backend, Engine, EngineConfig, Event, Job, EVENT_BUFFER};
+use gpt_serve::serving::metrics::Metrics;
+use gpt_serve::serving::openai::{Output, Stopping, Validated};
 use tokio::sync::{mpsc, Semaphore};
 
 fn root() -> PathBuf {

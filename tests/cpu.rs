@@ -8,10 +8,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use gpt_serve::config::{Config, Dwa, Exit, ExitHead};
-use gpt_serve::cpu::{CpuGpt, WeightDtype};
-use gpt_serve::forward::{Forward, Segment, Tree};
-use gpt_serve::model::{init_weights, Gpt};
+use gpt_serve::model::config::{Config, Dwa, Exit, ExitHead};
+use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
+use gpt_serve::model::forward::{Forward, Segment, Tree};
+use gpt_serve::model::gpt::{init_weights, Gpt};
 
 fn configs() -> Vec<(&'static str, Config)> {
     let mut base = Config::preset("tiny").unwrap();

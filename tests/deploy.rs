@@ -325,11 +325,11 @@ fn the_autoscaler_targets_the_deployment_and_names_exported_metrics() {
 
     // The queue alternative (in comments) reads the server's own gauges,
     // renamed `vllm_*` by the metrics adapter.
-    let exported = read("src/metrics.rs");
+    let exported = read("src/serving/metrics.rs");
     for name in ["vllm:num_requests_waiting", "vllm:num_requests_running"] {
         assert!(
             exported.contains(&format!("\"{name}\"")),
-            "{name} is not a metric of src/metrics.rs"
+            "{name} is not a metric of src/serving/metrics.rs"
         );
         assert!(hpa.contains(name), "hpa.yaml names {name}");
         assert!(

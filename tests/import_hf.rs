@@ -15,13 +15,13 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use gpt_serve::checkpoint;
-use gpt_serve::cpu::WeightDtype;
 use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::engine::{Backend, EngineConfig};
 use gpt_serve::hf::{export::export_hf, import::import_hf};
-use gpt_serve::metrics::Metrics;
-use gpt_serve::server::{self, ServeOptions};
+use gpt_serve::model::cpu::WeightDtype;
+use gpt_serve::serving::engine::{Backend, EngineConfig};
+use gpt_serve::serving::metrics::Metrics;
+use gpt_serve::serving::server::{self, ServeOptions};
 use gpt_serve::train::{self, TrainOptions};
 
 /// Largest absolute logit difference allowed against `transformers` (f64).
@@ -477,7 +477,7 @@ async fn the_server_speculates_on_the_imported_model_with_plain_output() {
     let engine = EngineConfig {
         backend: Backend::Cpu(loaded.serving_dtype()),
         max_active: 4,
-        max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
+        max_batch_rows: gpt_serve::serving::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
         draft_trees: false,
         // Each row costs a tenth of a one-row forward more: a lone

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use gpt_serve::checkpoint;
-use gpt_serve::model::Gpt;
+use gpt_serve::model::gpt::Gpt;
 
 mod common;
 use common::{max_abs, max_abs_diff};

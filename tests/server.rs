@@ -7,10 +7,10 @@ use std::time::Duration;
 use candle_core::Device;
 use futures::StreamExt;
 use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
-use gpt_serve::config::Config;
-use gpt_serve::engine::EngineConfig;
-use gpt_serve::metrics::Metrics;
-use gpt_serve::server::{self, AppState, ServeOptions};
+use gpt_serve::model::config::Config;
+use gpt_serve::serving::engine::EngineConfig;
+use gpt_serve::serving::metrics::Metrics;
+use gpt_serve::serving::server::{self, AppState, ServeOptions};
 use serde_json::{json, Value};
 
 /// A tiny random-weight checkpoint with a real tokenizer.
@@ -27,7 +27,7 @@ fn checkpoint_dir_with(tweak: impl FnOnce(&mut Config)) -> tempfile::TempDir {
     cfg.vocab_size = tok.vocab_size();
     cfg.block_size = 128;
     tweak(&mut cfg);
-    let w = gpt_serve::model::init_weights(&cfg, 1, &Device::Cpu).unwrap();
+    let w = gpt_serve::model::gpt::init_weights(&cfg, 1, &Device::Cpu).unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
         model: cfg,
@@ -56,13 +56,13 @@ async fn start_faulty(
     opts: ServeOptions,
     max_active: usize,
     dir: tempfile::TempDir,
-    fault: Option<gpt_serve::engine::Fault>,
+    fault: Option<gpt_serve::serving::engine::Fault>,
 ) -> Server {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let engine = EngineConfig {
-        backend: gpt_serve::engine::Backend::Cpu(gpt_serve::cpu::WeightDtype::F32),
+        backend: gpt_serve::serving::engine::Backend::Cpu(gpt_serve::model::cpu::WeightDtype::F32),
         max_active,
-        max_batch_rows: gpt_serve::engine::DEFAULT_MAX_BATCH_ROWS,
+        max_batch_rows: gpt_serve::serving::engine::DEFAULT_MAX_BATCH_ROWS,
         cascade: false,
         draft_trees: false,
         row_costs: None,
@@ -199,7 +199,7 @@ async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_fails_gives_errors_not_truncated_successes_and_health_503() {
-    use gpt_serve::engine::Fault;
+    use gpt_serve::serving::engine::Fault;
     let faulty = || {
         start_faulty(
             ServeOptions::default(),
@@ -557,7 +557,7 @@ async fn a_client_that_disconnects_stops_its_generation() {
         c.n_embd = 256;
         c.n_head = 4;
         c.block_size = 1024;
-        c.exits = gpt_serve::config::default_exits(4);
+        c.exits = gpt_serve::model::config::default_exits(4);
     });
     let s = start_with(ServeOptions::default(), 4, dir).await;
     let r = reqwest::Client::new()
@@ -694,7 +694,7 @@ fn the_committed_openapi_document_matches_the_code() {
         .expect("proto/openapi.json exists (gpt-serve openapi writes it)");
     assert_eq!(
         committed.trim(),
-        gpt_serve::server::openapi_json().trim(),
+        gpt_serve::serving::server::openapi_json().trim(),
         "run `gpt-serve openapi` to refresh proto/openapi.json"
     );
 }
@@ -796,7 +796,7 @@ fn long_context_dir() -> tempfile::TempDir {
         c.n_embd = 256;
         c.n_head = 4;
         c.block_size = 1024;
-        c.exits = gpt_serve::config::default_exits(4);
+        c.exits = gpt_serve::model::config::default_exits(4);
     })
 }
 
@@ -839,7 +839,7 @@ async fn one_slot_busy(max_waiting: usize, slow_ms: u64) -> (Server, tokio::task
         max_waiting,
         ..Default::default()
     };
-    let fault = Some(gpt_serve::engine::Fault::SlowIterations(slow_ms));
+    let fault = Some(gpt_serve::serving::engine::Fault::SlowIterations(slow_ms));
     let s = start_faulty(opts, 1, checkpoint_dir(), fault).await;
     let busy = busy_request(&s).await;
     (s, busy)

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::cpu::{CpuGpt, WeightDtype};
 use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats, TokenOut};
 use gpt_serve::drafter::Drafter;
+use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
 use gpt_serve::sampling::SamplingParams;
 
 /// Positions whose top-2 logit gap is below this may flip between a k-row

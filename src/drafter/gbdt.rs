@@ -180,7 +180,7 @@ fn bin_of(edges: &[f32], x: f32) -> u8 {
 
 fn softmax_into(raw: &[f32], out: &mut [f32]) {
     out.copy_from_slice(raw);
-    crate::kernels::softmax(out);
+    crate::model::kernels::softmax(out);
 }
 
 fn soft_ce(raw: &[f32], t: &Target, scratch: &mut [f32]) -> f64 {
@@ -475,7 +475,7 @@ impl Gbdt {
                 *r += a;
             }
         }
-        crate::kernels::softmax(&mut raw);
+        crate::model::kernels::softmax(&mut raw);
         raw
     }
 
@@ -514,15 +514,15 @@ impl Gbdt {
                 let slot = (g * 8 + i) % leaf_at.len();
                 leaf_at[slot] = off;
                 if slot == leaf_at.len() - 1 {
-                    crate::kernels::sum_rows_f16(raw, &pk.leaves, &leaf_at);
+                    crate::model::kernels::sum_rows_f16(raw, &pk.leaves, &leaf_at);
                 }
             }
         }
         let rest = pk.roots.len() % leaf_at.len();
-        crate::kernels::sum_rows_f16(raw, &pk.leaves, &leaf_at[..rest]);
+        crate::model::kernels::sum_rows_f16(raw, &pk.leaves, &leaf_at[..rest]);
         let out = &mut out[..c];
         out.copy_from_slice(&raw[..c]);
-        crate::kernels::softmax(out);
+        crate::model::kernels::softmax(out);
     }
 
     fn pack(&self) -> Packed {

@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::config::{Config, Exit, ExitHead};
+use crate::model::config::{Config, Exit, ExitHead};
 
 /// The fields of `config.json` we read (the rest are training-only, such
 /// as dropout, or describe heads other than the LM head).

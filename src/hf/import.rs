@@ -109,7 +109,7 @@ pub fn summary(out: &Path, c: &CheckpointConfig) -> String {
 
 /// The seed's exit layout scaled to `n_layer` blocks, as `--exits` takes it.
 pub fn exits_hint(n_layer: usize) -> String {
-    crate::config::default_exits(n_layer)
+    crate::model::config::default_exits(n_layer)
         .iter()
         .map(|e| format!("{}:{:.2}", e.block, e.weight))
         .collect::<Vec<_>>()

@@ -13,7 +13,7 @@
 //! - `h.i.attn.bias` / `h.i.attn.masked_bias` are causal-mask buffers, not
 //!   parameters: dropped on import, not written on export.
 //!
-//! [`config`] turns HF's `config.json` into our [`crate::config::Config`]
+//! [`config`] turns HF's `config.json` into our [`crate::model::config::Config`]
 //! (refusing what the model cannot represent), [`weights`] reads and maps
 //! the tensors, [`import`] and [`export`] are the two commands.
 

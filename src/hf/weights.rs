@@ -12,8 +12,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::{dtype_name, is_conv1d, PREFIX};
-use crate::config::Config;
-use crate::model::param_shapes;
+use crate::model::config::Config;
+use crate::model::gpt::param_shapes;
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use std::path::PathBuf;
 
-use crate::model::{Gpt, LossOptions};
+use crate::model::gpt::{Gpt, LossOptions};
 
 /// Every exit on every position, no gradients.
 const EVAL: LossOptions = LossOptions {
@@ -77,7 +77,7 @@ pub fn exit_losses_sequential(
 /// windows of `t` tokens (up to `max_windows`): the share of positions where
 /// an exit's argmax equals the final head's (1.0 for the final exit). An
 /// exit verifies drafts well only where it agrees with the final head.
-pub fn exit_agreement<M: crate::forward::Forward>(
+pub fn exit_agreement<M: crate::model::forward::Forward>(
     model: &M,
     tokens: &[u32],
     t: usize,
@@ -137,8 +137,9 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     let tokens = crate::train::data::load_tokens(data, &loaded.tokenizer, None)?;
     let losses = exit_losses_sequential(&gpt, &tokens, gpt.cfg.block_size, max_windows)?;
     let fast = loaded.cpu(loaded.serving_dtype())?;
-    let agree =
-        crate::cpu::in_pool(|| exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows))?;
+    let agree = crate::model::cpu::in_pool(|| {
+        exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows)
+    })?;
     for ((e, l), a) in gpt.cfg.exits.iter().zip(losses).zip(agree) {
         println!(
             "exit {:>3}: loss {l:.4}, top-1 agreement with the final head {:.1}%",

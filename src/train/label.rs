@@ -23,12 +23,12 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::config::Config;
 use crate::decode::greedy_with_stats;
 use crate::drafter::features::{Tables, Verified, FAMILIES, N_FEATURES};
 use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
 use crate::drafter::{self, Drafter, Replay};
-use crate::forward::Forward;
+use crate::model::config::Config;
+use crate::model::forward::Forward;
 use crate::sampling;
 use crate::tokenizer::Tokenizer;
 
@@ -237,7 +237,7 @@ pub fn train_drafter(
     train: &[u32],
 ) -> anyhow::Result<Drafter> {
     // Decoding (and the measured verify costs) as the server runs it.
-    crate::cpu::in_pool(|| train_drafter_in_pool(dir, o, val, train))
+    crate::model::cpu::in_pool(|| train_drafter_in_pool(dir, o, val, train))
 }
 
 /// The steps: label, classes (and tables), rows, fit, threshold, report.

@@ -27,8 +27,8 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
-use crate::config::{Config, Dwa, Exit, ExitHead};
-use crate::model::{init_weights, Gpt, LossOptions, Losses};
+use crate::model::config::{Config, Dwa, Exit, ExitHead};
+use crate::model::gpt::{init_weights, Gpt, LossOptions, Losses};
 use crate::tokenizer::Tokenizer;
 use schedule::{Schedule, ScheduleKind};
 use snapshot::Saved;
@@ -264,7 +264,7 @@ pub fn model_config(o: &TrainOptions, vocab_size: usize) -> anyhow::Result<Confi
     c.bias = o.bias.unwrap_or(c.bias);
     c.vocab_size = vocab_size;
     if default_exits {
-        c.exits = crate::config::default_exits(c.n_layer);
+        c.exits = crate::model::config::default_exits(c.n_layer);
     }
     if let Some(e) = &o.exits {
         c.exits = parse_exits(e, c.n_layer)?;
@@ -503,7 +503,7 @@ impl Run {
 /// Tokenizer, token streams, model config and initial weights.
 fn setup(mut o: TrainOptions, resumed: Option<&Saved>) -> anyhow::Result<Run> {
     check_options(&o)?;
-    let device = crate::device::parse(&o.device)?;
+    let device = crate::model::device::parse(&o.device)?;
     let t_setup = Instant::now();
     let tokenizer = match resumed {
         Some(r) => Tokenizer::from_file(&r.dir.join(checkpoint::TOKENIZER_FILE))?,
@@ -606,7 +606,7 @@ fn initial_weights(
     };
     let path = dir.join(checkpoint::WEIGHTS_FILE);
     let w = checkpoint::load_tensors(&path, device)?;
-    crate::model::param_shapes(cfg)
+    crate::model::gpt::param_shapes(cfg)
         .into_iter()
         .map(|(n, _)| {
             let t = w.get(&n).cloned().or_else(|| new_exit(&n, &w));
@@ -964,9 +964,13 @@ fn agreement(r: &Run) -> anyhow::Result<Vec<(usize, f32)>> {
         return Ok(vec![]);
     }
     let weights: HashMap<String, Tensor> = all_weights(r).into_iter().collect();
-    let fast = crate::cpu::CpuGpt::from_tensors(&r.cfg, &weights, crate::cpu::WeightDtype::F32)?;
+    let fast = crate::model::cpu::CpuGpt::from_tensors(
+        &r.cfg,
+        &weights,
+        crate::model::cpu::WeightDtype::F32,
+    )?;
     let agree =
-        crate::cpu::in_pool(|| eval::exit_agreement(&fast, &r.val, r.t, AGREEMENT_WINDOWS))?;
+        crate::model::cpu::in_pool(|| eval::exit_agreement(&fast, &r.val, r.t, AGREEMENT_WINDOWS))?;
     let out: Vec<(usize, f32)> = r.cfg.exits.iter().map(|e| e.block).zip(agree).collect();
     for (block, a) in &out {
         eprintln!(

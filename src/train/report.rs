@@ -7,7 +7,7 @@ use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::Config;
+use crate::model::config::Config;
 
 /// A named series of (x, y) points; thick when the flag is set.
 pub type Curve = (String, Vec<(f64, f64)>, bool);

@@ -68,7 +68,7 @@ pub async fn serve(
 /// Answers a connection beyond the cap with a 503 and closes it.
 async fn refuse(mut stream: TcpStream) {
     let body = serde_json::to_string(
-        &crate::openai::ApiError::Unavailable {
+        &crate::serving::openai::ApiError::Unavailable {
             message: "too many open connections; retry shortly",
         }
         .body(),

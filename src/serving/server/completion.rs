@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::decode::{Finish, SpecStats, TokenOut};
-use crate::engine::Event;
-use crate::metrics::Metrics;
-use crate::openai::{ApiError, Choice, Logprobs, Usage, Validated};
-use crate::stop::{Piece, StopText};
+use crate::serving::engine::Event;
+use crate::serving::metrics::Metrics;
+use crate::serving::openai::{ApiError, Choice, Logprobs, Usage, Validated};
+use crate::serving::stop::{Piece, StopText};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// What one event adds to one choice.
@@ -377,8 +377,8 @@ impl Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::{Output, Stopping};
     use crate::sampling::SamplingParams;
+    use crate::serving::openai::{Output, Stopping};
 
     fn shipped_tokenizer() -> Option<Tokenizer> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::f32_slice;
-use crate::gemm::{matmul, Operand};
+use crate::model::gemm::{matmul, Operand};
 
 /// x (N, in), w (out, in), optional bias (out,) -> (N, out).
 fn forward(
@@ -69,7 +69,7 @@ fn backward(
     let db = bias.then(|| {
         let mut db = vec![0f32; o];
         for row in g.chunks_exact(o.max(1)) {
-            crate::kernels::axpy(&mut db, 1.0, row);
+            crate::model::kernels::axpy(&mut db, 1.0, row);
         }
         db
     });

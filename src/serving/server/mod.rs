@@ -6,7 +6,7 @@
 //! events into text; they never touch tensors.
 //!
 //! A request's path: parse and check every field, counts and byte lengths
-//! ([`crate::openai`]); take admission slots (429 beyond `max_active +
+//! ([`crate::serving::openai`]); take admission slots (429 beyond `max_active +
 //! max_waiting`); tokenize off the async runtime; one engine job per
 //! sequence, each carrying its slot, which the engine frees when it drops
 //! the sequence; then the events become a JSON body or a stream
@@ -35,9 +35,9 @@ use utoipa::OpenApi;
 
 use crate::checkpoint::Loaded;
 use crate::drafter::Drafter;
-use crate::engine::{Engine, EngineConfig, Job, EVENT_BUFFER};
-use crate::metrics::Metrics;
-use crate::openai::*;
+use crate::serving::engine::{Engine, EngineConfig, Job, EVENT_BUFFER};
+use crate::serving::metrics::Metrics;
+use crate::serving::openai::*;
 use crate::tokenizer::Tokenizer;
 use completion::{ChoiceState, Completion, Delta};
 pub use listen::serve;

@@ -56,7 +56,7 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
     let (mut g, _) =
         Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
     let t0 = std::time::Instant::now();
-    let out = crate::cpu::in_pool(|| g.run())?;
+    let out = crate::model::cpu::in_pool(|| g.run())?;
     let secs = t0.elapsed().as_secs_f64();
     let ids: Vec<u32> = out.iter().map(|t| t.id).collect();
     println!("{prompt}{}", tok.decode(&ids)?);

@@ -16,8 +16,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_slice;
-use crate::gemm::{matmul, Operand};
-use crate::kernels::{axpy, dot, softmax};
+use crate::model::gemm::{matmul, Operand};
+use crate::model::kernels::{axpy, dot, softmax};
 
 /// Logit rows per chunk: about 16 M floats (64 MB), 256-1024 rows. Each
 /// chunk adds its part of dW into the whole (V, C) gradient, so small
@@ -347,7 +347,7 @@ pub fn candidate_cross_entropy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::randn;
+    use crate::model::ops::tests::randn;
     use candle_core::{Device, Var};
 
     /// Several chunks (V = 70000 gives 256-row chunks) with a short last one.

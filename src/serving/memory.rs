@@ -2,7 +2,7 @@
 //! `serve` can refuse a `--max-active` whose caches cannot fit instead of
 //! being killed for memory under load.
 
-use crate::config::Config;
+use crate::model::config::Config;
 
 /// Bytes of the CPU backend's KV cache of one sequence: keys and values,
 /// f32, every layer, the whole context window (preallocated).

@@ -16,8 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_slice;
-use crate::gemm::{matmul, matmul_into, Operand};
-use crate::kernels::softmax;
+use crate::model::gemm::{matmul, matmul_into, Operand};
+use crate::model::kernels::softmax;
 
 struct CausalAttention {
     n_head: usize,

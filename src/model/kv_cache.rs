@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::config::Config;
+use crate::model::config::Config;
 
 pub struct LayerCache {
     k: Tensor, // (1, nh, block_size, hs)

@@ -22,12 +22,12 @@ use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
 use crate::checkpoint;
-use crate::config::Config;
-use crate::cpu::{CpuGpt, WeightDtype};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
 use crate::drafter::Drafter;
-use crate::forward::Forward;
-use crate::model::{init_weights, Gpt};
+use crate::model::config::Config;
+use crate::model::cpu::{CpuGpt, WeightDtype};
+use crate::model::forward::Forward;
+use crate::model::gpt::{init_weights, Gpt};
 
 use crate::sampling::SamplingParams;
 
@@ -249,7 +249,7 @@ fn random_weights(
     preset: &str,
 ) -> anyhow::Result<(Config, std::collections::HashMap<String, Tensor>)> {
     let mut cfg = Config::preset(preset)?;
-    cfg.exits = vec![crate::config::Exit {
+    cfg.exits = vec![crate::model::config::Exit {
         block: cfg.n_layer,
         weight: 1.0,
     }];
@@ -525,7 +525,7 @@ pub fn prompts_from(
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
-    crate::cpu::in_pool(|| run_in_pool(o))
+    crate::model::cpu::in_pool(|| run_in_pool(o))
 }
 
 fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {

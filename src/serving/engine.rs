@@ -22,13 +22,13 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
-use crate::cpu::WeightDtype;
 use crate::decode::{Finish, GenParams, Generator, Proposer, Rows, SpecStats, TokenOut};
 use crate::drafter::Drafter;
-use crate::forward::{Forward, Segment};
-use crate::metrics::Metrics;
-use crate::openai::Validated;
-use crate::scheduler::{self, Budget, Want};
+use crate::model::cpu::WeightDtype;
+use crate::model::forward::{Forward, Segment};
+use crate::serving::metrics::Metrics;
+use crate::serving::openai::Validated;
+use crate::serving::scheduler::{self, Budget, Want};
 
 /// What a sequence reports back, in order: `Started`, `Tokens`..., `Done`
 /// (or `Error`).
@@ -160,7 +160,7 @@ pub struct EngineConfig {
 /// Which forward the engine decodes with.
 #[derive(Clone, Debug)]
 pub enum Backend {
-    /// The CPU inference path (`crate::cpu`), weights stored as given.
+    /// The CPU inference path (`crate::model::cpu`), weights stored as given.
     Cpu(WeightDtype),
     /// candle's model on a device (CUDA builds).
     Candle(candle_core::Device),
@@ -211,7 +211,7 @@ impl Engine {
                         Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
                             drop(loaded);
                             ready.store(true, Ordering::SeqCst);
-                            crate::cpu::in_pool(|| {
+                            crate::model::cpu::in_pool(|| {
                                 run(&m, d, rx, &config, &metrics, &waiting, &failed, eot)
                             })
                         }),
@@ -560,7 +560,10 @@ fn forward<M: Forward>(
     model: &M,
     active: &mut [Active<M>],
     rows: &[Option<Rows>],
-) -> (Vec<usize>, candle_core::Result<Vec<crate::forward::Logits>>) {
+) -> (
+    Vec<usize>,
+    candle_core::Result<Vec<crate::model::forward::Logits>>,
+) {
     let mut owners = Vec::new();
     let mut segs = Vec::new();
     for (i, (a, r)) in active.iter_mut().zip(rows).enumerate() {
@@ -618,8 +621,8 @@ fn cost_curve<M: Forward>(model: &M, max_rows: usize) -> Vec<(usize, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::{Output, Stopping};
     use crate::sampling::SamplingParams;
+    use crate::serving::openai::{Output, Stopping};
 
     #[test]
     fn only_the_first_choice_of_a_prompt_scores_the_prompt() {

@@ -5,10 +5,10 @@ use std::ops::Range;
 
 use candle_core::{Result, Tensor};
 
-use crate::config::Config;
-use crate::cpu::{CpuCache, CpuGpt, CpuStream};
-use crate::kv_cache::KvCache;
-use crate::model::{Gpt, Stream};
+use crate::model::config::Config;
+use crate::model::cpu::{CpuCache, CpuGpt, CpuStream};
+use crate::model::gpt::{Gpt, Stream};
+use crate::model::kv_cache::KvCache;
 
 /// Logits of several rows, row-major (one allocation for all rows).
 pub struct Logits {

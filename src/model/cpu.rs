@@ -1,4 +1,4 @@
-//! The CPU inference path: the same model as [`crate::model::Gpt`] (built
+//! The CPU inference path: the same model as [`crate::model::gpt::Gpt`] (built
 //! from the same checkpoint tensors, same names, same split forward), run
 //! on plain buffers with the kernels in [`kernels`] instead of candle ops.
 //!
@@ -19,9 +19,9 @@ use std::ops::Range;
 use candle_core::{bail, Result, Tensor};
 use half::f16;
 
-use crate::config::{Config, ExitHead};
-use crate::forward::{Segment, Tree};
-use crate::kernels::{self, KeyRows, Matrix};
+use crate::model::config::{Config, ExitHead};
+use crate::model::forward::{Segment, Tree};
+use crate::model::kernels::{self, KeyRows, Matrix};
 
 /// Runs `f` on a worker of the inference thread pool (one thread per
 /// core). Fork/join from inside a pool is work stealing; from an outside
@@ -193,7 +193,7 @@ impl CpuCache {
     }
 }
 
-/// Rows in flight through the blocks (as [`crate::model::Stream`]).
+/// Rows in flight through the blocks (as [`crate::model::gpt::Stream`]).
 pub struct CpuStream {
     /// (T, C) residual stream after `block` blocks.
     x: Vec<f32>,
@@ -226,7 +226,7 @@ impl CpuStream {
 
     /// Appends `next`'s rows (same block, the positions right after ours).
     pub fn append(&mut self, next: CpuStream) -> Result<()> {
-        crate::model::check_append(self.pos, self.rows, self.block, next.pos, next.block)?;
+        crate::model::gpt::check_append(self.pos, self.rows, self.block, next.pos, next.block)?;
         self.x.extend(next.x);
         self.x0.extend(next.x0);
         for (t, n) in self.xs.iter_mut().zip(next.xs) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::{checkpoint, engine, metrics, server};
+use crate::{checkpoint, serving::engine, serving::metrics, serving::server};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -28,7 +28,7 @@ pub struct ServeArgs {
     max_active: usize,
     /// Rows per forward, all sequences together: prompt chunks, pending
     /// tokens and drafts share it.
-    #[arg(long, env = "GPT_SERVE_MAX_BATCH_ROWS", default_value_t = crate::engine::DEFAULT_MAX_BATCH_ROWS)]
+    #[arg(long, env = "GPT_SERVE_MAX_BATCH_ROWS", default_value_t = crate::serving::engine::DEFAULT_MAX_BATCH_ROWS)]
     max_batch_rows: usize,
     /// Sequences allowed to wait; beyond, 429.
     #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
@@ -86,10 +86,10 @@ pub struct ServeArgs {
     device: String,
 }
 
-fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::cpu::WeightDtype {
+fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::model::cpu::WeightDtype {
     match s {
-        "f16" => crate::cpu::WeightDtype::F16,
-        "f32" => crate::cpu::WeightDtype::F32,
+        "f16" => crate::model::cpu::WeightDtype::F16,
+        "f32" => crate::model::cpu::WeightDtype::F32,
         _ => loaded.serving_dtype(),
     }
 }
@@ -131,14 +131,14 @@ fn engine_config(
     a: &ServeArgs,
     loaded: &checkpoint::Loaded,
 ) -> anyhow::Result<engine::EngineConfig> {
-    let backend = match crate::device::parse(&a.device)? {
+    let backend = match crate::model::device::parse(&a.device)? {
         candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, loaded)),
         gpu => engine::Backend::Candle(gpu),
     };
     check_exit_margin(a.exit_margin)?;
     if matches!(backend, engine::Backend::Cpu(_)) {
-        if let Some(avail) = crate::memory::available_bytes() {
-            crate::memory::check_kv_fits(&loaded.config.model, a.max_active.max(1), avail)
+        if let Some(avail) = crate::serving::memory::available_bytes() {
+            crate::serving::memory::check_kv_fits(&loaded.config.model, a.max_active.max(1), avail)
                 .map_err(anyhow::Error::msg)?;
         }
     }

@@ -15,8 +15,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{Config, ExitHead};
-use crate::kv_cache::{KvCache, LayerCache};
+use crate::model::config::{Config, ExitHead};
+use crate::model::kv_cache::{KvCache, LayerCache};
 
 struct Norm {
     weight: Tensor,
@@ -49,7 +49,7 @@ impl Norm {
         if fused {
             candle_nn::ops::layer_norm(x, &self.weight, bias, self.eps)
         } else {
-            crate::ops::layer_norm(x, &self.weight, bias, self.eps)
+            crate::model::ops::layer_norm(x, &self.weight, bias, self.eps)
         }
     }
 }
@@ -67,7 +67,8 @@ impl Linear {
     /// ~2x slower per training step on the `small` preset).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
-        let y = crate::ops::linear(&x.reshape((b * t, i))?, &self.weight, self.bias.as_ref())?;
+        let y =
+            crate::model::ops::linear(&x.reshape((b * t, i))?, &self.weight, self.bias.as_ref())?;
         y.reshape((b, t, ()))
     }
 }
@@ -81,7 +82,7 @@ fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
 /// (B, T, C) x (V, C)^T -> (B, T, V) as one 2-D matmul.
 fn project(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, t, c) = h.dims3()?;
-    crate::ops::linear(&h.reshape((b * t, c))?, w, None)?.reshape((b, t, ()))
+    crate::model::ops::linear(&h.reshape((b * t, c))?, w, None)?.reshape((b, t, ()))
 }
 
 struct Attention {
@@ -115,7 +116,7 @@ impl Attention {
             // Causal among the rows themselves: one op (its backward too).
             return self
                 .c_proj
-                .forward(&crate::ops::causal_attention(&qkv, self.n_head)?);
+                .forward(&crate::model::ops::causal_attention(&qkv, self.n_head)?);
         };
         let qkv = qkv
             .reshape((b, t, 3, self.n_head, hs))?
@@ -134,7 +135,7 @@ impl Attention {
         } else {
             // The mask is always causal_mask(T, L - T): the fused training op
             // applies it itself.
-            crate::ops::causal_softmax(&att, scale)?
+            crate::model::ops::causal_softmax(&att, scale)?
         };
         let y = att.matmul(&v.contiguous()?)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
@@ -159,7 +160,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // GELU with the tanh approximation, as GPT-2 ("gelu_new").
         self.c_proj
-            .forward(&crate::ops::gelu_tanh(&self.c_fc.forward(x)?)?)
+            .forward(&crate::model::ops::gelu_tanh(&self.c_fc.forward(x)?)?)
     }
 }
 
@@ -574,7 +575,7 @@ impl Gpt {
         let xc = x.index_select(&rest.index, 1)?;
         let h = self.exits[k].ln.forward(&xc, self.fused)?.flatten_to(1)?;
         let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
-        let cand_ce = crate::ops::candidate_cross_entropy(&h, head, cand, size)?;
+        let cand_ce = crate::model::ops::candidate_cross_entropy(&h, head, cand, size)?;
         let (t, n) = (rest.t as f64, (rest.t - rest.rows.len()) as f64);
         (full * (n / t))? + (cand_ce * ((t - n) / t))?
     }
@@ -592,7 +593,7 @@ impl Gpt {
         let ex = &self.exits[k];
         let h = ex.ln.forward(x, self.fused)?.flatten_to(1)?; // (B n, C)
         let head = ex.lm_head.as_ref().unwrap_or(&self.wte);
-        crate::ops::projected_cross_entropy_top(&h, head, &y.flatten_all()?, top, grads)
+        crate::model::ops::projected_cross_entropy_top(&h, head, &y.flatten_all()?, top, grads)
     }
 }
 

@@ -1,0 +1,13 @@
+//! The model: its configuration, the multi-exit GPT on candle (training,
+//! any device), the CPU inference path on plain buffers and its kernels,
+//! the split forward decoding calls over either, and the KV cache.
+
+pub mod config;
+pub mod cpu;
+pub mod device;
+pub mod forward;
+pub mod gemm;
+pub mod gpt;
+pub mod kernels;
+pub mod kv_cache;
+pub mod ops;
