@@ -4,8 +4,11 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, in their own layer: source edits do not rebuild them.
+# research/ is a workspace member the image never builds: its manifest and an
+# empty lib are enough for cargo to read the workspace.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+COPY research/Cargo.toml research/Cargo.toml
+RUN mkdir src research/src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs research/src/lib.rs \
     && cargo build --release --locked --bin gpt-serve && rm -rf src
 COPY src src
 # The release profile keeps debug info (for profiling); the image does not need

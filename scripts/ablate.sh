@@ -145,7 +145,7 @@ case "${1:-}" in
       mkdir -p bench/exit-ablation
       python3 scripts/exit_ablation_summary.py "$RUNS" > bench/exit-ablation/summary.md
     else
-      cargo run --release --example ablation_report -- "$RUNS" bench
+      cargo run --release -p gpt-serve-research --example ablation_report -- "$RUNS" bench
     fi ;;
   *) echo "usage: $0 train|speed|report"; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Drafter classifiers side by side (examples/drafter_compare.rs): labels rows
+# Drafter classifiers side by side (research/examples/drafter_compare.rs): labels rows
 # with a model (`gpt-serve train-drafter --drafter-rows-out`), then fits our
 # GBDT, linfa-trees, smartcore and LightGBM on them. Outside CI: LightGBM is
 # built from its C++ sources by the lightgbm3 crate, which needs cmake >= 3.28
@@ -30,7 +30,7 @@ if [ -z "${NO_LIGHTGBM:-}" ]; then
 fi
 
 cargo build --release --bin gpt-serve
-cargo build --release --features "$features" --example drafter_compare
+cargo build --release -p gpt-serve-research --features "$features" --example drafter_compare
 # train-drafter writes drafter.json next to the model: work on a copy.
 rm -rf "$WORK/model" && cp -r "$MODEL" "$WORK/model"
 target/release/gpt-serve train-drafter --model "$WORK/model" \

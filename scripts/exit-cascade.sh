@@ -6,7 +6,7 @@
 #    and cutting none (`--exit-margin inf`); scripts/exit_margins.py turns the
 #    margins into the share of accepted drafts a cut would lose and of
 #    first-rejected drafts it would catch.
-# 2. Interleaved A/B (examples/cascade_ab.rs): final-only verification and
+# 2. Interleaved A/B (research/examples/cascade_ab.rs): final-only verification and
 #    the cascade at several margins, per prompt one after the other, greedy
 #    and at temperature 0.8, on train slice A (tuning), the val split and
 #    tinyshakespeare (reporting).
@@ -21,7 +21,7 @@ OUT=bench/exit-cascade
 DATA=../shared/data
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-cargo build --release --bin gpt-serve --example cascade_ab
+cargo build --release --bin gpt-serve && cargo build --release -p gpt-serve-research --example cascade_ab
 BIN=${CARGO_TARGET_DIR:-target}/release
 mkdir -p "$OUT"
 # `head` closes the pipe early, so zcat's SIGPIPE is expected here. The

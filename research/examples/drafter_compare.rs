@@ -13,7 +13,7 @@
 //! the test rows.
 //!
 //! `scripts/drafter-compare.sh` builds and runs it; or
-//! `cargo run --release --features compare --example drafter_compare -- rows.json [out.md]`
+//! `cargo run --release -p gpt-serve-research --features compare --example drafter_compare -- rows.json [out.md]`
 
 #[cfg(feature = "compare")]
 fn main() -> anyhow::Result<()> {
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
 fn main() {
     eprintln!(
         "drafter_compare needs the baseline crates: \
-         cargo run --release --features compare --example drafter_compare -- ROWS.json \
+         cargo run --release -p gpt-serve-research --features compare --example drafter_compare -- ROWS.json \
          (or scripts/drafter-compare.sh)"
     );
     std::process::exit(2);

@@ -4,7 +4,7 @@
 //! FLOPs per token, time to the baseline's final loss, exit agreement) and a
 //! plot of val loss vs wall-clock for every run.
 //!
-//! `cargo run --release --example ablation_report -- runs/ablation bench`
+//! `cargo run --release -p gpt-serve-research --example ablation_report -- runs/ablation bench`
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

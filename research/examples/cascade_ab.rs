@@ -4,7 +4,7 @@
 //! busy machine slows every arm alike. Prints seconds, tokens per verify
 //! step and drafts cut, per arm, and the ratio to final-only.
 //!
-//! `cargo run --release --example cascade_ab -- MODEL_DIR TEXT PROMPTS TEMPERATURE MARGIN,..`
+//! `cargo run --release -p gpt-serve-research --example cascade_ab -- MODEL_DIR TEXT PROMPTS TEMPERATURE MARGIN,..`
 //! (`inf` as a margin: the exits score every draft but never cut, which
 //! prices the cascade's own work). Tune on the train split.
 
