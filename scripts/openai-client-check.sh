@@ -5,8 +5,10 @@ set -euo pipefail
 BIN=${1:-target/release/gpt-serve}
 MODEL=${MODEL:-models/default}
 if [[ ! -f $MODEL/config.json ]]; then
-  echo "skipping the openai client check: no model at $MODEL"
-  exit 0
+  # The shipped model is part of the repository: its absence is a broken
+  # checkout, not a reason to pass.
+  echo "the openai client check: no model at $MODEL (config.json missing)" >&2
+  exit 1
 fi
 VENV=${OPENAI_VENV:-$HOME/.cache/gpt-serve-openai-venv}
 source "$(dirname "$0")/local-server.sh"

@@ -10,8 +10,14 @@ use std::path::{Path, PathBuf};
 /// new one, never a part, and the new one survives a power cut once this
 /// returns: write a temporary beside it, fsync, rename, fsync the directory.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp)?;
+    let tmp = fresh_tmp_path(path)?;
+    // create_new (O_CREAT | O_EXCL) never follows a symlink: one planted at
+    // the temporary's name after `fresh_tmp_path` removed it is an error,
+    // not a write through it.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     rename_durably(&tmp, path)
@@ -46,6 +52,17 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// [`tmp_path`], with whatever was left at that name removed first: a file
+/// from an interrupted write, or a symlink planted there, which is removed
+/// itself and never followed (so a write cannot land in its target).
+pub fn fresh_tmp_path(path: &Path) -> std::io::Result<PathBuf> {
+    let tmp = tmp_path(path);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(tmp),
+    }
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 fn parent(path: &Path) -> &Path {
     match path.parent() {
@@ -66,5 +83,19 @@ mod tests {
         write(&p, b"new").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
         assert!(!tmp_path(&p).exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_planted_at_the_temporary_name_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let p = dir.path().join("a.json");
+        std::os::unix::fs::symlink(&victim, tmp_path(&p)).unwrap();
+        write(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert!(std::fs::symlink_metadata(tmp_path(&p)).is_err());
     }
 }

@@ -96,7 +96,12 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> 
         .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<std::result::Result<_, candle_core::Error>>()
         .map_err(werr)?;
-    let tmp = crate::atomic_file::tmp_path(path);
+    // A leftover or planted file at the temporary name is removed first, so
+    // the save below cannot write through a symlink.
+    let tmp = crate::atomic_file::fresh_tmp_path(path).map_err(|e| CheckpointError::Write {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     candle_core::safetensors::save(&map, &tmp).map_err(werr)?;
     // safetensors writes 0600; checkpoints are meant to be shared (and read
     // by a container's non-root user).

@@ -81,6 +81,12 @@ pub fn save(out: &Path, snap: &Snapshot, crash_at: Option<SavePoint>) -> anyhow:
     let root = out.join(SNAPSHOTS_DIR);
     let name = format!("step-{:08}", snap.state.step);
     let dir = root.join(&name);
+    if !root.exists() {
+        // The first save creates `snapshots/`: its entry in OUT must be on
+        // disk too, or a power cut could lose the whole set after the rename.
+        std::fs::create_dir_all(&root).with_context(|| cannot_write(&root))?;
+        sync_dir(out).with_context(|| cannot_write(out))?;
+    }
     let tmp = tmp_path(&dir);
     std::fs::create_dir_all(&tmp).with_context(|| cannot_write(&tmp))?;
     write_set(&tmp, snap, crash_at)?;
