@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use gpt_serve::model::config::{Config, Exit, ExitHead};
-use gpt_serve::model::gpt::{init_weights, Gpt, LossOptions};
+use gpt_serve::model::gpt::{init_weights, Gpt};
+use gpt_serve::train::losses::{LossOptions, MultiExitLoss};
 use std::time::Instant;
 
 // The allocator `gpt-serve train` runs with (glibc's returns each large

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use gpt_serve::model::config::{Config, Dwa, Exit, ExitHead};
 use gpt_serve::model::gpt::{init_weights, Gpt};
+use gpt_serve::train::losses::MultiExitLoss;
 
 mod common;
 use common::max_abs_diff;
@@ -105,7 +106,7 @@ fn batch(cfg: &Config) -> (Tensor, Tensor) {
 /// cost what the whole vocabulary would: the mixed loss is the full one.
 #[test]
 fn scoring_exits_on_every_candidate_equals_the_full_exit_loss() {
-    use gpt_serve::model::gpt::LossOptions;
+    use gpt_serve::train::losses::LossOptions;
     let cfg = full_config();
     let w = weights(&cfg, 4);
     let (x, y) = batch(&cfg);
@@ -173,7 +174,10 @@ fn every_parameter_gets_the_finite_difference_gradient() {
         let (m, _) = build(&cfg, &moved, false);
         m.loss(&x, &y).unwrap().total.to_scalar::<f32>().unwrap() as f64
     };
-    assert_eq!(vars.len(), gpt_serve::model::gpt::param_shapes(&cfg).len());
+    assert_eq!(
+        vars.len(),
+        gpt_serve::model::params::param_shapes(&cfg).len()
+    );
     for (name, var) in &vars {
         let g = grads
             .get(var.as_tensor())

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use gpt_serve::checkpoint;
 use gpt_serve::model::gpt::Gpt;
+use gpt_serve::train::losses::MultiExitLoss;
 
 mod common;
 use common::{max_abs, max_abs_diff};

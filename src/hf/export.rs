@@ -28,7 +28,7 @@ pub fn export_hf(model_dir: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in &loaded.weights {
-        if name.starts_with("exits.") {
+        if crate::model::params::is_exit(name) {
             continue;
         }
         let t = if is_conv1d(name) {

@@ -16,6 +16,7 @@ use super::config::HfConfig;
 use super::dtype_name;
 use super::weights::HfTensors;
 use crate::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+use crate::model::params;
 use crate::tokenizer::Tokenizer;
 
 /// Imports `dir` into `out` (a new or empty directory); returns the
@@ -44,9 +45,9 @@ pub fn import_hf(dir: &Path, out: &Path) -> anyhow::Result<CheckpointConfig> {
 fn wte(params: &[(String, Tensor)]) -> anyhow::Result<&Tensor> {
     params
         .iter()
-        .find(|(n, _)| n == "wte.weight")
+        .find(|(n, _)| n == params::WTE)
         .map(|(_, t)| t)
-        .context("wte.weight is a parameter of every model")
+        .with_context(|| format!("{} is a parameter of every model", params::WTE))
 }
 
 /// A fresh directory, so no file of another model (a drafter) is left

@@ -25,17 +25,10 @@ pub mod weights;
 /// The prefix `GPT2LMHeadModel.save_pretrained` puts on the backbone's names.
 pub const PREFIX: &str = "transformer.";
 
-/// Whether our parameter `name` is a Conv1D weight in HF's layout.
+/// Whether our parameter `name` is a Conv1D weight in HF's layout: the
+/// weights of a block's Linear layers.
 pub fn is_conv1d(name: &str) -> bool {
-    name.ends_with(".weight")
-        && [
-            ".attn.c_attn.",
-            ".attn.c_proj.",
-            ".mlp.c_fc.",
-            ".mlp.c_proj.",
-        ]
-        .iter()
-        .any(|l| name.contains(l))
+    crate::model::params::is_linear_weight(name)
 }
 
 /// Our dtype name ("f32", "f16", "bf16") of a candle dtype, when we store it.

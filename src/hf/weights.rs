@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{dtype_name, is_conv1d, PREFIX};
 use crate::model::config::Config;
-use crate::model::gpt::param_shapes;
+use crate::model::params::{self, param_shapes};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -38,9 +38,9 @@ enum Role {
 }
 
 fn role(name: &str) -> Role {
-    if name == "lm_head.weight" {
+    if name == params::LM_HEAD {
         Role::LmHead
-    } else if name.starts_with("h.")
+    } else if params::is_block(name)
         && (name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"))
     {
         Role::Buffer
@@ -228,16 +228,20 @@ impl HfTensors {
     pub fn check_lm_head(&self, wte: &Tensor, tied: bool) -> anyhow::Result<()> {
         let Some(name) = &self.lm_head else {
             if !tied {
-                bail!("config.json: tie_word_embeddings is false but the weights have no lm_head.weight");
+                bail!(
+                    "config.json: tie_word_embeddings is false but the weights have no {}",
+                    params::LM_HEAD
+                );
             }
             return Ok(());
         };
         let head = self.st.load(name, &Device::Cpu)?;
         if head.shape() != wte.shape() {
             bail!(
-                "tensor `{name}` has shape {:?}, expected {:?} (that of wte.weight)",
+                "tensor `{name}` has shape {:?}, expected {:?} (that of {})",
                 head.dims(),
-                wte.dims()
+                wte.dims(),
+                params::WTE
             );
         }
         let diff = (head.to_dtype(DType::F32)? - wte.to_dtype(DType::F32)?)?
@@ -246,7 +250,8 @@ impl HfTensors {
             .to_scalar::<f32>()?;
         if diff != 0.0 {
             bail!(
-                "tensor `{name}` differs from wte.weight (tie_word_embeddings: {tied}): an untied LM head is not supported, our final head projects with wte"
+                "tensor `{name}` differs from {} (tie_word_embeddings: {tied}): an untied LM head is not supported, our final head projects with wte",
+                params::WTE
             );
         }
         Ok(())

@@ -3,7 +3,9 @@
 //! `ln_f`, `lm_head` tied to `wte`) plus the options in [`Config`]:
 //! extra exits (own LayerNorm `exits.{b}.ln`, projection tied or own
 //! `exits.{b}.lm_head`), DenseFormer DWA weights `h.{i}.dwa` (arXiv
-//! 2402.02622) and x0 skips `h.{i}.skip`.
+//! 2402.02622) and x0 skips `h.{i}.skip`. The names are spelled in
+//! [`crate::model::params`]; the training losses live in
+//! [`crate::train::losses`].
 //!
 //! One definition trains and serves. Training builds the model with
 //! `fused = false` (candle's fused LayerNorm and softmax have no backward);
@@ -17,6 +19,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{Config, ExitHead};
 use crate::model::kv_cache::{KvCache, LayerCache};
+use crate::model::params;
 
 struct Norm {
     weight: Tensor,
@@ -25,11 +28,12 @@ struct Norm {
 }
 
 impl Norm {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// The LayerNorm named `name`.
+    fn new(cfg: &Config, vb: &VarBuilder, name: &str) -> Result<Self> {
         let c = cfg.n_embd;
-        let weight = vb.get(c, "weight")?;
+        let weight = vb.get(c, &params::weight(name))?;
         let bias = if cfg.bias {
-            Some(vb.get(c, "bias")?)
+            Some(vb.get(c, &params::bias(name))?)
         } else {
             None
         };
@@ -73,9 +77,20 @@ impl Linear {
     }
 }
 
-fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((o, i), "weight")?;
-    let bias = if bias { Some(vb.get(o, "bias")?) } else { None };
+/// The Linear layer `name` of block `block_i`, (out, in) from
+/// [`params::LINEARS`].
+fn linear(cfg: &Config, vb: &VarBuilder, block_i: usize, name: &str) -> Result<Linear> {
+    let (_, o, i) = params::LINEARS
+        .into_iter()
+        .find(|(l, _, _)| *l == name)
+        .expect("a block's Linear layer");
+    let (o, i, p) = (o * cfg.n_embd, i * cfg.n_embd, params::block(block_i, name));
+    let weight = vb.get((o, i), &params::weight(&p))?;
+    let bias = if cfg.bias {
+        Some(vb.get(o, &params::bias(&p))?)
+    } else {
+        None
+    };
     Ok(Linear { weight, bias })
 }
 
@@ -92,11 +107,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
+    fn new(cfg: &Config, vb: &VarBuilder, i: usize) -> Result<Self> {
         Ok(Self {
-            c_attn: linear(c, 3 * c, cfg.bias, vb.pp("c_attn"))?,
-            c_proj: linear(c, c, cfg.bias, vb.pp("c_proj"))?,
+            c_attn: linear(cfg, vb, i, params::C_ATTN)?,
+            c_proj: linear(cfg, vb, i, params::ATTN_PROJ)?,
             n_head: cfg.n_head,
         })
     }
@@ -149,11 +163,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
+    fn new(cfg: &Config, vb: &VarBuilder, i: usize) -> Result<Self> {
         Ok(Self {
-            c_fc: linear(c, 4 * c, cfg.bias, vb.pp("c_fc"))?,
-            c_proj: linear(4 * c, c, cfg.bias, vb.pp("c_proj"))?,
+            c_fc: linear(cfg, vb, i, params::C_FC)?,
+            c_proj: linear(cfg, vb, i, params::MLP_PROJ)?,
         })
     }
 
@@ -176,21 +189,21 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, i: usize, vb: &VarBuilder) -> Result<Self> {
         let skip = if cfg.x0_skip {
-            Some(vb.get(2, "skip")?)
+            Some(vb.get(2, &params::block(i, params::SKIP))?)
         } else {
             None
         };
         let dwa = match cfg.dwa_inputs(i + 1) {
-            Some(inputs) => Some(vb.get(inputs.len(), "dwa")?),
+            Some(inputs) => Some(vb.get(inputs.len(), &params::block(i, params::DWA))?),
             None => None,
         };
         Ok(Self {
-            ln_1: Norm::new(cfg, vb.pp("ln_1"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
-            ln_2: Norm::new(cfg, vb.pp("ln_2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            ln_1: Norm::new(cfg, vb, &params::block(i, params::LN_1))?,
+            attn: Attention::new(cfg, vb, i)?,
+            ln_2: Norm::new(cfg, vb, &params::block(i, params::LN_2))?,
+            mlp: Mlp::new(cfg, vb, i)?,
             skip,
             dwa,
         })
@@ -231,6 +244,11 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// (B, T, C): the residual stream after `block` blocks.
+    pub(crate) fn hidden(&self) -> &Tensor {
+        &self.x
+    }
+
     pub fn rows(&self) -> usize {
         self.x.dim(1).unwrap_or(0)
     }
@@ -287,21 +305,13 @@ pub struct Gpt {
     pub fused: bool,
 }
 
-/// The weighted training loss and each computed exit's cross-entropy.
-pub struct Losses {
-    pub total: Tensor,
-    /// Cross-entropy of each computed exit, in `cfg.exits` order (only the
-    /// final one when the step skips exits).
-    pub per_exit: Vec<Tensor>,
-}
-
 impl Gpt {
     pub fn new(cfg: &Config, vb: VarBuilder, fused: bool) -> Result<Self> {
         let c = cfg.n_embd;
-        let wte = vb.get((cfg.vocab_size, c), "wte.weight")?;
-        let wpe = vb.get((cfg.block_size, c), "wpe.weight")?;
+        let wte = vb.get((cfg.vocab_size, c), params::WTE)?;
+        let wpe = vb.get((cfg.block_size, c), params::WPE)?;
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(cfg, i, vb.pp(format!("h.{i}"))))
+            .map(|i| Block::new(cfg, i, &vb))
             .collect::<Result<Vec<_>>>()?;
         let last = cfg.exits.len() - 1;
         let exits = cfg
@@ -311,17 +321,17 @@ impl Gpt {
             .map(|(k, e)| {
                 if k == last {
                     return Ok(ExitLayer {
-                        ln: Norm::new(cfg, vb.pp("ln_f"))?,
+                        ln: Norm::new(cfg, &vb, params::LN_F)?,
                         lm_head: None,
                     });
                 }
-                let vb = vb.pp(format!("exits.{}", e.block));
+                let head = params::weight(&params::exit(e.block, params::EXIT_HEAD));
                 let lm_head = match cfg.exit_head {
                     ExitHead::Tied => None,
-                    ExitHead::Own => Some(vb.get((cfg.vocab_size, c), "lm_head.weight")?),
+                    ExitHead::Own => Some(vb.get((cfg.vocab_size, c), &head)?),
                 };
                 Ok(ExitLayer {
-                    ln: Norm::new(cfg, vb.pp("ln"))?,
+                    ln: Norm::new(cfg, &vb, &params::exit(e.block, params::EXIT_LN))?,
                     lm_head,
                 })
             })
@@ -394,7 +404,7 @@ impl Gpt {
             Some(c) => c.layer_len(s.block.min(self.cfg.n_layer - 1)),
             None => 0,
         };
-        let mask = causal_mask(t, offset, s.x.device())?;
+        let mask = crate::model::ops::causal_mask(t, offset, s.x.device())?;
         for i in s.block..to {
             let block = &self.blocks[i];
             let mut x = s.x.clone();
@@ -449,9 +459,17 @@ impl Gpt {
             );
         }
         let x = s.x.narrow(1, rows.start, rows.len())?;
-        let e = &self.exits[exit];
-        let h = e.ln.forward(&x, self.fused)?;
-        project(&h, e.lm_head.as_ref().unwrap_or(&self.wte))
+        project(&self.exit_norm(exit, &x)?, self.exit_head(exit))
+    }
+
+    /// Exit `exit`'s LayerNorm applied to hidden rows `x` (B, T, C).
+    pub(crate) fn exit_norm(&self, exit: usize, x: &Tensor) -> Result<Tensor> {
+        self.exits[exit].ln.forward(x, self.fused)
+    }
+
+    /// Exit `exit`'s projection (V, C): its own head, or `wte` when tied.
+    pub(crate) fn exit_head(&self, exit: usize) -> &Tensor {
+        self.exits[exit].lm_head.as_ref().unwrap_or(&self.wte)
     }
 
     /// Logits of every exit for `idx` (B, T) from position 0, no cache.
@@ -465,323 +483,6 @@ impl Gpt {
         }
         Ok(out)
     }
-
-    /// Weighted multi-exit cross-entropy for inputs `idx` and `targets` (B, T).
-    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Losses> {
-        self.loss_with(idx, targets, &LossOptions::default())
-    }
-
-    /// As [`Gpt::loss`], with the non-final exits skipped, computed on a
-    /// subset of positions and rescaled (unbiased, cheaper), or scored on
-    /// the final head's top candidates only.
-    pub fn loss_with(&self, idx: &Tensor, targets: &Tensor, opt: &LossOptions) -> Result<Losses> {
-        if opt.exit_candidates > 0 && opt.exit_rows.is_none() {
-            candle_core::bail!(
-                "exit candidates score the positions outside exit_rows: give exit_rows \
-                 (the positions scored on the whole vocabulary)"
-            );
-        }
-        let mut s = self.embed(idx, 0)?;
-        let last = self.cfg.exits.len() - 1;
-        // The hidden rows at each computed exit.
-        let mut at_exits = Vec::with_capacity(self.cfg.exits.len());
-        for (k, e) in self.cfg.exits.iter().enumerate() {
-            if k < last && !opt.exits {
-                continue;
-            }
-            self.run_blocks(&mut s, e.block, None)?;
-            at_exits.push((k, s.x.clone()));
-        }
-        // The final exit first: its best tokens are the other exits'
-        // candidates.
-        let (_, x) = at_exits.pop().expect("the final exit always runs");
-        let top = if opt.exit_candidates > 0 && !at_exits.is_empty() {
-            candidate_set_size(opt.exit_candidates, self.cfg.vocab_size)
-        } else {
-            0
-        };
-        let (final_ce, best) = self.exit_loss(last, &x, targets, top, opt.grads)?;
-        // The positions scored on candidates, the same for every exit.
-        let rest = match (&opt.exit_rows, top) {
-            (Some(rows), 1..) => Some(RestRows::new(rows, targets)?),
-            _ => None,
-        };
-        let mut per_exit = Vec::with_capacity(at_exits.len() + 1);
-        let mut total: Option<Tensor> = None;
-        for (k, x) in at_exits {
-            let ce = self.early_exit_loss(k, &x, targets, opt, &best, rest.as_ref())?;
-            let wl = (&ce * (self.cfg.exits[k].weight as f64 * opt.exit_scale))?;
-            total = Some(match total {
-                Some(t) => (t + wl)?,
-                None => wl,
-            });
-            per_exit.push(ce);
-        }
-        let wl = (&final_ce * self.cfg.exits[last].weight as f64)?;
-        per_exit.push(final_ce);
-        Ok(Losses {
-            total: match total {
-                Some(t) => (t + wl)?,
-                None => wl,
-            },
-            per_exit,
-        })
-    }
-
-    /// The loss of a non-final exit `k` on its hidden rows `x` (B, T, C):
-    /// the whole vocabulary on every position, or on `opt.exit_rows` only;
-    /// with candidates, those positions on the whole vocabulary and the
-    /// others on their candidates (`best`: the final head's best tokens),
-    /// averaged over all positions.
-    fn early_exit_loss(
-        &self,
-        k: usize,
-        x: &Tensor,
-        targets: &Tensor,
-        opt: &LossOptions,
-        best: &[u32],
-        rest: Option<&RestRows>,
-    ) -> Result<Tensor> {
-        let Some(rows) = &opt.exit_rows else {
-            return Ok(self.exit_loss(k, x, targets, 0, opt.grads)?.0);
-        };
-        let (xr, yr) = (x.index_select(rows, 1)?, targets.index_select(rows, 1)?);
-        let exit_top = if rest.is_some() { EXIT_TOP } else { 0 };
-        let (full, exit_best) = self.exit_loss(k, &xr, &yr, exit_top, opt.grads)?;
-        let Some(rest) = rest.filter(|r| !r.rows.is_empty()) else {
-            return Ok(full);
-        };
-        // The exit's own best tokens where it saw the whole vocabulary: the
-        // tokens it ranks high that candidates from the final head would
-        // never push down.
-        let mut hard: Vec<u32> = Vec::with_capacity(HARD_NEGATIVES);
-        for &c in &exit_best {
-            if hard.len() == HARD_NEGATIVES {
-                break;
-            }
-            if !hard.contains(&c) {
-                hard.push(c);
-            }
-        }
-        let size = candidate_set_size(opt.exit_candidates, self.cfg.vocab_size);
-        let sets = CandidateSets {
-            best,
-            top: size,
-            shared: &hard,
-            targets: &rest.targets,
-            t: rest.t,
-        };
-        let cand = sets.build(Some(&rest.rows));
-        let xc = x.index_select(&rest.index, 1)?;
-        let h = self.exits[k].ln.forward(&xc, self.fused)?.flatten_to(1)?;
-        let head = self.exits[k].lm_head.as_ref().unwrap_or(&self.wte);
-        let cand_ce = crate::model::ops::candidate_cross_entropy(&h, head, cand, size)?;
-        let (t, n) = (rest.t as f64, (rest.t - rest.rows.len()) as f64);
-        (full * (n / t))? + (cand_ce * ((t - n) / t))?
-    }
-
-    /// Mean cross-entropy of exit `k` on hidden rows `x` (B, n, C) against
-    /// `y` (B, n), and each row's `top` best tokens.
-    fn exit_loss(
-        &self,
-        k: usize,
-        x: &Tensor,
-        y: &Tensor,
-        top: usize,
-        grads: bool,
-    ) -> Result<(Tensor, Vec<u32>)> {
-        let ex = &self.exits[k];
-        let h = ex.ln.forward(x, self.fused)?.flatten_to(1)?; // (B n, C)
-        let head = ex.lm_head.as_ref().unwrap_or(&self.wte);
-        crate::model::ops::projected_cross_entropy_top(&h, head, &y.flatten_all()?, top, grads)
-    }
-}
-
-/// Tokens the exit scores itself on where it sees the whole vocabulary, as
-/// shared hard negatives for the candidate positions.
-const EXIT_TOP: usize = 2;
-/// At most this many of them per step.
-const HARD_NEGATIVES: usize = 32;
-
-/// Candidates per row: the target, the hard negatives, the final head's
-/// best `k` (capped at the vocabulary).
-fn candidate_set_size(k: usize, vocab: usize) -> usize {
-    (k + 1 + HARD_NEGATIVES).min(vocab)
-}
-
-/// The positions the whole-vocabulary exit loss skips, scored on
-/// candidates instead; computed once per step for every exit.
-struct RestRows {
-    /// Positions (in each sequence) outside `exit_rows`, and as a tensor.
-    rows: Vec<u32>,
-    index: Tensor,
-    /// (B T) targets on the host, and T.
-    targets: Vec<u32>,
-    t: usize,
-}
-
-impl RestRows {
-    fn new(scored: &Tensor, targets: &Tensor) -> Result<Self> {
-        let t = targets.dim(1)?;
-        let mut seen = vec![false; t];
-        for r in scored.to_vec1::<u32>()? {
-            match seen.get_mut(r as usize) {
-                Some(s) => *s = true,
-                None => candle_core::bail!("exit row {r} outside the {t} positions"),
-            }
-        }
-        let rows: Vec<u32> = (0..t as u32).filter(|&r| !seen[r as usize]).collect();
-        Ok(Self {
-            index: Tensor::new(rows.as_slice(), targets.device())?,
-            rows,
-            targets: targets.flatten_all()?.to_vec1::<u32>()?,
-            t,
-        })
-    }
-}
-
-/// Candidate tokens of the cheap exit loss, from the final head's best.
-struct CandidateSets<'a> {
-    /// (B T, top) best tokens of the final head per position.
-    best: &'a [u32],
-    /// Tokens per row in `best`, and the size of each candidate set.
-    top: usize,
-    /// Tokens in every row's set (after the target).
-    shared: &'a [u32],
-    /// (B T) targets.
-    targets: &'a [u32],
-    t: usize,
-}
-
-impl CandidateSets<'_> {
-    /// Per scored row: its target, the shared tokens, then the final
-    /// head's best tokens, each once, `top` in all. `rows`: the positions
-    /// scored in each sequence (all when None).
-    fn build(&self, rows: Option<&[u32]>) -> Vec<u32> {
-        let all: Vec<u32>;
-        let rows = match rows {
-            Some(r) => r,
-            None => {
-                all = (0..self.t as u32).collect();
-                &all
-            }
-        };
-        let b = self.targets.len() / self.t.max(1);
-        let mut out = Vec::with_capacity(b * rows.len() * self.top);
-        for seq in 0..b {
-            for &r in rows {
-                let i = seq * self.t + r as usize;
-                let start = out.len();
-                out.push(self.targets[i]);
-                let best = &self.best[i * self.top..(i + 1) * self.top];
-                for &c in self.shared.iter().chain(best) {
-                    if out.len() - start == self.top {
-                        break;
-                    }
-                    if !out[start..].contains(&c) {
-                        out.push(c);
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Which exit losses a training step computes.
-pub struct LossOptions {
-    /// Compute the non-final exits at all.
-    pub exits: bool,
-    /// Positions (n,) u32 at which the non-final exits are scored.
-    pub exit_rows: Option<Tensor>,
-    /// Multiplies the non-final exits' weights (1 / sampling rate keeps the
-    /// expected gradient equal to scoring every position on every step).
-    pub exit_scale: f64,
-    /// Score the non-final exits, at the positions outside `exit_rows`, on
-    /// the target and the final head's best `exit_candidates` other tokens
-    /// (0: those positions are not scored).
-    pub exit_candidates: usize,
-    /// Form gradients (false: evaluation, which never runs a backward).
-    pub grads: bool,
-}
-
-impl Default for LossOptions {
-    fn default() -> Self {
-        Self {
-            exits: true,
-            exit_rows: None,
-            exit_scale: 1.0,
-            exit_candidates: 0,
-            grads: true,
-        }
-    }
-}
-
-/// Additive causal mask (T, offset + T) for T new rows after `offset` cached
-/// rows; None when T == 1 (the single new row sees everything).
-pub(crate) fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let l = offset + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..l).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (t, l), device)?))
-}
-
-/// Names and shapes of every parameter, in a stable order.
-pub fn param_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    let c = cfg.n_embd;
-    let mut out = vec![
-        ("wte.weight".to_string(), vec![cfg.vocab_size, c]),
-        ("wpe.weight".to_string(), vec![cfg.block_size, c]),
-    ];
-    let norm = |out: &mut Vec<(String, Vec<usize>)>, p: &str| {
-        out.push((format!("{p}.weight"), vec![c]));
-        if cfg.bias {
-            out.push((format!("{p}.bias"), vec![c]));
-        }
-    };
-    for i in 0..cfg.n_layer {
-        let p = format!("h.{i}");
-        norm(&mut out, &format!("{p}.ln_1"));
-        norm(&mut out, &format!("{p}.ln_2"));
-        for (name, o, inp) in [
-            ("attn.c_attn", 3 * c, c),
-            ("attn.c_proj", c, c),
-            ("mlp.c_fc", 4 * c, c),
-            ("mlp.c_proj", c, 4 * c),
-        ] {
-            out.push((format!("{p}.{name}.weight"), vec![o, inp]));
-            if cfg.bias {
-                out.push((format!("{p}.{name}.bias"), vec![o]));
-            }
-        }
-        if cfg.x0_skip {
-            out.push((format!("{p}.skip"), vec![2]));
-        }
-        if let Some(inputs) = cfg.dwa_inputs(i + 1) {
-            out.push((format!("{p}.dwa"), vec![inputs.len()]));
-        }
-    }
-    for e in &cfg.exits[..cfg.exits.len() - 1] {
-        let p = format!("exits.{}", e.block);
-        norm(&mut out, &format!("{p}.ln"));
-        if cfg.exit_head == ExitHead::Own {
-            out.push((format!("{p}.lm_head.weight"), vec![cfg.vocab_size, c]));
-        }
-    }
-    norm(&mut out, "ln_f");
-    out
 }
 
 /// nanoGPT's initialisation, seeded: N(0, 0.02) for matrices and
@@ -792,20 +493,20 @@ pub fn init_weights(cfg: &Config, seed: u64, device: &Device) -> Result<Vec<(Str
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    param_shapes(cfg)
+    params::param_shapes(cfg)
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with(".bias") {
+            let data: Vec<f32> = if params::is_bias(&name) {
                 vec![0.0; n]
-            } else if name.ends_with(".skip") {
+            } else if params::is_skip(&name) {
                 vec![1.0, 0.0]
-            } else if name.ends_with(".dwa") {
+            } else if params::is_dwa(&name) {
                 (0..n).map(|k| if k + 1 == n { 1.0 } else { 0.0 }).collect()
             } else if shape.len() == 1 {
                 vec![1.0; n]
             } else {
-                let std = if name.ends_with("c_proj.weight") {
+                let std = if params::is_residual_projection(&name) {
                     0.02 / (2.0 * cfg.n_layer as f32).sqrt()
                 } else {
                     0.02

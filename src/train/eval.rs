@@ -4,7 +4,8 @@
 use candle_core::{Result, Tensor};
 use std::path::PathBuf;
 
-use crate::model::gpt::{Gpt, LossOptions};
+use crate::model::gpt::Gpt;
+use crate::train::losses::{LossOptions, MultiExitLoss};
 
 /// Every exit on every position, no gradients.
 const EVAL: LossOptions = LossOptions {

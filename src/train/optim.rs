@@ -73,7 +73,8 @@ pub struct StepStats {
 
 /// Weight decay applies to matrices only.
 pub fn decays(name: &str, rank: usize) -> bool {
-    rank >= 2 && !name.ends_with(".dwa") && !name.ends_with(".skip")
+    use crate::model::params::{is_dwa, is_skip};
+    rank >= 2 && !is_dwa(name) && !is_skip(name)
 }
 
 /// One step's constants, shared by every parameter.

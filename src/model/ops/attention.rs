@@ -12,12 +12,33 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_slice;
 use crate::model::gemm::{matmul, matmul_into, Operand};
 use crate::model::kernels::softmax;
+
+/// Additive causal mask (T, offset + T) for T new rows after `offset` cached
+/// rows; None when T == 1 (the single new row sees everything).
+pub(crate) fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let l = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..l).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, l), device)?))
+}
 
 struct CausalAttention {
     n_head: usize,

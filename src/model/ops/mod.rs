@@ -19,6 +19,7 @@ mod head;
 mod linear;
 
 pub use attention::causal_attention;
+pub(crate) use attention::causal_mask;
 pub use head::{candidate_cross_entropy, projected_cross_entropy, projected_cross_entropy_top};
 pub use linear::linear;
 
@@ -335,7 +336,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
         _ => {
             let (t, len) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
             let scaled = (scores * scale)?;
-            match crate::model::gpt::causal_mask(t, len - t, scores.device())? {
+            match causal_mask(t, len - t, scores.device())? {
                 Some(mask) => candle_nn::ops::softmax(&scaled.broadcast_add(&mask)?, D::Minus1),
                 None => candle_nn::ops::softmax(&scaled, D::Minus1),
             }
@@ -442,7 +443,7 @@ mod tests {
             .permute((2, 0, 3, 1, 4))?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let s = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? / (hs as f64).sqrt())?;
-        let mask = crate::model::gpt::causal_mask(t, 0, &Device::Cpu)?.expect("t > 1");
+        let mask = causal_mask(t, 0, &Device::Cpu)?.expect("t > 1");
         let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?;
         p.matmul(&v.contiguous()?)?
             .transpose(1, 2)?

@@ -1,5 +1,6 @@
-//! Drafter training data, labelled by the model itself (DESIGN.md, "The
-//! tree drafter"), then the fit, the threshold choice and the offline replay.
+//! Drafter training data, labelled by the model itself (docs/design.md, "The
+//! tree drafter"), then the fit, the threshold choice and the offline replay
+//! (`fit`).
 //!
 //! 1. Greedy continuations of prompts from the train split: what the model
 //!    sees when serving. The model's top-1 at each position is simply the
@@ -25,12 +26,16 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::decode::greedy_with_stats;
 use crate::drafter::features::{Tables, Verified, FAMILIES, N_FEATURES};
-use crate::drafter::gbdt::{Gbdt, GbdtParams, Target};
-use crate::drafter::{self, Drafter, Replay};
+use crate::drafter::gbdt::{Gbdt, Target};
+use crate::drafter::{self, Drafter};
 use crate::model::config::Config;
 use crate::model::forward::Forward;
 use crate::sampling;
 use crate::tokenizer::Tokenizer;
+
+mod fit;
+
+pub use fit::{replay_report, replay_tree};
 
 #[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
 pub struct DrafterOptions {
@@ -267,10 +272,10 @@ fn train_drafter_in_pool(
         rows.len(),
         rows.from_continuations
     );
-    let fit_secs = fit(&mut d, &rows, o)?;
+    let fit_secs = fit::fit(&mut d, &rows, o)?;
     let costs = verify_costs(&model, o.drafter_k_max)?;
     let cost = |k: usize| costs[k.min(costs.len() - 1)];
-    let curve = choose_threshold(&mut d, &samples.tune, &cost);
+    let curve = fit::choose_threshold(&mut d, &samples.tune, &cost);
     // Report on val-split continuations.
     let val_prompts = Prompts {
         n: 24,
@@ -281,9 +286,9 @@ fn train_drafter_in_pool(
     let vconts = continuations(&model, val, &val_prompts, eot)?;
     let val_replay = replay_report(&d, &vconts, &cost);
     let secs = (label_secs, fit_secs);
-    d.report = report(&d, &rows, secs, &costs, curve, val_replay);
+    d.report = fit::report(&d, &rows, secs, &costs, curve, val_replay);
     if o.drafter_ablation {
-        d.report["ablation"] = ablation(&d, &rows, &samples.tune, &vconts, &cost, o)?;
+        d.report["ablation"] = fit::ablation(&d, &rows, &samples.tune, &vconts, &cost, o)?;
     }
     d.save(&dir.join(checkpoint::DRAFTER_FILE))
         .context("saving the drafter")?;
@@ -440,41 +445,6 @@ fn without_columns(names: &[String]) -> anyhow::Result<Vec<usize>> {
     Ok(cols)
 }
 
-/// `--drafter-ablation`: for each feature family in turn, a drafter fitted
-/// on the same rows without it, its threshold chosen on the tune
-/// continuations, replayed on the val ones (greedy, tree drafter as a
-/// chain), next to the full drafter's figures.
-fn ablation(
-    d: &Drafter,
-    rows: &Rows,
-    tune: &[Continuation],
-    vconts: &[Continuation],
-    cost: &dyn Fn(usize) -> f64,
-    o: &DrafterOptions,
-) -> anyhow::Result<serde_json::Value> {
-    let figures = |x: &Drafter| {
-        let r = replay_tree(x, vconts, x.threshold, cost);
-        serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(),
-            "precision": r.precision(), "threshold": x.threshold,
-            "valid_loss": x.gbdt.valid_loss.last()})
-    };
-    let mut out = vec![serde_json::json!({"without": "nothing", "replay": figures(d)})];
-    for (name, cols) in FAMILIES {
-        if o.drafter_without.iter().any(|f| f == name) {
-            continue;
-        }
-        let mut x = d.clone();
-        let mut r = rows.clone();
-        r.hold_at_zero(cols);
-        fit(&mut x, &r, o)?;
-        choose_threshold(&mut x, tune, cost);
-        let row = serde_json::json!({"without": name, "replay": figures(&x)});
-        eprintln!("drafter ablation: {row}");
-        out.push(row);
-    }
-    Ok(serde_json::Value::Array(out))
-}
-
 /// Rows from the row half of the samples: every position of every row
 /// continuation and window, a tenth of them (interleaved) for validation.
 fn labelled_rows(d: &Drafter, s: &Samples) -> Rows {
@@ -546,133 +516,6 @@ fn write_rows(path: &Path, d: &Drafter, rows: &Rows) -> anyhow::Result<()> {
         .with_context(|| format!("writing drafter rows to {}", path.display()))?;
     eprintln!("drafter: rows written to {}", path.display());
     Ok(())
-}
-
-/// Fit: the trees on the fit rows, early-stopped on the validation rows.
-/// Returns the seconds it took.
-fn fit(d: &mut Drafter, rows: &Rows, o: &DrafterOptions) -> anyhow::Result<f64> {
-    let t0 = Instant::now();
-    let params = GbdtParams {
-        rounds: o.drafter_rounds,
-        max_depth: o.drafter_depth,
-        ..Default::default()
-    };
-    let (tr, va) = (&rows.train, &rows.valid);
-    d.gbdt = Gbdt::fit(&tr.0, &tr.1, d.n_classes(), (&va.0, &va.1), &params)?;
-    Ok(t0.elapsed().as_secs_f64())
-}
-
-/// The draft thresholds tried.
-const THRESHOLDS: [f32; 8] = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
-
-/// Threshold: sets the one with the best replayed speedup on the held-out
-/// continuations (0.5 when none beats 0.0); returns the replay of each.
-fn choose_threshold(
-    d: &mut Drafter,
-    tune: &[Continuation],
-    cost: &dyn Fn(usize) -> f64,
-) -> Vec<serde_json::Value> {
-    let mut curve = Vec::new();
-    let mut best = (0.0f64, 0.5f32);
-    for th in THRESHOLDS {
-        let r = replay_tree(d, tune, th, cost);
-        curve.push(serde_json::json!({"threshold": th, "precision": r.precision(), "drafts_per_step": r.drafted as f64 / r.steps.max(1) as f64, "tokens_per_step": r.tokens_per_step(), "speedup": r.speedup()}));
-        if r.speedup() > best.0 {
-            best = (r.speedup(), th);
-        }
-    }
-    d.threshold = best.1;
-    curve
-}
-
-/// Report: what labelling, the fit and the threshold choice measured, and
-/// the val-split replay; `secs` is (labelling, fit).
-fn report(
-    d: &Drafter,
-    rows: &Rows,
-    secs: (f64, f64),
-    costs: &[f64],
-    curve: Vec<serde_json::Value>,
-    val_replay: serde_json::Value,
-) -> serde_json::Value {
-    serde_json::json!({
-        "rows": rows.len(), "rows_from_continuations": rows.from_continuations,
-        "label_secs": secs.0, "fit_secs": secs.1,
-        "trees": d.gbdt.n_trees(), "valid_loss": d.gbdt.valid_loss, "threshold": d.threshold,
-        "verify_cost": costs, "threshold_curve_tune": curve, "val_replay": val_replay,
-        "feature_importance": feature_importance(&d.gbdt),
-    })
-}
-
-/// Each feature's share of the trees' split gain, largest first.
-fn feature_importance(g: &Gbdt) -> Vec<(String, f64)> {
-    let total: f64 = g.importance.iter().sum::<f64>().max(1e-12);
-    let mut v: Vec<(String, f64)> = crate::drafter::features::FEATURE_NAMES
-        .iter()
-        .zip(&g.importance)
-        .map(|(n, g)| (n.to_string(), g / total))
-        .collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    v
-}
-
-/// Replays the tree drafter at `threshold` over continuations.
-pub fn replay_tree(
-    d: &Drafter,
-    conts: &[Continuation],
-    threshold: f32,
-    cost: &dyn Fn(usize) -> f64,
-) -> Replay {
-    let mut total = Replay::default();
-    for c in conts {
-        let gen_start = c.prompt - 1;
-        let r = drafter::replay(
-            &c.tokens,
-            c.prompt,
-            |ctx, vi| {
-                let v = c
-                    .verified
-                    .get(vi.saturating_sub(gen_start + 1))
-                    .copied()
-                    .unwrap_or_default();
-                d.propose_with(ctx, d.k_max, v, threshold)
-                    .into_iter()
-                    .map(|x| x.token)
-                    .collect()
-            },
-            cost,
-        );
-        total.add(&r);
-    }
-    total
-}
-
-/// Tree vs prompt lookup vs oracle on the same continuations.
-pub fn replay_report(
-    d: &Drafter,
-    conts: &[Continuation],
-    cost: &dyn Fn(usize) -> f64,
-) -> serde_json::Value {
-    let tree = replay_tree(d, conts, d.threshold, cost);
-    let mut lookup = Replay::default();
-    let mut oracle = Replay::default();
-    for c in conts {
-        lookup.add(&drafter::replay(
-            &c.tokens,
-            c.prompt,
-            |ctx, _| drafter::prompt_lookup(ctx, d.k_max, 2),
-            cost,
-        ));
-        let seq = &c.tokens;
-        oracle.add(&drafter::replay(
-            seq,
-            c.prompt,
-            |ctx, _| seq[ctx.len()..(ctx.len() + d.k_max).min(seq.len())].to_vec(),
-            cost,
-        ));
-    }
-    let row = |r: &Replay| serde_json::json!({"tokens_per_step": r.tokens_per_step(), "speedup": r.speedup(), "precision": r.precision(), "drafted": r.drafted, "accepted": r.accepted, "tokens": r.tokens});
-    serde_json::json!({"tree": row(&tree), "prompt_lookup": row(&lookup), "oracle": row(&oracle), "tree_share_of_oracle": (tree.speedup() - 1.0) / (oracle.speedup() - 1.0).max(1e-9)})
 }
 
 /// `gpt-serve train-drafter`: which checkpoint, and the text to label with.
