@@ -11,3 +11,4 @@ pub mod gpt;
 pub mod kernels;
 pub mod kv_cache;
 pub mod ops;
+pub mod quant;
