@@ -12,6 +12,8 @@ use gpt_serve::model::kernels::Matrix;
 use gpt_serve::model::quant::{KernelPath, QMatrix, QuantKind};
 
 const ROUNDS: usize = 21;
+/// A variant's name and one call of it, writing `y`.
+type Variant<'a> = (String, Box<dyn Fn(&mut [f32]) + 'a>);
 const CALLS: usize = 20;
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
@@ -45,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for m in [1, 8] {
         let x = data(m * k, 3);
         let mut y = vec![0f32; m * n];
-        let mut variants: Vec<(String, Box<dyn Fn(&mut [f32])>)> = Vec::new();
+        let mut variants: Vec<Variant> = Vec::new();
         variants.push(("f32 Matrix".into(), Box::new(|y| f32s.forward(&x, m, y))));
         for (name, q) in [("q8_0", &q8), ("q4_0", &q4)] {
             for &p in &paths {
