@@ -12,3 +12,4 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod ops;
 pub mod params;
+pub mod quant;

@@ -1,0 +1,77 @@
+//! Quantized vs f32 matmul at GPT-2's MLP shape (k = 768, n = 3072) for
+//! decoding (m = 1) and a small batch (m = 8): `Matrix<f32>::forward`
+//! against `QMatrix::forward_with` for Q8_0 and Q4_0 on every int8 kernel
+//! this CPU has. Variants run interleaved, each round timing a few calls;
+//! the median round is printed with its ratio to f32 from the same run.
+//!
+//! `cargo run --release --example quant_bench`
+
+use std::time::Instant;
+
+use gpt_serve::model::kernels::Matrix;
+use gpt_serve::model::quant::{KernelPath, QMatrix, QuantKind};
+
+const ROUNDS: usize = 21;
+/// A variant's name and one call of it, writing `y`.
+type Variant<'a> = (String, Box<dyn Fn(&mut [f32]) + 'a>);
+const CALLS: usize = 20;
+
+fn data(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2654435761).wrapping_add(seed);
+            (h % 1000) as f32 / 500.0 - 1.0
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (k, n) = (768, 3072);
+    let w = data(n * k, 1);
+    let bias = Some(data(n, 2));
+    let f32s = Matrix::<f32>::from_out_in(&w, n, k, bias.clone());
+    let q8 = QMatrix::from_out_in("bench.w", QuantKind::Q8_0, &w, (n, k), bias.clone())?;
+    let q4 = QMatrix::from_out_in("bench.w", QuantKind::Q4_0, &w, (n, k), bias)?;
+    let paths = KernelPath::available();
+    println!(
+        "k = {k}, n = {n}, {} threads; kernels here: {paths:?}",
+        rayon::current_num_threads()
+    );
+    println!("| m | variant | median us/call | vs f32 |");
+    println!("|---|---|---|---|");
+    for m in [1, 8] {
+        let x = data(m * k, 3);
+        let mut y = vec![0f32; m * n];
+        let mut variants: Vec<Variant> = Vec::new();
+        variants.push(("f32 Matrix".into(), Box::new(|y| f32s.forward(&x, m, y))));
+        for (name, q) in [("q8_0", &q8), ("q4_0", &q4)] {
+            for &p in &paths {
+                let x = &x;
+                variants.push((
+                    format!("{name} {}", p.name()),
+                    Box::new(move |y| q.forward_with(p, x, m, y)),
+                ));
+            }
+        }
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..ROUNDS {
+            for (i, (_, f)) in variants.iter().enumerate() {
+                let t = Instant::now();
+                for _ in 0..CALLS {
+                    f(&mut y);
+                }
+                times[i].push(t.elapsed().as_secs_f64() * 1e6 / CALLS as f64);
+            }
+        }
+        let medians: Vec<f64> = times.into_iter().map(median).collect();
+        for ((name, _), t) in variants.iter().zip(&medians) {
+            println!("| {m} | {name} | {t:.1} | {:.2}x |", medians[0] / t);
+        }
+    }
+    Ok(())
+}

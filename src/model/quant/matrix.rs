@@ -1,0 +1,337 @@
+//! `QMatrix`: a linear layer with Q8_0 or Q4_0 weights, `y = x W^T + b`
+//! for 1..64 (or more) rows. Each activation row is quantized to Q8_0 once,
+//! then groups of 8 outputs are computed against every row while their
+//! weights sit in L1 (each weight block is read from memory once per call:
+//! decoding is memory-bound). The groups are split over rayon's threads
+//! when the product is large, as `kernels::Matrix::forward` does.
+//!
+//! Per (output, row) the sum runs over blocks in order with the same f32
+//! operations in every kernel, so a row's output is bitwise the same alone
+//! or batched, and on every kernel path.
+
+use rayon::prelude::*;
+
+use super::block::{BlockQ8_0, Blocks, QK};
+use super::dispatch::KernelPath;
+use super::{QuantError, QuantKind};
+
+/// Outputs per kernel call (8 f32 lanes of an AVX2 register).
+pub(super) const GROUP: usize = 8;
+/// Below this many multiply-adds a matmul runs on the calling thread
+/// (kernels' default for the f32 matmul).
+const PAR_MIN_MACS: usize = 1 << 16;
+/// Work chunks per thread, so a late-waking thread's share is stolen.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// A linear layer's weights in GGUF blocks, row-major by output, with an
+/// f32 bias (zeros when the layer has none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatrix {
+    blocks: Blocks,
+    bias: Vec<f32>,
+    /// Outputs (nn.Linear's `out_features`).
+    pub n: usize,
+    /// Inputs (`in_features`), a multiple of 32.
+    pub k: usize,
+}
+
+/// Activation rows quantized to Q8_0: the quants of all rows (m, k), and
+/// per (row, block) the scale as f32 and the sum of the quants (for the
+/// kernels that multiply offset weights and subtract `offset * sum`).
+pub(super) struct Activations {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+    /// Blocks per row (k / 32).
+    pub nb: usize,
+}
+
+impl Activations {
+    /// Row by row, so a row's quants never depend on the other rows.
+    pub fn quantize(x: &[f32], k: usize) -> Self {
+        let blocks: Vec<BlockQ8_0> = x
+            .as_chunks::<QK>()
+            .0
+            .iter()
+            .map(BlockQ8_0::quantize)
+            .collect();
+        let mut qs = Vec::with_capacity(blocks.len() * QK);
+        blocks.iter().for_each(|b| qs.extend_from_slice(&b.qs));
+        Self {
+            d: blocks.iter().map(|b| b.d.to_f32()).collect(),
+            sum: blocks
+                .iter()
+                .map(|b| b.qs.iter().map(|q| *q as i32).sum())
+                .collect(),
+            qs,
+            nb: k / QK,
+        }
+    }
+}
+
+fn check_finite(name: &str, what: &'static str, v: &[f32]) -> Result<(), QuantError> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(QuantError::NotFinite {
+            name: name.to_string(),
+            what,
+            index,
+            value: v[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+impl QMatrix {
+    /// Quantizes nn.Linear's `w` (out = n, in = k), row-major; `name`
+    /// (the checkpoint's tensor name) is what errors cite.
+    pub fn from_out_in(
+        name: &str,
+        kind: QuantKind,
+        w: &[f32],
+        (n, k): (usize, usize),
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self, QuantError> {
+        let values = n.checked_mul(k).ok_or_else(|| QuantError::TooLarge {
+            name: name.to_string(),
+            n,
+            k,
+        })?;
+        check_shape(name, "weight", w.len(), (n, k), values)?;
+        check_finite(name, "weight", w)?;
+        let rows = w.as_chunks::<QK>().0;
+        let blocks = match kind {
+            QuantKind::Q8_0 => Blocks::Q8_0(rows.par_iter().map(BlockQ8_0::quantize).collect()),
+            QuantKind::Q4_0 => {
+                Blocks::Q4_0(rows.par_iter().map(super::BlockQ4_0::quantize).collect())
+            }
+        };
+        Self::new(name, blocks, (n, k), bias)
+    }
+
+    /// From GGUF's bytes for the tensor (`n * k / 32` blocks, little-endian);
+    /// a length that is not exactly that, or a non-finite block scale, is
+    /// an error naming the tensor.
+    pub fn from_bytes(
+        name: &str,
+        kind: QuantKind,
+        bytes: &[u8],
+        (n, k): (usize, usize),
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self, QuantError> {
+        let values = n.checked_mul(k).ok_or_else(|| QuantError::TooLarge {
+            name: name.to_string(),
+            n,
+            k,
+        })?;
+        check_shape(name, "weight", values, (n, k), values)?;
+        let blocks = values / QK;
+        let block_bytes = kind.block_bytes();
+        if bytes.len() != blocks * block_bytes {
+            return Err(QuantError::ByteLength {
+                name: name.to_string(),
+                kind: kind.name(),
+                got: bytes.len(),
+                blocks,
+                block_bytes,
+                expected: blocks * block_bytes,
+                n,
+                k,
+            });
+        }
+        let blocks = Blocks::from_bytes(kind, bytes);
+        let scales: Vec<f32> = (0..blocks.len())
+            .map(|i| blocks.scale(i).to_f32())
+            .collect();
+        check_finite(name, "block scale", &scales)?;
+        Self::new(name, blocks, (n, k), bias)
+    }
+
+    fn new(
+        name: &str,
+        blocks: Blocks,
+        (n, k): (usize, usize),
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self, QuantError> {
+        let bias = bias.unwrap_or_else(|| vec![0.0; n]);
+        check_shape(name, "bias", bias.len(), (n, k), n)?;
+        check_finite(name, "bias", &bias)?;
+        Ok(Self { blocks, bias, n, k })
+    }
+
+    pub fn kind(&self) -> QuantKind {
+        self.blocks.kind()
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// The weights as GGUF stores them (the bias is a separate f32 tensor).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.blocks.to_bytes()
+    }
+
+    /// The weights back in f32, nn.Linear's (out, in) layout.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match &self.blocks {
+            Blocks::Q8_0(b) => super::dequantize_row_q8_0(b),
+            Blocks::Q4_0(b) => super::dequantize_row_q4_0(b),
+        }
+    }
+
+    /// `y (m, n) = x (m, k) W^T + b` with the kernel `KernelPath::selected`.
+    ///
+    /// # Panics
+    /// When `x` is not `m * k` or `y` not `m * n` values: a caller's bug
+    /// (shapes come from the model's config), never data.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.forward_with(KernelPath::selected(), x, m, y);
+    }
+
+    /// `forward` with a given kernel; one this CPU lacks runs the best
+    /// available instead.
+    pub fn forward_with(&self, path: KernelPath, x: &[f32], m: usize, y: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k, "quantized matmul input: {m} rows of {k}");
+        assert_eq!(y.len(), m * n, "quantized matmul output: {m} rows of {n}");
+        let path = if path.is_available() {
+            path
+        } else {
+            KernelPath::best()
+        };
+        let act = Activations::quantize(x, k);
+        let groups = n.div_ceil(GROUP);
+        let out = SendPtr(y.as_mut_ptr());
+        let work = |g0: usize, g1: usize| {
+            let mut acc = vec![[0f32; GROUP]; m];
+            let mut scratch = vec![0i8; k];
+            for g in g0..g1 {
+                let o0 = g * GROUP;
+                let width = (n - o0).min(GROUP);
+                self.group(path, o0, width, &act, &mut acc, &mut scratch);
+                for (r, a) in acc.iter().enumerate() {
+                    let row = &a[..width];
+                    let bias = &self.bias[o0..o0 + width];
+                    // SAFETY: y has m * n values; this group writes only
+                    // columns o0..o0 + width of each row, and no other task
+                    // does (tasks own disjoint group ranges).
+                    unsafe {
+                        let dst = out.get().add(r * n + o0);
+                        for (j, (v, b)) in row.iter().zip(bias).enumerate() {
+                            *dst.add(j) = v + b;
+                        }
+                    }
+                }
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if m * k * n < PAR_MIN_MACS || threads == 1 || groups < 2 {
+            work(0, groups);
+            return;
+        }
+        let chunks = (threads * CHUNKS_PER_THREAD).min(groups);
+        let per = groups.div_ceil(chunks);
+        (0..chunks)
+            .into_par_iter()
+            .for_each(|c| work(c * per, ((c + 1) * per).min(groups)));
+    }
+
+    /// Sums (no bias) of outputs `o0..o0 + width` (width <= 8) for every
+    /// row into `acc`; full groups go to the SIMD kernels.
+    fn group(
+        &self,
+        path: KernelPath,
+        o0: usize,
+        width: usize,
+        act: &Activations,
+        acc: &mut [[f32; GROUP]],
+        scratch: &mut [i8],
+    ) {
+        let nb = act.nb;
+        let rows = o0 * nb..(o0 + GROUP) * nb;
+        #[cfg(target_arch = "x86_64")]
+        if width == GROUP && path != KernelPath::Portable {
+            // SAFETY: `forward_with` picked an available path, so the CPU
+            // has its instructions; the kernels check the slice lengths.
+            unsafe {
+                match (&self.blocks, path) {
+                    (Blocks::Q8_0(b), KernelPath::Vnni) => super::x86::q8_vnni(&b[rows], act, acc),
+                    (Blocks::Q8_0(b), _) => super::x86::q8_avx2(&b[rows], act, acc),
+                    (Blocks::Q4_0(b), KernelPath::Vnni) => super::x86::q4_vnni(&b[rows], act, acc),
+                    (Blocks::Q4_0(b), _) => super::x86::q4_avx2(&b[rows], act, acc),
+                }
+            }
+            return;
+        }
+        let _ = (path, rows);
+        for j in 0..width {
+            self.output_portable(o0 + j, act, acc, j, scratch);
+        }
+    }
+
+    /// The reference kernel: output `o` for every row into `acc[r][j]`.
+    fn output_portable(
+        &self,
+        o: usize,
+        act: &Activations,
+        acc: &mut [[f32; GROUP]],
+        j: usize,
+        w: &mut [i8],
+    ) {
+        let (nb, k) = (act.nb, self.k);
+        self.blocks.row_values(o, nb, w);
+        let dw: Vec<f32> = (o * nb..(o + 1) * nb)
+            .map(|b| self.blocks.scale(b).to_f32())
+            .collect();
+        for (r, a) in acc.iter_mut().enumerate() {
+            let x = &act.qs[r * k..(r + 1) * k];
+            let mut sum = 0f32;
+            for b in 0..nb {
+                let dot: i32 = w[b * QK..(b + 1) * QK]
+                    .iter()
+                    .zip(&x[b * QK..(b + 1) * QK])
+                    .map(|(w, x)| *w as i32 * *x as i32)
+                    .sum();
+                sum += (dw[b] * act.d[r * nb + b]) * dot as f32;
+            }
+            a[j] = sum;
+        }
+    }
+}
+
+fn check_shape(
+    name: &str,
+    what: &'static str,
+    got: usize,
+    (n, k): (usize, usize),
+    expected: usize,
+) -> Result<(), QuantError> {
+    if k % QK != 0 {
+        return Err(QuantError::RowLength {
+            name: name.to_string(),
+            k,
+        });
+    }
+    if got != expected {
+        return Err(QuantError::Shape {
+            name: name.to_string(),
+            what,
+            got,
+            expected,
+            n,
+            k,
+        });
+    }
+    Ok(())
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the whole (Sync) wrapper.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
