@@ -1,12 +1,13 @@
 //! The split forward that decoding needs, over either backend: candle's
-//! [`Gpt`] (any device; CUDA) or the CPU inference path [`CpuGpt`].
+//! [`Gpt`] (any device; CUDA), implemented here, or the CPU inference path
+//! `CpuGpt`, implemented beside it in `cpu/backend.rs` (so `cpu` imports
+//! this module and not the other way round).
 
 use std::ops::Range;
 
 use candle_core::{Result, Tensor};
 
 use crate::model::config::Config;
-use crate::model::cpu::{CpuCache, CpuGpt, CpuStream};
 use crate::model::gpt::{Gpt, Stream};
 use crate::model::kv_cache::KvCache;
 
@@ -50,7 +51,7 @@ pub struct Segment<'a, C> {
     pub pos: usize,
     pub cache: &'a mut C,
     pub logits: Range<usize>,
-    /// The rows as a draft tree (DESIGN.md): row i sits at position
+    /// The rows as a draft tree (docs/design.md): row i sits at position
     /// `pos + depth(i)` and attends to the cache and its ancestors only;
     /// its keys and values go to cache slot `pos + i`. None: a chain.
     pub tree: Option<&'a Tree>,
@@ -267,72 +268,5 @@ impl Forward for Gpt {
             .map(|i| cache.layer_len(i))
             .max()
             .unwrap_or(0)
-    }
-}
-
-impl Forward for CpuGpt {
-    type Cache = CpuCache;
-    type Stream = CpuStream;
-    fn config(&self) -> &Config {
-        &self.cfg
-    }
-    fn new_cache(&self) -> Result<CpuCache> {
-        Ok(CpuGpt::new_cache(self))
-    }
-    fn embed(&self, tokens: &[u32], pos: usize) -> Result<CpuStream> {
-        CpuGpt::embed(self, tokens, pos)
-    }
-    fn run_blocks(&self, s: &mut CpuStream, to: usize, cache: &mut CpuCache) -> Result<()> {
-        CpuGpt::run_blocks(self, s, to, cache)
-    }
-    fn exit_logits(&self, s: &CpuStream, exit: usize, rows: Range<usize>) -> Result<Logits> {
-        Ok(Logits::new(
-            CpuGpt::exit_logits(self, s, exit, rows)?,
-            self.cfg.vocab_size,
-        ))
-    }
-    fn exit_scores(
-        &self,
-        s: &CpuStream,
-        exit: usize,
-        rows: Range<usize>,
-        ids: &[u32],
-    ) -> Result<Vec<f32>> {
-        CpuGpt::exit_scores(self, s, exit, rows, ids)
-    }
-    fn keep_rows(&self, s: &mut CpuStream, rows: usize) -> Result<()> {
-        s.truncate(rows, self.cfg.n_embd);
-        Ok(())
-    }
-    fn rows(&self, s: &CpuStream) -> usize {
-        s.rows()
-    }
-    fn append_rows(&self, s: &mut CpuStream, next: CpuStream) -> Result<()> {
-        s.append(next)
-    }
-    fn truncate_cache(&self, cache: &mut CpuCache, len: usize) {
-        cache.truncate(len)
-    }
-    fn compact_cache(&self, cache: &mut CpuCache, from: usize, keep: &[usize]) -> Result<()> {
-        cache.compact(from, keep)
-    }
-    fn supports_trees(&self) -> bool {
-        true
-    }
-    fn cache_len(&self, cache: &CpuCache) -> usize {
-        cache.len()
-    }
-    fn cache_max_len(&self, cache: &CpuCache) -> usize {
-        (0..self.cfg.n_layer)
-            .map(|i| cache.layer_len(i))
-            .max()
-            .unwrap_or(0)
-    }
-    fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Logits>> {
-        let vocab = self.cfg.vocab_size;
-        Ok(CpuGpt::forward_batch(self, segs)?
-            .into_iter()
-            .map(|l| Logits::new(l, vocab))
-            .collect())
     }
 }
