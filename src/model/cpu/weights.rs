@@ -11,6 +11,7 @@ use half::f16;
 use super::CpuGpt;
 use crate::model::config::{Config, ExitHead};
 use crate::model::kernels::{self, Matrix};
+use crate::model::params;
 
 /// Storage of the matrices: f32, or f16 (half the memory traffic; decode
 /// of models that do not fit in cache is memory-bound).
@@ -112,7 +113,7 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn bias(&self, p: &str, n: usize) -> Result<Option<Vec<f32>>> {
         if self.cfg.bias {
-            Ok(Some(get(self.w, &format!("{p}.bias"), n)?))
+            Ok(Some(get(self.w, &params::bias(p), n)?))
         } else {
             Ok(None)
         }
@@ -121,7 +122,7 @@ impl Loader<'_> {
     fn norm(&self, p: &str) -> Result<Norm> {
         let c = self.cfg.n_embd;
         Ok(Norm {
-            w: get(self.w, &format!("{p}.weight"), c)?,
+            w: get(self.w, &params::weight(p), c)?,
             b: self.bias(p, c)?,
             eps: self.cfg.layer_norm_epsilon as f32,
         })
@@ -129,7 +130,7 @@ impl Loader<'_> {
 
     fn linear(&self, p: &str, n: usize, k: usize) -> Result<Mat> {
         Ok(Mat::new(
-            &get(self.w, &format!("{p}.weight"), n * k)?,
+            &get(self.w, &params::weight(p), n * k)?,
             n,
             k,
             self.bias(p, n)?,
@@ -141,23 +142,22 @@ impl Loader<'_> {
     /// and DWA weights when the config has them.
     fn block(&self, i: usize) -> Result<Block> {
         let (cfg, w, c) = (self.cfg, self.w, self.cfg.n_embd);
-        let p = format!("h.{i}");
         Ok(Block {
-            ln_1: self.norm(&format!("{p}.ln_1"))?,
-            c_attn: self.linear(&format!("{p}.attn.c_attn"), 3 * c, c)?,
-            attn_proj: self.linear(&format!("{p}.attn.c_proj"), c, c)?,
-            ln_2: self.norm(&format!("{p}.ln_2"))?,
-            c_fc: self.linear(&format!("{p}.mlp.c_fc"), 4 * c, c)?,
-            mlp_proj: self.linear(&format!("{p}.mlp.c_proj"), c, 4 * c)?,
+            ln_1: self.norm(&params::block(i, params::LN_1))?,
+            c_attn: self.linear(&params::block(i, params::C_ATTN), 3 * c, c)?,
+            attn_proj: self.linear(&params::block(i, params::ATTN_PROJ), c, c)?,
+            ln_2: self.norm(&params::block(i, params::LN_2))?,
+            c_fc: self.linear(&params::block(i, params::C_FC), 4 * c, c)?,
+            mlp_proj: self.linear(&params::block(i, params::MLP_PROJ), c, 4 * c)?,
             skip: match cfg.x0_skip {
                 true => {
-                    let s = get(w, &format!("{p}.skip"), 2)?;
+                    let s = get(w, &params::block(i, params::SKIP), 2)?;
                     Some([s[0], s[1]])
                 }
                 false => None,
             },
             dwa: match cfg.dwa_inputs(i + 1) {
-                Some(inputs) => Some(get(w, &format!("{p}.dwa"), inputs.len())?),
+                Some(inputs) => Some(get(w, &params::block(i, params::DWA), inputs.len())?),
                 None => None,
             },
         })
@@ -170,18 +170,22 @@ impl Loader<'_> {
         let cfg = self.cfg;
         if k == cfg.exits.len() - 1 {
             return Ok(Exit {
-                ln: self.norm("ln_f")?,
+                ln: self.norm(params::LN_F)?,
                 head: None,
             });
         }
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
-        let p = format!("exits.{}", cfg.exits[k].block);
+        let b = cfg.exits[k].block;
         Ok(Exit {
-            ln: self.norm(&format!("{p}.ln"))?,
+            ln: self.norm(&params::exit(b, params::EXIT_LN))?,
             head: match cfg.exit_head {
                 ExitHead::Tied => None,
                 ExitHead::Own => Some(Mat::new(
-                    &get(self.w, &format!("{p}.lm_head.weight"), v * c)?,
+                    &get(
+                        self.w,
+                        &params::weight(&params::exit(b, params::EXIT_HEAD)),
+                        v * c,
+                    )?,
                     v,
                     c,
                     None,
@@ -203,7 +207,7 @@ impl CpuGpt {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
         let load = Loader { cfg, w, dt };
-        let wte = get(w, "wte.weight", v * c)?;
+        let wte = get(w, params::WTE, v * c)?;
         let blocks = (0..cfg.n_layer)
             .map(|i| load.block(i))
             .collect::<Result<Vec<_>>>()?;
@@ -214,7 +218,7 @@ impl CpuGpt {
             cfg: cfg.clone(),
             wte_head: Mat::new(&wte, v, c, None, dt),
             wte,
-            wpe: get(w, "wpe.weight", cfg.block_size * c)?,
+            wpe: get(w, params::WPE, cfg.block_size * c)?,
             blocks,
             exits,
         })
