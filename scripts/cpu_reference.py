@@ -1,7 +1,7 @@
 """CPU reference figures for `gpt-serve bench --plain` (issue: fast CPU inference).
 
 Measures PyTorch eager and llama.cpp on this machine, f32, with the same
-GPT-2-layout shapes and the same definitions as `src/cli/bench.rs::plain_figures`:
+GPT-2-layout shapes and the same definitions as `src/cli/bench/plain.rs::plain_figures`:
 
 - decode tok/s: a 16-token prompt, then N greedy tokens one at a time with a
   KV cache (N = 128 for `small`, 32 for `gpt2`), best of 3;

@@ -51,7 +51,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::default();
         let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let m = Metrics {
             prompt_tokens: Counter::default(),
@@ -78,117 +77,134 @@ impl Metrics {
             spec_truncated_by_exit: Family::default(),
             registry: Registry::default(),
         };
+        let mut r = Registry::default();
+        m.register_requests(&mut r);
+        m.register_engine(&mut r);
+        m.register_spec(&mut r);
+        Metrics { registry: r, ..m }
+    }
+
+    /// Token counters and the per-request latencies (vLLM's names).
+    fn register_requests(&self, r: &mut Registry) {
         r.register(
             "vllm:prompt_tokens",
             "Prompt tokens processed",
-            m.prompt_tokens.clone(),
+            self.prompt_tokens.clone(),
         );
         r.register(
             "vllm:generation_tokens",
             "Tokens generated",
-            m.generation_tokens.clone(),
+            self.generation_tokens.clone(),
         );
         r.register(
             "vllm:request_success",
             "Finished requests by finish reason",
-            m.requests_success.clone(),
+            self.requests_success.clone(),
         );
         r.register(
             "vllm:time_to_first_token_seconds",
             "Time to first token",
-            m.ttft.clone(),
+            self.ttft.clone(),
         );
         r.register(
             "vllm:time_per_output_token_seconds",
             "Inter-token latency",
-            m.itl.clone(),
+            self.itl.clone(),
         );
         r.register(
             "vllm:e2e_request_latency_seconds",
             "End-to-end request latency",
-            m.e2e.clone(),
+            self.e2e.clone(),
         );
+    }
+
+    /// The engine: forward time, the queue, batch sizes and row kinds,
+    /// running and waiting sequences.
+    fn register_engine(&self, r: &mut Registry) {
         r.register(
             "gpt_serve:forward_seconds",
             "Time of one engine forward (every sequence in the batch)",
-            m.step_seconds.clone(),
+            self.step_seconds.clone(),
         );
         r.register(
             "gpt_serve:abandoned_in_queue",
             "Sequences dropped from the queue before prefill (client gone, cancelled or timed out)",
-            m.abandoned_in_queue.clone(),
+            self.abandoned_in_queue.clone(),
         );
         r.register(
             "gpt_serve:tokenize_seconds",
             "Time to tokenize one request's prompts",
-            m.tokenize_seconds.clone(),
+            self.tokenize_seconds.clone(),
         );
         r.register(
             "vllm:request_queue_time_seconds",
             "Time a request waited before the engine took it",
-            m.queue_time.clone(),
+            self.queue_time.clone(),
         );
         r.register(
             "vllm:iteration_tokens_total",
             "Rows per engine forward (prompt, pending and draft rows)",
-            m.batch_rows.clone(),
+            self.batch_rows.clone(),
         );
         r.register(
             "gpt_serve:iteration_sequences",
             "Sequences per engine forward",
-            m.batch_sequences.clone(),
+            self.batch_sequences.clone(),
         );
         r.register(
             "gpt_serve:batch_rows",
             "Rows run by kind: prefill (prompt), decode (pending) or draft",
-            m.rows_by_kind.clone(),
+            self.rows_by_kind.clone(),
         );
         r.register(
             "vllm:num_requests_running",
             "Sequences decoding",
-            m.running.clone(),
+            self.running.clone(),
         );
         r.register(
             "vllm:num_requests_waiting",
             "Sequences queued",
-            m.waiting.clone(),
+            self.waiting.clone(),
         );
+    }
+
+    /// Speculative decoding: drafts, acceptances, per position and per exit.
+    fn register_spec(&self, r: &mut Registry) {
         r.register(
             "vllm:spec_decode_num_draft_tokens",
             "Draft tokens proposed",
-            m.spec_draft_tokens.clone(),
+            self.spec_draft_tokens.clone(),
         );
         r.register(
             "vllm:spec_decode_num_accepted_tokens",
             "Draft tokens accepted",
-            m.spec_accepted_tokens.clone(),
+            self.spec_accepted_tokens.clone(),
         );
         r.register(
             "vllm:spec_decode_num_drafts",
             "Verify steps",
-            m.spec_drafts.clone(),
+            self.spec_drafts.clone(),
         );
         r.register(
             "gpt_serve:spec_decode_no_draft_steps",
             "Steps where the drafter said __MODEL__",
-            m.spec_no_draft_steps.clone(),
+            self.spec_no_draft_steps.clone(),
         );
         r.register(
             "vllm:spec_decode_num_accepted_tokens_per_pos",
             "Accepted drafts by position",
-            m.spec_accepted_per_pos.clone(),
+            self.spec_accepted_per_pos.clone(),
         );
         r.register(
             "gpt_serve:spec_decode_num_draft_tokens_per_pos",
             "Drafts by position",
-            m.spec_drafted_per_pos.clone(),
+            self.spec_drafted_per_pos.clone(),
         );
         r.register(
             "gpt_serve:spec_decode_truncated_by_exit",
             "Drafts dropped by each early exit",
-            m.spec_truncated_by_exit.clone(),
+            self.spec_truncated_by_exit.clone(),
         );
-        Metrics { registry: r, ..m }
     }
 
     pub fn set_running(&self, running: usize, waiting: usize) {

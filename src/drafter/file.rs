@@ -1,0 +1,188 @@
+//! The drafter file: the drafter serialised as JSON, written atomically,
+//! and loaded with every check a served model needs (format versions, the
+//! vocabulary size, class and feature counts, the trees' indices), each
+//! failure a [`DrafterError`] naming the file.
+
+use std::path::Path;
+
+use super::{features, gbdt, Drafter, FORMAT_VERSION, N_POINTERS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrafterError {
+    #[error("drafter file {path} cannot be read: {msg}")]
+    Read { path: String, msg: String },
+    #[error("drafter file {path} is corrupt or truncated: {msg}")]
+    Corrupt { path: String, msg: String },
+    #[error(
+        "drafter file {path} has format version {found}; this build reads version {FORMAT_VERSION}"
+    )]
+    Version { path: String, found: u32 },
+    #[error("drafter file {path} was trained for vocab_size {found}, the model has {expected}")]
+    Vocab {
+        path: String,
+        found: usize,
+        expected: usize,
+    },
+}
+
+impl Drafter {
+    pub fn save(&self, path: &Path) -> Result<(), DrafterError> {
+        let json = serde_json::to_vec(self).map_err(|e| DrafterError::Read {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        crate::atomic_file::write(path, &json).map_err(|e| DrafterError::Read {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Loads and checks a drafter file for a model of `vocab_size`.
+    pub fn load(path: &Path, vocab_size: usize) -> Result<Drafter, DrafterError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| DrafterError::Read {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| DrafterError::Corrupt {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
+        let found = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        if found != FORMAT_VERSION {
+            return Err(DrafterError::Version { path: p, found });
+        }
+        let mut d: Drafter = serde_json::from_value(v).map_err(|e| DrafterError::Corrupt {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        if d.gbdt.version != gbdt::FORMAT_VERSION {
+            return Err(DrafterError::Version {
+                path: p,
+                found: d.gbdt.version,
+            });
+        }
+        if d.vocab_size != vocab_size {
+            return Err(DrafterError::Vocab {
+                path: p,
+                found: d.vocab_size,
+                expected: vocab_size,
+            });
+        }
+        if d.gbdt.n_classes != d.classes.len() + N_POINTERS + 1
+            || d.gbdt.n_features != features::N_FEATURES
+        {
+            return Err(DrafterError::Corrupt {
+                path: p,
+                msg: "class or feature counts disagree with the trees".into(),
+            });
+        }
+        d.gbdt.validate().map_err(|e| DrafterError::Corrupt {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        d.index();
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafter::features::{Tables, Verified};
+    use crate::drafter::gbdt::Gbdt;
+
+    /// A drafter over a 40-token vocabulary whose trees learned "next =
+    /// last + 1" from rows its own feature code made.
+    fn small_drafter() -> Drafter {
+        let vocab = 40usize;
+        let classes: Vec<u32> = (0..vocab as u32).collect();
+        let tables = Tables::build((1..vocab as u32 - 1).map(|t| (Some(t - 1), t, t + 1)), 1);
+        let n_classes = classes.len() + N_POINTERS + 1;
+        let mut d = Drafter::new(
+            vocab,
+            classes,
+            tables,
+            Gbdt::constant(features::N_FEATURES, n_classes),
+            vec![true; vocab],
+            0.5,
+            4,
+        );
+        let (mut rows, mut targets) = (vec![], vec![]);
+        for start in 0..30u32 {
+            let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
+            let next = (start + 6) % 39;
+            let (row, cand) = d.features(&ctx, Verified::default());
+            targets.push(d.target(next, &cand));
+            rows.push(row);
+        }
+        let p = gbdt::GbdtParams {
+            rounds: 5,
+            max_depth: 3,
+            min_rows_leaf: 2,
+            ..Default::default()
+        };
+        d.gbdt = Gbdt::fit(&rows, &targets, n_classes, (&[], &[]), &p).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_saved_drafter_loads_back_with_identical_predictions() {
+        let d = small_drafter();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("drafter.json");
+        d.save(&path).unwrap();
+        let back = Drafter::load(&path, 40).unwrap();
+        for start in 0..30u32 {
+            let ctx: Vec<u32> = (start..start + 6).map(|t| t % 39).collect();
+            let (row, _) = d.features(&ctx, Verified::default());
+            assert_eq!(d.gbdt.predict_proba(&row), back.gbdt.predict_proba(&row));
+            assert_eq!(
+                d.propose(&ctx, 4, Verified::default()),
+                back.propose(&ctx, 4, Verified::default())
+            );
+        }
+    }
+
+    fn load_err(path: &Path, vocab: usize) -> String {
+        match Drafter::load(path, vocab) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn truncated_corrupt_and_mismatched_drafter_files_are_clear_errors() {
+        let d = small_drafter();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("drafter.json");
+        d.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let load_bytes = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            load_err(&path, 40)
+        };
+        let e = load_bytes(&bytes[..bytes.len() / 2]);
+        assert!(
+            e.contains("corrupt or truncated") && e.contains("drafter.json"),
+            "{e}"
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["version"] = 1.into();
+        let e = load_bytes(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("format version 1"), "{e}");
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["gbdt"]["trees"][0]["nodes"][0] = serde_json::json!({"Split": {"feature": 0, "threshold": 0.5, "left": 900, "right": 901}});
+        let e = load_bytes(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("out of range"), "{e}");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = load_err(&path, 50);
+        assert!(e.contains("vocab_size 40") && e.contains("50"), "{e}");
+        let e = load_err(&tmp.path().join("missing.json"), 40);
+        assert!(
+            e.contains("missing.json") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+}
