@@ -14,9 +14,14 @@
 /// every real token's.
 pub const OTHER_TOKEN: u32 = u32::MAX;
 
+/// Temperatures below this are greedy, as in vLLM (`_SAMPLING_EPS`):
+/// `logit / T` overflows f32 for T near 0 (1e-39 turns every logit into
+/// an infinity and the sample into token 0).
+pub const MIN_SAMPLING_TEMPERATURE: f32 = 1e-5;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 = greedy.
+    /// 0 (or anything below [`MIN_SAMPLING_TEMPERATURE`]) = greedy.
     pub temperature: f32,
     pub top_p: f32,
     pub presence_penalty: f32,
@@ -37,8 +42,10 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Greedy at temperature 0 and at any temperature too small to divide
+    /// logits by (see [`MIN_SAMPLING_TEMPERATURE`]).
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        self.temperature.is_nan() || self.temperature < MIN_SAMPLING_TEMPERATURE
     }
 }
 
@@ -333,6 +340,35 @@ mod tests {
             choose(&[0.1, 3.0, 2.0], &SamplingParams::default(), 0, 5),
             1
         );
+    }
+
+    #[test]
+    fn a_temperature_too_small_to_divide_by_is_greedy() {
+        // Logits whose argmax is neither token 0 nor the largest in
+        // magnitude: an overflowing 1/T made every score inf or -inf.
+        let logits = [-3.0, 2.0, 2.5, -4.0, 1.0];
+        for (t, top_p) in [
+            (1e-39, 1.0),
+            (1e-39, 0.9),
+            (1e-6, 1.0),
+            (f32::MIN_POSITIVE, 0.5),
+        ] {
+            let p = SamplingParams {
+                temperature: t,
+                top_p,
+                seed: 7,
+                ..Default::default()
+            };
+            assert!(p.is_greedy(), "{t}");
+            for pos in 0..20 {
+                assert_eq!(choose(&logits, &p, 0, pos), 2, "T = {t}, top_p = {top_p}");
+            }
+        }
+        let warm = SamplingParams {
+            temperature: MIN_SAMPLING_TEMPERATURE,
+            ..Default::default()
+        };
+        assert!(!warm.is_greedy());
     }
 
     #[test]

@@ -244,8 +244,9 @@ fn every_variable_the_deployment_sets_is_one_serve_reads() {
         .collect::<Vec<_>>()
         .join(" ");
     for name in names {
+        // `[env: NAME=value]`, or `[env: NAME]` where the value is hidden.
         assert!(
-            help.contains(&format!("[env: {name}=")),
+            help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
             "{name} is not a variable of `gpt-serve serve --help`"
         );
     }
@@ -256,7 +257,7 @@ fn the_api_key_comes_from_a_secret_through_the_variable_serve_reads() {
     let entry = help_entry(&serve_help(), "api-key");
     let api_key = entry
         .split_once("[env: ")
-        .and_then(|(_, rest)| rest.split_once('='))
+        .and_then(|(_, rest)| rest.split_once(['=', ']']))
         .unwrap_or_else(|| panic!("serve --help names no --api-key variable: {entry}"))
         .0;
     let env = block(&manifest("deployment.yaml"), "env");
@@ -356,4 +357,48 @@ fn the_kustomization_lists_every_manifest_in_the_folder() {
     listed.sort();
     present.sort();
     assert_eq!(listed, present, "kustomization.yaml resources");
+}
+
+#[test]
+fn serve_help_never_prints_the_api_key_from_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
+        .args(["serve", "--help"])
+        .env("GPT_SERVE_API_KEY", "do-not-print-me")
+        .output()
+        .expect("gpt-serve runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(help.contains("GPT_SERVE_API_KEY"), "{help}");
+    assert!(!help.contains("do-not-print-me"), "{help}");
+}
+
+#[test]
+fn an_empty_api_key_from_the_flag_or_the_environment_stops_startup() {
+    let absent = std::env::temp_dir().join("gpt-serve-no-model-here");
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpt-serve"));
+        cmd.args(["serve", "--model", absent.to_str().unwrap(), "--port", "0"])
+            .args(args)
+            .env_remove("GPT_SERVE_API_KEY_FILE");
+        match env {
+            Some(v) => cmd.env("GPT_SERVE_API_KEY", v),
+            None => cmd.env_remove("GPT_SERVE_API_KEY"),
+        };
+        let out = cmd.output().expect("gpt-serve runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, env) in [(&["--api-key", ""][..], None), (&[][..], Some(""))] {
+        let (ok, err) = run(args, env);
+        assert!(
+            !ok && err.contains("--api-key") && err.contains("empty"),
+            "{err}"
+        );
+    }
+    // A key file holding nothing is refused too.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let (ok, err) = run(&["--api-key-file", file.path().to_str().unwrap()], None);
+    assert!(!ok && err.contains("empty"), "{err}");
 }

@@ -168,6 +168,25 @@ async fn a_completion_has_openais_shape_and_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temperature_below_1e_5_decodes_greedily() {
+    let s = start(ServeOptions::default(), 4).await;
+    let text = |temperature: f64, seed: u64| {
+        let body = json!({"model": "tiny", "prompt": "The quick", "max_tokens": 12,
+            "temperature": temperature, "seed": seed});
+        let s = &s;
+        async move {
+            let (st, v) = post(s, "/v1/completions", body).await;
+            assert_eq!(st, 200, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let greedy = text(0.0, 1).await;
+    for (t, seed) in [(1e-39, 1), (1e-39, 2), (1e-6, 3)] {
+        assert_eq!(text(t, seed).await, greedy, "temperature {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_seed_gives_the_same_sample_and_n_gives_distinct_choices() {
     let s = start(ServeOptions::default(), 4).await;
     let body = json!({"model": "tiny", "prompt": "fox", "max_tokens": 12, "temperature": 1.5, "seed": 42, "n": 3, "top_p": 0.95,

@@ -33,8 +33,14 @@ pub struct ServeArgs {
     /// Sequences allowed to wait; beyond, 429.
     #[arg(long, env = "GPT_SERVE_MAX_WAITING", default_value_t = 64)]
     max_waiting: usize,
-    /// Bearer token required on API routes.
-    #[arg(long, env = "GPT_SERVE_API_KEY", conflicts_with = "api_key_file")]
+    /// Bearer token required on API routes (an empty key is refused: it
+    /// would turn authentication off). `--help` never prints its value.
+    #[arg(
+        long,
+        env = "GPT_SERVE_API_KEY",
+        conflicts_with = "api_key_file",
+        hide_env_values = true
+    )]
     api_key: Option<String>,
     /// Read the bearer token from this file's first line (a mounted secret).
     #[arg(long, env = "GPT_SERVE_API_KEY_FILE")]
@@ -96,6 +102,7 @@ fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::model::cpu::Weig
 
 /// Runs `gpt-serve serve` until SIGTERM, or exits 1 if the engine fails.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let opts = server_options(&a)?;
     let loaded = checkpoint::load(&a.model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
     let drafter = drafter(&a, loaded.config.model.vocab_size);
@@ -108,7 +115,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     });
     let engine_config = engine_config(&a, &loaded)?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let opts = server_options(&a)?;
     let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
     serve_until_shutdown(&a, &model_id, state)
 }
@@ -165,10 +171,22 @@ fn check_exit_margin(m: f32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `--api-key` that is empty (or only whitespace) is refused: it would
+/// look like a key and turn authentication off. No key at all is keyless.
+fn check_api_key(key: Option<String>) -> anyhow::Result<Option<String>> {
+    match key {
+        Some(k) if k.trim().is_empty() => anyhow::bail!(
+            "--api-key (GPT_SERVE_API_KEY) is empty: give a non-empty key, or leave the flag \
+             and the variable unset to serve without authentication"
+        ),
+        key => Ok(key),
+    }
+}
+
 fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
     let api_key = match &a.api_key_file {
         Some(path) => Some(server::read_api_key(path).map_err(anyhow::Error::msg)?),
-        None => a.api_key.clone(),
+        None => check_api_key(a.api_key.clone())?,
     };
     Ok(server::ServeOptions {
         api_key,
@@ -264,6 +282,19 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_api_key_is_refused_by_name_and_no_key_is_keyless() {
+        for empty in ["", "  "] {
+            let e = check_api_key(Some(empty.into())).unwrap_err().to_string();
+            assert!(e.contains("--api-key") && e.contains("empty"), "{e}");
+        }
+        assert_eq!(check_api_key(None).unwrap(), None);
+        assert_eq!(
+            check_api_key(Some("k".into())).unwrap().as_deref(),
+            Some("k")
+        );
+    }
 
     #[test]
     fn an_exit_margin_below_zero_or_not_a_number_is_refused_by_name() {

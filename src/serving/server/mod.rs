@@ -112,6 +112,12 @@ pub fn build(
     metrics: Arc<Metrics>,
     opts: ServeOptions,
 ) -> std::io::Result<AppState> {
+    if opts.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "api_key is empty: an empty key would turn authentication off",
+        ));
+    }
     let cfg = loaded.config.model.clone();
     let tokenizer = Arc::new(loaded.tokenizer.clone());
     let engine = Engine::spawn(loaded, drafter, engine, metrics.clone())?;
