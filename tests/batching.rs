@@ -9,6 +9,9 @@
 //! Runs the shipped model (models/default) and its drafter, with prompts
 //! from the shipped prose fixture.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -39,7 +42,7 @@ struct Shipped {
 fn shipped() -> Option<Shipped> {
     let dir = root().join("models/default");
     if !dir.join("drafter.json").exists() {
-        eprintln!("skipping: models/default (model and drafter) is absent");
+        skip::skip("models/default (model and drafter) is absent");
         return None;
     }
     let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();

@@ -2,6 +2,9 @@
 //! on 2 cores, loads with its drafter, and samples from it are made of
 //! English words. Speed itself is measured by `gpt-serve bench`, not here.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -63,10 +66,10 @@ fn the_shipped_model_is_small_enough_to_commit_and_to_serve_on_two_cores() {
 fn samples_of_the_shipped_model_are_mostly_english_words() {
     let val = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gutenberg/val.txt.gz");
     if !val.exists() {
-        eprintln!(
-            "skipping: {} is absent (the dictionary comes from it)",
+        skip::skip(&format!(
+            "{} is absent (the dictionary comes from it)",
             val.display()
-        );
+        ));
         return;
     }
     // Words of books the model never saw.

@@ -1,5 +1,8 @@
 //! `gpt-serve train` end to end: learning, exact resume, and clear errors.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
@@ -48,7 +51,7 @@ fn shakespeare() -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} is absent", p.display());
+        skip::skip(&format!("{} is absent", p.display()));
         None
     }
 }
