@@ -26,6 +26,7 @@ REPORT=$(mktemp -d)
 "$VENV/bin/schemathesis" run proto/openapi.json --url "http://127.0.0.1:$PORT" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --max-examples 800 --seed 20261129 --generation-database none --workers 1 \
+  --report har --report-har-path "$REPORT/fuzz.har" \
   --no-color | tee "$REPORT/st.log" | tail -25
 GENERATED=$(grep -oE '[0-9]+ generated' "$REPORT/st.log" | tail -1 | cut -d' ' -f1)
 if [[ -z $GENERATED || $GENERATED -lt 1000 ]]; then
@@ -33,6 +34,9 @@ if [[ -z $GENERATED || $GENERATED -lt 1000 ]]; then
   exit 1
 fi
 echo "fuzz: $GENERATED generated requests, all passed"
+# The share of generated completions that reached the engine (answered
+# 200): proto/openapi.json names the served model, so most should.
+python3 scripts/fuzz_share.py "$REPORT/fuzz.har" --min-share "${FUZZ_MIN_SHARE:-0.5}"
 
 python3 scripts/soak.py "http://127.0.0.1:$PORT" "$PID" --seconds "$SOAK_SECONDS" \
   --warmup "$((SOAK_SECONDS / 5))"

@@ -352,10 +352,35 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 )]
 pub struct ApiDoc;
 
-/// The OpenAPI document of this server (what `proto/openapi.json` holds).
+/// The model id `proto/openapi.json` names: the shipped model's, which
+/// `serve` gives `models/default` by default.
+pub const DOCUMENTED_MODEL_ID: &str = "default";
+
+/// The OpenAPI document of a server serving `models/default` (what
+/// `proto/openapi.json` holds).
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
+    openapi_json_for(DOCUMENTED_MODEL_ID)
+}
+
+/// The OpenAPI document of a server whose model id is `model_id`: a
+/// completion request's `model` is that one name (an enum of one), so a
+/// client, or a fuzzer generating requests from the document, sends the
+/// name that reaches the engine instead of an arbitrary string (a 404).
+pub fn openapi_json_for(model_id: &str) -> String {
+    use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+    use utoipa::openapi::RefOr;
+    let mut doc = ApiDoc::openapi();
+    let request = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("CompletionRequest"));
+    if let Some(RefOr::T(Schema::Object(request))) = request {
+        let model = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some([model_id]));
+        request.properties.insert("model".into(), model.into());
+    }
+    doc.to_pretty_json()
         .expect("the OpenAPI document serializes")
 }
 
@@ -367,7 +392,10 @@ pub fn router(state: AppState) -> Router {
         .route("/detokenize", post(detokenize));
     let mut open = Router::new().route("/health", get(health)).route(
         "/openapi.json",
-        get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        get(|State(st): State<AppState>| async move {
+            let doc = openapi_json_for(&st.0.limits.model_id);
+            ([(header::CONTENT_TYPE, "application/json")], doc)
+        }),
     );
     match state.0.opts.protect_metrics {
         true => api = api.route("/metrics", get(metrics)),
@@ -638,4 +666,17 @@ async fn pump(
         send(tx, deadline, sse_json(&last)).await?;
     }
     send(tx, deadline, SseEvent::default().data("[DONE]")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_model_is_the_one_name_a_completion_request_may_carry() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json_for("mine")).unwrap();
+        let model = &doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"];
+        assert_eq!(model["enum"], serde_json::json!(["mine"]));
+        assert_eq!(model["type"], "string");
+    }
 }
