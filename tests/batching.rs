@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
+use gpt_serve::decode::proposer::TreeDrafter;
+use gpt_serve::decode::{GenParams, Generator, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::CpuGpt;
 use gpt_serve::sampling::SamplingParams;
@@ -172,7 +173,7 @@ fn collect(run: &mut Run) -> Outcome {
 fn alone(s: &Shipped, run: &Run) -> (Vec<Option<TokenOut>>, Vec<TokenOut>) {
     let (mut g, echo) = Generator::new(
         &s.model,
-        Proposer::Tree(&s.drafter),
+        Box::new(TreeDrafter::new(&s.drafter)),
         &run.prompt,
         run.params.clone(),
         s.eot,

@@ -216,8 +216,8 @@ fn decode<M: Forward>(
     prompt: &[u32],
     params: gpt_serve::decode::GenParams,
 ) -> (Vec<u32>, gpt_serve::decode::SpecStats) {
-    use gpt_serve::decode::{Generator, Proposer};
-    let (mut g, _) = Generator::new(m, Proposer::None, prompt, params, u32::MAX, None).unwrap();
+    use gpt_serve::decode::{proposer::Plain, Generator};
+    let (mut g, _) = Generator::new(m, Box::new(Plain), prompt, params, u32::MAX, None).unwrap();
     let mut out = Vec::new();
     while g.finished.is_none() {
         out.extend(g.step().unwrap().into_iter().map(|t| t.id));

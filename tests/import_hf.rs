@@ -15,7 +15,8 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::{GenParams, Generator, Proposer, TokenOut};
+use gpt_serve::decode::proposer::{Plain, TreeDrafter};
+use gpt_serve::decode::{GenParams, Generator, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::hf::{export::export_hf, import::import_hf};
 use gpt_serve::model::cpu::WeightDtype;
@@ -454,9 +455,16 @@ fn a_drafter_trained_on_the_imported_model_gets_drafts_accepted_with_plain_outpu
             ..params.clone()
         };
         let (mut plain, _) =
-            Generator::new(&model, Proposer::None, p, plain_params, eot, None).unwrap();
-        let (mut spec, _) =
-            Generator::new(&model, Proposer::Tree(&drafter), p, params, eot, None).unwrap();
+            Generator::new(&model, Box::new(Plain), p, plain_params, eot, None).unwrap();
+        let (mut spec, _) = Generator::new(
+            &model,
+            Box::new(TreeDrafter::new(&drafter)),
+            p,
+            params,
+            eot,
+            None,
+        )
+        .unwrap();
         let ids = |o: Vec<TokenOut>| o.into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(
             ids(plain.run().unwrap()),

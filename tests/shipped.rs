@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::{GenParams, Generator, Proposer};
+use gpt_serve::decode::proposer::Plain;
+use gpt_serve::decode::{GenParams, Generator};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::sampling::SamplingParams;
 
@@ -58,7 +59,7 @@ fn the_shipped_model_is_small_enough_to_commit_and_to_serve_on_two_cores() {
         ..Default::default()
     };
     let (mut g, _) =
-        Generator::new(&model, Proposer::None, &prompt, params, u32::MAX, None).unwrap();
+        Generator::new(&model, Box::new(Plain), &prompt, params, u32::MAX, None).unwrap();
     assert_eq!(g.run().unwrap().len(), 24);
 }
 
@@ -100,7 +101,7 @@ fn samples_of_the_shipped_model_are_mostly_english_words() {
                 ..Default::default()
             };
             let (mut g, _) =
-                Generator::new(&model, Proposer::None, &prompt, params, u32::MAX, None).unwrap();
+                Generator::new(&model, Box::new(Plain), &prompt, params, u32::MAX, None).unwrap();
             let ids: Vec<u32> = g.run().unwrap().iter().map(|t| t.id).collect();
             let w = words(&loaded.tokenizer.decode(&ids).unwrap());
             total += w.len();

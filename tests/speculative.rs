@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
+use gpt_serve::decode::proposer::{Plain, TreeDrafter};
 use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
@@ -65,20 +66,32 @@ fn fixture(n_prompts: usize) -> Option<Fixture> {
     })
 }
 
-fn generate(
-    f: &Fixture,
+/// Makes a fresh proposer for each sequence (a proposer keeps one
+/// sequence's state).
+type Make<'a> = &'a dyn Fn() -> Box<dyn Proposer + 'a>;
+
+fn tree(f: &Fixture) -> Box<dyn Proposer + '_> {
+    Box::new(TreeDrafter::new(&f.drafter))
+}
+
+fn plain<'a>() -> Box<dyn Proposer + 'a> {
+    Box::new(Plain)
+}
+
+fn generate<'a>(
+    f: &'a Fixture,
     prompt: &[u32],
     params: GenParams,
-    proposer: Proposer,
+    proposer: Box<dyn Proposer + 'a>,
 ) -> (Vec<TokenOut>, u64) {
     generate_eot(f, prompt, params, proposer, f.eot)
 }
 
-fn generate_eot(
-    f: &Fixture,
+fn generate_eot<'a>(
+    f: &'a Fixture,
     prompt: &[u32],
     params: GenParams,
-    proposer: Proposer,
+    proposer: Box<dyn Proposer + 'a>,
     eot: u32,
 ) -> (Vec<TokenOut>, u64) {
     let (mut g, _) = Generator::new(&f.model, proposer, prompt, params, eot, None).unwrap();
@@ -89,16 +102,20 @@ fn generate_eot(
 /// Compares plain and speculative outputs on every prompt; returns (real
 /// divergences, near-tie divergences, accepted drafts).
 fn compare(f: &Fixture, params: GenParams) -> (usize, usize, u64) {
-    compare_with(f, params, Proposer::Tree(&f.drafter))
+    compare_with(f, params, &|| tree(f))
 }
 
-fn compare_with(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, usize, u64) {
+fn compare_with<'a>(f: &'a Fixture, params: GenParams, proposer: Make<'a>) -> (usize, usize, u64) {
     let (diverged, ties, stats) = compare_stats(f, params, proposer);
     (diverged, ties, stats.accepted + stats.exit_accepted)
 }
 
 /// As [`compare_with`], with the speculative runs' counters summed.
-fn compare_stats(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, usize, SpecStats) {
+fn compare_stats<'a>(
+    f: &'a Fixture,
+    params: GenParams,
+    proposer: Make<'a>,
+) -> (usize, usize, SpecStats) {
     let (mut diverged, mut ties, mut stats) = (0, 0, SpecStats::default());
     for p in &f.prompts {
         let (plain, _) = generate(
@@ -108,10 +125,10 @@ fn compare_stats(f: &Fixture, params: GenParams, proposer: Proposer) -> (usize, 
                 speculate: false,
                 ..params.clone()
             },
-            Proposer::None,
+            plain(),
         );
         let (mut g, _) =
-            Generator::new(&f.model, proposer, p, params.clone(), f.eot, None).unwrap();
+            Generator::new(&f.model, proposer(), p, params.clone(), f.eot, None).unwrap();
         let spec = g.run().unwrap();
         stats.add(&g.stats);
         match plain.iter().zip(&spec).position(|(a, b)| a.id != b.id) {
@@ -141,7 +158,7 @@ fn greedy_speculative_output_equals_plain_output() {
         draft_tree: true,
         ..params.clone()
     };
-    let (diverged, ties, st) = compare_stats(&f, trees, Proposer::Tree(&f.drafter));
+    let (diverged, ties, st) = compare_stats(&f, trees, &|| tree(&f));
     eprintln!(
         "greedy, draft trees: {} prompts, {diverged} diverged, {ties} near ties, {} drafts accepted, {} steps branched, {} accepted a later child",
         f.prompts.len(),
@@ -163,7 +180,7 @@ fn greedy_speculative_output_equals_plain_output() {
         draft_tree: false,
         ..params.clone()
     };
-    let (diverged, ties, st) = compare_stats(&f, chains, Proposer::Tree(&f.drafter));
+    let (diverged, ties, st) = compare_stats(&f, chains, &|| tree(&f));
     eprintln!(
         "greedy, chains: {diverged} diverged, {ties} near ties, {} accepted",
         st.accepted
@@ -182,7 +199,7 @@ fn assert_cascade_gives_plain_output(f: &Fixture, params: GenParams) {
         exit_margin: 0.0,
         ..params
     };
-    let (diverged, ties, st) = compare_stats(f, cascade, Proposer::Tree(&f.drafter));
+    let (diverged, ties, st) = compare_stats(f, cascade, &|| tree(f));
     let cut: u64 = st.truncated_by_exit.iter().sum();
     eprintln!("t={t} + exit cascade: {diverged} diverged, {ties} near ties, {cut} drafts cut");
     assert_eq!(diverged, 0);
@@ -237,10 +254,9 @@ fn drafting_with_an_early_exit_gives_plain_output_alone_and_behind_the_tree() {
             stop_at_eot: false,
             ..Default::default()
         };
-        for (name, proposer) in [
-            ("exit only", Proposer::None),
-            ("tree, then exit", Proposer::Tree(&f.drafter)),
-        ] {
+        let proposers: [(&str, Make); 2] =
+            [("exit only", &plain), ("tree, then exit", &|| tree(&f))];
+        for (name, proposer) in proposers {
             let (diverged, ties, accepted) = compare_with(&f, params.clone(), proposer);
             eprintln!("t={temperature} {name}: {diverged} diverged, {ties} near ties, {accepted} accepted");
             assert_eq!(diverged, 0);
@@ -266,9 +282,9 @@ fn logprobs_eos_and_max_tokens_behave_as_in_plain_decoding() {
                 speculate: false,
                 ..params.clone()
             },
-            Proposer::None,
+            plain(),
         );
-        let (spec, _) = generate(&f, p, params, Proposer::Tree(&f.drafter));
+        let (spec, _) = generate(&f, p, params, tree(&f));
         assert_eq!(spec.len(), 17, "max_tokens is exact inside accepted runs");
         for (a, b) in plain.iter().zip(&spec) {
             if a.id != b.id {
@@ -284,7 +300,7 @@ fn logprobs_eos_and_max_tokens_behave_as_in_plain_decoding() {
             max_tokens: 17,
             ..Default::default()
         };
-        let (spec, _) = generate_eot(&f, p, params, Proposer::Tree(&f.drafter), stop_tok);
+        let (spec, _) = generate_eot(&f, p, params, tree(&f), stop_tok);
         assert_eq!(
             spec.len(),
             first + 1,

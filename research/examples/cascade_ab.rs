@@ -14,7 +14,8 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats};
+use gpt_serve::decode::proposer::TreeDrafter;
+use gpt_serve::decode::{GenParams, Generator, SpecStats};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::CpuGpt;
 use gpt_serve::sampling::SamplingParams;
@@ -35,7 +36,7 @@ fn decode(
         let t = Instant::now();
         let (mut g, _) = Generator::new(
             model,
-            Proposer::Tree(drafter),
+            Box::new(TreeDrafter::new(drafter)),
             prompt,
             params.clone(),
             u32::MAX,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::checkpoint;
-use crate::decode::{GenParams, Generator, Proposer};
+use crate::decode::{proposer, GenParams, Generator};
 use crate::sampling::SamplingParams;
 
 #[derive(clap::Args, Debug)]
@@ -52,7 +52,7 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         speculate: !no_speculate,
         ..Default::default()
     };
-    let proposer = drafter.as_ref().map_or(Proposer::None, Proposer::Tree);
+    let proposer = proposer::tree_or_plain(drafter.as_ref());
     let (mut g, _) =
         Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
     let t0 = std::time::Instant::now();

@@ -46,7 +46,7 @@ pub const MODEL_CLASS_NAME: &str = "__MODEL__";
 /// current one measures 1.64x (`models/default/drafter.json`). The engine's
 /// measured cost curve (`scheduler::Budget`) does not make it obsolete: the
 /// Budget prices rows within a batch, while this curve still sets each
-/// sequence's draft length (`decode::Generator::best_k`).
+/// sequence's draft length (`decode::proposer::TreeDrafter::best_k`).
 pub const GUESSED_COST_PER_DRAFT: f64 = 0.15;
 
 #[derive(Serialize, Deserialize, Clone)]

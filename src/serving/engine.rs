@@ -22,7 +22,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
-use crate::decode::{Finish, GenParams, Generator, Proposer, Rows, SpecStats, TokenOut};
+use crate::decode::{proposer, Finish, GenParams, Generator, Rows, SpecStats, TokenOut};
 use crate::drafter::Drafter;
 use crate::model::cpu::WeightDtype;
 use crate::model::forward::{Forward, Segment};
@@ -323,7 +323,7 @@ fn admit<'m, M: Forward>(
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
-    let proposer = drafter.map_or(Proposer::None, Proposer::Tree);
+    let proposer = proposer::tree_or_plain(drafter);
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
     let echo = echo_logprobs(&job.request, job.choice);

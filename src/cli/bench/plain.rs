@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
-use crate::decode::{GenParams, Generator, Proposer};
+use crate::decode::proposer::Plain;
+use crate::decode::{GenParams, Generator};
 use crate::model::config::Config;
 use crate::model::cpu::{CpuGpt, WeightDtype};
 use crate::model::forward::Forward;
@@ -41,7 +42,7 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
     let decode = time(|| {
         let (mut g, _) = Generator::new(
             model,
-            Proposer::None,
+            Box::new(Plain),
             &prompt,
             params.clone(),
             u32::MAX,

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::BenchOptions;
+use crate::decode::proposer::{Lookup, Oracle, Plain, TreeDrafter};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
 use crate::drafter::Drafter;
 use crate::model::config::Config;
@@ -103,10 +104,10 @@ struct Run {
 }
 
 fn decode_all<'a>(
-    model: &'a CpuGpt,
+    model: &CpuGpt,
     prompts: &[Vec<u32>],
     n: usize,
-    proposer: &dyn Fn(usize) -> Proposer<'a>,
+    proposer: &dyn Fn(usize) -> Box<dyn Proposer + 'a>,
     how: Decoding,
 ) -> anyhow::Result<Run> {
     let mut r = Run {
@@ -255,7 +256,7 @@ pub(super) fn speculative_suite(
         draft_tree: true,
         draft_with_noise: true,
     };
-    let plain = decode_all(model, prompts, n, &|_| Proposer::None, plain_how)?;
+    let plain = decode_all(model, prompts, n, &|_| Box::new(Plain), plain_how)?;
     let total: usize = plain.tokens.iter().map(Vec::len).sum();
     let conts = plain.tokens.clone();
     let mut rows = vec![summary("plain", prompts, &plain, &plain, total)];
@@ -266,14 +267,16 @@ pub(super) fn speculative_suite(
         if !wanted || (m.self_draft && exit_draft.is_none()) {
             continue;
         }
-        let prop = |i: usize| match name {
-            "prompt-lookup" => Proposer::Lookup { k: drafter.k_max },
-            "oracle" => Proposer::Oracle {
-                continuation: &conts[i],
-                k: drafter.k_max,
-            },
-            "exit-draft" => Proposer::None,
-            _ => Proposer::Tree(drafter),
+        let prop = |i: usize| -> Box<dyn Proposer> {
+            match name {
+                "prompt-lookup" => Box::new(Lookup::new(drafter.k_max)),
+                "oracle" => Box::new(Oracle {
+                    continuation: &conts[i],
+                    k: drafter.k_max,
+                }),
+                "exit-draft" => Box::new(Plain),
+                _ => Box::new(TreeDrafter::new(drafter)),
+            }
         };
         let how = Decoding {
             cascade: m.cascade,

@@ -1,0 +1,169 @@
+//! Where draft tokens come from: the [`Proposer`] trait and one file per
+//! drafter (plain decoding, the tree drafter, prompt lookup, the oracle).
+//!
+//! A proposer is per sequence and owns whatever state it learns from
+//! (the tree drafter's acceptance estimate and the final head's
+//! statistics where it last committed): the generator asks it for drafts
+//! before each verify step ([`Proposer::propose`]) and tells it what the
+//! final head made of them after ([`Proposer::observe`]). It never sees the
+//! model or the cache, so the acceptance rule alone decides what is
+//! committed, and any proposer yields the tokens plain decoding yields.
+//!
+//! To add a drafter: a new file here with a struct that implements
+//! [`Proposer`], and its `pub mod` line below (docs/recipe-add-a-drafter.md).
+
+pub mod lookup;
+pub mod oracle;
+pub mod plain;
+pub mod tree;
+
+use crate::drafter::{DraftRule, Drafter};
+use crate::model::forward::Tree;
+
+pub use lookup::Lookup;
+pub use oracle::Oracle;
+pub use plain::Plain;
+pub use tree::TreeDrafter;
+
+/// The tree drafter when there is one (a checkpoint's), else plain
+/// decoding: what the server and `sample` decode with.
+pub fn tree_or_plain(drafter: Option<&Drafter>) -> Box<dyn Proposer + '_> {
+    match drafter {
+        Some(d) => Box::new(TreeDrafter::new(d)),
+        None => Box::new(Plain),
+    }
+}
+
+/// A source of draft tokens for one sequence.
+pub trait Proposer: Send {
+    /// Drafts for the next verify step: at most `req.room` tokens after
+    /// `req.tokens` (its last token is the pending one). Drafts that are
+    /// wrong cost only speed.
+    fn propose(&mut self, req: &DraftRequest) -> Drafts;
+
+    /// What the final head made of the last verify step (called once per
+    /// verify step, drafts or not); by default nothing is learnt.
+    fn observe(&mut self, _verdict: &Verdict) {}
+
+    /// Tokens the exit cascade scores as rivals of the drafts, besides the
+    /// other drafts (the tree drafter's classes); by default none.
+    fn rivals(&self) -> &[u32] {
+        &[]
+    }
+
+    /// True for a proposer that never drafts (plain decoding): its steps
+    /// are not counted as steps where drafting gave nothing.
+    fn is_plain(&self) -> bool {
+        false
+    }
+}
+
+/// What the generator knows when it asks for drafts.
+pub struct DraftRequest<'a> {
+    /// Every token so far: the prompt, then the committed tokens; the last
+    /// is pending (not yet in the cache).
+    pub tokens: &'a [u32],
+    pub prompt_len: usize,
+    /// Drafts the step can take at most (max_tokens, the context window,
+    /// the batch's rows).
+    pub room: usize,
+    /// Stop where a draft's expected gain (its path probability) falls
+    /// below this: a draft row must pay for its cost in the batch.
+    pub min_gain: f32,
+    /// The drafts may branch (asked for, and the backend takes trees).
+    pub branch: bool,
+    /// How to draft for this sequence's sampling: its most likely token
+    /// (greedy), or the sample of its own estimate with the sampler's
+    /// keyed noise.
+    pub rule: DraftRule,
+}
+
+/// A step's drafts: tokens, the proposer's probability of each given its
+/// parent, and the tree over `[pending, drafts..]` (a chain unless the
+/// drafts branch).
+pub struct Drafts {
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f32>,
+    pub tree: Tree,
+    /// The first draft the proposer held back because drafting did not
+    /// pay: [`Verdict::shadow`] gives it back with the committed token, so
+    /// the proposer can keep its acceptance estimate current.
+    pub shadow: Option<u32>,
+}
+
+impl Drafts {
+    /// No drafts: a plain step.
+    pub fn none() -> Drafts {
+        Drafts::chain(vec![], 1.0)
+    }
+
+    /// A chain of drafts, each with probability `p`.
+    pub fn chain(tokens: Vec<u32>, p: f32) -> Drafts {
+        Drafts {
+            probs: vec![p; tokens.len()],
+            tree: Tree::chain(tokens.len() + 1),
+            tokens,
+            shadow: None,
+        }
+    }
+}
+
+/// What the final head made of a verify step.
+pub struct Verdict<'a> {
+    /// Depth of the deepest of the proposer's drafts that were verified;
+    /// 0 when it drafted none (or an early exit drafted this step).
+    pub deepest: usize,
+    /// Drafts accepted.
+    pub accepted: usize,
+    /// The first token committed: the model's token after the pending one.
+    pub first: u32,
+    /// The draft held back this step ([`Drafts::shadow`]).
+    pub shadow: Option<u32>,
+    /// The final head's logits at the last row walked: the model's view
+    /// where the next step's drafts start.
+    pub logits: &'a [f32],
+}
+
+/// The per-draft acceptance rate assumed before a sequence has verified any
+/// draft: the start of [`AcceptRate`], which sets the tree's first draft
+/// length (`best_k`) and prices prompt-lookup drafts in a batch. Set by
+/// hand, not derived; it sits near the share of drafts the shipped tree has
+/// accepted greedily (61-68%, docs/benchmarks.md); at temperature 0.8
+/// (22-23%) the running estimate moves off it, its weight falling as 0.8^n
+/// over n updates.
+const ACCEPT_PRIOR: f64 = 0.6;
+
+/// Weight of the newest verify step in [`AcceptRate`] (an exponential
+/// moving average over about the last 1 / 0.2 = 5 steps: quick enough to
+/// follow a change of text, smooth enough that one unlucky step does not
+/// cut the draft length). Set by hand.
+const ACCEPT_EMA_WEIGHT: f64 = 0.2;
+
+/// Running estimate of the per-draft acceptance rate of one sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptRate(f64);
+
+impl Default for AcceptRate {
+    fn default() -> Self {
+        AcceptRate(ACCEPT_PRIOR)
+    }
+}
+
+impl AcceptRate {
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// After one more verify step that accepted `rate` of its drafts.
+    pub fn update(&mut self, rate: f64) {
+        self.0 = (1.0 - ACCEPT_EMA_WEIGHT) * self.0 + ACCEPT_EMA_WEIGHT * rate;
+    }
+
+    /// Learns from a verify step of the proposer's drafts: the share
+    /// accepted of the deepest draft's depth (none drafted: nothing).
+    pub fn observe(&mut self, v: &Verdict) {
+        if v.deepest > 0 {
+            self.update(v.accepted as f64 / v.deepest as f64);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The tree drafter: the gradient-boosted trees of `drafter` draft a chain
+//! (or, greedy, a draft tree) as long as the sequence's acceptance rate
+//! and the measured verify costs say pays; when no draft pays it still
+//! asks for its first token, to keep that rate current.
+
+use super::plain::verified;
+use super::{AcceptRate, DraftRequest, Drafts, Proposer, Verdict};
+use crate::drafter::features::Verified;
+use crate::drafter::{DraftRule, Drafter, TreeDraft};
+use crate::model::forward::Tree;
+
+/// The drafter's statistics of the last verified position before the
+/// first verify step (the prefill does not read them off its last row): a
+/// middling top-1 probability of 0.5 and entropy of 2 nats, set by hand,
+/// not measured. Labelling never yields this value: the first rows of a
+/// continuation take the first step's statistics (`train::label`).
+const VERIFIED_BEFORE_ANY_STEP: Verified = Verified {
+    top1_prob: 0.5,
+    entropy: 2.0,
+};
+
+/// The tree drafter and what it has learnt of one sequence.
+pub struct TreeDrafter<'m> {
+    drafter: &'m Drafter,
+    /// The final head's statistics where the sequence last committed (the
+    /// drafter's features read them).
+    verified: Verified,
+    /// Running estimate of the per-draft acceptance rate.
+    accept: AcceptRate,
+    /// Verify cost of k drafts relative to a plain step.
+    verify_costs: Vec<f64>,
+}
+
+impl<'m> TreeDrafter<'m> {
+    pub fn new(drafter: &'m Drafter) -> TreeDrafter<'m> {
+        TreeDrafter {
+            drafter,
+            verified: VERIFIED_BEFORE_ANY_STEP,
+            accept: AcceptRate::default(),
+            verify_costs: drafter.verify_costs(),
+        }
+    }
+
+    /// The draft length with the most expected tokens per unit of verify
+    /// cost: with per-draft acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a)
+    /// tokens for cost c(k) (measured at training); 0 means a plain step.
+    fn best_k(&self) -> usize {
+        let a = self.accept.get().clamp(0.01, 0.99);
+        let mut best = (0, 0.0f64);
+        for (k, c) in self.verify_costs.iter().enumerate() {
+            let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / c.max(1e-9);
+            if gain > best.1 {
+                best = (k, gain);
+            }
+        }
+        best.0
+    }
+}
+
+impl Proposer for TreeDrafter<'_> {
+    fn propose(&mut self, req: &DraftRequest) -> Drafts {
+        let d = self.drafter;
+        let k = self.best_k().min(req.room);
+        if k == 0 {
+            // Drafting does not pay: still ask for the first token
+            // (microseconds) to keep the acceptance estimate current.
+            let shadow = d.draft(req.tokens, self.verified, req.rule);
+            return Drafts {
+                shadow: shadow.map(|d| d.token),
+                ..Drafts::none()
+            };
+        }
+        let (ctx, verified, min_gain) = (req.tokens, self.verified, req.min_gain);
+        match req.branch && req.rule == DraftRule::Best {
+            true => tree(d.propose_tree(ctx, k, verified, d.threshold, min_gain)),
+            false => {
+                let ds = d.propose_path(ctx, k, verified, d.threshold, min_gain, req.rule);
+                let probs = ds.iter().map(|d| d.prob).collect();
+                let tokens: Vec<u32> = ds.into_iter().map(|d| d.token).collect();
+                Drafts {
+                    tree: Tree::chain(tokens.len() + 1),
+                    tokens,
+                    probs,
+                    shadow: None,
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, v: &Verdict) {
+        self.verified = verified(v.logits);
+        if let Some(t) = v.shadow {
+            self.accept.update(f64::from(u8::from(t == v.first)));
+        }
+        self.accept.observe(v);
+    }
+
+    fn rivals(&self) -> &[u32] {
+        &self.drafter.classes
+    }
+}
+
+/// Drafts of a draft tree's nodes (parents first).
+fn tree(nodes: Vec<TreeDraft>) -> Drafts {
+    let parents = std::iter::once(0).chain(nodes.iter().map(|n| n.parent));
+    Drafts {
+        tokens: nodes.iter().map(|n| n.token).collect(),
+        probs: nodes.iter().map(|n| n.prob).collect(),
+        tree: Tree::from_parents(parents.collect()).expect("the drafter puts parents first"),
+        shadow: None,
+    }
+}
