@@ -1,5 +1,6 @@
 //! Quantized vs f32 matmul at GPT-2's MLP shape (k = 768, n = 3072) for
-//! decoding (m = 1) and a small batch (m = 8): `Matrix<f32>::forward`
+//! decoding (m = 1) and verification batches (m = 4, 8, 16):
+//! `Matrix<f32>::forward`
 //! against `QMatrix::forward_with` for Q8_0 and Q4_0 on every int8 kernel
 //! this CPU has. Variants run interleaved, each round timing a few calls;
 //! the median round is printed with its ratio to f32 from the same run.
@@ -44,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| m | variant | median us/call | vs f32 |");
     println!("|---|---|---|---|");
-    for m in [1, 8] {
+    for m in [1, 4, 8, 16] {
         let x = data(m * k, 3);
         let mut y = vec![0f32; m * n];
         let mut variants: Vec<Variant> = Vec::new();

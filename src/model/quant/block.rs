@@ -39,8 +39,7 @@ impl BlockQ8_0 {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; QK];
         for (q, v) in qs.iter_mut().zip(x) {
-            // `as` saturates (NaN -> 0); |v * id| <= 127 for finite input.
-            *q = (v * id).round() as i8;
+            *q = round_to_i8(v * id);
         }
         Self {
             d: f16::from_f32(d),
@@ -75,6 +74,20 @@ impl BlockQ8_0 {
             qs,
         }
     }
+}
+
+/// `v.round() as i8` (halves away from zero; `as` saturates, NaN -> 0)
+/// without `roundf`, which baseline x86-64 calls out of line: `v - trunc(v)`
+/// is exact, so comparing it with 0.5 decides the rounding exactly. This
+/// quantizes every activation, so it is on the matmul's path.
+#[inline]
+pub(super) fn round_to_i8(v: f32) -> i8 {
+    // Clamped first so `t +- 1` cannot overflow; NaN stays NaN -> t = 0.
+    let v = v.clamp(-1000.0, 1000.0);
+    let t = v as i32;
+    let f = v - t as f32;
+    let r = t + (f >= 0.5) as i32 - (f <= -0.5) as i32;
+    r.clamp(i8::MIN as i32, i8::MAX as i32) as i8
 }
 
 impl BlockQ4_0 {
@@ -221,17 +234,6 @@ impl Blocks {
             QuantKind::Q4_0 => {
                 Blocks::Q4_0(bytes.chunks_exact(size).map(BlockQ4_0::read).collect())
             }
-        }
-    }
-
-    /// Output `o`'s weights as int8 values, `k` of them.
-    pub(super) fn row_values(&self, o: usize, nb: usize, out: &mut [i8]) {
-        for (b, dst) in (o * nb..(o + 1) * nb).zip(out.chunks_exact_mut(QK)) {
-            let v = match self {
-                Blocks::Q8_0(x) => x[b].values(),
-                Blocks::Q4_0(x) => x[b].values(),
-            };
-            dst.copy_from_slice(&v);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Which int8 kernel a quantized matmul runs: AVX-512 VNNI (256-bit
-//! `vpdpbusd`, needs AVX-512F+VL+VNNI), AVX2 (`vpmaddubsw` + `vpmaddwd`), or
+//! Which int8 kernel a quantized matmul runs: AVX-512 VNNI (512-bit
+//! `vpdpbusd`, needs AVX-512F+BW+VNNI), AVX2 (`vpmaddubsw` + `vpmaddwd`), or
 //! the portable loop; detected once at run time. `GPT_SERVE_QUANT_KERNEL`
 //! = `portable`, `avx2` or `vnni` forces one for testing and comparison; a
 //! forced path this CPU lacks falls back to the best available one with a
@@ -41,14 +41,12 @@ impl KernelPath {
         match self {
             KernelPath::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
-            }
+            KernelPath::Avx2 => is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
             KernelPath::Vnni => {
                 KernelPath::Avx2.is_available()
                     && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(not(target_arch = "x86_64"))]

@@ -1,9 +1,9 @@
 //! `QMatrix`: a linear layer with Q8_0 or Q4_0 weights, `y = x W^T + b`
 //! for 1..64 (or more) rows. Each activation row is quantized to Q8_0 once,
-//! then groups of 8 outputs are computed against every row while their
-//! weights sit in L1 (each weight block is read from memory once per call:
-//! decoding is memory-bound). The groups are split over rayon's threads
-//! when the product is large, as `kernels::Matrix::forward` does.
+//! then groups of 16 outputs (`packed`'s layout) are computed against every
+//! row while their weights sit in L1 (each weight is read from memory once
+//! per call: decoding is memory-bound). The groups are split over rayon's
+//! threads when the product is large, as `kernels::Matrix::forward` does.
 //!
 //! Per (output, row) the sum runs over blocks in order with the same f32
 //! operations in every kernel, so a row's output is bitwise the same alone
@@ -13,21 +13,20 @@ use rayon::prelude::*;
 
 use super::block::{BlockQ8_0, Blocks, QK};
 use super::dispatch::KernelPath;
+use super::packed::{Packed, GROUP};
 use super::{QuantError, QuantKind};
-
-/// Outputs per kernel call (8 f32 lanes of an AVX2 register).
-pub(super) const GROUP: usize = 8;
 /// Below this many multiply-adds a matmul runs on the calling thread
 /// (kernels' default for the f32 matmul).
 const PAR_MIN_MACS: usize = 1 << 16;
 /// Work chunks per thread, so a late-waking thread's share is stolen.
 const CHUNKS_PER_THREAD: usize = 4;
 
-/// A linear layer's weights in GGUF blocks, row-major by output, with an
-/// f32 bias (zeros when the layer has none).
+/// A linear layer's weights in GGUF blocks (held in `packed`'s grouped
+/// layout; `to_bytes` gives GGUF's), with an f32 bias (zeros when the
+/// layer has none).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QMatrix {
-    blocks: Blocks,
+    packed: Packed,
     bias: Vec<f32>,
     /// Outputs (nn.Linear's `out_features`).
     pub n: usize,
@@ -155,11 +154,12 @@ impl QMatrix {
         let bias = bias.unwrap_or_else(|| vec![0.0; n]);
         check_shape(name, "bias", bias.len(), (n, k), n)?;
         check_finite(name, "bias", &bias)?;
-        Ok(Self { blocks, bias, n, k })
+        let packed = Packed::pack(&blocks, n, k / QK);
+        Ok(Self { packed, bias, n, k })
     }
 
     pub fn kind(&self) -> QuantKind {
-        self.blocks.kind()
+        self.packed.kind()
     }
 
     pub fn bias(&self) -> &[f32] {
@@ -168,12 +168,12 @@ impl QMatrix {
 
     /// The weights as GGUF stores them (the bias is a separate f32 tensor).
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.blocks.to_bytes()
+        self.packed.unpack().to_bytes()
     }
 
     /// The weights back in f32, nn.Linear's (out, in) layout.
     pub fn dequantize(&self) -> Vec<f32> {
-        match &self.blocks {
+        match &self.packed.unpack() {
             Blocks::Q8_0(b) => super::dequantize_row_q8_0(b),
             Blocks::Q4_0(b) => super::dequantize_row_q4_0(b),
         }
@@ -204,11 +204,11 @@ impl QMatrix {
         let out = SendPtr(y.as_mut_ptr());
         let work = |g0: usize, g1: usize| {
             let mut acc = vec![[0f32; GROUP]; m];
-            let mut scratch = vec![0i8; k];
+            let mut scratch = Scratch::default();
             for g in g0..g1 {
                 let o0 = g * GROUP;
                 let width = (n - o0).min(GROUP);
-                self.group(path, o0, width, &act, &mut acc, &mut scratch);
+                self.group(path, g, &act, &mut acc, &mut scratch);
                 for (r, a) in acc.iter().enumerate() {
                     let row = &a[..width];
                     let bias = &self.bias[o0..o0 + width];
@@ -236,67 +236,68 @@ impl QMatrix {
             .for_each(|c| work(c * per, ((c + 1) * per).min(groups)));
     }
 
-    /// Sums (no bias) of outputs `o0..o0 + width` (width <= 8) for every
-    /// row into `acc`; full groups go to the SIMD kernels.
+    /// Sums (no bias) of group `g`'s 16 outputs for every row into `acc`.
     fn group(
         &self,
         path: KernelPath,
-        o0: usize,
-        width: usize,
+        g: usize,
         act: &Activations,
         acc: &mut [[f32; GROUP]],
-        scratch: &mut [i8],
+        scratch: &mut Scratch,
     ) {
-        let nb = act.nb;
-        let rows = o0 * nb..(o0 + GROUP) * nb;
         #[cfg(target_arch = "x86_64")]
-        if width == GROUP && path != KernelPath::Portable {
+        if path != KernelPath::Portable {
+            let lines = self.packed.group(g);
             // SAFETY: `forward_with` picked an available path, so the CPU
             // has its instructions; the kernels check the slice lengths.
             unsafe {
-                match (&self.blocks, path) {
-                    (Blocks::Q8_0(b), KernelPath::Vnni) => super::x86::q8_vnni(&b[rows], act, acc),
-                    (Blocks::Q8_0(b), _) => super::x86::q8_avx2(&b[rows], act, acc),
-                    (Blocks::Q4_0(b), KernelPath::Vnni) => super::x86::q4_vnni(&b[rows], act, acc),
-                    (Blocks::Q4_0(b), _) => super::x86::q4_avx2(&b[rows], act, acc),
+                match (self.kind(), path) {
+                    (QuantKind::Q8_0, KernelPath::Vnni) => super::x86::q8_vnni(lines, act, acc),
+                    (QuantKind::Q8_0, _) => super::x86::q8_avx2(lines, act, acc),
+                    (QuantKind::Q4_0, KernelPath::Vnni) => super::x86::q4_vnni(lines, act, acc),
+                    (QuantKind::Q4_0, _) => super::x86::q4_avx2(lines, act, acc),
                 }
             }
             return;
         }
-        let _ = (path, rows);
-        for j in 0..width {
-            self.output_portable(o0 + j, act, acc, j, scratch);
-        }
+        let _ = path;
+        self.group_portable(g, act, acc, scratch);
     }
 
-    /// The reference kernel: output `o` for every row into `acc[r][j]`.
-    fn output_portable(
+    /// The reference kernel: group `g`'s outputs for every row into `acc`.
+    fn group_portable(
         &self,
-        o: usize,
+        g: usize,
         act: &Activations,
         acc: &mut [[f32; GROUP]],
-        j: usize,
-        w: &mut [i8],
+        scratch: &mut Scratch,
     ) {
         let (nb, k) = (act.nb, self.k);
-        self.blocks.row_values(o, nb, w);
-        let dw: Vec<f32> = (o * nb..(o + 1) * nb)
-            .map(|b| self.blocks.scale(b).to_f32())
-            .collect();
+        let (w, dw) = (&mut scratch.values, &mut scratch.scales);
+        self.packed.group_values(g, w, dw);
         for (r, a) in acc.iter_mut().enumerate() {
             let x = &act.qs[r * k..(r + 1) * k];
-            let mut sum = 0f32;
-            for b in 0..nb {
-                let dot: i32 = w[b * QK..(b + 1) * QK]
-                    .iter()
-                    .zip(&x[b * QK..(b + 1) * QK])
-                    .map(|(w, x)| *w as i32 * *x as i32)
-                    .sum();
-                sum += (dw[b] * act.d[r * nb + b]) * dot as f32;
+            for (lane, out) in a.iter_mut().enumerate() {
+                let mut sum = 0f32;
+                for b in 0..nb {
+                    let dot: i32 = w[lane][b * QK..(b + 1) * QK]
+                        .iter()
+                        .zip(&x[b * QK..(b + 1) * QK])
+                        .map(|(w, x)| *w as i32 * *x as i32)
+                        .sum();
+                    sum += (dw[lane][b] * act.d[r * nb + b]) * dot as f32;
+                }
+                *out = sum;
             }
-            a[j] = sum;
         }
     }
+}
+
+/// The portable kernel's unpacked weights of one group.
+#[derive(Default)]
+struct Scratch {
+    values: [Vec<i8>; GROUP],
+    scales: [Vec<f32>; GROUP],
 }
 
 fn check_shape(

@@ -13,13 +13,16 @@
 //! each step an f32 multiply or add (no FMA), the int32 dot exact.
 //!
 //! Files: `block` (the two block formats: quantize, dequantize, bytes),
-//! `matrix` (`QMatrix`: construction, activation quantization, `forward`,
-//! the portable kernel), `x86` (the AVX2 and VNNI kernels), `dispatch`
+//! `packed` (the grouped layout the kernels read, 16 outputs' quants
+//! interleaved per 64-byte line), `matrix` (`QMatrix`: construction,
+//! activation quantization, `forward`, the portable kernel), `x86` (the
+//! AVX2 and VNNI kernels), `dispatch`
 //! (which kernel runs, `GPT_SERVE_QUANT_KERNEL` to force one).
 
 mod block;
 mod dispatch;
 mod matrix;
+mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -336,3 +336,54 @@ fn an_unknown_or_unavailable_forced_kernel_falls_back_with_a_warning() {
         }
     }
 }
+
+#[test]
+fn rounding_to_i8_matches_round_then_a_saturating_cast() {
+    let mut values: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.5).collect();
+    for h in [0.5f32, 1.5, 2.5, 126.5, 127.5, 128.5] {
+        for v in [h, -h] {
+            values.extend([v.next_up(), v.next_down()]);
+        }
+    }
+    values.extend(data(10_000, 71).iter().map(|v| v * 140.0));
+    values.extend([
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e30,
+        -1e30,
+    ]);
+    values.extend([f32::MIN_POSITIVE, 8388607.5, -8388607.5, 16777216.0]);
+    for v in values {
+        assert_eq!(block::round_to_i8(v), v.round() as i8, "{v}");
+    }
+}
+
+#[test]
+fn gguf_bytes_come_back_unchanged_whatever_the_padding_of_the_last_group() {
+    for kind in KINDS {
+        for n in [1, 15, 16, 17, 37] {
+            let k = 96;
+            let w = data(n * k, 81);
+            let q = QMatrix::from_out_in("t.w", kind, &w, (n, k), None).expect("valid");
+            let mut want = Vec::new();
+            for row in w.chunks(k) {
+                match kind {
+                    QuantKind::Q8_0 => quantize_row_q8_0(row).iter().for_each(|b| {
+                        want.extend(b.d.to_bits().to_le_bytes());
+                        want.extend(b.qs.iter().map(|q| *q as u8));
+                    }),
+                    QuantKind::Q4_0 => quantize_row_q4_0(row).iter().for_each(|b| {
+                        want.extend(b.d.to_bits().to_le_bytes());
+                        want.extend(b.qs);
+                    }),
+                }
+            }
+            assert!(q.to_bytes() == want, "{kind:?} n {n}");
+            let back = QMatrix::from_bytes("t.w", kind, &want, (n, k), None).expect("valid");
+            assert!(back.to_bytes() == want && back == q, "{kind:?} n {n}");
+        }
+    }
+}

@@ -1,226 +1,305 @@
-//! The x86-64 int8 kernels of the quantized matmul: 8 outputs (one weight
-//! block each per step) against up to 4 activation rows at a time, so each
-//! weight block is loaded once per 4 rows and the group's weights stay in
-//! L1 across all rows.
-//!
-//! Per (weight block, activation block) a kernel yields 8 int32 partial
-//! sums; `reduce8` folds 8 outputs' partials into one register of 8 exact
-//! block dots, which is scaled and added in f32 per lane: each lane does
-//! the portable loop's operations in its order (see `quant`'s doc).
+//! The x86-64 int8 kernels of the quantized matmul, over `packed`'s
+//! layout: a 64-byte line holds 4 quants of each of 16 outputs, so one
+//! multiply-add of the line by 4 activation bytes broadcast to every lane
+//! adds 4 products into each output's own int32 lane. A block's 32
+//! products accumulate exactly in that lane (no horizontal sums), then
+//! every lane does the portable loop's f32 steps in its order:
+//! `sum += (d_w * d_x) * dot` (see `quant`'s doc). Up to 4 activation rows
+//! share each loaded line, and a group's lines stay in L1 across all rows.
 //!
 //! The two int8 products (ggml uses the same tricks):
-//! - AVX2 `vpmaddubsw` multiplies unsigned by signed bytes, so a Q8_0
-//!   weight enters as |w| and the activation takes w's sign (`vpsignb`);
-//!   pair sums stay below i16's limit (2 * 128 * 127 < 32767).
-//! - VNNI `vpdpbusd` has no i16 step, so Q8_0 weights enter offset by 128
-//!   (w ^ 0x80 = w + 128 as u8) and `128 * sum(x)` is subtracted after.
-//! - Q4_0 nibbles (0..15) enter unsigned in both and `8 * sum(x)` is
-//!   subtracted: the nibble offset of 8 taken out once per block.
+//! - VNNI `vpdpbusd` (512-bit, 16 outputs per register) multiplies
+//!   unsigned by signed bytes with no i16 step: Q8_0 weights are stored as
+//!   `w + 128` and Q4_0 nibbles (0..15) enter as they are; the int32 lane
+//!   starts at `-128 * sum(x)` or `-8 * sum(x)` to take the offset out.
+//! - AVX2 `vpmaddubsw` (256-bit, 8 outputs, so a group is two halves)
+//!   sums pairs in i16, so a Q8_0 weight enters as |w| and the activation
+//!   takes w's sign (`vpsignb`); pair sums stay below i16's limit
+//!   (2 * 128 * 127 < 32767). Q4_0 nibbles enter unsigned, offset as above.
+//!
+//! The SIMD functions run past 80 lines where splitting them would cost
+//! registers (exempt per the style guide's SIMD note).
 
 use std::arch::x86_64::*;
 
-use super::block::{BlockQ4_0, BlockQ8_0, QK};
-use super::matrix::{Activations, GROUP};
+use super::block::QK;
+use super::matrix::Activations;
+use super::packed::{lines_per_block, Line, GROUP};
+use super::QuantKind;
 
-/// Activation rows per pass over a group's weights (registers: 8 weight
-/// blocks + 4 accumulators + temporaries fit AVX2's 16).
+/// Activation rows per pass over a group's lines.
 const ROWS: usize = 4;
 
-/// How one kernel multiplies a weight block by an activation block.
-trait Dot {
-    type Block;
-    /// Subtracted per block as `OFFSET * sum(x)`.
-    const OFFSET: i32;
-    /// The block's f16 scale bits.
-    fn scale_bits(b: &Self::Block) -> u16;
-    /// The weight operand, 32 bytes.
-    unsafe fn prep(b: &Self::Block) -> __m256i;
-    /// 8 int32 partial sums of the block's 32 products.
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
+/// 4 activation bytes (quants `4q..4q+4` of block `i`) as one i32.
+#[inline(always)]
+unsafe fn x4(act: &Activations, i: usize, q: usize) -> i32 {
+    // SAFETY: `run` checked act.qs holds every row's blocks.
+    act.qs
+        .as_ptr()
+        .add(i * QK + q * 4)
+        .cast::<i32>()
+        .read_unaligned()
 }
 
-struct Q8Avx2;
+/// One kernel: rows `r0..r0 + R` of a group into `acc[r0..r0 + R]`.
+trait Kernel {
+    const KIND: QuantKind;
+    unsafe fn rows<const R: usize>(
+        lines: &[Line],
+        act: &Activations,
+        r0: usize,
+        acc: &mut [[f32; GROUP]],
+    );
+}
+
 struct Q8Vnni;
-struct Q4Avx2;
 struct Q4Vnni;
+struct Q8Avx2;
+struct Q4Avx2;
 
+/// `sums[r] += (dw * d_x) * f32(dots[r])` per lane, 16 lanes.
 #[inline(always)]
-unsafe fn load_q8(b: &BlockQ8_0) -> __m256i {
-    _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
+unsafe fn scale_add_512<const R: usize>(
+    sums: &mut [__m512; R],
+    dots: &[__m512i; R],
+    scales: *const Line,
+    act: &Activations,
+    r0: usize,
+    b: usize,
+) {
+    let dw = _mm512_load_ps(scales.cast::<f32>());
+    for r in 0..R {
+        let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d[(r0 + r) * act.nb + b]));
+        sums[r] = _mm512_add_ps(sums[r], _mm512_mul_ps(_mm512_cvtepi32_ps(dots[r]), scale));
+    }
 }
 
-/// Q4_0's 16 bytes to 32 unsigned nibbles: low nibbles are values 0..16,
-/// high nibbles 16..32.
+/// The int32 lanes' starting values: `-offset * sum(x)` of each row's block.
 #[inline(always)]
-unsafe fn load_q4(b: &BlockQ4_0) -> __m256i {
-    let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-    let mask = _mm_set1_epi8(15);
-    let lo = _mm_and_si128(q, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-    _mm256_set_m128i(hi, lo)
+unsafe fn start_512<const R: usize>(
+    act: &Activations,
+    r0: usize,
+    b: usize,
+    offset: i32,
+) -> [__m512i; R] {
+    std::array::from_fn(|r| _mm512_set1_epi32(-offset * act.sum[(r0 + r) * act.nb + b]))
 }
 
+impl Kernel for Q8Vnni {
+    const KIND: QuantKind = QuantKind::Q8_0;
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        lines: &[Line],
+        act: &Activations,
+        r0: usize,
+        acc: &mut [[f32; GROUP]],
+    ) {
+        let nb = act.nb;
+        let mut sums = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let line = lines.as_ptr().add(b * (QK / 4 + 1));
+            let mut dots = start_512::<R>(act, r0, b, 128);
+            for q in 0..QK / 4 {
+                let w = _mm512_load_si512(line.add(q).cast::<__m512i>());
+                for (r, dot) in dots.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32(x4(act, (r0 + r) * nb + b, q));
+                    *dot = _mm512_dpbusd_epi32(*dot, w, x);
+                }
+            }
+            scale_add_512(&mut sums, &dots, line.add(QK / 4), act, r0, b);
+        }
+        for (r, sum) in sums.iter().enumerate() {
+            _mm512_storeu_ps(acc[r0 + r].as_mut_ptr(), *sum);
+        }
+    }
+}
+
+impl Kernel for Q4Vnni {
+    const KIND: QuantKind = QuantKind::Q4_0;
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        lines: &[Line],
+        act: &Activations,
+        r0: usize,
+        acc: &mut [[f32; GROUP]],
+    ) {
+        let nb = act.nb;
+        let mask = _mm512_set1_epi8(15);
+        let mut sums = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let line = lines.as_ptr().add(b * (QK / 8 + 1));
+            let mut dots = start_512::<R>(act, r0, b, 8);
+            for j in 0..QK / 8 {
+                let raw = _mm512_load_si512(line.add(j).cast::<__m512i>());
+                let lo = _mm512_and_si512(raw, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
+                for (r, dot) in dots.iter_mut().enumerate() {
+                    let i = (r0 + r) * nb + b;
+                    let xl = _mm512_set1_epi32(x4(act, i, j));
+                    let xh = _mm512_set1_epi32(x4(act, i, j + QK / 8));
+                    *dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*dot, lo, xl), hi, xh);
+                }
+            }
+            scale_add_512(&mut sums, &dots, line.add(QK / 8), act, r0, b);
+        }
+        for (r, sum) in sums.iter().enumerate() {
+            _mm512_storeu_ps(acc[r0 + r].as_mut_ptr(), *sum);
+        }
+    }
+}
+
+/// AVX2: `sums[r] += (dw * d_x) * f32(dots[r])` per lane, 8 lanes (half `h`).
+#[inline(always)]
+unsafe fn scale_add_256<const R: usize>(
+    sums: &mut [__m256; R],
+    dots: &[__m256i; R],
+    scales: *const Line,
+    h: usize,
+    act: &Activations,
+    (r0, b): (usize, usize),
+) {
+    let dw = _mm256_load_ps(scales.cast::<f32>().add(h * 8));
+    for r in 0..R {
+        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d[(r0 + r) * act.nb + b]));
+        sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(dots[r]), scale));
+    }
+}
+
+/// AVX2 `vpmaddubsw` then `vpmaddwd` by ones: 8 int32 sums of 4 products.
 #[inline(always)]
 unsafe fn maddubs(u: __m256i, s: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
 
-impl Dot for Q8Avx2 {
-    type Block = BlockQ8_0;
-    const OFFSET: i32 = 0;
-    fn scale_bits(b: &BlockQ8_0) -> u16 {
-        b.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(b: &BlockQ8_0) -> __m256i {
-        load_q8(b)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        maddubs(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-    }
-}
-
-impl Dot for Q8Vnni {
-    type Block = BlockQ8_0;
-    const OFFSET: i32 = 128;
-    fn scale_bits(b: &BlockQ8_0) -> u16 {
-        b.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(b: &BlockQ8_0) -> __m256i {
-        _mm256_xor_si256(load_q8(b), _mm256_set1_epi8(-128))
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-    }
-}
-
-impl Dot for Q4Avx2 {
-    type Block = BlockQ4_0;
-    const OFFSET: i32 = 8;
-    fn scale_bits(b: &BlockQ4_0) -> u16 {
-        b.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(b: &BlockQ4_0) -> __m256i {
-        load_q4(b)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        maddubs(w, x)
-    }
-}
-
-impl Dot for Q4Vnni {
-    type Block = BlockQ4_0;
-    const OFFSET: i32 = 8;
-    fn scale_bits(b: &BlockQ4_0) -> u16 {
-        b.d.to_bits()
-    }
-    #[inline(always)]
-    unsafe fn prep(b: &BlockQ4_0) -> __m256i {
-        load_q4(b)
-    }
-    #[inline(always)]
-    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-    }
-}
-
-/// 8 registers of 8 int32 partials -> one register of their 8 totals
-/// (exact: |total| <= 32 * 128 * 255 fits i32).
+/// Half `h` of line `l` (outputs `8h..8h + 8`).
 #[inline(always)]
-unsafe fn reduce8(p: &[__m256i; GROUP]) -> __m256i {
-    let a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    let b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    // a = [t0 t1 t2 t3 | u0 u1 u2 u3] (t: lanes 0..4, u: lanes 4..8), b likewise for 4..8.
-    let lo = _mm256_permute2x128_si256(a, b, 0x20);
-    let hi = _mm256_permute2x128_si256(a, b, 0x31);
-    _mm256_add_epi32(lo, hi)
+unsafe fn half(l: *const Line, h: usize) -> __m256i {
+    _mm256_load_si256(l.cast::<__m256i>().add(h))
 }
 
-/// Rows `r0..r0 + R` of the group: `acc[r][j] = sum over blocks b of
-/// (d_w * d_x) * dot`, f32 multiply then add, blocks in order.
-#[inline(always)]
-unsafe fn rows<D: Dot, const R: usize>(
-    w: &[D::Block],
-    act: &Activations,
-    r0: usize,
-    acc: &mut [[f32; GROUP]],
-) {
-    let nb = act.nb;
-    let mut sums = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        let wv: [__m256i; GROUP] = std::array::from_fn(|j| D::prep(&w[j * nb + b]));
-        let bits: [u16; GROUP] = std::array::from_fn(|j| D::scale_bits(&w[j * nb + b]));
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
-        for (r, sum) in sums.iter_mut().enumerate() {
-            let i = (r0 + r) * nb + b;
-            // SAFETY (of the load): `run` checked act.qs holds every row.
-            let x = _mm256_loadu_si256(act.qs.as_ptr().add(i * QK) as *const __m256i);
-            let p: [__m256i; GROUP] = std::array::from_fn(|j| D::dot(wv[j], x));
-            let mut s = reduce8(&p);
-            if D::OFFSET != 0 {
-                s = _mm256_sub_epi32(s, _mm256_set1_epi32(D::OFFSET * act.sum[i]));
+impl Kernel for Q8Avx2 {
+    const KIND: QuantKind = QuantKind::Q8_0;
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        lines: &[Line],
+        act: &Activations,
+        r0: usize,
+        acc: &mut [[f32; GROUP]],
+    ) {
+        let nb = act.nb;
+        let flip = _mm256_set1_epi8(-128);
+        for h in 0..2 {
+            let mut sums = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let line = lines.as_ptr().add(b * (QK / 4 + 1));
+                let mut dots = [_mm256_setzero_si256(); R];
+                for q in 0..QK / 4 {
+                    let w = _mm256_xor_si256(half(line.add(q), h), flip);
+                    let aw = _mm256_sign_epi8(w, w);
+                    for (r, dot) in dots.iter_mut().enumerate() {
+                        let x = _mm256_set1_epi32(x4(act, (r0 + r) * nb + b, q));
+                        let p = maddubs(aw, _mm256_sign_epi8(x, w));
+                        *dot = _mm256_add_epi32(*dot, p);
+                    }
+                }
+                scale_add_256(&mut sums, &dots, line.add(QK / 4), h, act, (r0, b));
             }
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d[i]));
-            *sum = _mm256_add_ps(*sum, _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
+            for (r, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(acc[r0 + r].as_mut_ptr().add(h * 8), *sum);
+            }
         }
     }
-    for (r, sum) in sums.iter().enumerate() {
-        _mm256_storeu_ps(acc[r0 + r].as_mut_ptr(), *sum);
+}
+
+impl Kernel for Q4Avx2 {
+    const KIND: QuantKind = QuantKind::Q4_0;
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        lines: &[Line],
+        act: &Activations,
+        r0: usize,
+        acc: &mut [[f32; GROUP]],
+    ) {
+        let nb = act.nb;
+        let mask = _mm256_set1_epi8(15);
+        for h in 0..2 {
+            let mut sums = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let line = lines.as_ptr().add(b * (QK / 8 + 1));
+                let mut dots: [__m256i; R] =
+                    std::array::from_fn(|r| _mm256_set1_epi32(-8 * act.sum[(r0 + r) * nb + b]));
+                for j in 0..QK / 8 {
+                    let raw = half(line.add(j), h);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    for (r, dot) in dots.iter_mut().enumerate() {
+                        let i = (r0 + r) * nb + b;
+                        let xl = _mm256_set1_epi32(x4(act, i, j));
+                        let xh = _mm256_set1_epi32(x4(act, i, j + QK / 8));
+                        let p = _mm256_add_epi32(maddubs(lo, xl), maddubs(hi, xh));
+                        *dot = _mm256_add_epi32(*dot, p);
+                    }
+                }
+                scale_add_256(&mut sums, &dots, line.add(QK / 8), h, act, (r0, b));
+            }
+            for (r, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(acc[r0 + r].as_mut_ptr().add(h * 8), *sum);
+            }
+        }
     }
 }
 
-/// Every row of `acc` (one per activation row) for the group whose
-/// weights are `w` (8 outputs' blocks, row-major).
+/// Every row of `acc` (one per activation row) for the group whose lines
+/// are `lines`, `ROWS` rows per pass.
 #[inline(always)]
-unsafe fn run<D: Dot>(w: &[D::Block], act: &Activations, acc: &mut [[f32; GROUP]]) {
-    let m = acc.len();
-    assert_eq!(w.len(), GROUP * act.nb, "weight blocks of a group");
+unsafe fn run<K: Kernel>(lines: &[Line], act: &Activations, acc: &mut [[f32; GROUP]]) {
+    let (m, nb) = (acc.len(), act.nb);
+    assert_eq!(
+        lines.len(),
+        lines_per_block(K::KIND) * nb,
+        "a group's lines"
+    );
     assert!(
-        act.qs.len() >= m * act.nb * QK,
-        "activation quants of {m} rows"
+        act.qs.len() >= m * nb * QK && act.d.len() >= m * nb && act.sum.len() >= m * nb,
+        "activations of {m} rows"
     );
     let mut r0 = 0;
     while r0 + ROWS <= m {
-        rows::<D, ROWS>(w, act, r0, acc);
+        K::rows::<ROWS>(lines, act, r0, acc);
         r0 += ROWS;
     }
     match m - r0 {
-        1 => rows::<D, 1>(w, act, r0, acc),
-        2 => rows::<D, 2>(w, act, r0, acc),
-        3 => rows::<D, 3>(w, act, r0, acc),
+        1 => K::rows::<1>(lines, act, r0, acc),
+        2 => K::rows::<2>(lines, act, r0, acc),
+        3 => K::rows::<3>(lines, act, r0, acc),
         _ => {}
     }
 }
 
 /// # Safety
-/// The CPU has AVX2 and F16C.
-#[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q8_avx2(w: &[BlockQ8_0], act: &Activations, acc: &mut [[f32; GROUP]]) {
-    run::<Q8Avx2>(w, act, acc)
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q8_avx2(lines: &[Line], act: &Activations, acc: &mut [[f32; GROUP]]) {
+    run::<Q8Avx2>(lines, act, acc)
 }
 
 /// # Safety
-/// The CPU has AVX2 and F16C.
-#[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q4_avx2(w: &[BlockQ4_0], act: &Activations, acc: &mut [[f32; GROUP]]) {
-    run::<Q4Avx2>(w, act, acc)
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q4_avx2(lines: &[Line], act: &Activations, acc: &mut [[f32; GROUP]]) {
+    run::<Q4Avx2>(lines, act, acc)
 }
 
 /// # Safety
-/// The CPU has AVX2, F16C, AVX-512F, AVX-512VL and AVX-512 VNNI.
-#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn q8_vnni(w: &[BlockQ8_0], act: &Activations, acc: &mut [[f32; GROUP]]) {
-    run::<Q8Vnni>(w, act, acc)
+/// The CPU has AVX-512F and AVX-512 VNNI.
+#[target_feature(enable = "avx2,avx512f,avx512vnni")]
+pub(super) unsafe fn q8_vnni(lines: &[Line], act: &Activations, acc: &mut [[f32; GROUP]]) {
+    run::<Q8Vnni>(lines, act, acc)
 }
 
 /// # Safety
-/// The CPU has AVX2, F16C, AVX-512F, AVX-512VL and AVX-512 VNNI.
-#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn q4_vnni(w: &[BlockQ4_0], act: &Activations, acc: &mut [[f32; GROUP]]) {
-    run::<Q4Vnni>(w, act, acc)
+/// The CPU has AVX-512F, AVX-512BW (nibble shifts) and AVX-512 VNNI.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn q4_vnni(lines: &[Line], act: &Activations, acc: &mut [[f32; GROUP]]) {
+    run::<Q4Vnni>(lines, act, acc)
 }
