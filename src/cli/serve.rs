@@ -55,7 +55,19 @@ pub struct ServeArgs {
     /// keep-alive connections).
     #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
     header_read_timeout: u64,
-    /// Seconds a request may take.
+    /// Seconds a client gets to send a request's body once its headers
+    /// are in (408 beyond).
+    #[arg(long, env = "GPT_SERVE_BODY_READ_TIMEOUT", default_value_t = 30)]
+    body_read_timeout: u64,
+    /// Seconds a response write may make no progress (a client that stopped
+    /// reading) before the connection is closed.
+    #[arg(long, env = "GPT_SERVE_WRITE_TIMEOUT", default_value_t = 30)]
+    write_timeout: u64,
+    /// Bytes of request bodies being received at once, all connections
+    /// together (each counts its Content-Length); beyond, 503 before reading.
+    #[arg(long, env = "GPT_SERVE_MAX_BUFFERED_BODY_BYTES", default_value_t = 64 << 20)]
+    max_buffered_body_bytes: usize,
+    /// Seconds a request may take, counted from its arrival.
     #[arg(long, env = "GPT_SERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout: u64,
     /// Clamp max_tokens to the context window instead of answering 400.
@@ -197,6 +209,9 @@ fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
         body_limit: a.body_limit,
         max_connections: a.max_connections,
         header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
+        body_read_timeout: std::time::Duration::from_secs(a.body_read_timeout),
+        write_timeout: std::time::Duration::from_secs(a.write_timeout),
+        max_buffered_body_bytes: a.max_buffered_body_bytes,
     })
 }
 

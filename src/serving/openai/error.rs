@@ -30,6 +30,8 @@ pub enum ApiError {
     NoRoute { path: String },
     /// 413: the body is larger than `--body-limit`.
     TooLarge,
+    /// 408: the body did not arrive within `--body-read-timeout`.
+    BodyTimeout { secs: u64 },
     /// 415: the body says it is not JSON.
     NotJson { mime: String },
     /// 429 `overloaded`: every decoding and queue slot is taken.
@@ -56,6 +58,7 @@ impl ApiError {
             Self::Invalid { .. } | Self::ContextLength { .. } => 400,
             Self::Unauthorized => 401,
             Self::ModelNotFound { .. } | Self::NoRoute { .. } => 404,
+            Self::BodyTimeout { .. } => 408,
             Self::TooLarge => 413,
             Self::NotJson { .. } => 415,
             Self::Overloaded { .. } => 429,
@@ -104,6 +107,9 @@ impl ApiError {
                 format!("model `{asked}` is not served here; this server serves `{served}`")
             }
             Self::NoRoute { path } => format!("no endpoint at `{path}`"),
+            Self::BodyTimeout { secs } => {
+                format!("the request body did not arrive within {secs}s (--body-read-timeout)")
+            }
             Self::TooLarge => {
                 "request body is larger than the server's limit (--body-limit)".into()
             }

@@ -4,15 +4,21 @@
 //! new connection gets a 503 and is closed). Graceful shutdown stops
 //! accepting and lets open connections finish their requests.
 //!
-//! `axum::serve` offers neither bound, hence this loop.
+//! A write that makes no progress for `write_timeout` (a client that
+//! stopped reading) ends the connection: see [`WriteTimeout`].
+//!
+//! `axum::serve` offers none of these bounds, hence this loop.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -52,7 +58,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let io = WriteTimeout::new(stream, opts.write_timeout);
+        let conn = http.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -80,4 +87,127 @@ async fn refuse(mut stream: TcpStream) {
     );
     let _ = stream.write_all((head + &body).as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// A connection whose writes fail with `TimedOut` once one has been
+/// pending (the peer's receive window full) for `limit`: hyper has no
+/// write timeout, and a client that never reads would otherwise hold its
+/// connection, and the response behind it, for as long as it likes.
+struct WriteTimeout<S> {
+    inner: S,
+    limit: std::time::Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, limit: std::time::Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes `ready` through, starting the stall clock on `Pending` and
+    /// failing once it runs out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ready: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if ready.is_ready() {
+            self.stalled = None;
+            return ready;
+        }
+        let limit = self.limit;
+        let clock = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match clock.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for --write-timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let ready = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, ready)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let ready = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, ready)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let ready = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, ready)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let ready = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_fails_at_the_write_timeout() {
+        // An in-memory pipe with a 1 KiB buffer that nobody reads.
+        let (ours, _peer) = tokio::io::duplex(1024);
+        let mut io = WriteTimeout::new(ours, Duration::from_millis(200));
+        let wrote = tokio::time::timeout(Duration::from_secs(10), io.write_all(&[0; 4096])).await;
+        let err = wrote.expect("the write hung past its timeout").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn writes_the_peer_reads_slowly_never_time_out() {
+        use tokio::io::AsyncReadExt;
+        let (ours, mut peer) = tokio::io::duplex(1024);
+        let mut io = WriteTimeout::new(ours, Duration::from_millis(300));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0; 512];
+            let mut total = 0;
+            while total < 8192 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                total += peer.read(&mut buf).await.unwrap();
+            }
+        });
+        io.write_all(&[0; 8192])
+            .await
+            .expect("progress resets the clock");
+        reader.await.unwrap();
+    }
 }

@@ -57,6 +57,15 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// A client must send a request's headers within this time.
     pub header_read_timeout: Duration,
+    /// A client must send a request's body within this time (408 beyond).
+    pub body_read_timeout: Duration,
+    /// A write of the response that makes no progress for this long closes
+    /// the connection (a client that stopped reading).
+    pub write_timeout: Duration,
+    /// Request bodies being received, all together, hold at most this many
+    /// bytes (each counts its Content-Length, or `body_limit` without
+    /// one); beyond, 503 before the body is read.
+    pub max_buffered_body_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -70,6 +79,9 @@ impl Default for ServeOptions {
             body_limit: 1 << 20,
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_buffered_body_bytes: 64 << 20,
         }
     }
 }
@@ -96,6 +108,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub opts: ServeOptions,
     limiter: Arc<Semaphore>,
+    /// Bytes of request bodies being received (`max_buffered_body_bytes`).
+    body_budget: Arc<Semaphore>,
     created: u64,
 }
 
@@ -134,8 +148,11 @@ pub fn build(
         tokenizer,
         limits,
         metrics,
-        opts,
         limiter: Arc::new(Semaphore::new(permits)),
+        body_budget: Arc::new(Semaphore::new(
+            opts.max_buffered_body_bytes.min(u32::MAX as usize),
+        )),
+        opts,
         created: now(),
     })))
 }
@@ -195,6 +212,18 @@ impl AppState {
             .clone()
             .try_acquire_many_owned(n_seq as u32)
             .map_err(|_| ApiError::Overloaded { capacity })
+    }
+
+    /// One slot for a /tokenize or /detokenize request, or 429: their
+    /// tokenizer work counts against the same capacity as sequences.
+    fn admit_one(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.0
+            .limiter
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded {
+                capacity: self.capacity(),
+            })
     }
 
     /// Tokenizes the prompts on a blocking thread.
@@ -264,6 +293,32 @@ impl AppState {
     }
 }
 
+/// Runs tokenizer work off the async workers holding an admission slot;
+/// work still queued for a blocking thread when the client leaves (the
+/// handler is dropped) is skipped. Started work runs to its end, bounded
+/// by the endpoint's size limits, and keeps its slot until then.
+async fn cancellable<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    struct CancelOnDrop(Arc<AtomicBool>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let guard = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+    let cancelled = guard.0.clone();
+    let done = blocking(move || {
+        let _permit = permit;
+        (!cancelled.load(Ordering::SeqCst)).then(f)
+    })
+    .await?;
+    done.ok_or_else(|| ApiError::Internal {
+        message: "cancelled".into(),
+    })
+}
+
 /// Runs CPU work (tokenizing) off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -295,33 +350,81 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The request body as bytes, with size and read errors as OpenAI errors.
-pub struct Body(pub Bytes);
+/// A request body, read whole, and the share of the body budget it holds
+/// until the handler drops it (right after parsing).
+pub struct Body {
+    pub bytes: Bytes,
+    _budget: OwnedSemaphorePermit,
+}
 
-impl<S: Send + Sync> FromRequest<S> for Body {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        // A body that says it is not JSON is refused before it is read: a
-        // web page can post `text/plain` to a keyless local server without
-        // a CORS preflight. (No content type at all is read as JSON.)
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-            let mime = ct.split(';').next().unwrap_or("").trim();
-            if mime != "application/json" && !mime.ends_with("+json") {
-                return Err(ApiError::NotJson {
-                    mime: mime.to_string(),
-                });
-            }
+impl AppState {
+    /// Reads a request's body, refusing before reading what cannot be
+    /// served: a non-JSON content type (415), a full server (429), a
+    /// declared length over `--body-limit` (413), bodies in transit over
+    /// `--max-buffered-body-bytes` (503); and a body slower than
+    /// `--body-read-timeout` (408).
+    async fn read_body(&self, req: Request) -> Result<Body, ApiError> {
+        check_json(req.headers())?;
+        if self.0.limiter.available_permits() == 0 {
+            return Err(ApiError::Overloaded {
+                capacity: self.capacity(),
+            });
         }
-        match Bytes::from_request(req, state).await {
-            Ok(b) => Ok(Body(b)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge),
-            Err(e) => Err(ApiError::invalid(
+        let budget = self.reserve_body(req.headers())?;
+        let wait = self.0.opts.body_read_timeout;
+        let read = tokio::time::timeout(wait, Bytes::from_request(req, &()));
+        match read.await {
+            Err(_) => Err(ApiError::BodyTimeout {
+                secs: wait.as_secs(),
+            }),
+            Ok(Ok(bytes)) => Ok(Body {
+                bytes,
+                _budget: budget,
+            }),
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge),
+            Ok(Err(e)) => Err(ApiError::invalid(
                 "",
                 format!("cannot read the request body: {e}"),
             )),
         }
     }
+
+    /// The body's share of the budget: its declared length, or the body
+    /// limit when it declares none.
+    fn reserve_body(&self, headers: &HeaderMap) -> Result<OwnedSemaphorePermit, ApiError> {
+        let limit = self.0.opts.body_limit;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::TooLarge);
+        }
+        let total = self.0.opts.max_buffered_body_bytes.min(u32::MAX as usize);
+        let want = declared.map_or(limit, |n| n as usize).min(total) as u32;
+        self.0
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(want)
+            .map_err(|_| ApiError::Unavailable {
+                message: "too many request bodies are being received (--max-buffered-body-bytes); retry shortly",
+            })
+    }
+}
+
+/// A body that says it is not JSON is refused before it is read: a web
+/// page can post `text/plain` to a keyless local server without a CORS
+/// preflight. (No content type at all is read as JSON.)
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return Err(ApiError::NotJson {
+                mime: mime.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[derive(OpenApi)]
@@ -480,15 +583,28 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid("", format!("invalid request: {e}")))
 }
 
-#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn tokenize(
     State(st): State<AppState>,
-    Body(body): Body,
+    req: Request,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let req: TokenizeRequest = parse(&body)?;
+    let req: TokenizeRequest = parse(&st.read_body(req).await?.bytes)?;
     check_model(&st, &req.model)?;
+    let limits = &st.0.limits;
+    let max = limits.max_prompt_bytes();
+    if req.prompt.len() > max {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "prompt is {} bytes; /tokenize takes at most {max} (what the {}-token context window can hold)",
+                req.prompt.len(),
+                limits.block_size
+            ),
+        ));
+    }
+    let permit = st.admit_one()?;
     let tok = st.0.tokenizer.clone();
-    let tokens = blocking(move || tok.encode(&req.prompt))
+    let tokens = cancellable(permit, move || tok.encode(&req.prompt))
         .await?
         .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
     Ok(Json(TokenizeResponse {
@@ -498,36 +614,58 @@ async fn tokenize(
     }))
 }
 
-#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn detokenize(
     State(st): State<AppState>,
-    Body(body): Body,
+    req: Request,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let req: DetokenizeRequest = parse(&body)?;
+    let req: DetokenizeRequest = parse(&st.read_body(req).await?.bytes)?;
     check_model(&st, &req.model)?;
-    let vocab = st.0.limits.vocab_size;
-    if let Some(t) = req.tokens.iter().find(|t| **t as usize >= vocab) {
-        return Err(ApiError::invalid(
-            "tokens",
-            format!("token id {t} is outside the vocabulary (0..{vocab})"),
-        ));
-    }
+    check_detokenize(&st.0.limits, &req.tokens)?;
+    let permit = st.admit_one()?;
     let tok = st.0.tokenizer.clone();
-    let prompt = blocking(move || tok.decode(&req.tokens))
+    let prompt = cancellable(permit, move || tok.decode(&req.tokens))
         .await?
         .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
     Ok(Json(DetokenizeResponse { prompt }))
+}
+
+/// At most a context window of ids, each in the vocabulary: the text is
+/// then at most `max_prompt_bytes` (a window of the longest token), where
+/// unbounded ids of a long token multiplied the body many times over.
+fn check_detokenize(limits: &Limits, tokens: &[u32]) -> Result<(), ApiError> {
+    let (block, vocab) = (limits.block_size, limits.vocab_size);
+    if tokens.len() > block {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "{} token ids; /detokenize takes at most {block} (the context window; output at most {} bytes)",
+                tokens.len(),
+                limits.max_prompt_bytes()
+            ),
+        ));
+    }
+    match tokens.iter().find(|t| **t as usize >= vocab) {
+        Some(t) => Err(ApiError::invalid(
+            "tokens",
+            format!("token id {t} is outside the vocabulary (0..{vocab})"),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, description = "A completion, or server-sent events of chunks with the same shape ending in `data: [DONE]`", body = CompletionResponse),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
               (status = 429, body = ErrorBody), (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
-async fn completions(State(st): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+async fn completions(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    // The deadline counts from the request's arrival, body read included.
     let timeout = st.0.opts.request_timeout;
     let deadline = Instant::now() + timeout;
     st.check_ready()?;
-    let checked = parse_request(&body)?.validate(&st.0.limits)?;
+    let body = st.read_body(req).await?;
+    let checked = parse_request(&body.bytes)?.validate(&st.0.limits)?;
+    drop(body);
     let permit = st.admit(&checked)?;
     let v = Arc::new(st.tokenize(checked).await?);
     let comp = st.submit(v.clone(), permit, deadline)?;
