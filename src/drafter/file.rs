@@ -23,7 +23,18 @@ pub enum DrafterError {
         found: usize,
         expected: usize,
     },
+    #[error("drafter file {path}: {field} {msg}")]
+    Field {
+        path: String,
+        field: &'static str,
+        msg: String,
+    },
 }
+
+/// The longest draft chain a drafter file may ask for: a verify step's
+/// rows are bounded by the engine's row budget (64 by default), and each
+/// sequence allocates per drafted row.
+pub const MAX_K_MAX: usize = 64;
 
 impl Drafter {
     pub fn save(&self, path: &Path) -> Result<(), DrafterError> {
@@ -82,8 +93,61 @@ impl Drafter {
             path: p.clone(),
             msg: e.to_string(),
         })?;
+        d.check_fields()
+            .map_err(|(field, msg)| DrafterError::Field {
+                path: p,
+                field,
+                msg,
+            })?;
         d.index();
         Ok(d)
+    }
+}
+
+impl Drafter {
+    /// The fields a file could set out of range, each checked against the
+    /// limit it must keep: a class id outside the vocabulary would fail
+    /// every sequence in a batch, a huge `k_max` would allocate per request.
+    fn check_fields(&self) -> Result<(), (&'static str, String)> {
+        let vocab = self.vocab_size;
+        if let Some((i, t)) = self
+            .classes
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return Err((
+                "classes",
+                format!("[{i}] = {t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if !(1..=MAX_K_MAX).contains(&self.k_max) {
+            return Err((
+                "k_max",
+                format!("is {}; it must be 1..={MAX_K_MAX}", self.k_max),
+            ));
+        }
+        if self.word_start.len() != vocab {
+            let n = self.word_start.len();
+            return Err((
+                "word_start",
+                format!("has {n} entries; the vocabulary has {vocab}"),
+            ));
+        }
+        let unit = |field: &'static str, x: f32| match (0.0..=1.0).contains(&x) {
+            true => Ok(()),
+            false => Err((field, format!("is {x}; it must be a probability in 0..=1"))),
+        };
+        unit("threshold", self.threshold)?;
+        unit("sibling_floor", self.sibling_floor)?;
+        if !(self.sample_sharpness.is_finite() && self.sample_sharpness > 0.0) {
+            let s = self.sample_sharpness;
+            return Err((
+                "sample_sharpness",
+                format!("is {s}; it must be finite and > 0"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -184,5 +248,44 @@ mod tests {
             e.contains("missing.json") && e.contains("cannot be read"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_drafter_field_out_of_range_is_refused_at_load_naming_the_field_and_the_limit() {
+        let d = small_drafter();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("drafter.json");
+        d.save(&path).unwrap();
+        let good: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let cases: [(&str, serde_json::Value, &str); 5] = [
+            (
+                "classes",
+                serde_json::json!([0, 1, 40]),
+                "[2] = 40 is outside the vocabulary of 40",
+            ),
+            ("k_max", 1_000_000.into(), "must be 1..=64"),
+            (
+                "word_start",
+                serde_json::json!([true]),
+                "has 1 entries; the vocabulary has 40",
+            ),
+            ("threshold", 1.5.into(), "a probability in 0..=1"),
+            ("sample_sharpness", 0.0.into(), "finite and > 0"),
+        ];
+        for (field, value, want) in cases {
+            let mut v = good.clone();
+            v[field] = value;
+            if field == "classes" {
+                // Keep the class count the trees were fitted for.
+                let n = good["classes"].as_array().unwrap().len();
+                let mut c: Vec<u32> = (0..n as u32).collect();
+                c[2] = 40;
+                v[field] = serde_json::json!(c);
+            }
+            std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+            let e = load_err(&path, 40);
+            assert!(e.contains(field) && e.contains(want), "{field}: {e}");
+        }
     }
 }

@@ -12,15 +12,16 @@
 //! the sequence; then the events become a JSON body or a stream
 //! ([`completion`]). Every wait is bounded by the request's deadline.
 
+mod body;
 mod completion;
 mod listen;
+mod openapi;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -31,7 +32,6 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use utoipa::OpenApi;
 
 use crate::checkpoint::Loaded;
 use crate::drafter::Drafter;
@@ -39,8 +39,10 @@ use crate::serving::engine::{Engine, EngineConfig, Job, EVENT_BUFFER};
 use crate::serving::metrics::Metrics;
 use crate::serving::openai::*;
 use crate::tokenizer::Tokenizer;
+pub use body::Body;
 use completion::{ChoiceState, Completion, Delta};
 pub use listen::serve;
+pub use openapi::{openapi_json, openapi_json_for, ApiDoc, DOCUMENTED_MODEL_ID};
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -348,143 +350,6 @@ impl IntoResponse for ApiError {
         }
         resp
     }
-}
-
-/// A request body, read whole, and the share of the body budget it holds
-/// until the handler drops it (right after parsing).
-pub struct Body {
-    pub bytes: Bytes,
-    _budget: OwnedSemaphorePermit,
-}
-
-impl AppState {
-    /// Reads a request's body, refusing before reading what cannot be
-    /// served: a non-JSON content type (415), a full server (429), a
-    /// declared length over `--body-limit` (413), bodies in transit over
-    /// `--max-buffered-body-bytes` (503); and a body slower than
-    /// `--body-read-timeout` (408).
-    async fn read_body(&self, req: Request) -> Result<Body, ApiError> {
-        check_json(req.headers())?;
-        if self.0.limiter.available_permits() == 0 {
-            return Err(ApiError::Overloaded {
-                capacity: self.capacity(),
-            });
-        }
-        let budget = self.reserve_body(req.headers())?;
-        let wait = self.0.opts.body_read_timeout;
-        let read = tokio::time::timeout(wait, Bytes::from_request(req, &()));
-        match read.await {
-            Err(_) => Err(ApiError::BodyTimeout {
-                secs: wait.as_secs(),
-            }),
-            Ok(Ok(bytes)) => Ok(Body {
-                bytes,
-                _budget: budget,
-            }),
-            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge),
-            Ok(Err(e)) => Err(ApiError::invalid(
-                "",
-                format!("cannot read the request body: {e}"),
-            )),
-        }
-    }
-
-    /// The body's share of the budget: its declared length, or the body
-    /// limit when it declares none.
-    fn reserve_body(&self, headers: &HeaderMap) -> Result<OwnedSemaphorePermit, ApiError> {
-        let limit = self.0.opts.body_limit;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::TooLarge);
-        }
-        let total = self.0.opts.max_buffered_body_bytes.min(u32::MAX as usize);
-        let want = declared.map_or(limit, |n| n as usize).min(total) as u32;
-        self.0
-            .body_budget
-            .clone()
-            .try_acquire_many_owned(want)
-            .map_err(|_| ApiError::Unavailable {
-                message: "too many request bodies are being received (--max-buffered-body-bytes); retry shortly",
-            })
-    }
-}
-
-/// A body that says it is not JSON is refused before it is read: a web
-/// page can post `text/plain` to a keyless local server without a CORS
-/// preflight. (No content type at all is read as JSON.)
-fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        let mime = ct.split(';').next().unwrap_or("").trim();
-        if mime != "application/json" && !mime.ends_with("+json") {
-            return Err(ApiError::NotJson {
-                mime: mime.to_string(),
-            });
-        }
-    }
-    Ok(())
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "gpt-serve",
-        description = "OpenAI-compatible completions with speculative cascade decoding"
-    ),
-    paths(completions, list_models, tokenize, detokenize, health, metrics),
-    components(schemas(
-        CompletionRequest,
-        CompletionResponse,
-        Choice,
-        Logprobs,
-        Usage,
-        ErrorBody,
-        ErrorDetail,
-        ModelList,
-        ModelCard,
-        TokenizeRequest,
-        TokenizeResponse,
-        DetokenizeRequest,
-        DetokenizeResponse,
-        Prompt,
-        Stop,
-        StreamOptions
-    ))
-)]
-pub struct ApiDoc;
-
-/// The model id `proto/openapi.json` names: the shipped model's, which
-/// `serve` gives `models/default` by default.
-pub const DOCUMENTED_MODEL_ID: &str = "default";
-
-/// The OpenAPI document of a server serving `models/default` (what
-/// `proto/openapi.json` holds).
-pub fn openapi_json() -> String {
-    openapi_json_for(DOCUMENTED_MODEL_ID)
-}
-
-/// The OpenAPI document of a server whose model id is `model_id`: a
-/// completion request's `model` is that one name (an enum of one), so a
-/// client, or a fuzzer generating requests from the document, sends the
-/// name that reaches the engine instead of an arbitrary string (a 404).
-pub fn openapi_json_for(model_id: &str) -> String {
-    use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
-    use utoipa::openapi::RefOr;
-    let mut doc = ApiDoc::openapi();
-    let request = doc
-        .components
-        .as_mut()
-        .and_then(|c| c.schemas.get_mut("CompletionRequest"));
-    if let Some(RefOr::T(Schema::Object(request))) = request {
-        let model = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some([model_id]));
-        request.properties.insert("model".into(), model.into());
-    }
-    doc.to_pretty_json()
-        .expect("the OpenAPI document serializes")
 }
 
 pub fn router(state: AppState) -> Router {
@@ -804,17 +669,4 @@ async fn pump(
         send(tx, deadline, sse_json(&last)).await?;
     }
     send(tx, deadline, SseEvent::default().data("[DONE]")).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_documented_model_is_the_one_name_a_completion_request_may_carry() {
-        let doc: serde_json::Value = serde_json::from_str(&openapi_json_for("mine")).unwrap();
-        let model = &doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"];
-        assert_eq!(model["enum"], serde_json::json!(["mine"]));
-        assert_eq!(model["type"], "string");
-    }
 }
