@@ -1,5 +1,5 @@
 //! Logits -> token. The only home of randomness, and it is keyed
-//! (DESIGN.md, "Sampling"): the token at absolute position `pos` of stream
+//! (docs/design.md, "Sampling"): the token at absolute position `pos` of stream
 //! (prompt, choice) of a request with seed `seed` is the Gumbel-max sample
 //! `argmax_t (l_t + g_t)`, with `l` the processed log-probabilities
 //! (temperature, top_p, penalties) and `g_t` standard Gumbel noise that

@@ -477,6 +477,7 @@ async fn invalid_requests_get_openai_errors_naming_the_field() {
         .contains("malformed JSON"));
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
+        .header("content-type", "application/json")
         .body(format!(
             "{{\"model\":\"tiny\",\"prompt\":\"{}\"}}",
             "a".repeat(10_000)

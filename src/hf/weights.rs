@@ -80,7 +80,7 @@ fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     files
         .into_iter()
         .map(|f| {
-            let p = dir.join(f);
+            let p = dir.join(shard_name(f)?);
             match p.exists() {
                 true => Ok(p),
                 false => bail!(
@@ -90,6 +90,21 @@ fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             }
         })
         .collect()
+}
+
+/// A shard's name as the index gives it, accepted only as a plain file
+/// name inside the model directory: an absolute path or one with `..` or
+/// a separator could make the import read any file on the machine.
+fn shard_name(f: &str) -> anyhow::Result<&str> {
+    let plain = Path::new(f).components().count() == 1
+        && matches!(
+            Path::new(f).components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    match plain {
+        true => Ok(f),
+        false => bail!("{INDEX_FILE}: weight_map names `{f}`, which is not a file name inside the model directory"),
+    }
 }
 
 impl HfTensors {
@@ -255,5 +270,31 @@ impl HfTensors {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_naming_a_shard_outside_the_model_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.safetensors"), b"").unwrap();
+        for bad in ["../x.safetensors", "/etc/passwd", "sub/x.safetensors", ".."] {
+            let index = serde_json::json!({"weight_map": {"wte.weight": bad}});
+            std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+            let e = weight_files(dir.path()).unwrap_err().to_string();
+            assert!(
+                e.contains(bad) && e.contains("not a file name"),
+                "{bad}: {e}"
+            );
+        }
+        let index = serde_json::json!({"weight_map": {"wte.weight": "x.safetensors"}});
+        std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+        assert_eq!(
+            weight_files(dir.path()).unwrap(),
+            vec![dir.path().join("x.safetensors")]
+        );
     }
 }

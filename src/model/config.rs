@@ -94,6 +94,9 @@ pub fn default_exits(n_layer: usize) -> Vec<Exit> {
     exits
 }
 
+/// The widest model a checkpoint may describe (GPT-2 XL is 1,600).
+pub const MAX_N_EMBD: usize = 1 << 16;
+
 impl Config {
     pub fn preset(name: &str) -> Result<Config, ConfigError> {
         let (n_layer, n_head, n_embd, block_size, vocab_size) = match name {
@@ -143,6 +146,15 @@ impl Config {
         }
         if self.n_head == 0 || self.n_embd == 0 {
             return bad("n_head and n_embd must be positive".into());
+        }
+        // Bounds that keep every size product from a file (vocab_size x
+        // n_embd, 4 n_embd x n_embd, block_size x n_embd) far inside usize,
+        // so no element count wraps in a release build.
+        if self.n_embd > MAX_N_EMBD {
+            return bad(format!(
+                "n_embd must be in 1..={MAX_N_EMBD}, got {}",
+                self.n_embd
+            ));
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
@@ -267,6 +279,15 @@ mod tests {
         let e = default_exits(1);
         assert_eq!(e.len(), 1);
         assert!((e[0].weight - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_width_whose_sizes_could_wrap_is_refused_naming_the_limit() {
+        let mut c = Config::preset("tiny").unwrap();
+        c.n_embd = 1 << 40;
+        c.n_head = 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("n_embd must be in 1..=65536"), "{e}");
     }
 
     #[test]

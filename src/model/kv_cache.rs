@@ -1,6 +1,6 @@
 //! A per-sequence KV cache that can be rolled back to any length.
 //!
-//! Invariant (DESIGN.md): between decode steps every layer holds exactly the
+//! Invariant (docs/design.md, "The KV-cache invariant"): between decode steps every layer holds exactly the
 //! committed tokens except the newest one, the *pending* token, whose output
 //! is not known yet; the next step feeds `[pending, drafts...]` first. During
 //! a step layers may hold different lengths (an exit can drop rows before the

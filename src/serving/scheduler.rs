@@ -1,5 +1,5 @@
 //! Builds each engine iteration's row batch from every active sequence
-//! (DESIGN.md, "The engine: one forward, many rows").
+//! (docs/design.md, "The engine: one forward, many rows").
 //!
 //! A forward has a budget of rows, shared in this order:
 //! 1. every decoding sequence's pending row (one token each; when there are

@@ -15,7 +15,8 @@ pub fn available() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
+        std::env::var_os("GPT_SERVE_NO_AVX2").is_none()
+            && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     })

@@ -2,7 +2,8 @@
 //! `k` split in two halves (16 accumulators, 16 independent FMAs per
 //! weight pair), so a verify step reads each weight once per 4 rows. Also
 //! the f16 row sums, 16 columns at a time. `GPT_SERVE_NO_AVX512` turns
-//! this path off (the AVX2 one then runs).
+//! this path off (the AVX2 one then runs; `GPT_SERVE_NO_AVX2` as well
+//! leaves the portable one, which CI tests that way).
 
 // Register blocks read best as indexed loops (row rr, register j).
 #![allow(clippy::needless_range_loop)]

@@ -60,18 +60,19 @@ pub struct DrafterOptions {
     pub drafter_k_max: usize,
     /// Fit without these feature families (comma-separated: last, tables,
     /// suffix, context, verified): their columns are
-    /// held at zero, so the trees never read them.
-    #[arg(long, value_delimiter = ',')]
+    /// held at zero, so the trees never read them. An ablation flag:
+    /// hidden from `--help`, kept for `docs/benchmarks.md`'s reproductions.
+    #[arg(long, value_delimiter = ',', hide = true)]
     #[serde(default)]
     pub drafter_without: Vec<String>,
     /// Also fit one drafter without each feature family in turn and replay
-    /// it on the val split (the report's `ablation`).
-    #[arg(long)]
+    /// it on the val split (the report's `ablation`). Hidden, as above.
+    #[arg(long, hide = true)]
     #[serde(default)]
     pub drafter_ablation: bool,
     /// Also write the labelled rows (features and soft targets, train and
     /// validation parts) to this JSON file, to compare classifiers on them
-    /// (`examples/drafter_compare.rs`).
+    /// (`research/examples/drafter_compare.rs`).
     #[arg(long)]
     #[serde(default)]
     pub drafter_rows_out: Option<std::path::PathBuf>,
