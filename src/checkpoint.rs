@@ -250,6 +250,24 @@ impl Loaded {
         }
     }
 
+    /// The storage a `--weights` / `--dtype` value names: `auto` is
+    /// [`Loaded::serving_dtype`]; an unknown value is an error listing the
+    /// accepted ones.
+    pub fn weight_dtype(
+        &self,
+        s: &str,
+    ) -> std::result::Result<crate::model::cpu::WeightDtype, String> {
+        match s {
+            "auto" => Ok(self.serving_dtype()),
+            s => s.parse().map_err(|_| {
+                format!(
+                    "unknown --weights value `{s}` (expected one of: auto, {})",
+                    crate::model::cpu::WeightDtype::NAMES.join(", ")
+                )
+            }),
+        }
+    }
+
     /// Builds the model for inference (fused kernels).
     pub fn model(&self, device: &Device) -> Result<Gpt> {
         let path = PathBuf::from(WEIGHTS_FILE);

@@ -24,6 +24,9 @@ pub struct SampleArgs {
     /// Decode without the drafter.
     #[arg(long)]
     pub no_speculate: bool,
+    /// Weight storage, as `serve --weights`: auto, f32, f16, q8_0, q4_0.
+    #[arg(long, alias = "dtype", value_parser = super::serve::WEIGHTS, default_value = "auto")]
+    pub weights: String,
 }
 
 pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
@@ -32,7 +35,10 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         (a.max_tokens, a.temperature, a.seed, a.no_speculate);
     let device = candle_core::Device::Cpu;
     let loaded = checkpoint::load(model, &device)?;
-    let gpt = loaded.cpu(loaded.serving_dtype())?;
+    let dtype = loaded
+        .weight_dtype(&a.weights)
+        .map_err(anyhow::Error::msg)?;
+    let gpt = loaded.cpu(dtype)?;
     let drafter =
         crate::drafter::Drafter::load(&model.join(checkpoint::DRAFTER_FILE), gpt.cfg.vocab_size)
             .ok();

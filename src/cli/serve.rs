@@ -94,9 +94,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
-    /// Weight storage of the CPU inference path: auto (as the checkpoint
-    /// stores them), f32, or f16 (half the memory traffic).
-    #[arg(long, env = "GPT_SERVE_WEIGHTS", value_parser = ["auto", "f32", "f16"], default_value = "auto")]
+    /// Weight storage of the CPU inference path's linear layers: auto (as
+    /// the checkpoint stores them), f32, f16 (half the memory traffic), or
+    /// GGUF's q8_0 / q4_0 (quantized at load; needs n_embd a multiple of 32).
+    #[arg(long, alias = "dtype", env = "GPT_SERVE_WEIGHTS", value_parser = WEIGHTS, default_value = "auto")]
     weights: String,
     /// cpu (the CPU inference path), or cuda[:N] (candle's model on the GPU;
     /// builds with the `cuda` feature).
@@ -104,13 +105,8 @@ pub struct ServeArgs {
     device: String,
 }
 
-fn weight_dtype(s: &str, loaded: &checkpoint::Loaded) -> crate::model::cpu::WeightDtype {
-    match s {
-        "f16" => crate::model::cpu::WeightDtype::F16,
-        "f32" => crate::model::cpu::WeightDtype::F32,
-        _ => loaded.serving_dtype(),
-    }
-}
+/// The values `--weights` (alias `--dtype`) accepts, here and in `sample`.
+pub(crate) const WEIGHTS: [&str; 5] = ["auto", "f32", "f16", "q8_0", "q4_0"];
 
 /// Runs `gpt-serve serve` until SIGTERM, or exits 1 if the engine fails.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -150,7 +146,11 @@ fn engine_config(
     loaded: &checkpoint::Loaded,
 ) -> anyhow::Result<engine::EngineConfig> {
     let backend = match crate::model::device::parse(&a.device)? {
-        candle_core::Device::Cpu => engine::Backend::Cpu(weight_dtype(&a.weights, loaded)),
+        candle_core::Device::Cpu => engine::Backend::Cpu(
+            loaded
+                .weight_dtype(&a.weights)
+                .map_err(anyhow::Error::msg)?,
+        ),
         gpu => engine::Backend::Candle(gpu),
     };
     check_exit_margin(a.exit_margin)?;

@@ -42,6 +42,10 @@ pub struct BenchOptions {
     /// Only the plain decoding figures.
     #[arg(long)]
     pub plain: bool,
+    /// Also time the fast path with this weight storage (q8_0, q4_0; f32
+    /// and f16 always run), and run the speculative figures with it.
+    #[arg(long, alias = "dtype", value_parser = ["f32", "f16", "q8_0", "q4_0"])]
+    pub weights: Option<String>,
     /// Skip the random-weight gpt2-shaped model (slow).
     #[arg(long)]
     pub no_gpt2: bool,
@@ -123,20 +127,25 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<Value> {
 fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(&o.model, &device)?;
-    let model = loaded.cpu(loaded.serving_dtype())?;
-    let mut plain_rows = vec![
-        json!({"model": "served", "backends": plain_backends(&loaded.config.model, &loaded.weights, 128)?}),
-    ];
+    let extra = match &o.weights {
+        Some(s) => Some(loaded.weight_dtype(s).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let model = loaded.cpu(extra.unwrap_or(loaded.serving_dtype()))?;
+    let served = plain_backends(&loaded.config.model, &loaded.weights, 128, extra)?;
+    let mut plain_rows = vec![json!({"model": "served", "backends": served})];
     eprintln!("bench: served model {}", plain_rows[0]);
     if o.plain {
         let (cfg, w) = random_weights("small")?;
-        plain_rows
-            .push(json!({"model": "random small", "backends": plain_backends(&cfg, &w, 128)?}));
+        plain_rows.push(
+            json!({"model": "random small", "backends": plain_backends(&cfg, &w, 128, extra)?}),
+        );
         eprintln!("bench: random small {}", plain_rows[1]);
         if !o.no_gpt2 {
             let (cfg, w) = random_weights("gpt2")?;
-            plain_rows
-                .push(json!({"model": "random gpt2", "backends": plain_backends(&cfg, &w, 32)?}));
+            plain_rows.push(
+                json!({"model": "random gpt2", "backends": plain_backends(&cfg, &w, 32, extra)?}),
+            );
             eprintln!("bench: random gpt2 {}", plain_rows[2]);
         }
     }

@@ -1,6 +1,7 @@
 //! The plain figures of the bench: decode and prefill tokens/s and the
 //! cost of verifying k rows vs one, for one model on each CPU backend
-//! (candle, the fast path with f32 and with f16 weights), and the
+//! (candle, the fast path with f32 and with f16 weights, and with
+//! `--weights` when that is q8_0 or q4_0), and the
 //! random-weight models they are also measured on.
 
 use std::time::Instant;
@@ -99,24 +100,31 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
 }
 
 /// The plain figures of one model's weights on every CPU backend: candle's
-/// model, the fast path with f32 weights and with f16 weights.
+/// model, the fast path with f32 weights and with f16 weights, and with
+/// `extra` weights (`bench --weights`) when that is neither.
 pub fn plain_backends(
     cfg: &Config,
     w: &std::collections::HashMap<String, Tensor>,
     decode_tokens: usize,
+    extra: Option<WeightDtype>,
 ) -> anyhow::Result<Value> {
-    let fast32 = CpuGpt::from_tensors(cfg, w, WeightDtype::F32)?;
-    let fast16 = CpuGpt::from_tensors(cfg, w, WeightDtype::F16)?;
+    let mut out = serde_json::Map::new();
+    let mut dtypes = vec![WeightDtype::F32, WeightDtype::F16];
+    dtypes.extend(extra.filter(|d| !dtypes.contains(d)));
+    for dt in dtypes {
+        let fast = CpuGpt::from_tensors(cfg, w, dt)?;
+        out.insert(
+            format!("fast_{}", dt.name()),
+            plain_figures(&fast, decode_tokens)?,
+        );
+    }
     let gpt = Gpt::new(
         cfg,
         VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
         true,
     )?;
-    Ok(json!({
-        "fast_f32": plain_figures(&fast32, decode_tokens)?,
-        "fast_f16": plain_figures(&fast16, decode_tokens)?,
-        "candle_f32": plain_figures(&gpt, decode_tokens)?,
-    }))
+    out.insert("candle_f32".into(), plain_figures(&gpt, decode_tokens)?);
+    Ok(Value::Object(out))
 }
 
 /// Random weights (seeded) for a preset with one exit.

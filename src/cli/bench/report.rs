@@ -62,8 +62,19 @@ pub fn markdown(result: &Value) -> String {
             r["model"].as_str().unwrap_or(""),
             r["backends"]["fast_f32"]["config"].as_str().unwrap_or("")
         );
-        ["fast_f32", "fast_f16", "candle_f32"]
+        // fast_q8_0 / fast_q4_0 only with `bench --weights`.
+        let names = [
+            "fast_f32",
+            "fast_f16",
+            "fast_q8_0",
+            "fast_q4_0",
+            "candle_f32",
+        ];
+        names
+            .into_iter()
+            .filter(|b| r["backends"].get(b).is_some())
             .map(|b| (format!("| {model} | {b}"), r["backends"][b].clone()))
+            .collect::<Vec<_>>()
     }) {
         s += &format!(
             "{} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",

@@ -1,7 +1,8 @@
 //! The CPU model's weights: the checkpoint's tensors (GPT-2 names, as
 //! [`crate::model::gpt::Gpt`] reads them) converted once at load into the
-//! kernels' layouts, linear layers packed as [`Matrix`] in f32 or f16.
-//! Loading runs in phases: the embeddings, each block, each exit.
+//! kernels' layouts, linear layers packed as [`Matrix`] in f32 or f16, or
+//! quantized to GGUF's Q8_0/Q4_0 as a [`QMatrix`]. Loading runs in phases:
+//! the embeddings, each block, each exit.
 
 use std::collections::HashMap;
 
@@ -12,33 +13,104 @@ use super::CpuGpt;
 use crate::model::config::{Config, ExitHead};
 use crate::model::kernels::{self, Matrix};
 use crate::model::params;
+use crate::model::quant::{QMatrix, QuantKind};
 
-/// Storage of the matrices: f32, or f16 (half the memory traffic; decode
-/// of models that do not fit in cache is memory-bound).
+/// Storage of the linear layers' matrices (every block's `c_attn`,
+/// `attn.c_proj`, `c_fc` and `mlp.c_proj`, own exit heads and the tied
+/// output projection): f32, f16 (half the memory traffic; decode of models
+/// that do not fit in cache is memory-bound), or GGUF's Q8_0 / Q4_0
+/// (34 / 18 bytes per 32 weights). Embedding lookups, LayerNorms, biases
+/// and attention stay f32 whatever the choice.
+///
+/// Quantized storage is made at load, from the checkpoint's f32/f16
+/// tensors: the checkpoint stays one format, quantizing a 12M-parameter
+/// model takes milliseconds, and the GGUF export quantizes with the same
+/// code, so llama.cpp gets the very numbers served here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightDtype {
     F32,
     F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl WeightDtype {
+    /// Every spelling `--weights` / `--dtype` accepts besides `auto`.
+    pub const NAMES: [&'static str; 4] = ["f32", "f16", "q8_0", "q4_0"];
+
+    /// The `--weights` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Q8_0 => QuantKind::Q8_0.name(),
+            WeightDtype::Q4_0 => QuantKind::Q4_0.name(),
+        }
+    }
+
+    fn quant(self) -> Option<QuantKind> {
+        match self {
+            WeightDtype::F32 | WeightDtype::F16 => None,
+            WeightDtype::Q8_0 => Some(QuantKind::Q8_0),
+            WeightDtype::Q4_0 => Some(QuantKind::Q4_0),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    /// One of [`WeightDtype::NAMES`]; anything else is an error listing them.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [
+            WeightDtype::F32,
+            WeightDtype::F16,
+            WeightDtype::Q8_0,
+            WeightDtype::Q4_0,
+        ]
+        .into_iter()
+        .find(|d| d.name() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown weight dtype `{s}` (expected one of: {})",
+                WeightDtype::NAMES.join(", ")
+            )
+        })
+    }
 }
 
 pub(super) enum Mat {
     F32(Matrix<f32>),
     F16(Matrix<f16>),
+    Q(QMatrix),
 }
 
 impl Mat {
-    fn new(w: &[f32], n: usize, k: usize, bias: Option<Vec<f32>>, dt: WeightDtype) -> Self {
-        match dt {
-            WeightDtype::F32 => Mat::F32(Matrix::from_out_in(w, n, k, bias)),
-            WeightDtype::F16 => Mat::F16(Matrix::from_out_in(w, n, k, bias)),
-        }
+    /// Tensor `name`'s weights (out = n, in = k) stored as `dt`; a tensor
+    /// that cannot be quantized (a row length not a multiple of 32, a
+    /// non-finite value) is an error naming it.
+    fn new(
+        name: &str,
+        w: &[f32],
+        (n, k): (usize, usize),
+        bias: Option<Vec<f32>>,
+        dt: WeightDtype,
+    ) -> Result<Self> {
+        Ok(match (dt, dt.quant()) {
+            (_, Some(kind)) => Mat::Q(QMatrix::from_out_in(name, kind, w, (n, k), bias).map_err(
+                |e| candle_core::Error::Msg(format!("cannot store weights as {}: {e}", dt.name())),
+            )?),
+            (WeightDtype::F16, None) => Mat::F16(Matrix::from_out_in(w, n, k, bias)),
+            (_, None) => Mat::F32(Matrix::from_out_in(w, n, k, bias)),
+        })
     }
 
-    /// Output `o`'s weights and bias.
+    /// Output `o`'s weights (dequantized for `Q`) and bias.
     pub(super) fn output(&self, o: usize) -> (Vec<f32>, f32) {
         match self {
             Mat::F32(a) => a.output(o),
             Mat::F16(a) => a.output(o),
+            Mat::Q(a) => a.output(o),
         }
     }
 
@@ -47,11 +119,13 @@ impl Mat {
         let n = match self {
             Mat::F32(a) => a.n,
             Mat::F16(a) => a.n,
+            Mat::Q(a) => a.n,
         };
         let mut y = vec![0f32; m * n];
         match self {
             Mat::F32(a) => a.forward(x, m, &mut y),
             Mat::F16(a) => a.forward(x, m, &mut y),
+            Mat::Q(a) => a.forward(x, m, &mut y),
         }
         y
     }
@@ -129,13 +203,9 @@ impl Loader<'_> {
     }
 
     fn linear(&self, p: &str, n: usize, k: usize) -> Result<Mat> {
-        Ok(Mat::new(
-            &get(self.w, &params::weight(p), n * k)?,
-            n,
-            k,
-            self.bias(p, n)?,
-            self.dt,
-        ))
+        let name = params::weight(p);
+        let w = get(self.w, &name, n * k)?;
+        Mat::new(&name, &w, (n, k), self.bias(p, n)?, self.dt)
     }
 
     /// Block `i` (`h.{i}`): its norms, attention and MLP, and the x0 skip
@@ -180,17 +250,11 @@ impl Loader<'_> {
             ln: self.norm(&params::exit(b, params::EXIT_LN))?,
             head: match cfg.exit_head {
                 ExitHead::Tied => None,
-                ExitHead::Own => Some(Mat::new(
-                    &get(
-                        self.w,
-                        &params::weight(&params::exit(b, params::EXIT_HEAD)),
-                        v * c,
-                    )?,
-                    v,
-                    c,
-                    None,
-                    self.dt,
-                )),
+                ExitHead::Own => {
+                    let name = params::weight(&params::exit(b, params::EXIT_HEAD));
+                    let w = get(self.w, &name, v * c)?;
+                    Some(Mat::new(&name, &w, (v, c), None, self.dt)?)
+                }
             },
         })
     }
@@ -216,7 +280,7 @@ impl CpuGpt {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            wte_head: Mat::new(&wte, v, c, None, dt),
+            wte_head: Mat::new(params::WTE, &wte, (v, c), None, dt)?,
             wte,
             wpe: get(w, params::WPE, cfg.block_size * c)?,
             blocks,

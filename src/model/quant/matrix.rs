@@ -179,6 +179,16 @@ impl QMatrix {
         }
     }
 
+    /// Output `o`'s weights dequantized (k values, as `dequantize` gives
+    /// them) and its bias.
+    ///
+    /// # Panics
+    /// When `o >= n`: a caller's bug.
+    pub fn output(&self, o: usize) -> (Vec<f32>, f32) {
+        assert!(o < self.n, "output {o} of a {} x {} matrix", self.n, self.k);
+        (self.packed.dequantize_row(o), self.bias[o])
+    }
+
     /// `y (m, n) = x (m, k) W^T + b` with the kernel `KernelPath::selected`.
     ///
     /// # Panics

@@ -124,6 +124,28 @@ impl Packed {
         }
     }
 
+    /// Output `o`'s weights in f32 (`nb * 32` values), as unpacking and
+    /// dequantizing everything would give them.
+    pub(super) fn dequantize_row(&self, o: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.nb * QK];
+        for (b, dst) in out.as_chunks_mut::<QK>().0.iter_mut().enumerate() {
+            let (v, d) = self.block(o / GROUP, b, o % GROUP);
+            match self.kind {
+                QuantKind::Q8_0 => BlockQ8_0 {
+                    d,
+                    qs: v.map(|x| (x ^ 0x80) as i8),
+                }
+                .dequantize(dst),
+                QuantKind::Q4_0 => BlockQ4_0 {
+                    d,
+                    qs: std::array::from_fn(|j| v[j]),
+                }
+                .dequantize(dst),
+            }
+        }
+        out
+    }
+
     /// Lane `lane` of group `g`, block `b`: its stored bytes in GGUF order
     /// (Q8_0: 32 offset quants; Q4_0: the first 16 are `qs`) and its scale.
     fn block(&self, g: usize, b: usize, lane: usize) -> ([u8; QK], f16) {
