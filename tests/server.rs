@@ -904,15 +904,20 @@ async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
         max_waiting: 0,
         ..Default::default()
     };
-    let s = start_with(opts, 16, long_context_dir()).await;
-    // 16 choices x 1000 tokens with top-5 logprobs: megabytes of events,
-    // far beyond the socket buffers of a client that never reads.
+    // Iterations slowed to 10 ms: 1,000 tokens take ten seconds, so the
+    // request is still decoding when the deadline (3 s) passes, whatever
+    // this machine's speed. (16 choices of 1,000 tokens with logprobs are
+    // ~2.2 MB of events, which a 4 MiB socket send buffer can swallow
+    // whole: without the slowdown a fast machine finished the stream
+    // before the check below and freed the slots early.)
+    let fault = Some(gpt_serve::serving::engine::Fault::SlowIterations(10));
+    let s = start_faulty(opts, 16, long_context_dir(), fault).await;
     let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000,
         "n": 16, "logprobs": 5, "stream": true, "temperature": 1.0});
     let unread = raw_request(&s, &body, Some(4096)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
-    // The output outgrew the buffers: the sequences paused, unfinished.
+    // Unfinished: 16 choices of 1,000 tokens are not all out yet.
     let generated = metric(&s, "vllm:generation_tokens_total").await;
     assert!(
         generated < 16_000.0,
