@@ -520,8 +520,9 @@ fn check_detokenize(limits: &Limits, tokens: &[u32]) -> Result<(), ApiError> {
 }
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, description = "A completion, or server-sent events of chunks with the same shape ending in `data: [DONE]`", body = CompletionResponse),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+    responses((status = 200, description = "A completion, or (with `stream`) server-sent events of chunks with the same shape ending in `data: [DONE]`",
+               content((CompletionResponse = "application/json"), (Object = "text/event-stream"))),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 408, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
               (status = 429, body = ErrorBody), (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn completions(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
     // The deadline counts from the request's arrival, body read included.
