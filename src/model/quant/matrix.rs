@@ -80,6 +80,15 @@ fn check_finite(name: &str, what: &'static str, v: &[f32]) -> Result<(), QuantEr
     }
 }
 
+/// `n * k`, or an error naming the tensor when the product overflows.
+fn element_count(name: &str, (n, k): (usize, usize)) -> Result<usize, QuantError> {
+    n.checked_mul(k).ok_or_else(|| QuantError::TooLarge {
+        name: name.to_string(),
+        n,
+        k,
+    })
+}
+
 impl QMatrix {
     /// Quantizes nn.Linear's `w` (out = n, in = k), row-major; `name`
     /// (the checkpoint's tensor name) is what errors cite.
@@ -90,11 +99,7 @@ impl QMatrix {
         (n, k): (usize, usize),
         bias: Option<Vec<f32>>,
     ) -> Result<Self, QuantError> {
-        let values = n.checked_mul(k).ok_or_else(|| QuantError::TooLarge {
-            name: name.to_string(),
-            n,
-            k,
-        })?;
+        let values = element_count(name, (n, k))?;
         check_shape(name, "weight", w.len(), (n, k), values)?;
         check_finite(name, "weight", w)?;
         let rows = w.as_chunks::<QK>().0;
@@ -117,11 +122,7 @@ impl QMatrix {
         (n, k): (usize, usize),
         bias: Option<Vec<f32>>,
     ) -> Result<Self, QuantError> {
-        let values = n.checked_mul(k).ok_or_else(|| QuantError::TooLarge {
-            name: name.to_string(),
-            n,
-            k,
-        })?;
+        let values = element_count(name, (n, k))?;
         check_shape(name, "weight", values, (n, k), values)?;
         let blocks = values / QK;
         let block_bytes = kind.block_bytes();
