@@ -1,7 +1,8 @@
 //! Continuous batching (`engine` + `scheduler`): a sequence decoded in a
 //! batch with others gives token for token, logprob for logprob, what it
 //! gives decoded alone; a long prompt does not stall the decoding streams;
-//! a cancelled sequence leaves the batch at once. The engine checks the
+//! a cancelled sequence leaves the batch at once; drafts from the
+//! cross-request continuation cache change no output, batched or alone. The engine checks the
 //! KV-cache invariant of every sequence after every iteration and fails
 //! the sequence (an `Error` event) if it breaks, so every test here also
 //! asserts that invariant.
@@ -19,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::proposer::TreeDrafter;
-use gpt_serve::decode::{GenParams, Generator, TokenOut};
+use gpt_serve::decode::proposer::{CacheOrFallback, Plain, TreeDrafter};
+use gpt_serve::decode::{GenParams, Generator, SuffixCache, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::CpuGpt;
 use gpt_serve::sampling::SamplingParams;
@@ -60,6 +61,14 @@ fn shipped() -> Option<Shipped> {
 }
 
 fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
+    engine_with(max_active, max_batch_rows, None)
+}
+
+fn engine_with(
+    max_active: usize,
+    max_batch_rows: usize,
+    suffix_cache: Option<Arc<SuffixCache>>,
+) -> Engine {
     let dir = root().join("models/default");
     let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
     let dtype = loaded.serving_dtype();
@@ -76,6 +85,7 @@ fn engine(max_active: usize, max_batch_rows: usize) -> Engine {
             draft_trees: true,
             row_costs: None,
             exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
+            suffix_cache,
             fault: None,
         },
         Arc::new(Metrics::new()),
@@ -372,4 +382,97 @@ fn a_cancelled_or_abandoned_sequence_leaves_the_batch_at_the_next_iteration() {
         let o = collect(r);
         assert_same(i, &o, &alone(&s, r));
     }
+}
+
+/// What plain decoding (no drafts) gives for `run`'s prompt and params.
+fn plain_alone(s: &Shipped, prompt: &[u32], params: &GenParams) -> Vec<TokenOut> {
+    let (mut g, _) = Generator::new(
+        &s.model,
+        Box::new(Plain),
+        prompt,
+        params.clone(),
+        s.eot,
+        None,
+    )
+    .unwrap();
+    g.run().unwrap()
+}
+
+/// Four requests (greedy and t=0.8, two seeds) over four prompts of the
+/// prose fixture.
+fn four_repeatable(s: &Shipped) -> Vec<(Vec<u32>, GenParams)> {
+    (0..4)
+        .map(|i| {
+            let at = 40 + i * 97;
+            let temperature = [0.0, 0.8][i % 2];
+            let mut p = params(40, temperature, 11 + i as u64, 0);
+            p.stop_at_eot = false;
+            (s.text[at..at + 32].to_vec(), p)
+        })
+        .collect()
+}
+
+#[test]
+fn requests_repeated_through_the_engine_draft_from_the_continuation_cache_and_give_plain_output() {
+    let Some(s) = shipped() else { return };
+    let cache = Arc::new(SuffixCache::new(4096));
+    let e = engine_with(8, 64, Some(cache.clone()));
+    let requests = four_repeatable(&s);
+    for round in 0..2 {
+        let mut runs: Vec<Run> = requests
+            .iter()
+            .map(|(prompt, p)| submit(&e, prompt.clone(), p.clone(), None))
+            .collect();
+        for (i, r) in runs.iter_mut().enumerate() {
+            let got = collect(r);
+            assert!(got.done, "round {round}, sequence {i} did not finish");
+            assert_eq!(
+                got.tokens,
+                plain_alone(&s, &r.prompt, &r.params),
+                "round {round}, sequence {i}"
+            );
+        }
+        if round == 0 {
+            assert_eq!(cache.sequences(), 4, "every finished sequence is stored");
+        }
+    }
+    let t = cache.totals();
+    eprintln!(
+        "cache drafts: {} verified, {} accepted",
+        t.verified, t.accepted
+    );
+    // The second round repeats the first with the same seeds: the cache
+    // holds each output, and its drafts are accepted.
+    assert!(t.accepted > 0 && t.accepted * 2 > t.verified, "{t:?}");
+}
+
+#[test]
+fn a_sequence_alone_drafting_from_the_continuation_cache_gives_plain_output() {
+    let Some(s) = shipped() else { return };
+    let cache = Arc::new(SuffixCache::new(4096));
+    for (prompt, p) in four_repeatable(&s) {
+        let want = plain_alone(&s, &prompt, &p);
+        cache.insert(&[&prompt[..], &want.iter().map(|t| t.id).collect::<Vec<_>>()].concat());
+        // The same request again, and with another seed (its own text:
+        // the cache's drafts then fail where the samples part).
+        for seed in [p.sampling.seed, p.sampling.seed + 100] {
+            let mut p = p.clone();
+            p.sampling.seed = seed;
+            let tree = Box::new(TreeDrafter::new(&s.drafter));
+            let proposer = Box::new(CacheOrFallback::new(cache.clone(), tree));
+            let (mut g, _) =
+                Generator::new(&s.model, proposer, &prompt, p.clone(), s.eot, None).unwrap();
+            assert_eq!(
+                g.run().unwrap(),
+                plain_alone(&s, &prompt, &p),
+                "seed {seed}"
+            );
+        }
+    }
+    let t = cache.totals();
+    eprintln!(
+        "cache drafts: {} verified, {} accepted",
+        t.verified, t.accepted
+    );
+    assert!(t.accepted > 0 && t.accepted * 2 > t.verified, "{t:?}");
 }

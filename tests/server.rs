@@ -67,6 +67,7 @@ async fn start_faulty(
         draft_trees: false,
         row_costs: None,
         exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
+        suffix_cache: None,
         fault,
     };
     let metrics = Arc::new(Metrics::new());

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::decode::SuffixCache;
 use crate::{checkpoint, serving::engine, serving::metrics, serving::server};
 
 #[derive(clap::Args)]
@@ -88,6 +89,11 @@ pub struct ServeArgs {
     /// logit beats the draft's by this much.
     #[arg(long, default_value_t = crate::decode::DEFAULT_EXIT_MARGIN)]
     exit_margin: f32,
+    /// Tokens of recent prompts and outputs the continuation cache keeps
+    /// to draft from (oldest request evicted first; at most
+    /// 96 bytes a token); 0 turns it off.
+    #[arg(long, env = "GPT_SERVE_SUFFIX_CACHE_TOKENS", default_value_t = DEFAULT_SUFFIX_CACHE_TOKENS)]
+    suffix_cache_tokens: usize,
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
     no_speculate: bool,
@@ -104,6 +110,10 @@ pub struct ServeArgs {
     #[arg(long, env = "GPT_SERVE_DEVICE", default_value = "cpu")]
     device: String,
 }
+
+/// Default `--suffix-cache-tokens`: 256 Ki tokens (about 1,300 requests
+/// of 200 tokens; at most 24 MiB).
+pub const DEFAULT_SUFFIX_CACHE_TOKENS: usize = 1 << 18;
 
 /// The values `--weights` (alias `--dtype`) accepts, here and in `sample`.
 pub(crate) const WEIGHTS: [&str; 5] = ["auto", "f32", "f16", "q8_0", "q4_0"];
@@ -169,6 +179,8 @@ fn engine_config(
         draft_trees: a.draft_trees,
         row_costs: None,
         exit_margin: a.exit_margin,
+        suffix_cache: (a.suffix_cache_tokens > 0 && !a.no_speculate)
+            .then(|| std::sync::Arc::new(SuffixCache::new(a.suffix_cache_tokens))),
     })
 }
 

@@ -24,7 +24,8 @@
 //!
 //! Files by role: `generator` (the loop: draft -> verify -> accept ->
 //! commit), `rows` (a step's rows and the acceptance rule), `proposer`
-//! (the [`Proposer`] trait, one file per drafter), `cascade` (the exit
+//! (the [`Proposer`] trait, one file per drafter), `suffix_cache` (the
+//! cross-request continuation cache), `cascade` (the exit
 //! cascade and LayerSkip drafting, a step of their own), `stats` (the
 //! counters), `params` (what a caller asks and gets back).
 
@@ -34,6 +35,7 @@ mod params;
 pub mod proposer;
 mod rows;
 mod stats;
+pub mod suffix_cache;
 
 pub use cascade::{exit_margin, DEFAULT_EXIT_MARGIN};
 pub use generator::{greedy_with_stats, Generator};
@@ -41,3 +43,4 @@ pub use params::{Finish, GenParams, SelfDraft, TokenOut};
 pub use proposer::Proposer;
 pub use rows::{accept, Rows};
 pub use stats::{MarginHist, SpecStats, MARGIN_BIN, MARGIN_BIN_LO};
+pub use suffix_cache::SuffixCache;

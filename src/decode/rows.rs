@@ -89,13 +89,7 @@ impl Rows {
         let RowKind::Verify { probs, tree, .. } = &self.kind else {
             return vec![];
         };
-        // Row i + 1 holds draft i; row 0's gain is 1.
-        let mut gain = vec![1f32; probs.len() + 1];
-        for (i, p) in probs.iter().enumerate() {
-            gain[i + 1] = gain[tree.parent(i + 1)] * p.clamp(0.0, 1.0);
-        }
-        gain.remove(0);
-        gain
+        super::proposer::path_gains(probs, tree)
     }
 
     /// Keeps the first `n` rows (at least one): a shorter prompt chunk, or

@@ -13,6 +13,10 @@
 //! takes the same batches but runs one forward per sequence. Sequences with
 //! the exit cascade or LayerSkip drafting prefill in the batch and take
 //! their decode steps alone (their rows stop at the exits).
+//!
+//! With a continuation cache (`decode::suffix_cache`), every sequence
+//! drafts from it too, and each sequence that finishes puts its prompt and
+//! output into it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +26,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
-use crate::decode::{proposer, Finish, GenParams, Generator, Rows, SpecStats, TokenOut};
+use crate::decode::{
+    proposer, Finish, GenParams, Generator, Rows, SpecStats, SuffixCache, TokenOut,
+};
 use crate::drafter::Drafter;
 use crate::model::cpu::WeightDtype;
 use crate::model::forward::{Forward, Segment};
@@ -153,6 +159,9 @@ pub struct EngineConfig {
     /// it so that what the engine drafts does not depend on timing.
     pub row_costs: Option<Vec<(usize, f64)>>,
     pub exit_margin: f32,
+    /// The cross-request continuation cache sequences draft from and
+    /// finished sequences go into (None: off).
+    pub suffix_cache: Option<Arc<SuffixCache>>,
     /// Test hook: a fault to inject (None in service).
     pub fault: Option<Fault>,
 }
@@ -258,6 +267,8 @@ struct Active<'m, M: Forward> {
     solo: bool,
     /// Still wanted: false once finished, failed or abandoned.
     alive: bool,
+    /// Where its prompt and output go when it finishes.
+    cache: Option<Arc<SuffixCache>>,
 }
 
 impl<M: Forward> Active<'_, M> {
@@ -299,6 +310,9 @@ impl<M: Forward> Active<'_, M> {
             self.send(Event::Tokens { tokens, iteration });
         }
         if let Some(finish) = self.gen.finished.filter(|_| self.alive) {
+            if let Some(c) = &self.cache {
+                c.insert(self.gen.tokens());
+            }
             metrics.record_spec(&self.gen.stats);
             let stats = self.gen.stats.clone();
             self.send(Event::Done { finish, stats });
@@ -323,7 +337,7 @@ fn admit<'m, M: Forward>(
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
-    let proposer = proposer::tree_or_plain(drafter);
+    let proposer = proposer::serving(drafter, cfg.suffix_cache.as_ref());
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
     let echo = echo_logprobs(&job.request, job.choice);
@@ -338,6 +352,7 @@ fn admit<'m, M: Forward>(
                 started: false,
                 solo,
                 alive: true,
+                cache: cfg.suffix_cache.clone(),
             };
             a.report(vec![], 0, metrics);
             Some(a)

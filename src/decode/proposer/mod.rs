@@ -1,5 +1,6 @@
 //! Where draft tokens come from: the [`Proposer`] trait and one file per
-//! drafter (plain decoding, the tree drafter, prompt lookup, the oracle).
+//! drafter (plain decoding, the tree drafter, prompt lookup, the oracle,
+//! the cross-request continuation cache in front of another drafter).
 //!
 //! A proposer is per sequence and owns whatever state it learns from
 //! (the tree drafter's acceptance estimate and the final head's
@@ -15,14 +16,19 @@
 pub mod lookup;
 pub mod oracle;
 pub mod plain;
+pub mod suffix;
 pub mod tree;
 
+use std::sync::Arc;
+
+use crate::decode::suffix_cache::SuffixCache;
 use crate::drafter::{DraftRule, Drafter};
 use crate::model::forward::Tree;
 
 pub use lookup::Lookup;
 pub use oracle::Oracle;
 pub use plain::Plain;
+pub use suffix::CacheOrFallback;
 pub use tree::TreeDrafter;
 
 /// The tree drafter when there is one (a checkpoint's), else plain
@@ -31,6 +37,19 @@ pub fn tree_or_plain(drafter: Option<&Drafter>) -> Box<dyn Proposer + '_> {
     match drafter {
         Some(d) => Box::new(TreeDrafter::new(d)),
         None => Box::new(Plain),
+    }
+}
+
+/// What the server decodes with: [`tree_or_plain`], behind the shared
+/// continuation cache when there is one with a budget.
+pub fn serving<'m>(
+    drafter: Option<&'m Drafter>,
+    cache: Option<&Arc<SuffixCache>>,
+) -> Box<dyn Proposer + 'm> {
+    let base = tree_or_plain(drafter);
+    match cache {
+        Some(c) if c.budget() > 0 => Box::new(CacheOrFallback::new(c.clone(), base)),
+        _ => base,
     }
 }
 
@@ -106,6 +125,18 @@ impl Drafts {
             shadow: None,
         }
     }
+}
+
+/// The expected tokens each draft adds: its probability given its parent
+/// times its parent's (draft i sits at row i + 1 of `tree`; the pending
+/// row's gain is 1).
+pub fn path_gains(probs: &[f32], tree: &Tree) -> Vec<f32> {
+    let mut gain = vec![1f32; probs.len() + 1];
+    for (i, p) in probs.iter().enumerate() {
+        gain[i + 1] = gain[tree.parent(i + 1)] * p.clamp(0.0, 1.0);
+    }
+    gain.remove(0);
+    gain
 }
 
 /// What the final head made of a verify step.
