@@ -5,9 +5,14 @@
 # token-id prompts from the val split, 1/4/8/16/32 streaming clients, greedy
 # and temperature 0.8, levels interleaved server by server. Checks first
 # that both servers give the same greedy text. Outside CI (needs a built
-# llama-server: see docs/benchmarks.md#serving).
+# llama-server: see docs/benchmarks.md#serving; without LLAMA_SERVER only
+# gpt-serve is measured).
 #
 #   LLAMA_SERVER=/path/to/llama-server scripts/serving-bench.sh [OUT_DIR]
+#
+# Each level sends 64 prompts no earlier level sent, speculation on first
+# (the continuation cache then never holds a level's prompts), then off on
+# the same prompts. CLIENTS and TEMPS pick the levels.
 #
 # REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
 # BASELINE: optionally, another gpt-serve binary (e.g. an earlier commit's)
@@ -17,44 +22,53 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/serving}
 bin=${GPT_SERVE:-${CARGO_TARGET_DIR:-target}/release/gpt-serve}
 venv=${REF_VENV:-$HOME/.cache/gpt-serve-ref-venv}
-: "${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}"
+clients_levels=${CLIENTS:-1 4 8 16 32}
+temps=${TEMPS:-0 0.8}
 mkdir -p "$out"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q numpy safetensors gguf
-"$venv/bin/python" scripts/gguf_export.py models/default "$out/default-f16.gguf"
-
 "$bin" serve --port 8100 > "$out/gpt-serve.log" 2>&1 &
 ours=$!
-"$LLAMA_SERVER" -m "$out/default-f16.gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
-    -np 32 -c 8192 --no-webui > "$out/llama-server.log" 2>&1 &
-llama=$!
+llama=""
+if [ -n "${LLAMA_SERVER:-}" ]; then
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q numpy safetensors gguf
+    "$venv/bin/python" scripts/gguf_export.py models/default "$out/default-f16.gguf"
+    "$LLAMA_SERVER" -m "$out/default-f16.gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
+        -np 32 -c 8192 --no-webui > "$out/llama-server.log" 2>&1 &
+    llama=$!
+fi
 base=""
 if [ -n "${BASELINE:-}" ]; then
     "$BASELINE" serve --port 8102 > "$out/baseline.log" 2>&1 &
     base=$!
 fi
 trap 'kill $ours $llama $base 2>/dev/null || true' EXIT
-for url in http://127.0.0.1:8100 http://127.0.0.1:8101 ${BASELINE:+http://127.0.0.1:8102}; do
+for url in http://127.0.0.1:8100 ${llama:+http://127.0.0.1:8101} ${BASELINE:+http://127.0.0.1:8102}; do
     for _ in $(seq 120); do curl -sf "$url/health" > /dev/null && break; sleep 0.5; done
 done
 
 bench() { python3 scripts/serving_bench.py "$@"; }
+levels=$(( $(wc -w <<< "$clients_levels") * $(wc -w <<< "$temps") ))
+# 8 prompts for the check, then 64 fresh ones per level.
 bench prompts --url http://127.0.0.1:8100 --text ../shared/data/gutenberg/val.txt.gz \
-    --out "$out/prompts.json"
-bench check http://127.0.0.1:8100 http://127.0.0.1:8101 --prompts "$out/prompts.json"
+    --n $(( 8 + 64 * levels )) --out "$out/prompts.json"
+[ -z "$llama" ] || bench check http://127.0.0.1:8100 http://127.0.0.1:8101 --prompts "$out/prompts.json"
 results="$out/results.jsonl"
 rm -f "$results"
-for temp in 0 0.8; do
-    for clients in 1 4 8 16 32; do
-        common=(--prompts "$out/prompts.json" --clients "$clients" --temps "$temp" --out "$results")
-        bench run --url http://127.0.0.1:8100 --label gpt-serve-plain --extra '{"speculate": false}' "${common[@]}"
+offset=8
+for temp in $temps; do
+    for clients in $clients_levels; do
+        common=(--prompts "$out/prompts.json" --offset "$offset" --count 64 --clients "$clients" --temps "$temp" --out "$results")
+        offset=$(( offset + 64 ))
         bench run --url http://127.0.0.1:8100 --label gpt-serve-spec "${common[@]}"
-        # No prompt cache: the levels reuse the prompts, and gpt-serve has none.
-        bench run --url http://127.0.0.1:8101 --label llama-server --extra '{"cache_prompt": false}' "${common[@]}"
+        bench run --url http://127.0.0.1:8100 --label gpt-serve-plain --extra '{"speculate": false}' "${common[@]}"
+        # No prompt cache: gpt-serve has none for prompts' KV rows.
+        [ -z "$llama" ] || bench run --url http://127.0.0.1:8101 --label llama-server --extra '{"cache_prompt": false}' "${common[@]}"
         if [ -n "$base" ]; then
             bench run --url http://127.0.0.1:8102 --label baseline-plain --extra '{"speculate": false}' "${common[@]}"
             bench run --url http://127.0.0.1:8102 --label baseline-spec "${common[@]}"
         fi
     done
 done
-bench report --results "$results" | tee "$out/serving.md"
+reference=llama-server
+[ -n "$llama" ] || reference=gpt-serve-plain
+bench report --results "$results" --reference "$reference" | tee "$out/serving.md"

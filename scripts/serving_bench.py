@@ -142,13 +142,22 @@ def level(args, prompts, clients, temperature):
 
 def run(args):
     """Runs every (temperature, clients) level; appends one JSON line per
-    level to --out (so several servers' levels can be interleaved)."""
+    level to --out (so several servers' levels can be interleaved). With
+    --offset/--count the level sends a slice of the prompts (a server with
+    a continuation cache then sees each prompt once), and with --repeat r
+    each prompt r times in a row (one client sends the repeats back to
+    back: repeated traffic)."""
     with open(args.prompts) as f:
         prompts = json.load(f)
+    end = None if args.count is None else args.offset + args.count
+    prompts = [p for p in prompts[args.offset : end] for _ in range(args.repeat)]
+    if not prompts:
+        raise SystemExit(f"no prompts at offset {args.offset} of {args.prompts}")
     for temperature in [float(t) for t in args.temps.split(",")]:
         for clients in [int(c) for c in args.clients.split(",")]:
             row = level(args, prompts, clients, temperature)
             row["label"] = args.label
+            row["workload"] = args.workload
             print(
                 f"{args.label} t={temperature} {clients:>2} clients: {row['tok_s']:7.0f} tok/s, "
                 f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
@@ -165,15 +174,16 @@ def report(args):
     same server's one-client figure and to the reference server's figure at
     the same level, TTFT and ITL."""
     rows = [json.loads(l) for l in open(args.results) if l.strip()]
-    by = {(r["label"], r["temperature"], r["clients"]): r for r in rows}
-    print("| server | temp | clients | tok/s | x one client | x " + args.reference + " | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    wl = lambda r: r.get("workload", "fresh")
+    by = {(r["label"], wl(r), r["temperature"], r["clients"]): r for r in rows}
+    print("| server | workload | temp | clients | tok/s | x one client | x " + args.reference + " | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        one = by.get((r["label"], r["temperature"], 1))
-        ref = by.get((args.reference, r["temperature"], r["clients"]))
+        one = by.get((r["label"], wl(r), r["temperature"], 1))
+        ref = by.get((args.reference, wl(r), r["temperature"], r["clients"]))
         ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
         print(
-            f"| {r['label']} | {r['temperature']} | {r['clients']} | {r['tok_s']:.0f} | "
+            f"| {r['label']} | {wl(r)} | {r['temperature']} | {r['clients']} | {r['tok_s']:.0f} | "
             f"{ratio(r['tok_s'], one and one['tok_s'])} | {ratio(r['tok_s'], ref and ref['tok_s'])} | "
             f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['errors']} |"
         )
@@ -219,6 +229,10 @@ def main():
     r.add_argument("--tokens", type=int, default=128)
     r.add_argument("--min-requests", type=int, default=64)
     r.add_argument("--extra", default="{}", help="JSON merged into every request body")
+    r.add_argument("--offset", type=int, default=0, help="first prompt of the slice sent")
+    r.add_argument("--count", type=int, default=None, help="prompts in the slice (default: all)")
+    r.add_argument("--repeat", type=int, default=1, help="send each prompt this many times in a row")
+    r.add_argument("--workload", default="fresh", help="a name recorded with the results")
     r.add_argument("--out", required=True)
     t = sub.add_parser("report")
     t.add_argument("--results", required=True)

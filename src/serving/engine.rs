@@ -491,6 +491,7 @@ fn iterate<M: Forward>(
 ) -> bool {
     let runs: Vec<bool> = active.iter().map(Active::can_take_events).collect();
     let min_gain = draft_floor(active, budget);
+    let drafting = Instant::now();
     let mut rows: Vec<Option<Rows>> = active
         .iter_mut()
         .zip(&runs)
@@ -510,6 +511,9 @@ fn iterate<M: Forward>(
         })
         .collect();
     let alloc = scheduler::allocate(&wants, budget, turn);
+    metrics
+        .draft_seconds
+        .observe(drafting.elapsed().as_secs_f64());
     let mut kinds = [0usize; 3]; // prefill, decode, draft rows
     for (r, &n) in rows.iter_mut().zip(&alloc) {
         match r {

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub itl: Histogram,
     pub e2e: Histogram,
     pub step_seconds: Histogram,
+    /// Time of one iteration's drafting: every sequence's proposer, before
+    /// the forward (its share of a step: this over this plus forward).
+    pub draft_seconds: Histogram,
     pub queue_time: Histogram,
     pub batch_rows: Histogram,
     pub batch_sequences: Histogram,
@@ -60,6 +63,7 @@ impl Metrics {
             itl: latency(),
             e2e: latency(),
             step_seconds: latency(),
+            draft_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 20)),
             queue_time: latency(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
@@ -125,6 +129,11 @@ impl Metrics {
             "gpt_serve:forward_seconds",
             "Time of one engine forward (every sequence in the batch)",
             self.step_seconds.clone(),
+        );
+        r.register(
+            "gpt_serve:draft_seconds",
+            "Time of one engine iteration's drafting (every sequence's proposer)",
+            self.draft_seconds.clone(),
         );
         r.register(
             "gpt_serve:abandoned_in_queue",
