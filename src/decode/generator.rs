@@ -269,7 +269,8 @@ impl<'m, M: Forward> Generator<'m, M> {
     }
 
     fn propose_untimed(&mut self, cap: usize, min_gain: f32, branch: bool) -> Drafts {
-        if !self.params.speculate {
+        // No path probability exceeds 1: above it, no draft could pay.
+        if !self.params.speculate || min_gain > 1.0 {
             return Drafts::none();
         }
         let cfg = self.model.config();

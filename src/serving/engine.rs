@@ -34,7 +34,7 @@ use crate::model::cpu::WeightDtype;
 use crate::model::forward::{Forward, Segment};
 use crate::serving::metrics::Metrics;
 use crate::serving::openai::Validated;
-use crate::serving::scheduler::{self, Budget, Want};
+use crate::serving::scheduler::{self, Budget, DraftBackoff, Want};
 
 /// What a sequence reports back, in order: `Started`, `Tokens`..., `Done`
 /// (or `Error`).
@@ -269,6 +269,8 @@ struct Active<'m, M: Forward> {
     alive: bool,
     /// Where its prompt and output go when it finishes.
     cache: Option<Arc<SuffixCache>>,
+    /// Whether its proposer is asked this iteration.
+    backoff: DraftBackoff,
 }
 
 impl<M: Forward> Active<'_, M> {
@@ -353,6 +355,7 @@ fn admit<'m, M: Forward>(
                 solo,
                 alive: true,
                 cache: cfg.suffix_cache.clone(),
+                backoff: DraftBackoff::default(),
             };
             a.report(vec![], 0, metrics);
             Some(a)
@@ -492,13 +495,22 @@ fn iterate<M: Forward>(
     let runs: Vec<bool> = active.iter().map(Active::can_take_events).collect();
     let min_gain = draft_floor(active, budget);
     let drafting = Instant::now();
+    // Sequences whose proposer is asked (the others take no drafts).
+    let mut asked = vec![false; active.len()];
     let mut rows: Vec<Option<Rows>> = active
         .iter_mut()
         .zip(&runs)
-        .map(|(a, &run)| match !run || (a.solo && !a.gen.in_prefill()) {
-            true => None,
-            false => a.gen.next_rows_in_batch(budget.max_rows, min_gain),
-        })
+        .zip(&mut asked)
+        .map(
+            |((a, &run), asked)| match !run || (a.solo && !a.gen.in_prefill()) {
+                true => None,
+                false => {
+                    *asked = !a.gen.in_prefill() && a.backoff.ask();
+                    let floor = if *asked { min_gain } else { f32::INFINITY };
+                    a.gen.next_rows_in_batch(budget.max_rows, floor)
+                }
+            },
+        )
         .collect();
     let wants: Vec<Want> = rows
         .iter()
@@ -511,6 +523,14 @@ fn iterate<M: Forward>(
         })
         .collect();
     let alloc = scheduler::allocate(&wants, budget, turn);
+    for ((a, &n), _) in active
+        .iter_mut()
+        .zip(&alloc)
+        .zip(&asked)
+        .filter(|(_, &x)| x)
+    {
+        a.backoff.taken(n.saturating_sub(1));
+    }
     metrics
         .draft_seconds
         .observe(drafting.elapsed().as_secs_f64());

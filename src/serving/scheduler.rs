@@ -13,6 +13,10 @@
 //!    judged by the marginal cost of one more row in *this* batch, read
 //!    off the forward's measured cost curve (see [`allocate`], [`Budget`]).
 //!
+//! Drafting itself costs time whether or not the batch buys its rows, so a
+//! sequence whose drafts the batch keeps declining is asked less often
+//! ([`DraftBackoff`]).
+//!
 //! Pure logic over plain numbers: no tensors, no channels.
 
 /// What one active sequence wants from the next forward.
@@ -146,6 +150,43 @@ pub fn allocate(wants: &[Want], budget: &Budget, turn: usize) -> Vec<usize> {
     rows
 }
 
+/// Iterations a sequence's proposer is skipped at most after its drafts
+/// were declined (set by hand: a batch that fills up stops paying for
+/// drafting within a few iterations, and one that empties finds drafts
+/// again within 16).
+pub const MAX_DRAFT_BACKOFF: u32 = 16;
+
+/// When to ask one sequence's proposer for drafts: after an iteration
+/// where the batch took none of its drafts (or it offered none), it is
+/// skipped for 1, 2, 4, .. up to [`MAX_DRAFT_BACKOFF`] iterations; a draft
+/// taken resets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DraftBackoff {
+    skip: u32,
+    next: u32,
+}
+
+impl DraftBackoff {
+    /// Whether to ask the proposer this iteration (counts a skipped one).
+    pub fn ask(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    /// After an iteration that asked: `taken` draft rows went into the batch.
+    pub fn taken(&mut self, taken: usize) {
+        if taken > 0 {
+            *self = DraftBackoff::default();
+        } else {
+            self.skip = self.next;
+            self.next = (self.next * 2).clamp(1, MAX_DRAFT_BACKOFF);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +287,26 @@ mod tests {
     fn idle_sequences_get_nothing() {
         let wants = vec![Want::Idle, decode(&[]), Want::Prefill { remaining: 0 }];
         assert_eq!(allocate(&wants, &cheap(), 0), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn declined_drafts_back_off_exponentially_and_a_taken_draft_resets_it() {
+        let mut b = DraftBackoff::default();
+        let mut asked = vec![];
+        for _ in 0..40 {
+            let ask = b.ask();
+            asked.push(ask);
+            if ask {
+                b.taken(0);
+            }
+        }
+        // Asked at iterations 0, 1, then after gaps of 1, 2, 4, 8, 16, 16.
+        let at: Vec<usize> = (0..40).filter(|&i| asked[i]).collect();
+        assert_eq!(at, vec![0, 1, 3, 6, 11, 20, 37]);
+        b.taken(2);
+        assert!(
+            b.ask() && b.ask(),
+            "a taken draft asks every iteration again"
+        );
     }
 }
