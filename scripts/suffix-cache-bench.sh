@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The continuation cache on and off, side by side in one run: two gpt-serve
-# servers (default --suffix-cache-tokens, and 0), speculation on, the same
+# servers (--suffix-cache-tokens 262144, and 0), speculation on, the same
 # token-id prompts from the val split, 128 new tokens, streaming clients.
 # Two workloads per level, each on prompts no earlier level sent:
 #   fresh  64 distinct prompts, each sent once;
@@ -18,7 +18,7 @@ bin=${GPT_SERVE:-${CARGO_TARGET_DIR:-target}/release/gpt-serve}
 clients_levels=${CLIENTS:-1 8 32}
 temps=${TEMPS:-0 0.8}
 mkdir -p "$out"
-"$bin" serve --port 8110 > "$out/cache-on.log" 2>&1 &
+"$bin" serve --port 8110 --suffix-cache-tokens 262144 > "$out/cache-on.log" 2>&1 &
 on=$!
 "$bin" serve --port 8111 --suffix-cache-tokens 0 > "$out/cache-off.log" 2>&1 &
 off=$!

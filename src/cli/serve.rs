@@ -90,9 +90,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::decode::DEFAULT_EXIT_MARGIN)]
     exit_margin: f32,
     /// Tokens of recent prompts and outputs the continuation cache keeps
-    /// to draft from (oldest request evicted first; at most
-    /// 96 bytes a token); 0 turns it off.
-    #[arg(long, env = "GPT_SERVE_SUFFIX_CACHE_TOKENS", default_value_t = DEFAULT_SUFFIX_CACHE_TOKENS)]
+    /// to draft from (oldest request evicted first; at most 96 bytes a
+    /// token; e.g. 262144); 0, the default, turns it off: over HTTP it
+    /// did not pay beyond noise on this project's machine
+    /// (docs/benchmarks.md).
+    #[arg(long, env = "GPT_SERVE_SUFFIX_CACHE_TOKENS", default_value_t = 0)]
     suffix_cache_tokens: usize,
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
@@ -110,10 +112,6 @@ pub struct ServeArgs {
     #[arg(long, env = "GPT_SERVE_DEVICE", default_value = "cpu")]
     device: String,
 }
-
-/// Default `--suffix-cache-tokens`: 256 Ki tokens (about 1,300 requests
-/// of 200 tokens; at most 24 MiB).
-pub const DEFAULT_SUFFIX_CACHE_TOKENS: usize = 1 << 18;
 
 /// The values `--weights` (alias `--dtype`) accepts, here and in `sample`.
 pub(crate) const WEIGHTS: [&str; 5] = ["auto", "f32", "f16", "q8_0", "q4_0"];
