@@ -8,7 +8,9 @@
 #          (half the requests repeat an earlier one; at t > 0 the repeat
 #          has its own seed, so only its prompt and part of its output
 #          recur).
-# Levels interleaved server by server. Outside CI.
+# Levels interleaved server by server, the order alternating level by
+# level, after an untimed warm-up of both at the largest level (the first
+# run at a new peak of sequences pays for the memory). Outside CI.
 #
 #   scripts/suffix-cache-bench.sh [OUT_DIR]      # CLIENTS="1 8 32" TEMPS="0 0.8"
 set -euo pipefail
@@ -30,10 +32,16 @@ done
 bench() { python3 scripts/serving_bench.py "$@"; }
 levels=$(( $(wc -w <<< "$clients_levels") * $(wc -w <<< "$temps") ))
 bench prompts --url http://127.0.0.1:8110 --text ../shared/data/gutenberg/val.txt.gz \
-    --n $(( 96 * levels )) --out "$out/prompts.json"
+    --n $(( 8 + 96 * levels )) --out "$out/prompts.json"
 results="$out/results.jsonl"
 rm -f "$results"
-offset=0
+max_clients=$(tr ' ' '\n' <<< "$clients_levels" | sort -n | tail -1)
+for port in 8110 8111; do
+    bench run --url http://127.0.0.1:$port --label warm-up --prompts "$out/prompts.json" --count 8 \
+        --repeat 8 --clients "$max_clients" --temps 0 --out "$out/warm-up.jsonl"
+done
+offset=8
+level=0
 for temp in $temps; do
     for clients in $clients_levels; do
         for workload in fresh mixed; do
@@ -43,8 +51,12 @@ for temp in $temps; do
             esac
             common=(--prompts "$out/prompts.json" "${slice[@]}" --workload "$workload"
                 --clients "$clients" --temps "$temp" --out "$results")
-            bench run --url http://127.0.0.1:8110 --label cache-on "${common[@]}"
-            bench run --url http://127.0.0.1:8111 --label cache-off "${common[@]}"
+            with_cache=(--url http://127.0.0.1:8110 --label cache-on)
+            without=(--url http://127.0.0.1:8111 --label cache-off)
+            if (( level++ % 2 == 0 )); then first=("${with_cache[@]}") second=("${without[@]}")
+            else first=("${without[@]}") second=("${with_cache[@]}"); fi
+            bench run "${first[@]}" "${common[@]}"
+            bench run "${second[@]}" "${common[@]}"
         done
     done
 done

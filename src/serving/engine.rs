@@ -474,8 +474,14 @@ fn run<M: Forward>(
         // Cancelled and abandoned sequences free their rows and caches now.
         active.retain(|a| a.wanted());
         metrics.set_running(active.len(), waiting.load(Ordering::SeqCst));
-        if !iterate(model, &mut active, &budget, turn, metrics) {
+        let t0 = Instant::now();
+        if iterate(model, &mut active, &budget, turn, metrics) {
+            metrics
+                .iteration_seconds
+                .observe(t0.elapsed().as_secs_f64());
+        } else {
             // Every sequence waits for its client to read: look again soon.
+            metrics.idle_waits.inc();
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         active.retain(|a| a.wanted());

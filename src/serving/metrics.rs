@@ -26,6 +26,10 @@ pub struct Metrics {
     /// Time of one iteration's drafting: every sequence's proposer, before
     /// the forward (its share of a step: this over this plus forward).
     pub draft_seconds: Histogram,
+    /// Time of one whole engine iteration (drafting, forward, commits).
+    pub iteration_seconds: Histogram,
+    /// Iterations where every sequence waited for its client to read.
+    pub idle_waits: Counter,
     pub queue_time: Histogram,
     pub batch_rows: Histogram,
     pub batch_sequences: Histogram,
@@ -64,6 +68,8 @@ impl Metrics {
             e2e: latency(),
             step_seconds: latency(),
             draft_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 20)),
+            iteration_seconds: latency(),
+            idle_waits: Counter::default(),
             queue_time: latency(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
@@ -134,6 +140,16 @@ impl Metrics {
             "gpt_serve:draft_seconds",
             "Time of one engine iteration's drafting (every sequence's proposer)",
             self.draft_seconds.clone(),
+        );
+        r.register(
+            "gpt_serve:iteration_seconds",
+            "Time of one engine iteration (drafting, the forward, every sequence's commit)",
+            self.iteration_seconds.clone(),
+        );
+        r.register(
+            "gpt_serve:engine_idle_waits",
+            "Engine iterations where every sequence waited for its client to read",
+            self.idle_waits.clone(),
         );
         r.register(
             "gpt_serve:abandoned_in_queue",
