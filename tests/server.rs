@@ -58,6 +58,20 @@ async fn start_faulty(
     dir: tempfile::TempDir,
     fault: Option<gpt_serve::serving::engine::Fault>,
 ) -> Server {
+    start_until(opts, max_active, dir, fault, std::future::pending())
+        .await
+        .0
+}
+
+/// A server that drains when `shutdown` resolves; the accept loop's task
+/// gives how the drain ended.
+async fn start_until(
+    opts: ServeOptions,
+    max_active: usize,
+    dir: tempfile::TempDir,
+    fault: Option<gpt_serve::serving::engine::Fault>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Server, tokio::task::JoinHandle<server::Drained>) {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let engine = EngineConfig {
         backend: gpt_serve::serving::engine::Backend::Cpu(gpt_serve::model::cpu::WeightDtype::F32),
@@ -74,22 +88,24 @@ async fn start_faulty(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let serving = state.clone();
-    tokio::spawn(async move {
-        server::serve(listener, serving, std::future::pending())
-            .await
-            .unwrap()
-    });
+    let task =
+        tokio::spawn(async move { server::serve(listener, serving, shutdown).await.unwrap() });
     state.wait_ready(Duration::from_secs(5)).await;
-    Server {
+    let s = Server {
         url,
         _dir: dir,
         state,
-    }
+    };
+    (s, task)
 }
 
 async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    post_url(&format!("{}{path}", s.url), body).await
+}
+
+async fn post_url(url: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
-        .post(format!("{}{path}", s.url))
+        .post(url)
         .json(&body)
         .send()
         .await
@@ -745,63 +761,201 @@ fn the_committed_openapi_document_matches_the_code() {
     );
 }
 
-#[test]
-fn sigterm_lets_in_flight_requests_finish_then_exits() {
-    let dir = checkpoint_dir();
+/// A `gpt-serve serve` child, killed if a test fails before it exits.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gpt-serve serve` on a free port with `args` added; the child and its
+/// URL, once `/health` answers 200.
+fn serve_cli(dir: &tempfile::TempDir, args: &[&str]) -> (Child, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
-        .args([
-            "serve",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-            "--model-id",
-            "tiny",
-        ])
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
+        .args(["serve", "--model", dir.path().to_str().unwrap()])
+        .args(["--port", &port.to_string(), "--model-id", "tiny"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = Child(child);
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..400 {
+        if health_status(port) == Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (child, url)
+}
+
+/// The status `/health` answers on `127.0.0.1:port`, if it answers.
+fn health_status(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    answer.get(9..12)?.parse().ok()
+}
+
+/// A greedy stream of `max_tokens` tokens (with usage): its response, once
+/// the first chunk has arrived, so it is decoding.
+async fn stream_started(url: &str, max_tokens: usize) -> reqwest::Response {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(
+            &json!({"model": "tiny", "prompt": "a", "max_tokens": max_tokens, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r
+}
+
+/// The `data:` payloads of a stream, `first` (already read) included.
+async fn rest_of_stream(
+    first: axum::body::Bytes,
+    mut body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
+) -> Vec<String> {
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => break,
+        }
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn sigterm(child: &Child) {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    // 600 tokens at ~1 ms each: the stream is mid-way when the signal
+    // arrives, right after its first chunk.
+    let dir = long_context_dir();
+    let (mut child, url) = serve_cli(&dir, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let url = format!("http://127.0.0.1:{port}");
-        for _ in 0..200 {
-            if reqwest::get(format!("{url}/health"))
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let req = tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/completions"))
-                .json(&json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0}))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let v = req.await.unwrap();
-        assert!(
-            v["usage"]["completion_tokens"].as_u64().unwrap() > 0,
-            "the in-flight request finished: {v}"
+        let (st, whole) = post_url(
+            &format!("{url}/v1/completions"),
+            json!({"model": "tiny", "prompt": "a",
+            "max_tokens": 600, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(st, 200, "{whole}");
+        let mut body = stream_started(&url, 600).await.bytes_stream();
+        let first = body.next().await.unwrap().unwrap();
+        sigterm(&child);
+        let events = rest_of_stream(first, body).await;
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{events:?}"
         );
-        assert!(v["choices"][0]["text"].is_string(), "{v}");
+        // Every token came: the text and the count of the same request
+        // run to its end before the signal.
+        assert_eq!(
+            streamed_text(&events),
+            whole["choices"][0]["text"].as_str().unwrap()
+        );
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(
+            usage["usage"]["completion_tokens"],
+            whole["usage"]["completion_tokens"]
+        );
     });
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_stream_cut_at_the_shutdown_deadline_gets_an_error_event_and_the_exit_is_non_zero() {
+    // A deadline of 0 s: the drain cuts whatever runs when SIGTERM comes,
+    // and a 1,000-token stream is running after its first chunk.
+    let dir = long_context_dir();
+    let (mut child, url) = serve_cli(&dir, &["--shutdown-timeout", "0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(async {
+        let mut body = stream_started(&url, 1000).await.bytes_stream();
+        let first = body.next().await.unwrap().unwrap();
+        sigterm(&child);
+        rest_of_stream(first, body).await
+    });
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--shutdown-timeout"), "{events:?}");
+    assert!(
+        !events.iter().any(|e| e == "[DONE]"),
+        "a cut stream said [DONE]"
+    );
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_draining_new_connections_are_refused_and_health_answers_503() {
+    use tower::ServiceExt;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let fault = Some(gpt_serve::serving::engine::Fault::SlowIterations(30));
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let (s, drained) = start_until(
+        ServeOptions::default(),
+        1,
+        checkpoint_dir(),
+        fault,
+        shutdown,
+    )
+    .await;
+    // ~100 iterations of 30 ms: in flight through the checks below.
+    let busy = busy_request(&s).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The listener is closed: a probe's new connection is refused.
+    let probe = reqwest::get(format!("{}/health", s.url)).await;
+    assert!(
+        probe.unwrap_err().is_connect(),
+        "a new connection was accepted while draining"
+    );
+    // A request that still reaches the server (an open connection) is
+    // told it is shutting down.
+    let health = axum::http::Request::get("/health")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = server::router(s.state.clone())
+        .oneshot(health)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        !busy.is_finished(),
+        "the busy request ended too soon for this test"
+    );
+    assert_eq!(busy.await.unwrap(), 200, "the in-flight request finished");
+    assert_eq!(drained.await.unwrap(), server::Drained::Finished);
 }
 
 /// A metric's value (the first sample whose name matches exactly).

@@ -1,6 +1,7 @@
 //! The `serve` subcommand: its flags, loading the checkpoint and drafter,
 //! the memory check, starting the engine and the HTTP server, and what
-//! happens on SIGTERM (in-flight requests finish) or an engine failure
+//! happens on SIGTERM (the server drains: in-flight requests finish, and
+//! the exit status is 1 when the deadline cut some) or an engine failure
 //! (exit 1, so an orchestrator restarts the process); and the
 //! `healthcheck` subcommand that container HEALTHCHECKs run.
 
@@ -91,8 +92,10 @@ pub struct ServeArgs {
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
     no_speculate: bool,
-    /// Seconds in-flight requests get to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds in-flight requests get to finish after SIGTERM; those still
+    /// running then are cut (a stream gets an error event) and the exit
+    /// status is 1.
+    #[arg(long, env = "GPT_SERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
     /// Weight storage of the CPU inference path's linear layers: auto (as
     /// the checkpoint stores them), f32, f16 (half the memory traffic), or
@@ -212,11 +215,13 @@ fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
         body_read_timeout: std::time::Duration::from_secs(a.body_read_timeout),
         write_timeout: std::time::Duration::from_secs(a.write_timeout),
         max_buffered_body_bytes: a.max_buffered_body_bytes,
+        shutdown_timeout: std::time::Duration::from_secs(a.shutdown_timeout),
     })
 }
 
 /// Listens and serves until SIGTERM (in-flight requests get
-/// `--shutdown-timeout` to finish) or an engine failure (exit 1).
+/// `--shutdown-timeout` to finish; an error when some were cut) or an
+/// engine failure (exit 1).
 fn serve_until_shutdown(
     a: &ServeArgs,
     model_id: &str,
@@ -248,17 +253,17 @@ fn serve_until_shutdown(
             eprintln!("gpt-serve: the engine failed (see the log above); exiting");
             std::process::exit(1);
         });
-        server::serve(listener, state, async move {
+        let drained = server::serve(listener, state, async move {
             shutdown_signal().await;
             eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
-            tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
-                eprintln!("gpt-serve: shutdown deadline passed, exiting");
-                std::process::exit(0);
-            });
         })
         .await?;
-        Ok::<_, anyhow::Error>(())
+        match drained {
+            server::Drained::Finished => Ok(()),
+            server::Drained::Cut => anyhow::bail!(
+                "the shutdown deadline (--shutdown-timeout {deadline}s) cut in-flight requests"
+            ),
+        }
     })
 }
 

@@ -1,8 +1,8 @@
 //! The accept loop: HTTP/1.1 connections on hyper, each bounded in time to
 //! send its headers (`header_read_timeout`, which also closes idle
 //! keep-alive connections) and in number (`max_connections`: beyond it a
-//! new connection gets a 503 and is closed). Graceful shutdown stops
-//! accepting and lets open connections finish their requests.
+//! new connection gets a 503 and is closed). On shutdown the listener is
+//! closed and open connections drain ([`super::drain`]).
 //!
 //! A write that makes no progress for `write_timeout` (a client that
 //! stopped reading) ends the connection: see [`WriteTimeout`].
@@ -22,17 +22,19 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use super::drain::Drained;
 use super::{router, AppState};
 
-/// Serves `state` on `listener` until `shutdown` resolves, then waits for
-/// open connections to finish.
+/// Serves `state` on `listener` until `shutdown` resolves, then closes the
+/// listener and drains: open connections get `shutdown_timeout` to finish
+/// their requests, and what runs past it is cut.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send,
-) -> std::io::Result<()> {
+) -> std::io::Result<Drained> {
     let opts = state.0.opts.clone();
-    let app = router(state);
+    let app = router(state.clone());
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -68,8 +70,10 @@ pub async fn serve(
             drop(slot);
         });
     }
-    graceful.shutdown().await;
-    Ok(())
+    // Closed, not just unpolled: new connections are refused at once
+    // instead of waiting in the kernel's backlog until the process exits.
+    drop(listener);
+    Ok(state.0.drain.run(graceful, opts.shutdown_timeout).await)
 }
 
 /// Answers a connection beyond the cap with a 503 and closes it.
