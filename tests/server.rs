@@ -1272,6 +1272,8 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     let opts = ServeOptions {
         header_read_timeout: Duration::from_millis(500),
         max_connections: 2,
+        // No probe reserve: a third connection gets the 503 at once.
+        probe_connections: 0,
         ..Default::default()
     };
     let s = start(opts, 1).await;
@@ -1303,6 +1305,60 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = reqwest::get(format!("{}/health", s.url)).await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Sends `GET path` on a fresh connection (kept alive) and reads the
+/// answer's first bytes; the connection and that answer.
+async fn get_raw(addr: &str, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf))
+        .await
+        .expect("no answer within 3 s")
+        .unwrap();
+    (conn, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_when_keyless_clients_hold_every_connection() {
+    let opts = ServeOptions {
+        api_key: Some("sekret".into()),
+        max_connections: 2,
+        probe_connections: 1,
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    // Two keyless clients get their cheap 401s and keep their connections.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (conn, answer) = get_raw(&addr, "/v1/models").await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        held.push(conn);
+    }
+    // The cap is reached: the reserve answers a probe, and nothing else,
+    // one request a connection (it closes; a moment later its slot is back).
+    let reserve = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let (mut conn, answer) = get_raw(&addr, path).await;
+            let closed = answer_within(&mut conn, Duration::from_secs(3)).await;
+            assert!(closed.is_some(), "a reserve connection stayed open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer
+        }
+    };
+    let answer = reserve("/v1/models").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many open connections"), "{answer}");
+    for _ in 0..3 {
+        let answer = reserve("/health").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    drop(held);
 }
 
 /// Sends a request's headers, declaring `declared` body bytes, and `sent`

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Open connections at most; beyond, a new connection gets 503.
     #[arg(long, env = "GPT_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Connections kept beyond --max-connections for /health alone, so
+    /// liveness and readiness probes answer when clients hold every other.
+    #[arg(long, env = "GPT_SERVE_PROBE_CONNECTIONS", default_value_t = 8)]
+    probe_connections: usize,
     /// Seconds a client gets to send a request's headers (also closes idle
     /// keep-alive connections).
     #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
@@ -211,6 +215,7 @@ fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
         max_waiting: a.max_waiting,
         body_limit: a.body_limit,
         max_connections: a.max_connections,
+        probe_connections: a.probe_connections,
         header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
         body_read_timeout: std::time::Duration::from_secs(a.body_read_timeout),
         write_timeout: std::time::Duration::from_secs(a.write_timeout),

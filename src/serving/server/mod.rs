@@ -58,6 +58,9 @@ pub struct ServeOptions {
     /// Open connections at most; beyond, a connection gets 503 and is
     /// closed.
     pub max_connections: usize,
+    /// Connections kept beyond `max_connections` for `/health` alone (one
+    /// request each), so probes answer when clients hold every other one.
+    pub probe_connections: usize,
     /// A client must send a request's headers within this time.
     pub header_read_timeout: Duration,
     /// A client must send a request's body within this time (408 beyond).
@@ -84,6 +87,7 @@ impl Default for ServeOptions {
             max_waiting: 64,
             body_limit: 1 << 20,
             max_connections: 1024,
+            probe_connections: 8,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
@@ -420,7 +424,7 @@ async fn auth(
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Model loaded"), (status = 503, description = "Still loading, or the engine failed", body = ErrorBody)))]
-async fn health(State(st): State<AppState>) -> Response {
+pub(super) async fn health(State(st): State<AppState>) -> Response {
     match st.check_ready() {
         Ok(()) => (StatusCode::OK, "ok").into_response(),
         Err(e) => e.into_response(),
