@@ -1361,6 +1361,54 @@ async fn health_answers_when_keyless_clients_hold_every_connection() {
     drop(held);
 }
 
+/// The answer to `GET /v1/models` sent with this `Host` header.
+async fn answer_for_host(s: &Server, host: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /v1/models HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let answer = answer_within(&mut conn, Duration::from_secs(3)).await;
+    answer.expect("no answer within 3 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_header_naming_another_host_is_refused_as_dns_rebinding() {
+    let s = start(ServeOptions::default(), 1).await;
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    // Bound to 127.0.0.1: addresses and localhost are served...
+    for host in ["127.0.0.1", "localhost", "[::1]", "LocalHost."] {
+        let answer = answer_for_host(&s, &format!("{host}:{port}")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    // ...a rebinding page's own name is not, and the error says why.
+    let answer = answer_for_host(&s, &format!("rebind.example:{port}")).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("rebind.example") && message.contains("--allowed-hosts"),
+        "{message}"
+    );
+    // Names listed in --allowed-hosts are served.
+    let opts = ServeOptions {
+        allowed_hosts: Some(vec!["api.example".into(), ".svc.cluster.local".into()]),
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    for (host, status) in [
+        ("api.example", 200),
+        ("gpt.ns.svc.cluster.local", 200),
+        ("rebind.example", 403),
+    ] {
+        let answer = answer_for_host(&s, &format!("{host}:{port}")).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{host}: {answer}"
+        );
+    }
+}
+
 /// Sends a request's headers, declaring `declared` body bytes, and `sent`
 /// of them, then stalls; the connection, unread.
 async fn stalled_body(s: &Server, declared: usize, sent: usize) -> tokio::net::TcpStream {

@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// liveness and readiness probes answer when clients hold every other.
     #[arg(long, env = "GPT_SERVE_PROBE_CONNECTIONS", default_value_t = 8)]
     probe_connections: usize,
+    /// Host names served (comma-separated; `*`: any; `.example.com`: a
+    /// domain and its subdomains), besides IP literals and localhost, which
+    /// always are: DNS-rebinding protection. Default: none on a loopback
+    /// --host, any elsewhere.
+    #[arg(long, env = "GPT_SERVE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Option<Vec<String>>,
     /// Seconds a client gets to send a request's headers (also closes idle
     /// keep-alive connections).
     #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
@@ -221,6 +227,7 @@ fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
         write_timeout: std::time::Duration::from_secs(a.write_timeout),
         max_buffered_body_bytes: a.max_buffered_body_bytes,
         shutdown_timeout: std::time::Duration::from_secs(a.shutdown_timeout),
+        allowed_hosts: a.allowed_hosts.clone(),
     })
 }
 

@@ -4,7 +4,8 @@
 //! new connection gets a 503 and is closed). Beyond the cap,
 //! `probe_connections` more are kept for `/health` alone, so liveness and
 //! readiness probes still answer when clients hold every other connection
-//! (Kubernetes would otherwise restart a busy pod). On shutdown the listener is
+//! (Kubernetes would otherwise restart a busy pod). Every request's `Host`
+//! is checked first ([`super::host`]). On shutdown the listener is
 //! closed and open connections drain ([`super::drain`]).
 //!
 //! A write that makes no progress for `write_timeout` (a client that
@@ -29,6 +30,7 @@ use axum::routing::get;
 use axum::Router;
 
 use super::drain::Drained;
+use super::host::{check_host, HostPolicy};
 use super::{health, router, AppState};
 use crate::serving::openai::ApiError;
 
@@ -41,8 +43,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<Drained> {
     let opts = state.0.opts.clone();
-    let app = router(state.clone());
-    let probe_app = probe_router(state.clone());
+    let hosts = Arc::new(HostPolicy::new(
+        opts.allowed_hosts.as_deref(),
+        listener.local_addr()?,
+    ));
+    let check = axum::middleware::from_fn_with_state(hosts, check_host);
+    let app = router(state.clone()).layer(check.clone());
+    let probe_app = probe_router(state.clone()).layer(check);
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let probe_slots = Arc::new(Semaphore::new(opts.probe_connections));
     let graceful = GracefulShutdown::new();

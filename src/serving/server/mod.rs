@@ -15,6 +15,7 @@
 mod body;
 mod completion;
 mod drain;
+mod host;
 mod listen;
 mod openapi;
 mod stream;
@@ -42,6 +43,7 @@ use crate::tokenizer::Tokenizer;
 pub use body::Body;
 use completion::{ChoiceState, Completion, Delta};
 pub use drain::{Drain, Drained};
+pub use host::HostPolicy;
 pub use listen::serve;
 pub use openapi::{openapi_json, openapi_json_for, ApiDoc, DOCUMENTED_MODEL_ID};
 
@@ -72,6 +74,10 @@ pub struct ServeOptions {
     /// bytes (each counts its Content-Length, or `body_limit` without
     /// one); beyond, 503 before the body is read.
     pub max_buffered_body_bytes: usize,
+    /// `Host` names served besides IP literals and `localhost` (`*`: any;
+    /// `.example.com`: a domain); None: none on a loopback address, any
+    /// elsewhere ([`HostPolicy`]).
+    pub allowed_hosts: Option<Vec<String>>,
     /// After shutdown begins, in-flight requests get this long to finish;
     /// then they are cut (a stream gets an error event).
     pub shutdown_timeout: Duration,
@@ -93,6 +99,7 @@ impl Default for ServeOptions {
             write_timeout: Duration::from_secs(30),
             max_buffered_body_bytes: 64 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            allowed_hosts: None,
         }
     }
 }
