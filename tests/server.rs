@@ -63,13 +63,25 @@ async fn start_faulty(
         .0
 }
 
-/// A server that drains when `shutdown` resolves; the accept loop's task
-/// gives how the drain ended.
 async fn start_until(
     opts: ServeOptions,
     max_active: usize,
     dir: tempfile::TempDir,
     fault: Option<gpt_serve::serving::engine::Fault>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Server, tokio::task::JoinHandle<server::Drained>) {
+    start_on(opts, max_active, dir, fault, None, shutdown).await
+}
+
+/// A server that drains when `shutdown` resolves, its sockets' send
+/// buffers `send_buffer` bytes when given; the accept loop's task gives how
+/// the drain ended.
+async fn start_on(
+    opts: ServeOptions,
+    max_active: usize,
+    dir: tempfile::TempDir,
+    fault: Option<gpt_serve::serving::engine::Fault>,
+    send_buffer: Option<u32>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (Server, tokio::task::JoinHandle<server::Drained>) {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
@@ -85,7 +97,16 @@ async fn start_until(
     };
     let metrics = Arc::new(Metrics::new());
     let state = server::build(loaded, None, engine, "tiny", metrics, opts).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = match send_buffer {
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        // Accepted sockets inherit the listener's send buffer (tcp(7)).
+        Some(bytes) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(bytes).unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            socket.listen(64).unwrap()
+        }
+    };
     let url = format!("http://{}", listener.local_addr().unwrap());
     let serving = state.clone();
     let task =
@@ -1082,6 +1103,41 @@ async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 200);
     gauge_settles(&s, "vllm:num_requests_running", 0.0).await;
+    drop(unread);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_paused_by_a_client_that_stopped_reading_frees_its_slots_at_the_write_timeout() {
+    // Small socket buffers on both sides (4 KiB, which Linux doubles), so
+    // the unread stream fills them within a few tokens and back-pressure
+    // reaches the engine: its per-sequence channels fill and it pauses
+    // the sequences. The request timeout (600 s) is far away.
+    let opts = ServeOptions {
+        write_timeout: Duration::from_secs(2),
+        max_waiting: 0,
+        ..Default::default()
+    };
+    let pending = std::future::pending();
+    let (s, _) = start_on(opts, 16, long_context_dir(), None, Some(4096), pending).await;
+    let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000,
+        "n": 16, "logprobs": 5, "stream": true, "temperature": 1.0});
+    let unread = raw_request(&s, &body, Some(4096)).await;
+    // Paused, not finished: sequences still hold slots (a choice may end
+    // early at end-of-text) while the token count stands still.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = metric(&s, "vllm:generation_tokens_total").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = metric(&s, "vllm:generation_tokens_total").await;
+    let running = metric(&s, "vllm:num_requests_running").await;
+    assert!(
+        running > 0.0 && before == after,
+        "{running} running, {before} then {after} tokens: not paused"
+    );
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
+    // The write has made no progress for 2 s: the stream is dropped and
+    // its slots are back, with the connection still open and unread.
+    gauge_settles(&s, "vllm:num_requests_running", 0.0).await;
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 200);
     drop(unread);
 }
 
