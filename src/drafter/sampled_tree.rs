@@ -133,13 +133,16 @@ pub fn grow(
     sizing: Sizing,
 ) -> Vec<TreeDraft> {
     let budget = sizing.budget.min(sizing.costs.len().saturating_sub(1));
+    if budget == 0 {
+        return vec![];
+    }
     let mut nodes: Vec<TreeDraft> = Vec::new();
     let mut depth = vec![0usize];
     // Candidates: (path probability, parent row, token, probability).
     let mut open: Vec<(f32, usize, u32, f32)> = Vec::new();
     let mut ext = ctx.to_vec();
     let mut row = 0;
-    while budget > 0 {
+    loop {
         if depth[row] < sizing.max_depth {
             let noise = Noise::at(key.seed, key.stream, ext.len());
             let path = if row == 0 { 1.0 } else { nodes[row - 1].path };

@@ -238,11 +238,12 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
 }
 
 /// Plain decoding and every selected speculative mode on `prompts` at
-/// temperature `temp`: (distinct 4-grams of the plain output, share of
+/// temperature `temp`, the tree drafter sized by the verify costs `costs`: (distinct 4-grams of the plain output, share of
 /// tokens on non-repeating stretches, one summary row per mode).
 pub(super) fn speculative_suite(
     model: &CpuGpt,
     drafter: &Drafter,
+    costs: &[f64],
     prompts: &[Vec<u32>],
     n: usize,
     temp: f32,
@@ -276,7 +277,7 @@ pub(super) fn speculative_suite(
                     k: drafter.k_max,
                 }),
                 "exit-draft" => Box::new(Plain),
-                _ => Box::new(TreeDrafter::new(drafter)),
+                _ => Box::new(TreeDrafter::with_costs(drafter, costs.to_vec())),
             }
         };
         let how = Decoding {

@@ -35,11 +35,18 @@ pub struct TreeDrafter<'m> {
 
 impl<'m> TreeDrafter<'m> {
     pub fn new(drafter: &'m Drafter) -> TreeDrafter<'m> {
+        Self::with_costs(drafter, drafter.verify_costs())
+    }
+
+    /// As [`Self::new`], sized by `verify_costs` (k = 0.. drafts, relative
+    /// to a plain step) measured on the machine that decodes, instead of
+    /// the curve stored with the drafter.
+    pub fn with_costs(drafter: &'m Drafter, verify_costs: Vec<f64>) -> TreeDrafter<'m> {
         TreeDrafter {
             drafter,
             verified: VERIFIED_BEFORE_ANY_STEP,
             accept: AcceptRate::default(),
-            verify_costs: drafter.verify_costs(),
+            verify_costs,
         }
     }
 
