@@ -150,7 +150,7 @@ fn batched(s: &Shipped, sampling: &SamplingParams, min_gain: f32) -> Vec<Vec<u32
                         })
                     })
                     .collect();
-                s.model.forward_batch(&mut segs).unwrap()
+                Forward::forward_batch(&s.model, &mut segs).unwrap()
             };
             let live = gens.iter_mut().zip(rows).zip(&mut done);
             let taken = live.filter_map(|((g, r), d)| Some((g, r?, d)));
