@@ -53,8 +53,8 @@ impl CalibrationTable {
     /// Hit rates per (rank, bin) from `obs`, each cell pulled toward its
     /// bin's mean tempered probability by [`PRIOR_WEIGHT`] pseudo-counts.
     pub fn fit(obs: &[Observation], temperature: f32, top_p: f32) -> CalibrationTable {
-        let mut hits = vec![[0f64; BINS]; RANKS];
-        let mut n = vec![[0u32; BINS]; RANKS];
+        let mut hits = [[0f64; BINS]; RANKS];
+        let mut n = [[0u32; BINS]; RANKS];
         for o in obs.iter().filter(|o| o.rank < RANKS) {
             let b = bin(o.tempered);
             hits[o.rank][b] += f64::from(u8::from(o.hit));

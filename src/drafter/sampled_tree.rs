@@ -1,5 +1,5 @@
-//! Draft trees at temperature > 0 (docs/design.md, "Trees at temperature
-//! > 0"). The sampler's noise at a position is keyed, so the drafter can
+//! Draft trees at temperature above 0 (docs/design.md, "Draft trees").
+//! The sampler's noise at a position is keyed, so the drafter can
 //! add the same Gumbel noise to its own tempered estimate: a node's
 //! children are the top of those scores (a Gumbel-top-k, sampling without
 //! replacement), and the node is passed when the model's sample is among
