@@ -34,6 +34,9 @@ enum Cmd {
     Train(Box<train::TrainOptions>),
     /// Retrain the tree drafter of an existing checkpoint.
     TrainDrafter(train::label::TrainDrafterArgs),
+    /// Fit the drafter's sampled-tree calibration on the train split and
+    /// measure its calibration error on held-out text.
+    CalibrateDrafter(train::label::calibrate::CalibrateArgs),
     /// Generate text from a checkpoint.
     Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
@@ -90,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
+        Cmd::CalibrateDrafter(a) => train::label::calibrate::run(&a)?,
         Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
         Cmd::ImportHf { dir, out } => {

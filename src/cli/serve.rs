@@ -90,9 +90,10 @@ pub struct ServeArgs {
     /// Let early exits truncate drafts (cascade verification).
     #[arg(long, env = "GPT_SERVE_CASCADE")]
     cascade: bool,
-    /// Draft trees for greedy requests (the drafter branches where it is
-    /// unsure). Off by default: on the default model they add 4% tokens per
-    /// verify step but no speed (docs/benchmarks.md).
+    /// Draft trees: greedy (the drafter branches where it is unsure) and
+    /// at temperature > 0 (Gumbel-top-k children with the sampler's keyed
+    /// noise). Off by default: on the default model they add 2-7% tokens
+    /// per verify step but no speed (docs/benchmarks.md).
     #[arg(long, env = "GPT_SERVE_DRAFT_TREES")]
     draft_trees: bool,
     /// With --cascade: an exit truncates at a draft when a rival candidate's
