@@ -41,6 +41,12 @@ pub enum CheckpointError {
     Unreadable { path: PathBuf, msg: String },
     #[error("checkpoint file {path} is corrupt: {msg}")]
     Corrupt { path: PathBuf, msg: String },
+    /// A sound checkpoint whose weights the asked dtype cannot hold.
+    #[error("checkpoint {path}: {source}")]
+    Quantize {
+        path: PathBuf,
+        source: crate::model::cpu::LoadError,
+    },
     #[error(
         "checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}"
     )]
@@ -230,14 +236,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
-    /// Builds the CPU inference model ([`crate::model::cpu`]).
+    /// Builds the CPU inference model ([`crate::model::cpu`]); weights the
+    /// dtype cannot hold are [`CheckpointError::Quantize`], not corrupt.
     pub fn cpu(&self, dtype: crate::model::cpu::WeightDtype) -> Result<crate::model::cpu::CpuGpt> {
-        crate::model::cpu::CpuGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(
-            |e| CheckpointError::Corrupt {
-                path: PathBuf::from(WEIGHTS_FILE),
+        use crate::model::cpu::{CpuGpt, LoadError};
+        let path = PathBuf::from(WEIGHTS_FILE);
+        CpuGpt::load(&self.config.model, &self.weights, dtype).map_err(|e| match e {
+            LoadError::Tensor(e) => CheckpointError::Corrupt {
+                path,
                 msg: e.to_string(),
             },
-        )
+            source => CheckpointError::Quantize { path, source },
+        })
     }
 
     /// The weight storage that serves this checkpoint exactly: f16 when it
