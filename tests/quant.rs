@@ -195,6 +195,7 @@ fn save_checkpoint(dir: &std::path::Path, cfg: &Config) {
             .unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights: None,
         model: cfg.clone(),
         dtype: "f32".into(),
         training: serde_json::Value::Null,
