@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/quant-ref}
 bin=${GPT_SERVE:-${CARGO_TARGET_DIR:-target}/release/gpt-serve}
 ex=${RANDOM_CHECKPOINT:-${CARGO_TARGET_DIR:-target}/release/examples/random_checkpoint}
-: "${LLAMA_BIN:?set LLAMA_BIN to llama.cpp's build/bin}"
+: "${LLAMA_BIN:?set LLAMA_BIN to the llama.cpp build/bin directory}"
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -40,10 +40,10 @@ def windows(url, text, n, width):
     return out
 
 
-def nll(url, wins):
+def nll(url, wins, model):
     total, count = 0.0, 0
     for w in wins:
-        r = post(url, "/v1/completions", {"prompt": w, "max_tokens": 0, "echo": True, "logprobs": 0})
+        r = post(url, "/v1/completions", {"model": model, "prompt": w, "max_tokens": 0, "echo": True, "logprobs": 0})
         lp = r["choices"][0]["logprobs"]["token_logprobs"]
         scored = lp[1 : len(w)]
         assert len(scored) == len(w) - 1 and all(x is not None for x in scored), "echo gave too few logprobs"
@@ -59,12 +59,13 @@ def main():
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--ids-out", required=True)
+    ap.add_argument("--model", default="default")
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
     wins = windows(a.urls[0], text, a.windows, a.width)
     json.dump([t for w in wins for t in w], open(a.ids_out, "w"))
     for url in a.urls:
-        loss, count = nll(url, wins)
+        loss, count = nll(url, wins, a.model)
         print(json.dumps({"url": url, "windows": len(wins), "tokens": count, "loss": loss, "perplexity": math.exp(loss)}))
 
 

@@ -45,7 +45,7 @@ pub enum CheckpointError {
     #[error("checkpoint {path}: {source}")]
     Quantize {
         path: PathBuf,
-        source: crate::model::cpu::LoadError,
+        source: Box<crate::model::cpu::LoadError>,
     },
     #[error(
         "checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}"
@@ -262,7 +262,10 @@ impl Loaded {
                 path,
                 msg: e.to_string(),
             },
-            source => CheckpointError::Quantize { path, source },
+            source => CheckpointError::Quantize {
+                path,
+                source: Box::new(source),
+            },
         })
     }
 
