@@ -97,6 +97,27 @@ const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const UNUSED: i32 = 5;
 
+/// tokenizer.json's BPE merges as GGUF spells them ("a b"); the file may
+/// hold them as strings or as pairs.
+fn merges(tok: &serde_json::Value, path: &Path) -> anyhow::Result<Vec<String>> {
+    let bad = || anyhow::anyhow!("{}: a merge is neither \"a b\" nor [a, b]", path.display());
+    let list = tok["model"]["merges"]
+        .as_array()
+        .with_context(|| format!("{}: no model.merges array", path.display()))?;
+    list.iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(p) => match p.as_slice() {
+                [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                    Ok(format!("{a} {b}"))
+                }
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        })
+        .collect()
+}
+
 /// The byte-level BPE vocabulary of `tokenizer.json`, padded with unused
 /// tokens up to the model's `vocab_size`.
 fn tokenizer(g: &mut Gguf, path: &Path, vocab_size: usize) -> anyhow::Result<()> {
@@ -141,21 +162,7 @@ fn tokenizer(g: &mut Gguf, path: &Path, vocab_size: usize) -> anyhow::Result<()>
         }
     }
     let eot = eot.ok_or_else(|| bad("no <|endoftext|> token"))?;
-    let merges = tok["model"]["merges"]
-        .as_array()
-        .ok_or_else(|| bad("no model.merges array"))?;
-    let merges = merges
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Ok(s.clone()),
-            serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
-                "{} {}",
-                p[0].as_str().unwrap_or_default(),
-                p[1].as_str().unwrap_or_default()
-            )),
-            _ => Err(bad("a merge is neither \"a b\" nor [a, b]")),
-        })
-        .collect::<anyhow::Result<Vec<String>>>()?;
+    let merges = merges(&tok, path)?;
     let tokens = tokens
         .into_iter()
         .enumerate()
