@@ -30,6 +30,7 @@ fn checkpoint_dir_with(tweak: impl FnOnce(&mut Config)) -> tempfile::TempDir {
     let w = gpt_serve::model::gpt::init_weights(&cfg, 1, &Device::Cpu).unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights: None,
         model: cfg,
         dtype: "f32".into(),
         training: Value::Null,
