@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         }
         let ck = CheckpointConfig {
             format_version: FORMAT_VERSION,
+            weights: None,
             model: cfg,
             dtype: "f32".into(),
             training: serde_json::Value::Null,

@@ -14,11 +14,16 @@
 # off in turn, the order alternating level by level: the first run after a
 # server has not yet held that many sequences pays for the memory, which
 # showed as 1.3-2x the TTFT at 32 clients; an untimed warm-up at the
-# largest level comes first too. CLIENTS and TEMPS pick the levels.
+# largest level comes first too. CLIENTS and TEMPS pick the levels
+# (default "1 4 8 16 32" and "0 0.8").
 #
 # REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
 # BASELINE: optionally, another gpt-serve binary (e.g. an earlier commit's)
 # measured the same way, interleaved with the others.
+# WEIGHTS=q8_0 (or q4_0, f16, f32): both servers run these weights, ours with
+# `--weights`, llama-server a GGUF of our very blocks from `gpt-serve
+# export-gguf` (no Python needed). A quantized pair may differ in a greedy
+# token where two logits tie within rounding, so the text check only warns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/serving}
@@ -27,14 +32,21 @@ venv=${REF_VENV:-$HOME/.cache/gpt-serve-ref-venv}
 clients_levels=${CLIENTS:-1 4 8 16 32}
 temps=${TEMPS:-0 0.8}
 mkdir -p "$out"
-"$bin" serve --port 8100 > "$out/gpt-serve.log" 2>&1 &
+weights=${WEIGHTS:-}
+"$bin" serve --port 8100 ${weights:+--weights "$weights"} > "$out/gpt-serve.log" 2>&1 &
 ours=$!
 llama=""
 if [ -n "${LLAMA_SERVER:-}" ]; then
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/pip" install -q numpy safetensors gguf
-    "$venv/bin/python" scripts/gguf_export.py models/default "$out/default-f16.gguf"
-    "$LLAMA_SERVER" -m "$out/default-f16.gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
+    if [ -n "$weights" ]; then
+        gguf="$out/default-$weights.gguf"
+        "$bin" export-gguf --model models/default --out "$gguf" --weights "$weights"
+    else
+        gguf="$out/default-f16.gguf"
+        [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+        "$venv/bin/pip" install -q numpy safetensors gguf
+        "$venv/bin/python" scripts/gguf_export.py models/default "$gguf"
+    fi
+    "$LLAMA_SERVER" -m "$gguf" --host 127.0.0.1 --port 8101 -t 2 -tb 2 \
         -np 32 -c 8192 --no-webui > "$out/llama-server.log" 2>&1 &
     llama=$!
 fi
@@ -53,7 +65,8 @@ levels=$(( $(wc -w <<< "$clients_levels") * $(wc -w <<< "$temps") ))
 # 8 prompts for the check, then 64 fresh ones per level.
 bench prompts --url http://127.0.0.1:8100 --text ../shared/data/gutenberg/val.txt.gz \
     --n $(( 8 + 64 * levels )) --out "$out/prompts.json"
-[ -z "$llama" ] || bench check http://127.0.0.1:8100 http://127.0.0.1:8101 --prompts "$out/prompts.json"
+[ -z "$llama" ] || bench check http://127.0.0.1:8100 http://127.0.0.1:8101 --prompts "$out/prompts.json" \
+    || [ -n "$weights" ]
 results="$out/results.jsonl"
 rm -f "$results"
 max_clients=$(tr ' ' '\n' <<< "$clients_levels" | sort -n | tail -1)

@@ -41,6 +41,12 @@ pub enum CheckpointError {
     Unreadable { path: PathBuf, msg: String },
     #[error("checkpoint file {path} is corrupt: {msg}")]
     Corrupt { path: PathBuf, msg: String },
+    /// A sound checkpoint whose weights the asked dtype cannot hold.
+    #[error("checkpoint {path}: {source}")]
+    Quantize {
+        path: PathBuf,
+        source: Box<crate::model::cpu::LoadError>,
+    },
     #[error(
         "checkpoint {path} has format version {found}; this build reads version {FORMAT_VERSION}"
     )]
@@ -64,6 +70,15 @@ pub struct CheckpointConfig {
     /// Free-form training metadata (command, steps, tokens, losses, time).
     #[serde(default)]
     pub training: serde_json::Value,
+    /// The weight storage `--weights auto` serves when it is not the
+    /// storage dtype's: `q8_0` or `q4_0`, set by `import-hf --dtype`.
+    /// The tensors stay f32/f16/bf16 in model.safetensors and are quantized
+    /// at load: quantizing is deterministic and takes milliseconds, so
+    /// every load serves the same blocks, while the one on-disk format (and
+    /// training, export-hf, and `--weights f32` for a reference) keeps
+    /// working on the unrounded values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 impl CheckpointConfig {
@@ -163,9 +178,16 @@ pub fn load_config(dir: &Path) -> Result<CheckpointConfig> {
             msg: e.to_string(),
         })?;
     cfg.model.validate().map_err(|e| CheckpointError::Corrupt {
-        path,
+        path: path.clone(),
         msg: e.to_string(),
     })?;
+    if let Some(w) = &cfg.weights {
+        w.parse::<crate::model::cpu::WeightDtype>()
+            .map_err(|e| CheckpointError::Corrupt {
+                path,
+                msg: format!("field `weights`: {e}"),
+            })?;
+    }
     Ok(cfg)
 }
 
@@ -230,20 +252,32 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
-    /// Builds the CPU inference model ([`crate::model::cpu`]).
+    /// Builds the CPU inference model ([`crate::model::cpu`]); weights the
+    /// dtype cannot hold are [`CheckpointError::Quantize`], not corrupt.
     pub fn cpu(&self, dtype: crate::model::cpu::WeightDtype) -> Result<crate::model::cpu::CpuGpt> {
-        crate::model::cpu::CpuGpt::from_tensors(&self.config.model, &self.weights, dtype).map_err(
-            |e| CheckpointError::Corrupt {
-                path: PathBuf::from(WEIGHTS_FILE),
+        use crate::model::cpu::{CpuGpt, LoadError};
+        let path = PathBuf::from(WEIGHTS_FILE);
+        CpuGpt::load(&self.config.model, &self.weights, dtype).map_err(|e| match e {
+            LoadError::Tensor(e) => CheckpointError::Corrupt {
+                path,
                 msg: e.to_string(),
             },
-        )
+            source => CheckpointError::Quantize {
+                path,
+                source: Box::new(source),
+            },
+        })
     }
 
-    /// The weight storage that serves this checkpoint exactly: f16 when it
-    /// was saved in f16 (no rounding beyond what is stored), else f32 (bf16
-    /// has a wider range than f16, so it is served as f32).
+    /// The weight storage `--weights auto` serves: the config's `weights`
+    /// when set (`import-hf --dtype q8_0`), else the one that serves the
+    /// checkpoint exactly: f16 when it was saved in f16 (no rounding beyond
+    /// what is stored), else f32 (bf16 has a wider range than f16, so it is
+    /// served as f32).
     pub fn serving_dtype(&self) -> crate::model::cpu::WeightDtype {
+        if let Some(dt) = self.config.weights.as_deref().and_then(|w| w.parse().ok()) {
+            return dt;
+        }
         match self.config.dtype.as_str() {
             "f16" => crate::model::cpu::WeightDtype::F16,
             _ => crate::model::cpu::WeightDtype::F32,

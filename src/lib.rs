@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod decode;
 pub mod drafter;
+pub mod gguf;
 pub mod hf;
 pub mod model;
 pub mod sampling;

@@ -1,5 +1,5 @@
 //! The `gpt-serve` command line: train, sample, eval, train-drafter, serve, bench,
-//! import-hf, export-hf.
+//! import-hf, export-hf, export-gguf.
 
 /// mimalloc: decoding allocates and frees many mid-size buffers per step
 /// (activations, logits); glibc's malloc spent 7-10% of a decode step in
@@ -34,6 +34,9 @@ enum Cmd {
     Train(Box<train::TrainOptions>),
     /// Retrain the tree drafter of an existing checkpoint.
     TrainDrafter(train::label::TrainDrafterArgs),
+    /// Fit the drafter's sampled-tree calibration on the train split and
+    /// measure its calibration error on held-out text.
+    CalibrateDrafter(train::label::calibrate::CalibrateArgs),
     /// Generate text from a checkpoint.
     Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
@@ -47,6 +50,11 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// auto (the source dtype), f32 or f16 (model.safetensors in that
+        /// dtype), or q8_0 / q4_0 (recorded in config.json: `--weights auto`
+        /// then serves those blocks).
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
     /// Export a baseline-architecture checkpoint to Hugging Face GPT2LMHeadModel format.
     ExportHf {
@@ -54,6 +62,17 @@ enum Cmd {
         model: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Export a baseline-architecture checkpoint as a GGUF file for llama.cpp (gpt2).
+    ExportGguf {
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Matrices as auto (the checkpoint's serving dtype), f32, f16,
+        /// q8_0 or q4_0 (the blocks gpt-serve serves, byte for byte).
+        #[arg(long, alias = "dtype", default_value = "auto")]
+        weights: String,
     },
     /// Write the OpenAPI document of the HTTP API.
     Openapi {
@@ -90,13 +109,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
+        Cmd::CalibrateDrafter(a) => train::label::calibrate::run(&a)?,
         Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
-        Cmd::ImportHf { dir, out } => {
-            let c = gpt_serve::hf::import::import_hf(&dir, &out)?;
+        Cmd::ImportHf { dir, out, dtype } => {
+            let c = gpt_serve::hf::import::import_hf_as(&dir, &out, &dtype)?;
             println!("{}", gpt_serve::hf::import::summary(&out, &c));
         }
         Cmd::ExportHf { model, out } => gpt_serve::hf::export::export_hf(&model, &out)?,
+        Cmd::ExportGguf {
+            model,
+            out,
+            weights,
+        } => {
+            let dt = gpt_serve::gguf::export::export_gguf(&model, &out, &weights)?;
+            println!("wrote {} ({} matrices)", out.display(), dt.name());
+        }
         Cmd::Bench(o) => {
             let r = gpt_serve::cli::bench::run(&o)?;
             let md = gpt_serve::cli::bench::markdown(&r);

@@ -18,7 +18,7 @@ use gpt_serve::checkpoint;
 use gpt_serve::decode::proposer::{Plain, TreeDrafter};
 use gpt_serve::decode::{GenParams, Generator, TokenOut};
 use gpt_serve::drafter::Drafter;
-use gpt_serve::hf::{export::export_hf, import::import_hf};
+use gpt_serve::hf::{export::export_hf, import::import_hf, import::import_hf_as};
 use gpt_serve::model::cpu::WeightDtype;
 use gpt_serve::serving::engine::{Backend, EngineConfig};
 use gpt_serve::serving::metrics::Metrics;
@@ -141,6 +141,76 @@ fn imported_logits_match_transformers_on_the_cpu_fast_path() {
         eprintln!("fast path, row {b}: max |logit diff| vs transformers {diff:e}");
         assert!(diff <= LOGIT_TOL, "row {b}: max diff {diff}");
     }
+}
+
+/// Logits of the final head for a fixed prompt.
+fn final_logits(model: &gpt_serve::model::cpu::CpuGpt) -> Vec<f32> {
+    let row: Vec<u32> = (0..12).map(|i| (i * 31 + 7) % 300).collect();
+    let mut cache = model.new_cache();
+    let mut s = model.embed(&row, 0).unwrap();
+    model
+        .run_blocks(&mut s, model.cfg.n_layer, &mut cache)
+        .unwrap();
+    model.exit_logits(&s, 0, 0..row.len()).unwrap()
+}
+
+#[test]
+fn import_with_dtype_q8_0_keeps_the_tensors_and_serves_q8_0_under_weights_auto() {
+    let (_plain_tmp, plain) = import(&fixture());
+    let tmp = tempfile::tempdir().unwrap();
+    let q8 = tmp.path().join("ck");
+    let c = import_hf_as(&fixture(), &q8, "q8_0").unwrap();
+    assert_eq!(c.weights.as_deref(), Some("q8_0"));
+    let plain_st = read_st(&plain.join("model.safetensors"));
+    let q8_st = read_st(&q8.join("model.safetensors"));
+    for (n, t) in &plain_st {
+        assert_eq!(
+            bits(t),
+            bits(&q8_st[n]),
+            "{n}: tensors are stored unrounded"
+        );
+    }
+    let loaded = checkpoint::load(&q8, &Device::Cpu).unwrap();
+    assert_eq!(loaded.serving_dtype(), WeightDtype::Q8_0);
+    assert_eq!(loaded.weight_dtype("auto").unwrap(), WeightDtype::Q8_0);
+    let reference = checkpoint::load(&plain, &Device::Cpu).unwrap();
+    assert_eq!(reference.serving_dtype(), WeightDtype::F32);
+    let want = final_logits(&reference.cpu(WeightDtype::Q8_0).unwrap());
+    assert_eq!(
+        final_logits(&loaded.cpu(loaded.serving_dtype()).unwrap()),
+        want
+    );
+    assert_ne!(
+        final_logits(&reference.cpu(WeightDtype::F32).unwrap()),
+        want
+    );
+}
+
+#[test]
+fn import_with_an_unknown_dtype_or_a_config_naming_an_unknown_weights_value_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        import_hf_as(&fixture(), &tmp.path().join("a"), "q5_1").unwrap_err()
+    );
+    assert!(
+        err.contains("`q5_1`") && err.contains("q8_0, q4_0"),
+        "{err}"
+    );
+    let out = tmp.path().join("b");
+    import_hf_as(&fixture(), &out, "q4_0").unwrap();
+    let path = out.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"weights\": \"q4_0\""), "{text}");
+    std::fs::write(&path, text.replace("\"q4_0\"", "\"q9\"")).unwrap();
+    let err = checkpoint::load(&out, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("field `weights`") && err.contains("`q9`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -369,6 +369,7 @@ fn a_checkpoint_round_trip_gives_identical_logits() {
     .unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights: None,
         model: cfg.clone(),
         dtype: "f32".into(),
         training: serde_json::Value::Null,

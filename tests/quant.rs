@@ -183,8 +183,52 @@ fn a_model_whose_width_is_not_a_multiple_of_32_asked_for_q8_0_gets_an_error_nami
         .expect("q8_0 of a 48-wide model is refused")
         .to_string();
     assert!(err.contains("`h.0.attn.c_attn.weight`"), "{err}");
-    assert!(err.contains("not a multiple of 32"), "{err}");
+    assert!(err.contains("not a multiple of the block size 32"), "{err}");
     assert!(err.contains("q8_0"), "{err}");
+}
+
+/// A checkpoint of `cfg` with seeded weights, saved in `dir` as f32.
+fn save_checkpoint(dir: &std::path::Path, cfg: &Config) {
+    use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+    let tok =
+        gpt_serve::tokenizer::Tokenizer::train_bpe(["a small text, a text."].into_iter(), 260)
+            .unwrap();
+    let ck = CheckpointConfig {
+        format_version: FORMAT_VERSION,
+        weights: None,
+        model: cfg.clone(),
+        dtype: "f32".into(),
+        training: serde_json::Value::Null,
+    };
+    let mut w: Vec<(String, Tensor)> = weights(cfg).into_iter().collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    checkpoint::save(dir, &ck, &w, &tok).unwrap();
+}
+
+#[test]
+fn a_sound_checkpoint_too_narrow_for_q8_0_is_refused_as_unquantizable_not_as_corrupt() {
+    use gpt_serve::checkpoint::{self, CheckpointError};
+    let mut cfg = config(ExitHead::Tied);
+    cfg.n_embd = 48;
+    let dir = tempfile::tempdir().unwrap();
+    save_checkpoint(dir.path(), &cfg);
+    let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(loaded.cpu(WeightDtype::F16).is_ok());
+    let err = loaded
+        .cpu(WeightDtype::Q8_0)
+        .err()
+        .expect("q8_0 of a 48-wide model is refused");
+    assert!(matches!(err, CheckpointError::Quantize { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(!msg.contains("corrupt"), "{msg}");
+    for part in [
+        "cannot store the weights as q8_0",
+        "`h.0.attn.c_attn.weight`",
+        "input width 48 is not a multiple of the block size 32",
+        "--weights f16",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
 }
 
 #[test]

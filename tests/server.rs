@@ -30,6 +30,7 @@ fn checkpoint_dir_with(tweak: impl FnOnce(&mut Config)) -> tempfile::TempDir {
     let w = gpt_serve::model::gpt::init_weights(&cfg, 1, &Device::Cpu).unwrap();
     let ck = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights: None,
         model: cfg,
         dtype: "f32".into(),
         training: Value::Null,
@@ -58,6 +59,32 @@ async fn start_faulty(
     dir: tempfile::TempDir,
     fault: Option<gpt_serve::serving::engine::Fault>,
 ) -> Server {
+    start_until(opts, max_active, dir, fault, std::future::pending())
+        .await
+        .0
+}
+
+async fn start_until(
+    opts: ServeOptions,
+    max_active: usize,
+    dir: tempfile::TempDir,
+    fault: Option<gpt_serve::serving::engine::Fault>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Server, tokio::task::JoinHandle<server::Drained>) {
+    start_on(opts, max_active, dir, fault, None, shutdown).await
+}
+
+/// A server that drains when `shutdown` resolves, its sockets' send
+/// buffers `send_buffer` bytes when given; the accept loop's task gives how
+/// the drain ended.
+async fn start_on(
+    opts: ServeOptions,
+    max_active: usize,
+    dir: tempfile::TempDir,
+    fault: Option<gpt_serve::serving::engine::Fault>,
+    send_buffer: Option<u32>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Server, tokio::task::JoinHandle<server::Drained>) {
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let engine = EngineConfig {
         backend: gpt_serve::serving::engine::Backend::Cpu(gpt_serve::model::cpu::WeightDtype::F32),
@@ -72,25 +99,36 @@ async fn start_faulty(
     };
     let metrics = Arc::new(Metrics::new());
     let state = server::build(loaded, None, engine, "tiny", metrics, opts).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = match send_buffer {
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        // Accepted sockets inherit the listener's send buffer (tcp(7)).
+        Some(bytes) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(bytes).unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            socket.listen(64).unwrap()
+        }
+    };
     let url = format!("http://{}", listener.local_addr().unwrap());
     let serving = state.clone();
-    tokio::spawn(async move {
-        server::serve(listener, serving, std::future::pending())
-            .await
-            .unwrap()
-    });
+    let task =
+        tokio::spawn(async move { server::serve(listener, serving, shutdown).await.unwrap() });
     state.wait_ready(Duration::from_secs(5)).await;
-    Server {
+    let s = Server {
         url,
         _dir: dir,
         state,
-    }
+    };
+    (s, task)
 }
 
 async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    post_url(&format!("{}{path}", s.url), body).await
+}
+
+async fn post_url(url: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
-        .post(format!("{}{path}", s.url))
+        .post(url)
         .json(&body)
         .send()
         .await
@@ -246,7 +284,9 @@ async fn an_engine_that_fails_gives_errors_not_truncated_successes_and_health_50
     let s = faulty().await;
     let events = stream_events(
         &s,
-        json!({"model": "tiny", "prompt": "a fox", "max_tokens": 40, "stream": true}),
+        // Greedy, as above: a sampled stream could end at end-of-text
+        // before the panic at iteration 5 and say [DONE].
+        json!({"model": "tiny", "prompt": "fox", "max_tokens": 40, "stream": true, "temperature": 0}),
     )
     .await;
     assert!(
@@ -571,16 +611,12 @@ async fn a_full_queue_answers_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_stops_its_generation() {
-    // A model slow enough (~1 ms a token) that 1000 tokens outlast the
-    // disconnect by far.
-    let dir = checkpoint_dir_with(|c| {
-        c.n_layer = 4;
-        c.n_embd = 256;
-        c.n_head = 4;
-        c.block_size = 1024;
-        c.exits = gpt_serve::model::config::default_exits(4);
-    });
-    let s = start_with(ServeOptions::default(), 4, dir).await;
+    // Every engine turn sleeps PACE first, and without a drafter a
+    // sequence gains at most one token a turn: 1,000 tokens take over 10 s.
+    const PACE: Duration = Duration::from_millis(10);
+    let fault = Some(gpt_serve::serving::engine::Fault::SlowIterations(10));
+    let s = start_faulty(ServeOptions::default(), 4, long_context_dir(), fault).await;
+    let sent = std::time::Instant::now();
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
         .json(&json!({"model": "tiny", "prompt": "a", "max_tokens": 1000, "stream": true, "temperature": 0}))
@@ -594,37 +630,23 @@ async fn a_client_that_disconnects_stops_its_generation() {
     let mut idle = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let m = reqwest::get(format!("{}/metrics", s.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.lines().any(|l| l == "vllm:num_requests_running 0") {
+        if metric(&s, "vllm:num_requests_running").await == 0.0 {
             idle = true;
             break;
         }
     }
     assert!(idle, "generation kept running after the client left");
-    let m = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let generated: f64 = m
-        .lines()
-        .find(|l| l.starts_with("vllm:generation_tokens_total"))
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let turns = (sent.elapsed().as_millis() / PACE.as_millis()) as f64 + 1.0;
+    let generated = metric(&s, "vllm:generation_tokens_total").await;
+    // At least the first chunk's token; at most one token per turn that
+    // could run before the engine went idle (the sequence is dropped at
+    // the first turn after its client left), far below 1,000.
     assert!(
-        generated < 1000.0,
-        "{generated} tokens generated for a client that left"
+        (1.0..=turns).contains(&generated) && turns < 1000.0,
+        "{generated} tokens in at most {turns} turns for a client that left"
     );
+    tokio::time::sleep(PACE * 10).await;
+    assert_eq!(metric(&s, "vllm:generation_tokens_total").await, generated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,63 +768,201 @@ fn the_committed_openapi_document_matches_the_code() {
     );
 }
 
-#[test]
-fn sigterm_lets_in_flight_requests_finish_then_exits() {
-    let dir = checkpoint_dir();
+/// A `gpt-serve serve` child, killed if a test fails before it exits.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gpt-serve serve` on a free port with `args` added; the child and its
+/// URL, once `/health` answers 200.
+fn serve_cli(dir: &tempfile::TempDir, args: &[&str]) -> (Child, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
-        .args([
-            "serve",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-            "--model-id",
-            "tiny",
-        ])
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
+        .args(["serve", "--model", dir.path().to_str().unwrap()])
+        .args(["--port", &port.to_string(), "--model-id", "tiny"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = Child(child);
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..400 {
+        if health_status(port) == Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (child, url)
+}
+
+/// The status `/health` answers on `127.0.0.1:port`, if it answers.
+fn health_status(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    answer.get(9..12)?.parse().ok()
+}
+
+/// A greedy stream of `max_tokens` tokens (with usage): its response, once
+/// the first chunk has arrived, so it is decoding.
+async fn stream_started(url: &str, max_tokens: usize) -> reqwest::Response {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(
+            &json!({"model": "tiny", "prompt": "a", "max_tokens": max_tokens, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r
+}
+
+/// The `data:` payloads of a stream, `first` (already read) included.
+async fn rest_of_stream(
+    first: axum::body::Bytes,
+    mut body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
+) -> Vec<String> {
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => break,
+        }
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn sigterm(child: &Child) {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    // 600 tokens at ~1 ms each: the stream is mid-way when the signal
+    // arrives, right after its first chunk.
+    let dir = long_context_dir();
+    let (mut child, url) = serve_cli(&dir, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let url = format!("http://127.0.0.1:{port}");
-        for _ in 0..200 {
-            if reqwest::get(format!("{url}/health"))
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let req = tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/completions"))
-                .json(&json!({"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0}))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let v = req.await.unwrap();
-        assert!(
-            v["usage"]["completion_tokens"].as_u64().unwrap() > 0,
-            "the in-flight request finished: {v}"
+        let (st, whole) = post_url(
+            &format!("{url}/v1/completions"),
+            json!({"model": "tiny", "prompt": "a",
+            "max_tokens": 600, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(st, 200, "{whole}");
+        let mut body = stream_started(&url, 600).await.bytes_stream();
+        let first = body.next().await.unwrap().unwrap();
+        sigterm(&child);
+        let events = rest_of_stream(first, body).await;
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{events:?}"
         );
-        assert!(v["choices"][0]["text"].is_string(), "{v}");
+        // Every token came: the text and the count of the same request
+        // run to its end before the signal.
+        assert_eq!(
+            streamed_text(&events),
+            whole["choices"][0]["text"].as_str().unwrap()
+        );
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(
+            usage["usage"]["completion_tokens"],
+            whole["usage"]["completion_tokens"]
+        );
     });
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_stream_cut_at_the_shutdown_deadline_gets_an_error_event_and_the_exit_is_non_zero() {
+    // A deadline of 0 s: the drain cuts whatever runs when SIGTERM comes,
+    // and a 1,000-token stream is running after its first chunk.
+    let dir = long_context_dir();
+    let (mut child, url) = serve_cli(&dir, &["--shutdown-timeout", "0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(async {
+        let mut body = stream_started(&url, 1000).await.bytes_stream();
+        let first = body.next().await.unwrap().unwrap();
+        sigterm(&child);
+        rest_of_stream(first, body).await
+    });
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--shutdown-timeout"), "{events:?}");
+    assert!(
+        !events.iter().any(|e| e == "[DONE]"),
+        "a cut stream said [DONE]"
+    );
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_draining_new_connections_are_refused_and_health_answers_503() {
+    use tower::ServiceExt;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let fault = Some(gpt_serve::serving::engine::Fault::SlowIterations(30));
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let (s, drained) = start_until(
+        ServeOptions::default(),
+        1,
+        checkpoint_dir(),
+        fault,
+        shutdown,
+    )
+    .await;
+    // ~100 iterations of 30 ms: in flight through the checks below.
+    let busy = busy_request(&s).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The listener is closed: a probe's new connection is refused.
+    let probe = reqwest::get(format!("{}/health", s.url)).await;
+    assert!(
+        probe.unwrap_err().is_connect(),
+        "a new connection was accepted while draining"
+    );
+    // A request that still reaches the server (an open connection) is
+    // told it is shutting down.
+    let health = axum::http::Request::get("/health")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = server::router(s.state.clone())
+        .oneshot(health)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        !busy.is_finished(),
+        "the busy request ended too soon for this test"
+    );
+    assert_eq!(busy.await.unwrap(), 200, "the in-flight request finished");
+    assert_eq!(drained.await.unwrap(), server::Drained::Finished);
 }
 
 /// A metric's value (the first sample whose name matches exactly).
@@ -915,20 +1075,59 @@ async fn a_stream_whose_client_never_reads_frees_its_slots_at_the_deadline() {
     let s = start_faulty(opts, 16, long_context_dir(), fault).await;
     let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000,
         "n": 16, "logprobs": 5, "stream": true, "temperature": 1.0});
+    let sent = std::time::Instant::now();
     let unread = raw_request(&s, &body, Some(4096)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
-    // Unfinished: 16 choices of 1,000 tokens are not all out yet.
+    // Unfinished: each turn sleeps 10 ms and gives each sequence at most
+    // one token (no drafter), so at most 16 tokens a turn are out, far
+    // below the 16 x 1,000 asked.
+    let turns = (sent.elapsed().as_millis() / 10) as f64 + 1.0;
     let generated = metric(&s, "vllm:generation_tokens_total").await;
     assert!(
-        generated < 16_000.0,
-        "{generated} tokens for a client that never reads"
+        generated <= 16.0 * turns && turns < 1000.0,
+        "{generated} tokens in at most {turns} turns for a client that never reads"
     );
     // Past the deadline the slots are back, though the connection is
     // still open and unread.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 200);
     gauge_settles(&s, "vllm:num_requests_running", 0.0).await;
+    drop(unread);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_paused_by_a_client_that_stopped_reading_frees_its_slots_at_the_write_timeout() {
+    // Small socket buffers on both sides (4 KiB, which Linux doubles), so
+    // the unread stream fills them within a few tokens and back-pressure
+    // reaches the engine: its per-sequence channels fill and it pauses
+    // the sequences. The request timeout (600 s) is far away.
+    let opts = ServeOptions {
+        write_timeout: Duration::from_secs(2),
+        max_waiting: 0,
+        ..Default::default()
+    };
+    let pending = std::future::pending();
+    let (s, _) = start_on(opts, 16, long_context_dir(), None, Some(4096), pending).await;
+    let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000,
+        "n": 16, "logprobs": 5, "stream": true, "temperature": 1.0});
+    let unread = raw_request(&s, &body, Some(4096)).await;
+    // Paused, not finished: sequences still hold slots (a choice may end
+    // early at end-of-text) while the token count stands still.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = metric(&s, "vllm:generation_tokens_total").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = metric(&s, "vllm:generation_tokens_total").await;
+    let running = metric(&s, "vllm:num_requests_running").await;
+    assert!(
+        running > 0.0 && before == after,
+        "{running} running, {before} then {after} tokens: not paused"
+    );
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 429);
+    // The write has made no progress for 2 s: the stream is dropped and
+    // its slots are back, with the connection still open and unread.
+    gauge_settles(&s, "vllm:num_requests_running", 0.0).await;
+    assert_eq!(status_of_a_request_for_every_slot(&s, 16).await, 200);
     drop(unread);
 }
 
@@ -1119,6 +1318,8 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     let opts = ServeOptions {
         header_read_timeout: Duration::from_millis(500),
         max_connections: 2,
+        // No probe reserve: a third connection gets the 503 at once.
+        probe_connections: 0,
         ..Default::default()
     };
     let s = start(opts, 1).await;
@@ -1150,6 +1351,108 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_cap_get_503() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = reqwest::get(format!("{}/health", s.url)).await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Sends `GET path` on a fresh connection (kept alive) and reads the
+/// answer's first bytes; the connection and that answer.
+async fn get_raw(addr: &str, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf))
+        .await
+        .expect("no answer within 3 s")
+        .unwrap();
+    (conn, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_when_keyless_clients_hold_every_connection() {
+    let opts = ServeOptions {
+        api_key: Some("sekret".into()),
+        max_connections: 2,
+        probe_connections: 1,
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    // Two keyless clients get their cheap 401s and keep their connections.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (conn, answer) = get_raw(&addr, "/v1/models").await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        held.push(conn);
+    }
+    // The cap is reached: the reserve answers a probe, and nothing else,
+    // one request a connection (it closes; a moment later its slot is back).
+    let reserve = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let (mut conn, answer) = get_raw(&addr, path).await;
+            let closed = answer_within(&mut conn, Duration::from_secs(3)).await;
+            assert!(closed.is_some(), "a reserve connection stayed open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer
+        }
+    };
+    let answer = reserve("/v1/models").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many open connections"), "{answer}");
+    for _ in 0..3 {
+        let answer = reserve("/health").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    drop(held);
+}
+
+/// The answer to `GET /v1/models` sent with this `Host` header.
+async fn answer_for_host(s: &Server, host: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /v1/models HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let answer = answer_within(&mut conn, Duration::from_secs(3)).await;
+    answer.expect("no answer within 3 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_header_naming_another_host_is_refused_as_dns_rebinding() {
+    let s = start(ServeOptions::default(), 1).await;
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    // Bound to 127.0.0.1: addresses and localhost are served...
+    for host in ["127.0.0.1", "localhost", "[::1]", "LocalHost."] {
+        let answer = answer_for_host(&s, &format!("{host}:{port}")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    // ...a rebinding page's own name is not, and the error says why.
+    let answer = answer_for_host(&s, &format!("rebind.example:{port}")).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("rebind.example") && message.contains("--allowed-hosts"),
+        "{message}"
+    );
+    // Names listed in --allowed-hosts are served.
+    let opts = ServeOptions {
+        allowed_hosts: Some(vec!["api.example".into(), ".svc.cluster.local".into()]),
+        ..Default::default()
+    };
+    let s = start(opts, 1).await;
+    for (host, status) in [
+        ("api.example", 200),
+        ("gpt.ns.svc.cluster.local", 200),
+        ("rebind.example", 403),
+    ] {
+        let answer = answer_for_host(&s, &format!("{host}:{port}")).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{host}: {answer}"
+        );
+    }
 }
 
 /// Sends a request's headers, declaring `declared` body bytes, and `sent`

@@ -16,10 +16,16 @@ use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
 use gpt_serve::sampling::SamplingParams;
 
-/// Positions whose top-2 logit gap is below this may flip between a k-row
-/// verify and a 1-row step (different summation order); such differences
-/// are counted, not failed.
+/// Positions whose top-2 logit gap is below this could flip between a k-row
+/// verify and a 1-row step on a backend that sums rows in a different
+/// order; such differences are counted apart from real divergences.
 const NEAR_TIE: f32 = 1e-3;
+
+/// Why the near-tie count must be 0 here, not merely small: the CPU
+/// kernels sum every row in the same order whatever the number of rows
+/// (docs/design.md, "Floating point"), so a verify's logits are bitwise a
+/// single step's and no position, near a tie or not, can flip.
+const BITWISE: &str = "the CPU path is bitwise: no divergence is excused, near a tie or not";
 
 struct Fixture {
     model: CpuGpt,
@@ -166,7 +172,7 @@ fn greedy_speculative_output_equals_plain_output() {
         st.tree_steps,
         st.accepted_later_child
     );
-    assert_eq!(diverged, 0);
+    assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
     assert!(
         st.accepted > 0,
         "the drafter never proposed an accepted token"
@@ -185,7 +191,7 @@ fn greedy_speculative_output_equals_plain_output() {
         "greedy, chains: {diverged} diverged, {ties} near ties, {} accepted",
         st.accepted
     );
-    assert_eq!(diverged, 0);
+    assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
     assert_eq!(st.tree_steps, 0);
     assert_cascade_gives_plain_output(&f, params);
 }
@@ -202,7 +208,7 @@ fn assert_cascade_gives_plain_output(f: &Fixture, params: GenParams) {
     let (diverged, ties, st) = compare_stats(f, cascade, &|| tree(f));
     let cut: u64 = st.truncated_by_exit.iter().sum();
     eprintln!("t={t} + exit cascade: {diverged} diverged, {ties} near ties, {cut} drafts cut");
-    assert_eq!(diverged, 0);
+    assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
     assert!(cut > 0, "the exits never cut a draft");
 }
 
@@ -228,7 +234,7 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
         };
         let (diverged, ties, accepted) = compare(&f, params);
         eprintln!("t=0.8, drafts follow the noise: {draft_with_noise}: {diverged} diverged, {ties} near ties, {accepted} accepted");
-        assert_eq!(diverged, 0);
+        assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
         assert!(accepted > 0, "no sampled draft was ever accepted");
     }
     assert_cascade_gives_plain_output(&f, params);
@@ -259,7 +265,7 @@ fn drafting_with_an_early_exit_gives_plain_output_alone_and_behind_the_tree() {
         for (name, proposer) in proposers {
             let (diverged, ties, accepted) = compare_with(&f, params.clone(), proposer);
             eprintln!("t={temperature} {name}: {diverged} diverged, {ties} near ties, {accepted} accepted");
-            assert_eq!(diverged, 0);
+            assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
             assert!(accepted > 0, "{name}: no draft was ever accepted");
         }
     }

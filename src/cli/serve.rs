@@ -1,6 +1,7 @@
 //! The `serve` subcommand: its flags, loading the checkpoint and drafter,
 //! the memory check, starting the engine and the HTTP server, and what
-//! happens on SIGTERM (in-flight requests finish) or an engine failure
+//! happens on SIGTERM (the server drains: in-flight requests finish, and
+//! the exit status is 1 when the deadline cut some) or an engine failure
 //! (exit 1, so an orchestrator restarts the process); and the
 //! `healthcheck` subcommand that container HEALTHCHECKs run.
 
@@ -52,6 +53,16 @@ pub struct ServeArgs {
     /// Open connections at most; beyond, a new connection gets 503.
     #[arg(long, env = "GPT_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Connections kept beyond --max-connections for /health alone, so
+    /// liveness and readiness probes answer when clients hold every other.
+    #[arg(long, env = "GPT_SERVE_PROBE_CONNECTIONS", default_value_t = 8)]
+    probe_connections: usize,
+    /// Host names served (comma-separated; `*`: any; `.example.com`: a
+    /// domain and its subdomains), besides IP literals and localhost, which
+    /// always are: DNS-rebinding protection. Default: none on a loopback
+    /// --host, any elsewhere.
+    #[arg(long, env = "GPT_SERVE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Option<Vec<String>>,
     /// Seconds a client gets to send a request's headers (also closes idle
     /// keep-alive connections).
     #[arg(long, env = "GPT_SERVE_HEADER_READ_TIMEOUT", default_value_t = 10)]
@@ -80,9 +91,10 @@ pub struct ServeArgs {
     /// Let early exits truncate drafts (cascade verification).
     #[arg(long, env = "GPT_SERVE_CASCADE")]
     cascade: bool,
-    /// Draft trees for greedy requests (the drafter branches where it is
-    /// unsure). Off by default: on the default model they add 4% tokens per
-    /// verify step but no speed (docs/benchmarks.md).
+    /// Draft trees: greedy (the drafter branches where it is unsure) and
+    /// at temperature > 0 (Gumbel-top-k children with the sampler's keyed
+    /// noise). Off by default: on the default model they add 2-7% tokens
+    /// per verify step but no speed (docs/benchmarks.md).
     #[arg(long, env = "GPT_SERVE_DRAFT_TREES")]
     draft_trees: bool,
     /// With --cascade: an exit truncates at a draft when a rival candidate's
@@ -99,8 +111,10 @@ pub struct ServeArgs {
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
     no_speculate: bool,
-    /// Seconds in-flight requests get to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds in-flight requests get to finish after SIGTERM; those still
+    /// running then are cut (a stream gets an error event) and the exit
+    /// status is 1.
+    #[arg(long, env = "GPT_SERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
     /// Weight storage of the CPU inference path's linear layers: auto (as
     /// the checkpoint stores them), f32, f16 (half the memory traffic), or
@@ -218,15 +232,19 @@ fn server_options(a: &ServeArgs) -> anyhow::Result<server::ServeOptions> {
         max_waiting: a.max_waiting,
         body_limit: a.body_limit,
         max_connections: a.max_connections,
+        probe_connections: a.probe_connections,
         header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
         body_read_timeout: std::time::Duration::from_secs(a.body_read_timeout),
         write_timeout: std::time::Duration::from_secs(a.write_timeout),
         max_buffered_body_bytes: a.max_buffered_body_bytes,
+        shutdown_timeout: std::time::Duration::from_secs(a.shutdown_timeout),
+        allowed_hosts: a.allowed_hosts.clone(),
     })
 }
 
 /// Listens and serves until SIGTERM (in-flight requests get
-/// `--shutdown-timeout` to finish) or an engine failure (exit 1).
+/// `--shutdown-timeout` to finish; an error when some were cut) or an
+/// engine failure (exit 1).
 fn serve_until_shutdown(
     a: &ServeArgs,
     model_id: &str,
@@ -258,17 +276,17 @@ fn serve_until_shutdown(
             eprintln!("gpt-serve: the engine failed (see the log above); exiting");
             std::process::exit(1);
         });
-        server::serve(listener, state, async move {
+        let drained = server::serve(listener, state, async move {
             shutdown_signal().await;
             eprintln!("gpt-serve: shutting down, finishing in-flight requests (up to {deadline}s)");
-            tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_secs(deadline)).await;
-                eprintln!("gpt-serve: shutdown deadline passed, exiting");
-                std::process::exit(0);
-            });
         })
         .await?;
-        Ok::<_, anyhow::Error>(())
+        match drained {
+            server::Drained::Finished => Ok(()),
+            server::Drained::Cut => anyhow::bail!(
+                "the shutdown deadline (--shutdown-timeout {deadline}s) cut in-flight requests"
+            ),
+        }
     })
 }
 

@@ -277,13 +277,18 @@ impl<'m, M: Forward> Generator<'m, M> {
         let room = (self.remaining() - 1)
             .min(cfg.block_size - self.tokens.len())
             .min(cap);
+        let rule = self.draft_rule();
+        let trees = match rule {
+            DraftRule::Best => self.params.draft_tree,
+            DraftRule::Sample { .. } => self.params.sampled_trees,
+        };
         let req = DraftRequest {
             tokens: &self.tokens,
             prompt_len: self.prompt_len,
             room,
             min_gain,
-            branch: branch && self.params.draft_tree && self.model.supports_trees(),
-            rule: self.draft_rule(),
+            branch: branch && trees && self.model.supports_trees(),
+            rule,
         };
         self.proposer.propose(&req)
     }
@@ -297,6 +302,7 @@ impl<'m, M: Forward> Generator<'m, M> {
                 seed: sp.seed,
                 stream: self.params.stream(),
                 temperature: sp.temperature,
+                top_p: sp.top_p,
             },
         }
     }

@@ -22,6 +22,13 @@ pub struct GenParams {
     /// default model trees add 4% tokens per verify step but no speed
     /// (docs/benchmarks.md).
     pub draft_tree: bool,
+    /// At temperature > 0 (with `draft_with_noise`), let the tree drafter
+    /// draft a sampled tree: Gumbel-top-k children with the sampler's keyed
+    /// noise, sized by their calibrated chances and the verify cost curve
+    /// (`drafter::sampled_tree`); false (the default): a chain. On the
+    /// default model they add 4-7% tokens per verify step but no speed on
+    /// the 2-core EPYC (docs/benchmarks.md, issue #31).
+    pub sampled_trees: bool,
     /// At temperature > 0, the tree drafter drafts the sample of its own
     /// estimate with the sampler's keyed noise (`DraftRule::Sample`);
     /// false: its most likely token (the rule before; kept for benchmarks).
@@ -76,6 +83,7 @@ impl Default for GenParams {
             logprobs: None,
             speculate: true,
             draft_tree: false,
+            sampled_trees: false,
             draft_with_noise: true,
             cascade: false,
             exit_margin: DEFAULT_EXIT_MARGIN,

@@ -42,6 +42,7 @@ pub enum DraftRule {
         seed: u64,
         stream: u64,
         temperature: f32,
+        top_p: f32,
     },
 }
 
@@ -149,6 +150,7 @@ impl Drafter {
                 seed,
                 stream,
                 temperature,
+                ..
             } => {
                 let noise = Noise::at(seed, stream, ctx.len());
                 let sharpness = self.sample_sharpness / temperature;
@@ -280,7 +282,7 @@ impl Drafter {
 }
 
 /// The tokens on the path from the root (excluded) to tree row `row`.
-fn tokens_to(nodes: &[TreeDraft], mut row: usize) -> Vec<u32> {
+pub(super) fn tokens_to(nodes: &[TreeDraft], mut row: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while row != 0 {
         let n = &nodes[row - 1];

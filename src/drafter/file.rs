@@ -147,6 +147,7 @@ impl Drafter {
                 format!("is {s}; it must be finite and > 0"),
             ));
         }
+        self.calibration.check().map_err(|e| ("calibration", e))?;
         Ok(())
     }
 }

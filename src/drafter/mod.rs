@@ -15,13 +15,17 @@
 //!
 //! - `draft`: the estimate of the next token, chains and trees of drafts;
 //! - `file`: the drafter file (save, load and its checks);
-//! - `replay`: offline replay of drafting and the prompt-lookup baseline.
+//! - `replay`: offline replay of drafting and the prompt-lookup baseline;
+//! - `sampled_tree`: draft trees at temperature > 0 (Gumbel-top-k children
+//!   sized by the cost curve), and `calibration`: their children's chances.
 
+pub mod calibration;
 mod draft;
 pub mod features;
 mod file;
 pub mod gbdt;
 mod replay;
+mod sampled_tree;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +35,9 @@ use gbdt::Gbdt;
 pub use draft::{Draft, DraftRule, Estimate, TreeDraft, MAX_CHILDREN};
 pub use file::DrafterError;
 pub use replay::{prompt_lookup, replay, Replay};
+pub use sampled_tree::{Ranked, SampleKey, Sizing};
+
+use calibration::Calibration;
 
 /// 2: 14 features (six that did not pay dropped).
 pub const FORMAT_VERSION: u32 = 2;
@@ -71,6 +78,11 @@ pub struct Drafter {
     /// `threshold`); tuned on the train split (docs/benchmarks.md).
     #[serde(default = "default_sibling_floor")]
     pub sibling_floor: f32,
+    /// Chances that a sampled tree's child is the model's sample, per
+    /// sampling setting (`gpt-serve calibrate-drafter`); absent in older
+    /// files: uncalibrated.
+    #[serde(default)]
+    pub calibration: Calibration,
     /// Whether each token starts a word (from the tokenizer).
     pub word_start: Vec<bool>,
     /// Training report: feature importances, replay figures.
@@ -108,6 +120,7 @@ impl Drafter {
             k_max,
             sample_sharpness: default_sample_sharpness(),
             sibling_floor: default_sibling_floor(),
+            calibration: Calibration::default(),
             word_start,
             report: serde_json::Value::Null,
             class_index: vec![],

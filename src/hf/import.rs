@@ -22,6 +22,21 @@ use crate::tokenizer::Tokenizer;
 /// Imports `dir` into `out` (a new or empty directory); returns the
 /// checkpoint's config.
 pub fn import_hf(dir: &Path, out: &Path) -> anyhow::Result<CheckpointConfig> {
+    import_hf_as(dir, out, "auto")
+}
+
+/// [`import_hf`] with `--dtype`: `auto` keeps the source dtype; `f32` or
+/// `f16` converts model.safetensors to it; `q8_0` or `q4_0` keeps the
+/// source tensors and records the dtype in config.json's `weights`, so
+/// `serve`, `sample` and `bench` under `--weights auto` (and `export-gguf`)
+/// use those blocks. Why not store the blocks: see
+/// [`CheckpointConfig::weights`].
+pub fn import_hf_as(dir: &Path, out: &Path, dtype_arg: &str) -> anyhow::Result<CheckpointConfig> {
+    let weights = match dtype_arg {
+        "auto" | "f32" | "f16" => None,
+        "q8_0" | "q4_0" => Some(dtype_arg.to_string()),
+        d => bail!("unknown --dtype `{d}` (expected one of: auto, f32, f16, q8_0, q4_0)"),
+    };
     check_out(out)?;
     let hf = HfConfig::read(dir)?;
     let model = hf.to_config()?;
@@ -30,16 +45,37 @@ pub fn import_hf(dir: &Path, out: &Path) -> anyhow::Result<CheckpointConfig> {
     let params = tensors.params(&model)?;
     tensors.check_lm_head(wte(&params)?, hf.tie_word_embeddings)?;
     let tokenizer = read_tokenizer(dir, model.vocab_size)?;
+    if let Some(w) = &weights {
+        check_quantizable(&model, &params, w)?;
+    }
+    let source = dtype_name(dtype).context("dtype checked by HfTensors::dtype")?;
     let config = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights,
         model,
-        dtype: dtype_name(dtype)
-            .context("dtype checked by HfTensors::dtype")?
-            .into(),
+        dtype: match dtype_arg {
+            "f32" | "f16" => dtype_arg,
+            _ => source,
+        }
+        .into(),
         training: json!({ "imported_from": dir.display().to_string() }),
     };
     checkpoint::save(out, &config, &params, &tokenizer)?;
     Ok(config)
+}
+
+/// Builds the model at `weights` once, so a model the dtype cannot hold
+/// is refused at import rather than at its first `serve`.
+fn check_quantizable(
+    model: &crate::model::config::Config,
+    params: &[(String, Tensor)],
+    weights: &str,
+) -> anyhow::Result<()> {
+    let dt = weights.parse().map_err(anyhow::Error::msg)?;
+    let tensors = params.iter().cloned().collect();
+    crate::model::cpu::CpuGpt::load(model, &tensors, dt)
+        .map(drop)
+        .with_context(|| format!("--dtype {weights}"))
 }
 
 fn wte(params: &[(String, Tensor)]) -> anyhow::Result<&Tensor> {

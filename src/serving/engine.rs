@@ -99,6 +99,7 @@ impl Job {
             speculate: v.speculate,
             cascade: cfg.cascade,
             draft_tree: cfg.draft_trees,
+            sampled_trees: cfg.draft_trees,
             exit_margin: cfg.exit_margin,
             ..Default::default()
         }
@@ -152,7 +153,8 @@ pub struct EngineConfig {
     pub backend: Backend,
     /// Early exits truncate drafts before the final blocks.
     pub cascade: bool,
-    /// Draft trees for greedy requests (`GenParams::draft_tree`).
+    /// Draft trees: greedy, and sampled at temperature > 0
+    /// (`GenParams::draft_tree`, `GenParams::sampled_trees`).
     pub draft_trees: bool,
     /// Seconds of a forward by row count, as `(rows, seconds)` from 1 row
     /// up; None (service): measured on this machine at start. A test sets

@@ -1,6 +1,7 @@
 //! Validation: the cross-entropy of every exit on fixed, seeded windows of
 //! a token stream (the same windows at every evaluation, so curves compare).
 
+use anyhow::Context;
 use candle_core::{Result, Tensor};
 use std::path::PathBuf;
 
@@ -44,49 +45,39 @@ pub fn exit_losses(
         .collect())
 }
 
-/// Mean loss of each exit over consecutive windows covering `tokens`
-/// (`gpt-serve eval`): every token is scored once, up to `max_windows`.
-pub fn exit_losses_sequential(
-    model: &Gpt,
-    tokens: &[u32],
-    t: usize,
-    max_windows: usize,
-) -> Result<Vec<f32>> {
-    let device = model.device().clone();
-    let mut sums = vec![0f64; model.cfg.exits.len()];
-    let mut n = 0usize;
-    for w in tokens.windows(t + 1).step_by(t).take(max_windows) {
-        let x = Tensor::from_slice(&w[..t], (1, t), &device)?;
-        let y = Tensor::from_slice(&w[1..], (1, t), &device)?;
-        let losses = model.loss_with(&x, &y, &EVAL)?;
-        for (s, l) in sums.iter_mut().zip(&losses.per_exit) {
-            *s += l.to_scalar::<f32>()? as f64;
-        }
-        n += 1;
-    }
-    if n == 0 {
-        candle_core::bail!(
-            "eval text has {} tokens, fewer than one window of {}",
-            tokens.len(),
-            t + 1
-        );
-    }
-    Ok(sums.into_iter().map(|s| (s / n as f64) as f32).collect())
+/// What [`exit_scores`] measures over consecutive windows of `t` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExitScores {
+    /// Each exit's mean negative log-likelihood (nats per token) of the
+    /// window's tokens 1..t given those before them: token 0 of a window
+    /// has no context, as in an echoed prompt's logprobs.
+    pub losses: Vec<f64>,
+    /// Each exit's top-1 agreement with the final head over all positions.
+    pub agreement: Vec<f32>,
+    /// Tokens scored (t - 1 per window).
+    pub targets: usize,
 }
 
-/// Top-1 agreement of each exit with the final head over consecutive
-/// windows of `t` tokens (up to `max_windows`): the share of positions where
-/// an exit's argmax equals the final head's (1.0 for the final exit). An
-/// exit verifies drafts well only where it agrees with the final head.
-pub fn exit_agreement<M: crate::model::forward::Forward>(
+/// `-ln softmax(row)[target]`, in f64.
+fn nll(row: &[f32], target: u32) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    max + sum.ln() - row[target as usize] as f64
+}
+
+/// Each exit's loss and top-1 agreement with the final head over
+/// consecutive windows of `t` tokens (up to `max_windows`), each window a
+/// fresh sequence (as a completion's prompt is). An exit verifies drafts
+/// well only where it agrees with the final head.
+pub fn exit_scores<M: crate::model::forward::Forward>(
     model: &M,
     tokens: &[u32],
     t: usize,
     max_windows: usize,
-) -> Result<Vec<f32>> {
+) -> Result<ExitScores> {
     let cfg = model.config().clone();
     let n_exits = cfg.exits.len();
-    let mut same = vec![0usize; n_exits];
+    let (mut same, mut nll_sum) = (vec![0usize; n_exits], vec![0f64; n_exits]);
     let mut n = 0usize;
     for w in tokens.chunks_exact(t).take(max_windows) {
         let mut cache = model.new_cache()?;
@@ -95,6 +86,11 @@ pub fn exit_agreement<M: crate::model::forward::Forward>(
         for (k, e) in cfg.exits.iter().enumerate() {
             model.run_blocks(&mut s, e.block, &mut cache)?;
             let logits = model.exit_logits(&s, k, 0..t)?;
+            nll_sum[k] += logits
+                .iter()
+                .zip(&w[1..])
+                .map(|(r, &y)| nll(r, y))
+                .sum::<f64>();
             tops.push(
                 logits
                     .iter()
@@ -108,13 +104,28 @@ pub fn exit_agreement<M: crate::model::forward::Forward>(
         }
         n += t;
     }
-    if n == 0 {
+    if n == 0 || t < 2 {
         candle_core::bail!(
-            "eval text has {} tokens, fewer than one window of {t}",
+            "eval text has {} tokens, fewer than one window of {t} (at least 2)",
             tokens.len()
         );
     }
-    Ok(same.into_iter().map(|s| s as f32 / n as f32).collect())
+    let targets = n / t * (t - 1);
+    Ok(ExitScores {
+        losses: nll_sum.into_iter().map(|s| s / targets as f64).collect(),
+        agreement: same.into_iter().map(|s| s as f32 / n as f32).collect(),
+        targets,
+    })
+}
+
+/// Top-1 agreement of each exit with the final head ([`exit_scores`]).
+pub fn exit_agreement<M: crate::model::forward::Forward>(
+    model: &M,
+    tokens: &[u32],
+    t: usize,
+    max_windows: usize,
+) -> Result<Vec<f32>> {
+    Ok(exit_scores(model, tokens, t, max_windows)?.agreement)
 }
 
 /// `gpt-serve eval`: what to score.
@@ -122,31 +133,58 @@ pub fn exit_agreement<M: crate::model::forward::Forward>(
 pub struct EvalArgs {
     #[arg(long, default_value = "models/default")]
     pub model: PathBuf,
-    #[arg(required = true)]
+    #[arg(required_unless_present = "token_ids")]
     pub data: Vec<PathBuf>,
+    /// Score these token ids (a JSON array) instead of text files: the
+    /// windows an HTTP client scored with echo + logprobs
+    /// (scripts/quant_echo_check.py), so both paths score the same tokens.
+    #[arg(long, conflicts_with = "data")]
+    pub token_ids: Option<PathBuf>,
     /// Windows of block_size tokens to score.
     #[arg(long, default_value_t = 200)]
     pub max_windows: usize,
+    /// Weight storage scored (the CPU inference path, as served): auto
+    /// (the checkpoint's), f32, f16, q8_0 or q4_0.
+    #[arg(long, alias = "dtype", value_parser = crate::cli::serve::WEIGHTS, default_value = "auto")]
+    pub weights: String,
 }
 
-/// Prints each exit's loss and its top-1 agreement with the final head.
+/// Prints each exit's loss and top-1 agreement with the final head, then
+/// the final head's perplexity, all from the CPU model at `--weights`.
 pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
-    let (model, data, max_windows) = (&a.model, &a.data, a.max_windows);
-    let device = candle_core::Device::Cpu;
-    let loaded = crate::checkpoint::load(model, &device)?;
-    let gpt = loaded.model(&device)?;
-    let tokens = crate::train::data::load_tokens(data, &loaded.tokenizer, None)?;
-    let losses = exit_losses_sequential(&gpt, &tokens, gpt.cfg.block_size, max_windows)?;
-    let fast = loaded.cpu(loaded.serving_dtype())?;
-    let agree = crate::model::cpu::in_pool(|| {
-        exit_agreement(&fast, &tokens, gpt.cfg.block_size, max_windows)
-    })?;
-    for ((e, l), a) in gpt.cfg.exits.iter().zip(losses).zip(agree) {
+    let loaded = crate::checkpoint::load(&a.model, &candle_core::Device::Cpu)?;
+    let dtype = loaded
+        .weight_dtype(&a.weights)
+        .map_err(anyhow::Error::msg)?;
+    let model = loaded.cpu(dtype)?;
+    let tokens = match &a.token_ids {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str::<Vec<u32>>(&text)
+                .with_context(|| format!("{}: not a JSON array of token ids", p.display()))?
+        }
+        None => crate::train::data::load_tokens(&a.data, &loaded.tokenizer, None)?,
+    };
+    let (t, vocab) = (model.cfg.block_size, model.cfg.vocab_size);
+    if let Some(bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+        anyhow::bail!("token id {bad} is outside the model's vocabulary (vocab_size {vocab})");
+    }
+    let s = crate::model::cpu::in_pool(|| exit_scores(&model, &tokens, t, a.max_windows))?;
+    for ((e, l), g) in model.cfg.exits.iter().zip(&s.losses).zip(&s.agreement) {
         println!(
             "exit {:>3}: loss {l:.4}, top-1 agreement with the final head {:.1}%",
             e.block,
-            100.0 * a
+            100.0 * g
         );
     }
+    let last = s.losses[s.losses.len() - 1];
+    println!(
+        "weights {}: final head loss {last:.5}, perplexity {:.4} over {} tokens ({} windows of {t})",
+        dtype.name(),
+        last.exp(),
+        s.targets,
+        s.targets / (t - 1)
+    );
     Ok(())
 }

@@ -316,6 +316,7 @@ fn save_training(r: &Run, state: &TrainerState, dtype: &str) -> anyhow::Result<(
         .unwrap_or_default();
     let config = CheckpointConfig {
         format_version: FORMAT_VERSION,
+        weights: None,
         model: r.cfg.clone(),
         dtype: dtype.to_string(),
         training: prev_training,

@@ -18,6 +18,7 @@
 
 mod plain;
 mod report;
+mod row_costs;
 mod speculative;
 
 use std::path::PathBuf;
@@ -87,6 +88,10 @@ pub struct BenchOptions {
     /// Override the drafter's `sibling_floor` (tuning, on the train split).
     #[arg(long, hide = true)]
     pub sibling_floor: Option<f32>,
+    /// Size the tree drafter's drafts by the verify costs stored in the
+    /// drafter file instead of measuring them on this machine.
+    #[arg(long)]
+    pub stored_costs: bool,
     /// The exit cascade's margin (`inf`: the exits only measure; tuning,
     /// on the train split).
     #[arg(long, default_value_t = crate::decode::DEFAULT_EXIT_MARGIN)]
@@ -178,13 +183,19 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         if let Some(f) = o.sibling_floor {
             drafter.sibling_floor = f;
         }
+        let costs = match o.stored_costs {
+            true => drafter.verify_costs(),
+            false => row_costs::measure(&model, drafter.k_max)?,
+        };
+        eprintln!("bench: verify cost of k = 0.. drafts: {costs:.2?}");
+        result["verify_costs"] = json!(costs);
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);
         let mut suites = Vec::new();
         for (source, path) in [("val", &o.val), ("unseen", &o.unseen)] {
             let prompts = prompts_from(path, tok, o.prompts, o.prompt_len)?;
             for &temp in &o.temperatures {
-                let suite = speculative_suite(&model, &drafter, &prompts, n, temp, o)?;
+                let suite = speculative_suite(&model, &drafter, &costs, &prompts, n, temp, o)?;
                 eprintln!("bench: {source} t={temp} done");
                 suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "top_p": if temp > 0.0 { o.top_p } else { 1.0 }, "prompts": prompts.len(), "new_tokens": n, "distinct4": suite.0, "non_repeating_share": suite.1, "modes": suite.2}));
             }

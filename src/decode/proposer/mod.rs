@@ -89,7 +89,8 @@ pub struct DraftRequest<'a> {
     /// Stop where a draft's expected gain (its path probability) falls
     /// below this: a draft row must pay for its cost in the batch.
     pub min_gain: f32,
-    /// The drafts may branch (asked for, and the backend takes trees).
+    /// The drafts may branch (asked for, for this rule: `draft_tree` when
+    /// greedy, `sampled_trees` when sampling; and the backend takes trees).
     pub branch: bool,
     /// How to draft for this sequence's sampling: its most likely token
     /// (greedy), or the sample of its own estimate with the sampler's

@@ -1,12 +1,14 @@
 //! The tree drafter: the gradient-boosted trees of `drafter` draft a chain
 //! (or, greedy, a draft tree) as long as the sequence's acceptance rate
 //! and the measured verify costs say pays; when no draft pays it still
-//! asks for its first token, to keep that rate current.
+//! asks for its first token, to keep that rate current. At temperature > 0
+//! a draft tree follows the sampler's keyed noise and is sized by its
+//! children's calibrated chances and the cost curve instead.
 
 use super::plain::verified;
 use super::{AcceptRate, DraftRequest, Drafts, Proposer, Verdict};
 use crate::drafter::features::Verified;
-use crate::drafter::{DraftRule, Drafter, TreeDraft};
+use crate::drafter::{DraftRule, Drafter, SampleKey, Sizing, TreeDraft};
 use crate::model::forward::Tree;
 
 /// The drafter's statistics of the last verified position before the
@@ -33,12 +35,36 @@ pub struct TreeDrafter<'m> {
 
 impl<'m> TreeDrafter<'m> {
     pub fn new(drafter: &'m Drafter) -> TreeDrafter<'m> {
+        Self::with_costs(drafter, drafter.verify_costs())
+    }
+
+    /// As [`Self::new`], sized by `verify_costs` (k = 0.. drafts, relative
+    /// to a plain step) measured on the machine that decodes, instead of
+    /// the curve stored with the drafter.
+    pub fn with_costs(drafter: &'m Drafter, verify_costs: Vec<f64>) -> TreeDrafter<'m> {
         TreeDrafter {
             drafter,
             verified: VERIFIED_BEFORE_ANY_STEP,
             accept: AcceptRate::default(),
-            verify_costs: drafter.verify_costs(),
+            verify_costs,
         }
+    }
+
+    /// A sampled draft tree (temperature > 0): Gumbel-top-k children with
+    /// calibrated chances, sized by the verify cost curve and the batch's
+    /// price of a row (`drafter::sampled_tree`). Its size comes from those
+    /// chances, not from the running acceptance rate.
+    fn sampled_tree(&self, req: &DraftRequest, key: SampleKey) -> Drafts {
+        let sizing = Sizing {
+            budget: req.room,
+            max_depth: self.drafter.k_max,
+            min_gain: req.min_gain,
+            costs: &self.verify_costs,
+        };
+        let nodes = self
+            .drafter
+            .propose_sampled_tree(req.tokens, self.verified, key, sizing);
+        tree(nodes)
     }
 
     /// The draft length with the most expected tokens per unit of verify
@@ -59,6 +85,9 @@ impl<'m> TreeDrafter<'m> {
 
 impl Proposer for TreeDrafter<'_> {
     fn propose(&mut self, req: &DraftRequest) -> Drafts {
+        if let (true, Some(key)) = (req.branch, sample_key(req.rule)) {
+            return self.sampled_tree(req, key);
+        }
         let d = self.drafter;
         let k = self.best_k().min(req.room);
         if k == 0 {
@@ -71,7 +100,7 @@ impl Proposer for TreeDrafter<'_> {
             };
         }
         let (ctx, verified, min_gain) = (req.tokens, self.verified, req.min_gain);
-        match req.branch && req.rule == DraftRule::Best {
+        match req.branch {
             true => tree(d.propose_tree(ctx, k, verified, d.threshold, min_gain)),
             false => {
                 let ds = d.propose_path(ctx, k, verified, d.threshold, min_gain, req.rule);
@@ -97,6 +126,24 @@ impl Proposer for TreeDrafter<'_> {
 
     fn rivals(&self) -> &[u32] {
         &self.drafter.classes
+    }
+}
+
+/// The sampling key of a sampled draft rule (None: greedy drafting).
+fn sample_key(rule: DraftRule) -> Option<SampleKey> {
+    match rule {
+        DraftRule::Best => None,
+        DraftRule::Sample {
+            seed,
+            stream,
+            temperature,
+            top_p,
+        } => Some(SampleKey {
+            seed,
+            stream,
+            temperature,
+            top_p,
+        }),
     }
 }
 

@@ -34,8 +34,8 @@ mod weights;
 
 pub use cache::CpuCache;
 pub use stream::CpuStream;
-pub use weights::WeightDtype;
 use weights::{Block, Exit, Mat};
+pub use weights::{LoadError, WeightDtype};
 
 /// Runs `f` on a worker of the inference thread pool (one thread per
 /// core). Fork/join from inside a pool is work stealing; from an outside

@@ -6,14 +6,37 @@
 
 use std::collections::HashMap;
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::Tensor;
 use half::f16;
 
 use super::CpuGpt;
 use crate::model::config::{Config, ExitHead};
 use crate::model::kernels::{self, Matrix};
 use crate::model::params;
-use crate::model::quant::{QMatrix, QuantKind};
+use crate::model::quant::{QMatrix, QuantError, QuantKind};
+
+/// Why the CPU model cannot be built from a checkpoint's tensors: the
+/// weights cannot be stored in the asked dtype (a width GGUF's blocks do not
+/// divide: the checkpoint is fine, another `--weights` serves it), or a
+/// tensor is missing or malformed (the checkpoint is at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "cannot store the weights as {dtype}: {source}; serve this model with --weights f16 or f32"
+    )]
+    Quantize {
+        dtype: &'static str,
+        source: QuantError,
+    },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+type Result<T> = std::result::Result<T, LoadError>;
+
+fn bad(msg: String) -> LoadError {
+    LoadError::Tensor(candle_core::Error::Msg(msg))
+}
 
 /// Storage of the linear layers' matrices (every block's `c_attn`,
 /// `attn.c_proj`, `c_fc` and `mlp.c_proj`, own exit heads and the tied
@@ -98,7 +121,10 @@ impl Mat {
     ) -> Result<Self> {
         Ok(match (dt, dt.quant()) {
             (_, Some(kind)) => Mat::Q(QMatrix::from_out_in(name, kind, w, (n, k), bias).map_err(
-                |e| candle_core::Error::Msg(format!("cannot store weights as {}: {e}", dt.name())),
+                |source| LoadError::Quantize {
+                    dtype: dt.name(),
+                    source,
+                },
             )?),
             (WeightDtype::F16, None) => Mat::F16(Matrix::from_out_in(w, n, k, bias)),
             (_, None) => Mat::F32(Matrix::from_out_in(w, n, k, bias)),
@@ -165,13 +191,16 @@ pub(super) struct Exit {
 fn get(w: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = w
         .get(name)
-        .ok_or_else(|| candle_core::Error::Msg(format!("weights lack `{name}`")))?;
+        .ok_or_else(|| bad(format!("weights lack `{name}`")))?;
     let v = t
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     if v.len() != len {
-        bail!("`{name}` has {} elements, expected {len}", v.len());
+        return Err(bad(format!(
+            "`{name}` has {} elements, expected {len}",
+            v.len()
+        )));
     }
     Ok(v)
 }
@@ -266,9 +295,17 @@ impl CpuGpt {
         cfg: &Config,
         w: &HashMap<String, Tensor>,
         dt: WeightDtype,
-    ) -> Result<Self> {
-        cfg.validate()
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    ) -> candle_core::Result<Self> {
+        Self::load(cfg, w, dt).map_err(|e| match e {
+            LoadError::Tensor(e) => e,
+            e => candle_core::Error::Msg(e.to_string()),
+        })
+    }
+
+    /// [`CpuGpt::from_tensors`] with the error typed, so a caller can tell
+    /// weights that cannot be quantized from a malformed checkpoint.
+    pub fn load(cfg: &Config, w: &HashMap<String, Tensor>, dt: WeightDtype) -> Result<Self> {
+        cfg.validate().map_err(|e| bad(e.to_string()))?;
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
         let load = Loader { cfg, w, dt };
         let wte = get(w, params::WTE, v * c)?;

@@ -64,7 +64,7 @@ impl QuantKind {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuantError {
     #[error(
-        "tensor `{name}`: row length {k} is not a multiple of {QK} (GGUF blocks hold {QK} values)"
+        "tensor `{name}`: its input width {k} is not a multiple of the block size {QK} (GGUF blocks hold {QK} values)"
     )]
     RowLength { name: String, k: usize },
     #[error(

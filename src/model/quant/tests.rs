@@ -272,7 +272,7 @@ fn shapes_that_gguf_cannot_hold_are_errors_naming_the_tensor_and_sizes() {
     let err = QMatrix::from_out_in("a.w", QuantKind::Q8_0, &[0.0; 40], (1, 40), None);
     assert_eq!(
         err.unwrap_err().to_string(),
-        "tensor `a.w`: row length 40 is not a multiple of 32 (GGUF blocks hold 32 values)"
+        "tensor `a.w`: its input width 40 is not a multiple of the block size 32 (GGUF blocks hold 32 values)"
     );
     let err = QMatrix::from_out_in("b.w", QuantKind::Q4_0, &[0.0; 64], (3, 32), None);
     assert!(matches!(

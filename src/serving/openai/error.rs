@@ -24,6 +24,9 @@ pub enum ApiError {
     },
     /// 401 `invalid_api_key`.
     Unauthorized,
+    /// 403: the `Host` header names a host this server does not answer
+    /// for (DNS-rebinding protection; `--allowed-hosts`).
+    HostNotAllowed { host: String },
     /// 404 `model_not_found`.
     ModelNotFound { asked: String, served: String },
     /// 404: no such endpoint.
@@ -57,6 +60,7 @@ impl ApiError {
         match self {
             Self::Invalid { .. } | Self::ContextLength { .. } => 400,
             Self::Unauthorized => 401,
+            Self::HostNotAllowed { .. } => 403,
             Self::ModelNotFound { .. } | Self::NoRoute { .. } => 404,
             Self::BodyTimeout { .. } => 408,
             Self::TooLarge => 413,
@@ -107,6 +111,10 @@ impl ApiError {
                 format!("model `{asked}` is not served here; this server serves `{served}`")
             }
             Self::NoRoute { path } => format!("no endpoint at `{path}`"),
+            Self::HostNotAllowed { host } => format!(
+                "Host `{host}` is not a name this server answers for (DNS-rebinding \
+                 protection); add it to --allowed-hosts (GPT_SERVE_ALLOWED_HOSTS) to allow it"
+            ),
             Self::BodyTimeout { secs } => {
                 format!("the request body did not arrive within {secs}s (--body-read-timeout)")
             }

@@ -1,8 +1,12 @@
 //! The accept loop: HTTP/1.1 connections on hyper, each bounded in time to
 //! send its headers (`header_read_timeout`, which also closes idle
 //! keep-alive connections) and in number (`max_connections`: beyond it a
-//! new connection gets a 503 and is closed). Graceful shutdown stops
-//! accepting and lets open connections finish their requests.
+//! new connection gets a 503 and is closed). Beyond the cap,
+//! `probe_connections` more are kept for `/health` alone, so liveness and
+//! readiness probes still answer when clients hold every other connection
+//! (Kubernetes would otherwise restart a busy pod). Every request's `Host`
+//! is checked first ([`super::host`]). On shutdown the listener is
+//! closed and open connections drain ([`super::drain`]).
 //!
 //! A write that makes no progress for `write_timeout` (a client that
 //! stopped reading) ends the connection: see [`WriteTimeout`].
@@ -22,22 +26,40 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{router, AppState};
+use axum::routing::get;
+use axum::Router;
 
-/// Serves `state` on `listener` until `shutdown` resolves, then waits for
-/// open connections to finish.
+use super::drain::Drained;
+use super::host::{check_host, HostPolicy};
+use super::{health, router, AppState};
+use crate::serving::openai::ApiError;
+
+/// Serves `state` on `listener` until `shutdown` resolves, then closes the
+/// listener and drains: open connections get `shutdown_timeout` to finish
+/// their requests, and what runs past it is cut.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send,
-) -> std::io::Result<()> {
+) -> std::io::Result<Drained> {
     let opts = state.0.opts.clone();
-    let app = router(state);
+    let hosts = Arc::new(HostPolicy::new(
+        opts.allowed_hosts.as_deref(),
+        listener.local_addr()?,
+    ));
+    let check = axum::middleware::from_fn_with_state(hosts, check_host);
+    let app = router(state.clone()).layer(check.clone());
+    let probe_app = probe_router(state.clone()).layer(check);
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let probe_slots = Arc::new(Semaphore::new(opts.probe_connections));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout);
+    let mut probe_http = http.clone();
+    probe_http
+        .keep_alive(false)
+        .header_read_timeout(opts.header_read_timeout.min(PROBE_HEADER_TIMEOUT));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -52,12 +74,19 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
-            continue;
+        // Beyond the cap, the probe reserve; beyond both, a 503.
+        let (slot, app, http) = match slots.clone().try_acquire_owned() {
+            Ok(slot) => (slot, app.clone(), &http),
+            Err(_) => match probe_slots.clone().try_acquire_owned() {
+                Ok(slot) => (slot, probe_app.clone(), &probe_http),
+                Err(_) => {
+                    tokio::spawn(refuse(stream));
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app);
         let io = WriteTimeout::new(stream, opts.write_timeout);
         let conn = http.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
@@ -68,19 +97,36 @@ pub async fn serve(
             drop(slot);
         });
     }
-    graceful.shutdown().await;
-    Ok(())
+    // Closed, not just unpolled: new connections are refused at once
+    // instead of waiting in the kernel's backlog until the process exits.
+    drop(listener);
+    Ok(state.0.drain.run(graceful, opts.shutdown_timeout).await)
 }
 
-/// Answers a connection beyond the cap with a 503 and closes it.
+/// A connection in the probe reserve must send its request this fast
+/// (a probe sends it as soon as it connects), so connections that send
+/// nothing cannot hold the reserve for long.
+const PROBE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a connection beyond the cap is told.
+const FULL: ApiError = ApiError::Unavailable {
+    message: "too many open connections; retry shortly",
+};
+
+/// What a connection in the probe reserve may ask: `/health`, one request
+/// per connection; any other path gets the 503 of a connection beyond the
+/// cap.
+fn probe_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .fallback(|| async { FULL })
+        .with_state(state)
+}
+
+/// Answers a connection beyond the cap (and the probe reserve) with a 503
+/// and closes it.
 async fn refuse(mut stream: TcpStream) {
-    let body = serde_json::to_string(
-        &crate::serving::openai::ApiError::Unavailable {
-            message: "too many open connections; retry shortly",
-        }
-        .body(),
-    )
-    .unwrap_or_default();
+    let body = serde_json::to_string(&FULL.body()).unwrap_or_default();
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
         body.len()

@@ -14,8 +14,11 @@
 
 mod body;
 mod completion;
+mod drain;
+mod host;
 mod listen;
 mod openapi;
+mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -31,7 +33,6 @@ use futures::StreamExt;
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::checkpoint::Loaded;
 use crate::drafter::Drafter;
@@ -41,6 +42,8 @@ use crate::serving::openai::*;
 use crate::tokenizer::Tokenizer;
 pub use body::Body;
 use completion::{ChoiceState, Completion, Delta};
+pub use drain::{Drain, Drained};
+pub use host::HostPolicy;
 pub use listen::serve;
 pub use openapi::{openapi_json, openapi_json_for, ApiDoc, DOCUMENTED_MODEL_ID};
 
@@ -57,6 +60,9 @@ pub struct ServeOptions {
     /// Open connections at most; beyond, a connection gets 503 and is
     /// closed.
     pub max_connections: usize,
+    /// Connections kept beyond `max_connections` for `/health` alone (one
+    /// request each), so probes answer when clients hold every other one.
+    pub probe_connections: usize,
     /// A client must send a request's headers within this time.
     pub header_read_timeout: Duration,
     /// A client must send a request's body within this time (408 beyond).
@@ -68,6 +74,13 @@ pub struct ServeOptions {
     /// bytes (each counts its Content-Length, or `body_limit` without
     /// one); beyond, 503 before the body is read.
     pub max_buffered_body_bytes: usize,
+    /// `Host` names served besides IP literals and `localhost` (`*`: any;
+    /// `.example.com`: a domain); None: none on a loopback address, any
+    /// elsewhere ([`HostPolicy`]).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// After shutdown begins, in-flight requests get this long to finish;
+    /// then they are cut (a stream gets an error event).
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -80,10 +93,13 @@ impl Default for ServeOptions {
             max_waiting: 64,
             body_limit: 1 << 20,
             max_connections: 1024,
+            probe_connections: 8,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             max_buffered_body_bytes: 64 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+            allowed_hosts: None,
         }
     }
 }
@@ -112,6 +128,8 @@ pub struct Inner {
     limiter: Arc<Semaphore>,
     /// Bytes of request bodies being received (`max_buffered_body_bytes`).
     body_budget: Arc<Semaphore>,
+    /// Shutdown: draining, then cutting what is left.
+    pub drain: Drain,
     created: u64,
 }
 
@@ -155,6 +173,7 @@ pub fn build(
             opts.max_buffered_body_bytes.min(u32::MAX as usize),
         )),
         opts,
+        drain: Drain::default(),
         created: now(),
     })))
 }
@@ -183,6 +202,11 @@ impl AppState {
     }
 
     fn check_ready(&self) -> Result<(), ApiError> {
+        if self.0.drain.is_draining() {
+            return Err(ApiError::Unavailable {
+                message: "the server is shutting down; retry on another replica",
+            });
+        }
         if self.0.engine.failed.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable {
                 message: "the engine has failed; the server is exiting",
@@ -407,7 +431,7 @@ async fn auth(
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Model loaded"), (status = 503, description = "Still loading, or the engine failed", body = ErrorBody)))]
-async fn health(State(st): State<AppState>) -> Response {
+pub(super) async fn health(State(st): State<AppState>) -> Response {
     match st.check_ready() {
         Ok(()) => (StatusCode::OK, "ok").into_response(),
         Err(e) => e.into_response(),
@@ -537,13 +561,17 @@ async fn completions(State(st): State<AppState>, req: Request) -> Result<Respons
     let comp = st.submit(v.clone(), permit, deadline)?;
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
     if v.output.stream {
-        return Ok(stream(st, comp, id, deadline).into_response());
+        return Ok(stream::stream(st, comp, id, deadline).into_response());
     }
-    match tokio::time::timeout_at(deadline, collect(&st, comp, id)).await {
-        Ok(r) => r.map(IntoResponse::into_response),
-        Err(_) => Err(ApiError::Timeout {
-            secs: timeout.as_secs(),
-        }),
+    let collected = tokio::time::timeout_at(deadline, collect(&st, comp, id));
+    tokio::select! {
+        done = collected => match done {
+            Ok(r) => r.map(IntoResponse::into_response),
+            Err(_) => Err(ApiError::Timeout {
+                secs: timeout.as_secs(),
+            }),
+        },
+        _ = st.0.drain.cut() => Err(ApiError::Unavailable { message: drain::CUT }),
     }
 }
 
@@ -589,85 +617,4 @@ async fn collect(
         Some(comp.usage()),
         comp.spec_stats(),
     )))
-}
-
-fn sse_json<T: serde::Serialize>(x: &T) -> SseEvent {
-    SseEvent::default().data(serde_json::to_string(x).unwrap_or_default())
-}
-
-type SseSender = mpsc::Sender<Result<SseEvent, std::convert::Infallible>>;
-
-/// Why a stream ended early.
-enum Ended {
-    /// The client went away (its connection closed).
-    ClientGone,
-    /// The request's deadline passed.
-    TimedOut,
-    /// An error to report as the stream's last event.
-    Failed(ApiError),
-}
-
-fn stream(st: AppState, mut comp: Completion, id: String, deadline: Instant) -> impl IntoResponse {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let error = match pump(&st, &mut comp, &id, deadline, &tx).await {
-            Ok(()) => return,
-            Err(Ended::ClientGone) => None,
-            Err(Ended::TimedOut) => Some(ApiError::Timeout {
-                secs: st.0.opts.request_timeout.as_secs(),
-            }),
-            Err(Ended::Failed(e)) => Some(e),
-        };
-        comp.cancel();
-        if let Some(e) = error {
-            // Never waits: a client that does not read gets nothing more.
-            let _ = tx.try_send(Ok(sse_json(&e.body())));
-        }
-    });
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
-}
-
-/// Sends one event, within the request's deadline.
-async fn send(tx: &SseSender, deadline: Instant, ev: SseEvent) -> Result<(), Ended> {
-    match tokio::time::timeout_at(deadline, tx.send(Ok(ev))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Ended::ClientGone),
-        Err(_) => Err(Ended::TimedOut),
-    }
-}
-
-/// Engine events to chunks until every choice is done, then usage and
-/// `[DONE]`. A closed connection is seen at once, even while no tokens come.
-async fn pump(
-    st: &AppState,
-    comp: &mut Completion,
-    id: &str,
-    deadline: Instant,
-    tx: &SseSender,
-) -> Result<(), Ended> {
-    let (tok, m) = (&st.0.tokenizer, &st.0.metrics);
-    let v = comp.request.clone();
-    let mut events = comp.events();
-    loop {
-        let next = tokio::select! {
-            _ = tx.closed() => return Err(Ended::ClientGone),
-            next = tokio::time::timeout_at(deadline, events.next()) => next,
-        };
-        let Some((i, ev)) = next.map_err(|_| Ended::TimedOut)? else {
-            break;
-        };
-        for d in comp.apply(tok, m, i, ev).map_err(Ended::Failed)? {
-            if !d.is_empty() {
-                let chunk = response(id, &v, vec![d.into_choice()], None, None);
-                send(tx, deadline, sse_json(&chunk)).await?;
-            }
-        }
-    }
-    comp.finish(m).map_err(Ended::Failed)?;
-    if v.output.include_usage || v.output.spec_stats {
-        let usage = v.output.include_usage.then(|| comp.usage());
-        let last = response(id, &v, vec![], usage, comp.spec_stats());
-        send(tx, deadline, sse_json(&last)).await?;
-    }
-    send(tx, deadline, SseEvent::default().data("[DONE]")).await
 }

@@ -33,6 +33,7 @@ use crate::model::forward::Forward;
 use crate::sampling;
 use crate::tokenizer::Tokenizer;
 
+pub mod calibrate;
 mod fit;
 
 pub use fit::{replay_report, replay_tree};
