@@ -11,7 +11,7 @@
 //! committed, and any proposer yields the tokens plain decoding yields.
 //!
 //! To add a drafter: a new file here with a struct that implements
-//! [`Proposer`], and its `pub mod` line below (docs/recipe-add-a-drafter.md).
+//! [`Proposer`], and its `pub mod` line below (docs/design.md, "Recipe: add a drafter").
 
 pub mod lookup;
 pub mod oracle;
