@@ -1,8 +1,10 @@
 //! Quantized vs f32 matmul at GPT-2's MLP shape (k = 768, n = 3072) for
-//! decoding (m = 1) and verification batches (m = 4, 8, 16):
+//! decoding (m = 1) and verification batches (m = 2, 4, 8, 16):
 //! `Matrix<f32>::forward`
 //! against `QMatrix::forward_with` for Q8_0 and Q4_0 on every int8 kernel
-//! this CPU has. Variants run interleaved, each round timing a few calls;
+//! this CPU has but the (slow, reference) portable one. Variants run
+//! interleaved, each round timing a few calls after one untimed call (so
+//! no variant pays for the previous one's weights evicting its own);
 //! the median round is printed with its ratio to f32 from the same run.
 //!
 //! `cargo run --release --example quant_bench`
@@ -38,14 +40,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let f32s = Matrix::<f32>::from_out_in(&w, n, k, bias.clone());
     let q8 = QMatrix::from_out_in("bench.w", QuantKind::Q8_0, &w, (n, k), bias.clone())?;
     let q4 = QMatrix::from_out_in("bench.w", QuantKind::Q4_0, &w, (n, k), bias)?;
-    let paths = KernelPath::available();
+    let paths: Vec<KernelPath> = KernelPath::available()
+        .into_iter()
+        .filter(|p| *p != KernelPath::Portable)
+        .collect();
     println!(
         "k = {k}, n = {n}, {} threads; kernels here: {paths:?}",
         rayon::current_num_threads()
     );
     println!("| m | variant | median us/call | vs f32 |");
     println!("|---|---|---|---|");
-    for m in [1, 4, 8, 16] {
+    for m in [1, 2, 4, 8, 16] {
         let x = data(m * k, 3);
         let mut y = vec![0f32; m * n];
         let mut variants: Vec<Variant> = Vec::new();
@@ -62,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut times = vec![Vec::new(); variants.len()];
         for _ in 0..ROUNDS {
             for (i, (_, f)) in variants.iter().enumerate() {
+                f(&mut y);
                 let t = Instant::now();
                 for _ in 0..CALLS {
                     f(&mut y);
