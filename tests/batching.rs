@@ -85,6 +85,7 @@ fn engine_with(
             draft_trees: true,
             row_costs: None,
             exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
+            kv_cache: Default::default(),
             suffix_cache,
             fault: None,
         },

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use gpt_serve::model::config::{Config, Dwa, Exit, ExitHead};
-use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
+use gpt_serve::model::cpu::{CpuGpt, KvDtype, WeightDtype};
 use gpt_serve::model::forward::{Forward, Segment, Tree};
 use gpt_serve::model::gpt::{init_weights, Gpt};
 
@@ -405,5 +405,153 @@ fn exit_scores_equal_the_exit_logits_at_the_candidate_tokens_for_every_option() 
             err.contains("token id 300") && err.contains("vocabulary"),
             "{err}"
         );
+    }
+}
+
+/// The fast path (f32 weights) with its KV caches stored in f16.
+fn f16_kv(cfg: &Config) -> CpuGpt {
+    CpuGpt::from_tensors(cfg, &weights(cfg), WeightDtype::F32)
+        .unwrap()
+        .with_kv_cache(KvDtype::F16)
+}
+
+#[test]
+fn f16_kv_logits_are_within_a_hundredth_of_f32_kv_logits_at_every_exit() {
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 300).collect();
+    for (name, cfg) in configs() {
+        let (_, fast, _) = both_backends(&cfg);
+        let half = f16_kv(&cfg);
+        assert_eq!(half.kv_cache(), KvDtype::F16);
+        for (split, chunk) in [(20, 1), (1, 1), (7, 4)] {
+            let (want, got) = (
+                run(&fast, &tokens, split, chunk),
+                run(&half, &tokens, split, chunk),
+            );
+            for e in 0..cfg.exits.len() {
+                let d = max_diff(&got[e], &want[e]);
+                assert!(d < 1e-2, "{name}, prefill {split}, exit {e}: max diff {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_verify_step_gives_bitwise_the_logits_of_one_row_steps_with_an_f16_kv_cache() {
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 29 + 3) % 300).collect();
+    for (name, cfg) in configs() {
+        let half = f16_kv(&cfg);
+        let one_by_one = run(&half, &tokens, 1, 1);
+        for (split, chunk) in [(20, 1), (4, 9), (6, 5)] {
+            assert!(
+                run(&half, &tokens, split, chunk) == one_by_one,
+                "{name}: prefill {split} + chunks of {chunk} differ from one-row steps"
+            );
+        }
+    }
+}
+
+/// Each sequence prefilled alone, then one step of `steps[i]` rows each,
+/// alone or all in one forward: the step's logits per sequence.
+fn step_after_prefill(
+    m: &CpuGpt,
+    seqs: &[Vec<u32>],
+    split: &[usize],
+    batched: bool,
+) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = seqs.iter().map(|_| m.new_cache()).collect();
+    for ((s, &k), c) in seqs.iter().zip(split).zip(&mut caches) {
+        forward_rows(m, c, &s[..k], 0, None);
+    }
+    let mut segs: Vec<Segment<'_, _>> = seqs
+        .iter()
+        .zip(split)
+        .zip(caches.iter_mut())
+        .map(|((s, &k), cache)| Segment {
+            tokens: &s[k..],
+            pos: k,
+            cache,
+            logits: 0..s.len() - k,
+            tree: None,
+        })
+        .collect();
+    let out = if batched {
+        Forward::forward_batch(m, &mut segs).unwrap()
+    } else {
+        let one = |sg: &mut Segment<'_, _>| Forward::forward_batch(m, std::slice::from_mut(sg));
+        segs.iter_mut()
+            .map(|sg| one(sg).unwrap().remove(0))
+            .collect()
+    };
+    out.iter()
+        .map(|l| l.iter().flatten().copied().collect())
+        .collect()
+}
+
+#[test]
+fn sequences_in_a_batch_get_bitwise_their_logits_alone_with_an_f16_kv_cache() {
+    let seqs: Vec<Vec<u32>> = (0..3u32)
+        .map(|s| {
+            (0..12 + 3 * s)
+                .map(|i| (i * 31 + 7 * s + 1) % 300)
+                .collect()
+        })
+        .collect();
+    let split = [11, 9, 7];
+    for (name, cfg) in configs() {
+        let half = f16_kv(&cfg);
+        let alone = step_after_prefill(&half, &seqs, &split, false);
+        let batched = step_after_prefill(&half, &seqs, &split, true);
+        assert!(batched == alone, "{name}: batched logits differ from alone");
+    }
+}
+
+#[test]
+fn speculative_decoding_gives_bitwise_plain_tokens_with_an_f16_kv_cache() {
+    use gpt_serve::decode::{GenParams, SelfDraft};
+    use gpt_serve::sampling::SamplingParams;
+    let prompt = [5u32, 17, 42];
+    for (name, cfg) in configs() {
+        let half = f16_kv(&cfg);
+        for temperature in [0.0, 0.9] {
+            let plain = GenParams {
+                max_tokens: 18,
+                sampling: SamplingParams {
+                    temperature,
+                    seed: 3,
+                    ..Default::default()
+                },
+                speculate: false,
+                stop_at_eot: false,
+                ..Default::default()
+            };
+            let (want, _) = decode(&half, &prompt, plain.clone());
+            let spec = GenParams {
+                speculate: true,
+                self_draft: Some(SelfDraft {
+                    exit: 0,
+                    k_max: 3,
+                    min_confidence: 0.0,
+                }),
+                ..plain.clone()
+            };
+            let (got, st) = decode(&half, &prompt, spec);
+            assert_eq!(got, want, "{name}, t={temperature}");
+            assert!(st.exit_drafted > 0, "{name}: nothing drafted");
+        }
+    }
+}
+
+#[test]
+fn a_bad_kv_cache_value_is_refused_naming_the_flag() {
+    assert_eq!(KvDtype::parse("f16"), Ok(KvDtype::F16));
+    assert!(KvDtype::parse("q8_0").unwrap_err().contains("--kv-cache"));
+    for cmd in ["serve", "sample", "bench"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt-serve"))
+            .args([cmd, "--kv-cache", "bf16"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} accepted --kv-cache bf16");
+        assert!(err.contains("--kv-cache"), "{cmd}: {err}");
     }
 }

@@ -564,6 +564,7 @@ async fn the_server_speculates_on_the_imported_model_with_plain_output() {
         // nearly a forward each and the engine may draft nothing).
         row_costs: Some(vec![(1, 1.0), (64, 7.3)]),
         exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
+        kv_cache: Default::default(),
         suffix_cache: None,
         fault: None,
     };

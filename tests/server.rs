@@ -94,6 +94,7 @@ async fn start_on(
         draft_trees: false,
         row_costs: None,
         exit_margin: gpt_serve::decode::DEFAULT_EXIT_MARGIN,
+        kv_cache: Default::default(),
         suffix_cache: None,
         fault,
     };

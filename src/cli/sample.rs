@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::checkpoint;
 use crate::decode::{proposer, GenParams, Generator};
+use crate::model::cpu::KvDtype;
 use crate::sampling::SamplingParams;
 
 #[derive(clap::Args, Debug)]
@@ -27,6 +28,9 @@ pub struct SampleArgs {
     /// Weight storage, as `serve --weights`: auto, f32, f16, q8_0, q4_0.
     #[arg(long, alias = "dtype", value_parser = super::serve::WEIGHTS, default_value = "auto")]
     pub weights: String,
+    /// KV cache storage, as `serve --kv-cache`: f32 or f16.
+    #[arg(long, env = "GPT_SERVE_KV_CACHE", value_parser = KvDtype::NAMES, default_value = "f32")]
+    pub kv_cache: String,
 }
 
 pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
@@ -38,7 +42,8 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
     let dtype = loaded
         .weight_dtype(&a.weights)
         .map_err(anyhow::Error::msg)?;
-    let gpt = loaded.cpu(dtype)?;
+    let kv = KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?;
+    let gpt = loaded.cpu(dtype)?.with_kv_cache(kv);
     let drafter =
         crate::drafter::Drafter::load(&model.join(checkpoint::DRAFTER_FILE), gpt.cfg.vocab_size)
             .ok();

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::decode::SuffixCache;
+use crate::model::cpu::KvDtype;
 use crate::{checkpoint, serving::engine, serving::metrics, serving::server};
 
 #[derive(clap::Args)]
@@ -121,6 +122,10 @@ pub struct ServeArgs {
     /// GGUF's q8_0 / q4_0 (quantized at load; needs n_embd a multiple of 32).
     #[arg(long, alias = "dtype", env = "GPT_SERVE_WEIGHTS", value_parser = WEIGHTS, default_value = "auto")]
     weights: String,
+    /// Storage of the CPU path's KV cache: f32, or f16 (half the bytes
+    /// attention reads; logits within f16 rounding of f32's).
+    #[arg(long, env = "GPT_SERVE_KV_CACHE", value_parser = KvDtype::NAMES, default_value = "f32")]
+    kv_cache: String,
     /// cpu (the CPU inference path), or cuda[:N] (candle's model on the GPU;
     /// builds with the `cuda` feature).
     #[arg(long, env = "GPT_SERVE_DEVICE", default_value = "cpu")]
@@ -190,6 +195,7 @@ fn engine_config(
         cascade: a.cascade,
         draft_trees: a.draft_trees,
         row_costs: None,
+        kv_cache: KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?,
         exit_margin: a.exit_margin,
         suffix_cache: (a.suffix_cache_tokens > 0 && !a.no_speculate)
             .then(|| std::sync::Arc::new(SuffixCache::new(a.suffix_cache_tokens))),

@@ -161,6 +161,8 @@ pub struct EngineConfig {
     /// it so that what the engine drafts does not depend on timing.
     pub row_costs: Option<Vec<(usize, f64)>>,
     pub exit_margin: f32,
+    /// Storage of the CPU path's KV caches (`--kv-cache`).
+    pub kv_cache: crate::model::cpu::KvDtype,
     /// The cross-request continuation cache sequences draft from and
     /// finished sequences go into (None: off).
     pub suffix_cache: Option<Arc<SuffixCache>>,
@@ -220,6 +222,7 @@ impl Engine {
                     let d = drafter.as_ref();
                     match &config.backend {
                         Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
+                            let m = m.with_kv_cache(config.kv_cache);
                             drop(loaded);
                             ready.store(true, Ordering::SeqCst);
                             crate::model::cpu::in_pool(|| {

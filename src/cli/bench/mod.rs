@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint;
 use crate::drafter::Drafter;
+use crate::model::cpu::KvDtype;
 use plain::random_weights;
 use speculative::speculative_suite;
 
@@ -47,6 +48,9 @@ pub struct BenchOptions {
     /// and f16 always run), and run the speculative figures with it.
     #[arg(long, alias = "dtype", value_parser = ["f32", "f16", "q8_0", "q4_0"])]
     pub weights: Option<String>,
+    /// KV cache storage of the fast path, as `serve --kv-cache`.
+    #[arg(long, env = "GPT_SERVE_KV_CACHE", value_parser = KvDtype::NAMES, default_value = "f32")]
+    pub kv_cache: String,
     /// Skip the random-weight gpt2-shaped model (slow).
     #[arg(long)]
     pub no_gpt2: bool,
@@ -136,20 +140,23 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         Some(s) => Some(loaded.weight_dtype(s).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let model = loaded.cpu(extra.unwrap_or(loaded.serving_dtype()))?;
-    let served = plain_backends(&loaded.config.model, &loaded.weights, 128, extra)?;
+    let kv = KvDtype::parse(&o.kv_cache).map_err(anyhow::Error::msg)?;
+    let model = loaded
+        .cpu(extra.unwrap_or(loaded.serving_dtype()))?
+        .with_kv_cache(kv);
+    let served = plain_backends(&loaded.config.model, &loaded.weights, 128, extra, kv)?;
     let mut plain_rows = vec![json!({"model": "served", "backends": served})];
     eprintln!("bench: served model {}", plain_rows[0]);
     if o.plain {
         let (cfg, w) = random_weights("small")?;
         plain_rows.push(
-            json!({"model": "random small", "backends": plain_backends(&cfg, &w, 128, extra)?}),
+            json!({"model": "random small", "backends": plain_backends(&cfg, &w, 128, extra, kv)?}),
         );
         eprintln!("bench: random small {}", plain_rows[1]);
         if !o.no_gpt2 {
             let (cfg, w) = random_weights("gpt2")?;
             plain_rows.push(
-                json!({"model": "random gpt2", "backends": plain_backends(&cfg, &w, 32, extra)?}),
+                json!({"model": "random gpt2", "backends": plain_backends(&cfg, &w, 32, extra, kv)?}),
             );
             eprintln!("bench: random gpt2 {}", plain_rows[2]);
         }

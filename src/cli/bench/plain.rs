@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::decode::proposer::Plain;
 use crate::decode::{GenParams, Generator};
 use crate::model::config::Config;
-use crate::model::cpu::{CpuGpt, WeightDtype};
+use crate::model::cpu::{CpuGpt, KvDtype, WeightDtype};
 use crate::model::forward::Forward;
 use crate::model::gpt::{init_weights, Gpt};
 
@@ -101,18 +101,20 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
 
 /// The plain figures of one model's weights on every CPU backend: candle's
 /// model, the fast path with f32 weights and with f16 weights, and with
-/// `extra` weights (`bench --weights`) when that is neither.
+/// `extra` weights (`bench --weights`) when that is neither; the fast
+/// path's KV caches are stored as `kv` (`bench --kv-cache`).
 pub fn plain_backends(
     cfg: &Config,
     w: &std::collections::HashMap<String, Tensor>,
     decode_tokens: usize,
     extra: Option<WeightDtype>,
+    kv: KvDtype,
 ) -> anyhow::Result<Value> {
     let mut out = serde_json::Map::new();
     let mut dtypes = vec![WeightDtype::F32, WeightDtype::F16];
     dtypes.extend(extra.filter(|d| !dtypes.contains(d)));
     for dt in dtypes {
-        let fast = CpuGpt::from_tensors(cfg, w, dt)?;
+        let fast = CpuGpt::from_tensors(cfg, w, dt)?.with_kv_cache(kv);
         out.insert(
             format!("fast_{}", dt.name()),
             plain_figures(&fast, decode_tokens)?,

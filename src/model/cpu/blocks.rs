@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use candle_core::{bail, Result};
 
+use super::cache::KvBuf;
 use super::{CpuCache, CpuGpt, CpuStream};
 use crate::model::forward::{Segment, Tree};
 use crate::model::kernels::{self, KeyRows};
@@ -14,7 +15,7 @@ use crate::model::kernels::{self, KeyRows};
 /// A segment's layer as attention reads it: keys, values, position of
 /// its first row, its first row among the rows in flight, and its rows'
 /// ancestors when they are a draft tree.
-type SegView<'a> = (&'a [f32], &'a [f32], usize, usize, Option<&'a [Vec<usize>]>);
+type SegView<'a> = (&'a KvBuf, &'a KvBuf, usize, usize, Option<&'a [Vec<usize>]>);
 
 /// One sequence's rows inside a forward over several sequences.
 struct SegRows<'c> {
@@ -182,8 +183,8 @@ impl CpuGpt {
                 let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
                 for h in 0..nh {
                     let at = (h * cap + sg.pos + j) * hs;
-                    kc[at..at + hs].copy_from_slice(&row[c + h * hs..][..hs]);
-                    vc[at..at + hs].copy_from_slice(&row[2 * c + h * hs..][..hs]);
+                    kc.write(at, &row[c + h * hs..][..hs]);
+                    vc.write(at, &row[2 * c + h * hs..][..hs]);
                 }
                 seg_of.push(si);
             }
@@ -195,7 +196,7 @@ impl CpuGpt {
             .map(|sg| {
                 let l = &*sg.cache;
                 let anc = sg.ancestors.as_deref();
-                (&l.k[layer][..], &l.v[layer][..], sg.pos, sg.rows.start, anc)
+                (&l.k[layer], &l.v[layer], sg.pos, sg.rows.start, anc)
             })
             .collect();
         let scale = 1.0 / (hs as f32).sqrt();
@@ -217,10 +218,7 @@ impl CpuGpt {
             };
             let q = &qkv[r * 3 * c + h * hs..][..hs];
             let rows = pos + (r - start) + 1;
-            let (kh, vh) = (
-                &kc[h * cap * hs..][..rows * hs],
-                &vc[h * cap * hs..][..rows * hs],
-            );
+            let span = h * cap * hs..(h * cap + rows) * hs;
             // Scores on the stack up to 1024 positions (no allocator churn).
             let mut stack = [0f32; 1024];
             let mut heap = Vec::new();
@@ -230,7 +228,7 @@ impl CpuGpt {
                 heap.resize(len, 0f32);
                 &mut heap[..]
             };
-            kernels::attend_head(q, kh, vh, keys, scale, att, out);
+            attend_rows(q, (kc, vc), span, keys, scale, att, out);
         };
         // Below ~64k multiply-adds the fork/join costs more than it saves.
         if macs < 1 << 16 {
@@ -240,6 +238,28 @@ impl CpuGpt {
             y.par_chunks_mut(hs).enumerate().for_each(one);
         }
         y
+    }
+}
+
+/// [`kernels::attend_head`] over elements `span` of a head's cached keys
+/// and values, in the cache's dtype.
+fn attend_rows(
+    q: &[f32],
+    (k, v): (&KvBuf, &KvBuf),
+    span: Range<usize>,
+    keys: KeyRows<'_>,
+    scale: f32,
+    att: &mut [f32],
+    out: &mut [f32],
+) {
+    match (k, v) {
+        (KvBuf::F32(k), KvBuf::F32(v)) => {
+            kernels::attend_head(q, &k[span.clone()], &v[span], keys, scale, att, out)
+        }
+        (KvBuf::F16(k), KvBuf::F16(v)) => {
+            kernels::attend_head(q, &k[span.clone()], &v[span], keys, scale, att, out)
+        }
+        _ => unreachable!("a cache's keys and values share one dtype"),
     }
 }
 

@@ -32,7 +32,7 @@ mod exits;
 mod stream;
 mod weights;
 
-pub use cache::CpuCache;
+pub use cache::{CpuCache, KvDtype};
 pub use stream::CpuStream;
 use weights::{Block, Exit, Mat};
 pub use weights::{LoadError, WeightDtype};
@@ -68,11 +68,24 @@ pub struct CpuGpt {
     wte_head: Mat,
     blocks: Vec<Block>,
     exits: Vec<Exit>,
+    /// Storage of the caches `new_cache` makes (`--kv-cache`).
+    kv: KvDtype,
 }
 
 impl CpuGpt {
     pub fn new_cache(&self) -> CpuCache {
-        CpuCache::new(&self.cfg)
+        CpuCache::new(&self.cfg, self.kv)
+    }
+
+    /// This model with its KV caches stored as `kv`.
+    pub fn with_kv_cache(mut self, kv: KvDtype) -> Self {
+        self.kv = kv;
+        self
+    }
+
+    /// Storage of this model's KV caches.
+    pub fn kv_cache(&self) -> KvDtype {
+        self.kv
     }
 
     /// Embeds `tokens` at positions `pos..pos + T`.

@@ -322,6 +322,7 @@ impl CpuGpt {
             wpe: get(w, params::WPE, cfg.block_size * c)?,
             blocks,
             exits,
+            kv: super::KvDtype::F32,
         })
     }
 }

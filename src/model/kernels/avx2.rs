@@ -248,23 +248,23 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     portable::dot(a, b)
 }
 
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn attend_head(
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_head<W: WeightElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[W],
+    v: &[W],
     keys: KeyRows<'_>,
     scale: f32,
     att: &mut [f32],
     out: &mut [f32],
 ) {
     match (q.len(), keys.tail) {
-        (64, None) => head::<8, _>(q, k, v, |j| j, scale, att, out),
-        (128, None) => head::<16, _>(q, k, v, |j| j, scale, att, out),
-        (32, None) => head::<4, _>(q, k, v, |j| j, scale, att, out),
-        (64, Some(_)) => head::<8, _>(q, k, v, |j| keys.row(j), scale, att, out),
-        (128, Some(_)) => head::<16, _>(q, k, v, |j| keys.row(j), scale, att, out),
-        (32, Some(_)) => head::<4, _>(q, k, v, |j| keys.row(j), scale, att, out),
+        (64, None) => head::<8, _, _>(q, k, v, |j| j, scale, att, out),
+        (128, None) => head::<16, _, _>(q, k, v, |j| j, scale, att, out),
+        (32, None) => head::<4, _, _>(q, k, v, |j| j, scale, att, out),
+        (64, Some(_)) => head::<8, _, _>(q, k, v, |j| keys.row(j), scale, att, out),
+        (128, Some(_)) => head::<16, _, _>(q, k, v, |j| keys.row(j), scale, att, out),
+        (32, Some(_)) => head::<4, _, _>(q, k, v, |j| keys.row(j), scale, att, out),
         _ => portable::attend_head(q, k, v, keys, scale, att, out),
     }
 }
@@ -281,10 +281,10 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// registers until the end (the portable loop stored and reloaded the
 /// output for every key: a quarter of a batched forward's time).
 #[inline(always)]
-unsafe fn head<const L: usize, R: Fn(usize) -> usize>(
+unsafe fn head<const L: usize, W: WeightElem, R: Fn(usize) -> usize>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[W],
+    v: &[W],
     row: R,
     scale: f32,
     att: &mut [f32],
@@ -304,7 +304,7 @@ unsafe fn head<const L: usize, R: Fn(usize) -> usize>(
         let mut acc = [_mm256_setzero_ps(); 4];
         for (l, qr) in qv.iter().enumerate() {
             for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(row(j + i) * hs + 8 * l)), *a);
+                *a = _mm256_fmadd_ps(*qr, load8(kp.add(row(j + i) * hs + 8 * l)), *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
@@ -315,7 +315,7 @@ unsafe fn head<const L: usize, R: Fn(usize) -> usize>(
     while j < n {
         let mut a = _mm256_setzero_ps();
         for (l, qr) in qv.iter().enumerate() {
-            a = _mm256_fmadd_ps(*qr, _mm256_loadu_ps(kp.add(row(j) * hs + 8 * l)), a);
+            a = _mm256_fmadd_ps(*qr, load8(kp.add(row(j) * hs + 8 * l)), a);
         }
         att[j] = hsum(a) * scale;
         j += 1;
@@ -325,7 +325,7 @@ unsafe fn head<const L: usize, R: Fn(usize) -> usize>(
     for (j, w) in att.iter().enumerate() {
         let w = _mm256_set1_ps(*w);
         for (l, r) in o.iter_mut().enumerate() {
-            *r = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(row(j) * hs + 8 * l)), *r);
+            *r = _mm256_fmadd_ps(w, load8(vp.add(row(j) * hs + 8 * l)), *r);
         }
     }
     for (l, r) in o.iter().enumerate() {

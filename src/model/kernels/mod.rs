@@ -141,10 +141,14 @@ impl KeyRows<'_> {
 /// picks. Each score is its own dot product, and the softmax and weighted
 /// sum run over the picked rows in order, so picking rows gives bitwise
 /// the result of the same rows stored contiguously.
-pub fn attend_head(
+///
+/// Keys and values are f32 or f16 (`--kv-cache f16`); f16 rows are
+/// widened to f32 exactly before each product, so on every path f16 K/V
+/// give bitwise what that path gives for the same values stored as f32.
+pub fn attend_head<W: WeightElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[W],
+    v: &[W],
     keys: KeyRows<'_>,
     scale: f32,
     att: &mut [f32],

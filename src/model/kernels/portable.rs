@@ -11,36 +11,48 @@ use super::{KeyRows, WeightElem, TILE};
 /// `sum a[i] * b[i]`, 8 lanes (vectorised by the compiler).
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_w(a, b)
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    axpy_w(y, a, x)
+}
+
+/// `sum a[i] * b[i]` with `b` widened to f32: [`dot`]'s lanes and order.
+#[inline(always)]
+fn dot_w<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y += a * x`.
+/// `y += a * x` with `x` widened to f32.
 #[inline(always)]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy_w<W: WeightElem>(y: &mut [f32], a: f32, x: &[W]) {
     for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
+        *yv += a * xv.to_f32();
     }
 }
 
 /// One head of one query row (see [`super::attend_head`]).
 #[inline(always)]
-pub fn attend_head(
+pub fn attend_head<W: WeightElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[W],
+    v: &[W],
     keys: KeyRows<'_>,
     scale: f32,
     att: &mut [f32],
@@ -49,13 +61,13 @@ pub fn attend_head(
     let hs = q.len();
     for (j, a) in att.iter_mut().enumerate() {
         let r = keys.row(j);
-        *a = dot(q, &k[r * hs..(r + 1) * hs]) * scale;
+        *a = dot_w(q, &k[r * hs..(r + 1) * hs]) * scale;
     }
     super::softmax(att);
     out.fill(0.0);
     for (j, a) in att.iter().enumerate() {
         let r = keys.row(j);
-        axpy(out, *a, &v[r * hs..(r + 1) * hs]);
+        axpy_w(out, *a, &v[r * hs..(r + 1) * hs]);
     }
 }
 

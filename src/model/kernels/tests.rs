@@ -172,3 +172,26 @@ fn dot_and_axpy_match_scalar_loops_with_tails() {
         assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
     }
 }
+
+#[test]
+fn attention_over_f16_keys_and_values_equals_attention_over_their_f32_values_bitwise() {
+    for hs in [16, 32, 64, 128] {
+        for n in [1, 5, 33] {
+            let q = data(hs, 31);
+            let k16: Vec<f16> = data(n * hs, 32).into_iter().map(f16::from_f32).collect();
+            let v16: Vec<f16> = data(n * hs, 33).into_iter().map(f16::from_f32).collect();
+            let (k, v): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
+            let mut att = vec![0f32; n];
+            let (mut want, mut got) = (vec![0f32; hs], vec![0f32; hs]);
+            attend_head(&q, &k, &v, KeyRows::ALL, 0.125, &mut att, &mut want);
+            attend_head(&q, &k16, &v16, KeyRows::ALL, 0.125, &mut att, &mut got);
+            assert_eq!(got, want, "dispatched path, hs {hs} n {n}");
+            portable::attend_head(&q, &k, &v, KeyRows::ALL, 0.125, &mut att, &mut want);
+            portable::attend_head(&q, &k16, &v16, KeyRows::ALL, 0.125, &mut att, &mut got);
+            assert_eq!(got, want, "portable path, hs {hs} n {n}");
+        }
+    }
+}
