@@ -6,7 +6,7 @@
 //! attention reads; widened exactly to f32 in its dot products).
 
 use candle_core::{bail, Result};
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use crate::model::config::Config;
 
@@ -66,11 +66,8 @@ impl KvBuf {
     pub(super) fn write(&mut self, at: usize, row: &[f32]) {
         match self {
             KvBuf::F32(b) => b[at..at + row.len()].copy_from_slice(row),
-            KvBuf::F16(b) => {
-                for (d, s) in b[at..at + row.len()].iter_mut().zip(row) {
-                    *d = f16::from_f32(*s);
-                }
-            }
+            // Vectorised (F16C where the CPU has it), round to nearest even.
+            KvBuf::F16(b) => b[at..at + row.len()].convert_from_f32_slice(row),
         }
     }
 
