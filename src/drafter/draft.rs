@@ -227,8 +227,7 @@ impl Drafter {
             return nodes;
         }
         let mut depth: Vec<usize> = vec![0];
-        // Candidates: (path probability, parent row, token, probability).
-        let mut open: Vec<(f32, usize, u32, f32)> = Vec::new();
+        let mut open: Vec<Candidate> = Vec::new();
         let mut ext = ctx.to_vec();
         let mut row = 0;
         loop {
@@ -240,24 +239,13 @@ impl Drafter {
                         .map(|(t, q)| (path * q, row, t, q)),
                 );
             }
-            let Some(best) = (0..open.len()).max_by(|&a, &b| open[a].0.total_cmp(&open[b].0))
-            else {
+            let Some(c) = take_best(&mut open) else {
                 break;
             };
-            let (path, parent, token, prob) = open.swap_remove(best);
-            if path < min_path || nodes.len() >= budget {
+            if c.0 < min_path || nodes.len() >= budget {
                 break;
             }
-            nodes.push(TreeDraft {
-                token,
-                prob,
-                path,
-                parent,
-            });
-            depth.push(depth[parent] + 1);
-            row = nodes.len();
-            ext.truncate(ctx.len());
-            ext.extend(tokens_to(&nodes, row));
+            row = attach(&mut nodes, &mut depth, &mut ext, ctx.len(), c);
         }
         nodes
     }
@@ -282,6 +270,38 @@ impl Drafter {
 }
 
 /// The tokens on the path from the root (excluded) to tree row `row`.
+/// A tree's candidate child: (path probability, parent row, token,
+/// probability).
+pub(super) type Candidate = (f32, usize, u32, f32);
+
+/// Takes the open candidate with the highest path probability.
+pub(super) fn take_best(open: &mut Vec<Candidate>) -> Option<Candidate> {
+    let best = (0..open.len()).max_by(|&a, &b| open[a].0.total_cmp(&open[b].0))?;
+    Some(open.swap_remove(best))
+}
+
+/// Adds candidate `c` to the tree (its depth one below its parent's) and
+/// sets `ext` to the context after it: the first `ctx_len` tokens, then
+/// the path to it. Returns its row.
+pub(super) fn attach(
+    nodes: &mut Vec<TreeDraft>,
+    depth: &mut Vec<usize>,
+    ext: &mut Vec<u32>,
+    ctx_len: usize,
+    (path, parent, token, prob): Candidate,
+) -> usize {
+    nodes.push(TreeDraft {
+        token,
+        prob,
+        path,
+        parent,
+    });
+    depth.push(depth[parent] + 1);
+    ext.truncate(ctx_len);
+    ext.extend(tokens_to(nodes, nodes.len()));
+    nodes.len()
+}
+
 pub(super) fn tokens_to(nodes: &[TreeDraft], mut row: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while row != 0 {

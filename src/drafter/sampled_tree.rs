@@ -10,7 +10,7 @@
 //! peaked.
 
 use super::calibration::RANKS;
-use super::draft::tokens_to;
+use super::draft::{attach, take_best, Candidate};
 use super::features::Verified;
 use super::{Drafter, Estimate, TreeDraft};
 use crate::sampling::{Noise, OTHER_TOKEN};
@@ -138,8 +138,7 @@ pub fn grow(
     }
     let mut nodes: Vec<TreeDraft> = Vec::new();
     let mut depth = vec![0usize];
-    // Candidates: (path probability, parent row, token, probability).
-    let mut open: Vec<(f32, usize, u32, f32)> = Vec::new();
+    let mut open: Vec<Candidate> = Vec::new();
     let mut ext = ctx.to_vec();
     let mut row = 0;
     loop {
@@ -152,23 +151,13 @@ pub fn grow(
                 }
             }
         }
-        let Some(best) = (0..open.len()).max_by(|&a, &b| open[a].0.total_cmp(&open[b].0)) else {
+        let Some(c) = take_best(&mut open) else {
             break;
         };
-        let (path, parent, token, prob) = open.swap_remove(best);
-        if path < sizing.min_gain || path <= 0.0 || nodes.len() >= budget {
+        if c.0 < sizing.min_gain || c.0 <= 0.0 || nodes.len() >= budget {
             break;
         }
-        nodes.push(TreeDraft {
-            token,
-            prob,
-            path,
-            parent,
-        });
-        depth.push(depth[parent] + 1);
-        row = nodes.len();
-        ext.truncate(ctx.len());
-        ext.extend(tokens_to(&nodes, row));
+        row = attach(&mut nodes, &mut depth, &mut ext, ctx.len(), c);
     }
     let keep = best_size(&nodes, sizing.costs);
     nodes.truncate(keep);
