@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
-use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+use gpt_serve::checkpoint::{self, CheckpointConfig};
 use gpt_serve::model::config::{Config, Exit};
 use gpt_serve::model::gpt::init_weights;
 use gpt_serve::tokenizer::Tokenizer;
@@ -35,11 +35,8 @@ fn main() -> anyhow::Result<()> {
     );
     let w = init_weights(&cfg, 0, &Device::Cpu)?;
     let ck = CheckpointConfig {
-        format_version: FORMAT_VERSION,
-        weights: None,
-        model: cfg,
-        dtype: "f32".into(),
         training: serde_json::json!({ "random": preset }),
+        ..CheckpointConfig::new(cfg, "f32")
     };
     checkpoint::save(Path::new(out), &ck, &w, &tok)?;
     println!("wrote {out}");

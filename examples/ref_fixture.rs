@@ -1,7 +1,7 @@
 //! Writes the tiny checkpoints and the batch that `scripts/torch_reference.py`
 //! computes PyTorch reference tensors for (tests/fixtures/ref/).
 use candle_core::Device;
-use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+use gpt_serve::checkpoint::{self, CheckpointConfig};
 use gpt_serve::model::config::{Config, Dwa, Exit, ExitHead};
 
 fn main() -> anyhow::Result<()> {
@@ -36,13 +36,7 @@ fn main() -> anyhow::Result<()> {
                 *t = (t.clone() + 0.25)?;
             }
         }
-        let ck = CheckpointConfig {
-            format_version: FORMAT_VERSION,
-            weights: None,
-            model: cfg,
-            dtype: "f32".into(),
-            training: serde_json::Value::Null,
-        };
+        let ck = CheckpointConfig::new(cfg, "f32");
         checkpoint::save(&root.join(name), &ck, &w, &tok)?;
     }
     let x: Vec<u32> = (0..2 * 12).map(|i| (i * 37 + 5) % 260).collect();

@@ -82,6 +82,18 @@ pub struct CheckpointConfig {
 }
 
 impl CheckpointConfig {
+    /// The config of `model` stored as `dtype` ("f32", "f16"), with no
+    /// training metadata and no quantized default.
+    pub fn new(model: Config, dtype: &str) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            model,
+            dtype: dtype.into(),
+            training: serde_json::Value::Null,
+            weights: None,
+        }
+    }
+
     /// The dtype model.safetensors is stored in.
     pub fn storage_dtype(&self) -> DType {
         match self.dtype.as_str() {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+use gpt_serve::checkpoint::{self, CheckpointConfig};
 use gpt_serve::gguf::export::export_gguf;
 use gpt_serve::model::config::{Config, Exit};
 use gpt_serve::model::gpt::init_weights;
@@ -110,13 +110,7 @@ fn checkpoint_dir() -> (tempfile::TempDir, Config, HashMap<String, Tensor>) {
         280,
     )
     .unwrap();
-    let ck = CheckpointConfig {
-        format_version: FORMAT_VERSION,
-        weights: None,
-        model: cfg.clone(),
-        dtype: "f32".into(),
-        training: serde_json::Value::Null,
-    };
+    let ck = CheckpointConfig::new(cfg.clone(), "f32");
     let dir = tempfile::tempdir().unwrap();
     checkpoint::save(dir.path(), &ck, &w, &tok).unwrap();
     (dir, cfg, w.into_iter().collect())

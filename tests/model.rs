@@ -358,7 +358,7 @@ fn dwa_and_skips_at_init_are_exactly_the_baseline() {
 
 #[test]
 fn a_checkpoint_round_trip_gives_identical_logits() {
-    use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+    use gpt_serve::checkpoint::{self, CheckpointConfig};
     let cfg = full_config();
     let w = weights(&cfg, 8);
     let dir = tempfile::tempdir().unwrap();
@@ -367,13 +367,7 @@ fn a_checkpoint_round_trip_gives_identical_logits() {
         260,
     )
     .unwrap();
-    let ck = CheckpointConfig {
-        format_version: FORMAT_VERSION,
-        weights: None,
-        model: cfg.clone(),
-        dtype: "f32".into(),
-        training: serde_json::Value::Null,
-    };
+    let ck = CheckpointConfig::new(cfg.clone(), "f32");
     checkpoint::save(dir.path(), &ck, &w, &tok).unwrap();
     let loaded = checkpoint::load(dir.path(), &Device::Cpu).unwrap();
     let m2 = loaded.model(&Device::Cpu).unwrap();

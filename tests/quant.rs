@@ -189,17 +189,11 @@ fn a_model_whose_width_is_not_a_multiple_of_32_asked_for_q8_0_gets_an_error_nami
 
 /// A checkpoint of `cfg` with seeded weights, saved in `dir` as f32.
 fn save_checkpoint(dir: &std::path::Path, cfg: &Config) {
-    use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+    use gpt_serve::checkpoint::{self, CheckpointConfig};
     let tok =
         gpt_serve::tokenizer::Tokenizer::train_bpe(["a small text, a text."].into_iter(), 260)
             .unwrap();
-    let ck = CheckpointConfig {
-        format_version: FORMAT_VERSION,
-        weights: None,
-        model: cfg.clone(),
-        dtype: "f32".into(),
-        training: serde_json::Value::Null,
-    };
+    let ck = CheckpointConfig::new(cfg.clone(), "f32");
     let mut w: Vec<(String, Tensor)> = weights(cfg).into_iter().collect();
     w.sort_by(|a, b| a.0.cmp(&b.0));
     checkpoint::save(dir, &ck, &w, &tok).unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use futures::StreamExt;
-use gpt_serve::checkpoint::{self, CheckpointConfig, FORMAT_VERSION};
+use gpt_serve::checkpoint::{self, CheckpointConfig};
 use gpt_serve::model::config::Config;
 use gpt_serve::serving::engine::EngineConfig;
 use gpt_serve::serving::metrics::Metrics;
@@ -28,13 +28,7 @@ fn checkpoint_dir_with(tweak: impl FnOnce(&mut Config)) -> tempfile::TempDir {
     cfg.block_size = 128;
     tweak(&mut cfg);
     let w = gpt_serve::model::gpt::init_weights(&cfg, 1, &Device::Cpu).unwrap();
-    let ck = CheckpointConfig {
-        format_version: FORMAT_VERSION,
-        weights: None,
-        model: cfg,
-        dtype: "f32".into(),
-        training: Value::Null,
-    };
+    let ck = CheckpointConfig::new(cfg, "f32");
     checkpoint::save(dir.path(), &ck, &w, &tok).unwrap();
     dir
 }
