@@ -233,22 +233,11 @@ fn decode<M: Forward>(
 #[test]
 fn drafting_with_an_early_exit_gives_plain_tokens_on_both_backends_for_every_option() {
     use gpt_serve::decode::{GenParams, SelfDraft};
-    use gpt_serve::sampling::SamplingParams;
     let prompt = [5u32, 17, 42];
     for (name, cfg) in configs() {
         let (gpt, fast, _) = both_backends(&cfg);
         for temperature in [0.0, 0.9] {
-            let plain = GenParams {
-                max_tokens: 18,
-                sampling: SamplingParams {
-                    temperature,
-                    seed: 3,
-                    ..Default::default()
-                },
-                speculate: false,
-                stop_at_eot: false,
-                ..Default::default()
-            };
+            let plain = plain_steps(temperature);
             let (want, _) = decode(&fast, &prompt, plain.clone());
             for exit in 0..cfg.exits.len() - 1 {
                 let spec = GenParams {
@@ -508,22 +497,11 @@ fn sequences_in_a_batch_get_bitwise_their_logits_alone_with_an_f16_kv_cache() {
 #[test]
 fn speculative_decoding_gives_bitwise_plain_tokens_with_an_f16_kv_cache() {
     use gpt_serve::decode::{GenParams, SelfDraft};
-    use gpt_serve::sampling::SamplingParams;
     let prompt = [5u32, 17, 42];
     for (name, cfg) in configs() {
         let half = f16_kv(&cfg);
         for temperature in [0.0, 0.9] {
-            let plain = GenParams {
-                max_tokens: 18,
-                sampling: SamplingParams {
-                    temperature,
-                    seed: 3,
-                    ..Default::default()
-                },
-                speculate: false,
-                stop_at_eot: false,
-                ..Default::default()
-            };
+            let plain = plain_steps(temperature);
             let (want, _) = decode(&half, &prompt, plain.clone());
             let spec = GenParams {
                 speculate: true,
@@ -553,5 +531,21 @@ fn a_bad_kv_cache_value_is_refused_naming_the_flag() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd} accepted --kv-cache bf16");
         assert!(err.contains("--kv-cache"), "{cmd}: {err}");
+    }
+}
+
+/// Plain decoding of 18 tokens at `temperature`, seed 3, past end-of-text:
+/// what the self-drafting tests compare speculation with.
+fn plain_steps(temperature: f32) -> gpt_serve::decode::GenParams {
+    gpt_serve::decode::GenParams {
+        max_tokens: 18,
+        sampling: gpt_serve::sampling::SamplingParams {
+            temperature,
+            seed: 3,
+            ..Default::default()
+        },
+        speculate: false,
+        stop_at_eot: false,
+        ..Default::default()
     }
 }
