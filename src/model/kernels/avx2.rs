@@ -276,8 +276,8 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
-/// Keys ahead of the one being scored whose rows are prefetched.
-const KEYS_AHEAD: usize = 8;
+/// Bytes of keys ahead of the one being scored that are prefetched.
+const KEY_BYTES_AHEAD: usize = 4096;
 
 /// Asks for the cache lines of a row of `hs` elements at `p` (a hint: it
 /// changes no result). At 32 sequences each head's keys and values come
@@ -314,10 +314,11 @@ unsafe fn head<const L: usize, W: WeightElem, R: Fn(usize) -> usize>(
     for (l, r) in qv.iter_mut().enumerate() {
         *r = _mm256_loadu_ps(qp.add(8 * l));
     }
+    let ahead = KEY_BYTES_AHEAD / (hs * std::mem::size_of::<W>());
     let mut j = 0;
     while j + 4 <= n {
         for i in 0..4 {
-            prefetch_row(kp.add(row((j + i + KEYS_AHEAD).min(n - 1)) * hs), hs);
+            prefetch_row(kp.add(row((j + i + ahead).min(n - 1)) * hs), hs);
             prefetch_row(vp.add(row(j + i) * hs), hs);
         }
         let mut acc = [_mm256_setzero_ps(); 4];
