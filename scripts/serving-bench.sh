@@ -21,6 +21,8 @@
 # BASELINE: optionally, another gpt-serve binary (e.g. an earlier commit's)
 # measured the same way (the same WEIGHTS), interleaved with the others;
 # BASELINE_ARGS: extra `serve` flags for it alone (e.g. `--kv-cache f16`).
+# GPT_SERVE_KV_CACHE=f16 in the environment gives every gpt-serve server
+# here f16 K/V, as llama-server keeps by default.
 # WEIGHTS=q8_0 (or q4_0, f16, f32): both servers run these weights, ours with
 # `--weights`, llama-server a GGUF of our very blocks from `gpt-serve
 # export-gguf` (no Python needed). A quantized pair may differ in a greedy

@@ -58,23 +58,17 @@ impl Activations {
         let blocks = x.len() / QK;
         let mut qs = vec![0i8; blocks * QK];
         let (mut d, mut sum) = (vec![0f32; blocks], vec![0i32; blocks]);
-        let one = |((x, qs), (d, sum)): ((&[f32], &mut [i8]), (&mut f32, &mut i32))| {
-            let b = BlockQ8_0::quantize(x.try_into().expect("QK values"));
-            qs.copy_from_slice(&b.qs);
-            *d = b.d.to_f32();
-            *sum = b.qs.iter().map(|q| *q as i32).sum();
-        };
         if x.len() < PAR_MIN_QUANT || rayon::current_num_threads() == 1 {
             x.chunks_exact(QK)
                 .zip(qs.chunks_exact_mut(QK))
                 .zip(d.iter_mut().zip(&mut sum))
-                .for_each(one);
+                .for_each(|((x, qs), (d, sum))| quantize_block(x, qs, d, sum));
         } else {
             x.par_chunks_exact(QK)
                 .zip(qs.par_chunks_exact_mut(QK))
                 .zip(d.par_iter_mut().zip(&mut sum))
                 .with_min_len(PAR_MIN_QUANT / QK / 2)
-                .for_each(one);
+                .for_each(|((x, qs), (d, sum))| quantize_block(x, qs, d, sum));
         }
         Self {
             qs,
@@ -83,6 +77,14 @@ impl Activations {
             nb: k / QK,
         }
     }
+}
+
+/// One block of 32 activations: its quants, f32 scale and quant sum.
+fn quantize_block(x: &[f32], qs: &mut [i8], d: &mut f32, sum: &mut i32) {
+    let b = BlockQ8_0::quantize(x.try_into().expect("QK values"));
+    qs.copy_from_slice(&b.qs);
+    *d = b.d.to_f32();
+    *sum = b.qs.iter().map(|q| *q as i32).sum();
 }
 
 fn check_finite(name: &str, what: &'static str, v: &[f32]) -> Result<(), QuantError> {
