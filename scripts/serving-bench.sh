@@ -19,7 +19,10 @@
 #
 # REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
 # BASELINE: optionally, another gpt-serve binary (e.g. an earlier commit's)
-# measured the same way, interleaved with the others.
+# measured the same way (the same WEIGHTS), interleaved with the others;
+# BASELINE_ARGS: extra `serve` flags for it alone (e.g. `--kv-cache f16`).
+# GPT_SERVE_KV_CACHE=f16 in the environment gives every gpt-serve server
+# here f16 K/V, as llama-server keeps by default.
 # WEIGHTS=q8_0 (or q4_0, f16, f32): both servers run these weights, ours with
 # `--weights`, llama-server a GGUF of our very blocks from `gpt-serve
 # export-gguf` (no Python needed). A quantized pair may differ in a greedy
@@ -52,7 +55,8 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
 fi
 base=""
 if [ -n "${BASELINE:-}" ]; then
-    "$BASELINE" serve --port 8102 > "$out/baseline.log" 2>&1 &
+    # shellcheck disable=SC2086 # BASELINE_ARGS is a list of flags
+    "$BASELINE" serve --port 8102 ${weights:+--weights "$weights"} ${BASELINE_ARGS:-} > "$out/baseline.log" 2>&1 &
     base=$!
 fi
 trap 'kill $ours $llama $base 2>/dev/null || true' EXIT

@@ -181,9 +181,11 @@ fn engine_config(
         gpu => engine::Backend::Candle(gpu),
     };
     check_exit_margin(a.exit_margin)?;
+    let kv_cache = KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?;
     if matches!(backend, engine::Backend::Cpu(_)) {
         if let Some(avail) = crate::serving::memory::available_bytes() {
-            crate::serving::memory::check_kv_fits(&loaded.config.model, a.max_active.max(1), avail)
+            let (cfg, n) = (&loaded.config.model, a.max_active.max(1));
+            crate::serving::memory::check_kv_fits(cfg, kv_cache, n, avail)
                 .map_err(anyhow::Error::msg)?;
         }
     }
@@ -195,7 +197,7 @@ fn engine_config(
         cascade: a.cascade,
         draft_trees: a.draft_trees,
         row_costs: None,
-        kv_cache: KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?,
+        kv_cache,
         exit_margin: a.exit_margin,
         suffix_cache: (a.suffix_cache_tokens > 0 && !a.no_speculate)
             .then(|| std::sync::Arc::new(SuffixCache::new(a.suffix_cache_tokens))),

@@ -3,11 +3,13 @@
 //! being killed for memory under load.
 
 use crate::model::config::Config;
+use crate::model::cpu::KvDtype;
 
-/// Bytes of the CPU backend's KV cache of one sequence: keys and values,
-/// f32, every layer, the whole context window (preallocated).
-pub fn kv_bytes_per_sequence(cfg: &Config) -> u64 {
-    2 * cfg.n_layer as u64 * cfg.block_size as u64 * cfg.n_embd as u64 * 4
+/// Bytes of the CPU backend's KV cache of one sequence: keys and values
+/// in `kv` (`--kv-cache`), every layer, the whole context window
+/// (preallocated).
+pub fn kv_bytes_per_sequence(cfg: &Config, kv: KvDtype) -> u64 {
+    2 * cfg.n_layer as u64 * cfg.block_size as u64 * cfg.n_embd as u64 * kv.bytes() as u64
 }
 
 /// Memory available to this process: the smaller of the cgroup's limit
@@ -39,10 +41,15 @@ pub fn available_bytes() -> Option<u64> {
     }
 }
 
-/// Checks that `max_active` KV caches fit in `available` bytes; the error
-/// names the flag, the need and the limit.
-pub fn check_kv_fits(cfg: &Config, max_active: usize, available: u64) -> Result<(), String> {
-    let per = kv_bytes_per_sequence(cfg);
+/// Checks that `max_active` KV caches in `kv` fit in `available` bytes;
+/// the error names the flag, the need and the limit.
+pub fn check_kv_fits(
+    cfg: &Config,
+    kv: KvDtype,
+    max_active: usize,
+    available: u64,
+) -> Result<(), String> {
+    let per = kv_bytes_per_sequence(cfg, kv);
     let need = per * max_active as u64;
     if need > available {
         return Err(format!(
@@ -74,15 +81,35 @@ mod tests {
     #[test]
     fn kv_bytes_of_the_shipped_shape_and_gpt2() {
         // 6 x 384, 256 positions: 4.5 MiB; GPT-2 small, 1024 positions: 72 MiB.
-        assert_eq!(kv_bytes_per_sequence(&cfg(6, 384, 256)), 4_718_592);
-        assert_eq!(kv_bytes_per_sequence(&cfg(12, 768, 1024)), 75_497_472);
+        assert_eq!(
+            kv_bytes_per_sequence(&cfg(6, 384, 256), KvDtype::F32),
+            4_718_592
+        );
+        assert_eq!(
+            kv_bytes_per_sequence(&cfg(12, 768, 1024), KvDtype::F32),
+            75_497_472
+        );
+    }
+
+    #[test]
+    fn an_f16_cache_counts_two_bytes_a_value_and_fits_twice_the_sequences() {
+        let c = cfg(12, 768, 1024);
+        assert_eq!(kv_bytes_per_sequence(&c, KvDtype::F16), 37_748_736);
+        // 1 GiB holds 14 f32 caches of GPT-2 small, and 28 in f16.
+        assert!(check_kv_fits(&c, KvDtype::F32, 28, 1 << 30).is_err());
+        assert!(check_kv_fits(&c, KvDtype::F16, 28, 1 << 30).is_ok());
+        let e = check_kv_fits(&c, KvDtype::F16, 32, 1 << 30).unwrap_err();
+        assert!(
+            e.contains("at most 28") && e.contains("36 MiB per sequence"),
+            "{e}"
+        );
     }
 
     #[test]
     fn too_many_caches_are_refused_with_the_limit_named() {
         let c = cfg(12, 768, 1024);
-        assert!(check_kv_fits(&c, 32, 4 << 30).is_ok());
-        let e = check_kv_fits(&c, 32, 1 << 30).unwrap_err();
+        assert!(check_kv_fits(&c, KvDtype::F32, 32, 4 << 30).is_ok());
+        let e = check_kv_fits(&c, KvDtype::F32, 32, 1 << 30).unwrap_err();
         assert!(
             e.contains("--max-active 32") && e.contains("1024 MiB"),
             "{e}"

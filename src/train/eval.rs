@@ -147,6 +147,9 @@ pub struct EvalArgs {
     /// (the checkpoint's), f32, f16, q8_0 or q4_0.
     #[arg(long, alias = "dtype", value_parser = crate::cli::serve::WEIGHTS, default_value = "auto")]
     pub weights: String,
+    /// KV cache storage scored, as `serve --kv-cache`: f32 or f16.
+    #[arg(long, value_parser = crate::model::cpu::KvDtype::NAMES, default_value = "f32")]
+    pub kv_cache: String,
 }
 
 /// Prints each exit's loss and top-1 agreement with the final head, then
@@ -156,7 +159,8 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     let dtype = loaded
         .weight_dtype(&a.weights)
         .map_err(anyhow::Error::msg)?;
-    let model = loaded.cpu(dtype)?;
+    let kv = crate::model::cpu::KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?;
+    let model = loaded.cpu(dtype)?.with_kv_cache(kv);
     let tokens = match &a.token_ids {
         Some(p) => {
             let text =
@@ -180,8 +184,9 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     }
     let last = s.losses[s.losses.len() - 1];
     println!(
-        "weights {}: final head loss {last:.5}, perplexity {:.4} over {} tokens ({} windows of {t})",
+        "weights {}, kv cache {}: final head loss {last:.5}, perplexity {:.4} over {} tokens ({} windows of {t})",
         dtype.name(),
+        kv.name(),
         last.exp(),
         s.targets,
         s.targets / (t - 1)

@@ -26,7 +26,7 @@ pub struct TreeDrafter<'m> {
     drafter: &'m Drafter,
     /// The final head's statistics where the sequence last committed (the
     /// drafter's features read them).
-    verified: Verified,
+    verified: LastVerified,
     /// Running estimate of the per-draft acceptance rate.
     accept: AcceptRate,
     /// Verify cost of k drafts relative to a plain step.
@@ -44,7 +44,7 @@ impl<'m> TreeDrafter<'m> {
     pub fn with_costs(drafter: &'m Drafter, verify_costs: Vec<f64>) -> TreeDrafter<'m> {
         TreeDrafter {
             drafter,
-            verified: VERIFIED_BEFORE_ANY_STEP,
+            verified: LastVerified::default(),
             accept: AcceptRate::default(),
             verify_costs,
         }
@@ -54,7 +54,7 @@ impl<'m> TreeDrafter<'m> {
     /// calibrated chances, sized by the verify cost curve and the batch's
     /// price of a row (`drafter::sampled_tree`). Its size comes from those
     /// chances, not from the running acceptance rate.
-    fn sampled_tree(&self, req: &DraftRequest, key: SampleKey) -> Drafts {
+    fn sampled_tree(&self, req: &DraftRequest, key: SampleKey, verified: Verified) -> Drafts {
         let sizing = Sizing {
             budget: req.room,
             max_depth: self.drafter.k_max,
@@ -63,7 +63,7 @@ impl<'m> TreeDrafter<'m> {
         };
         let nodes = self
             .drafter
-            .propose_sampled_tree(req.tokens, self.verified, key, sizing);
+            .propose_sampled_tree(req.tokens, verified, key, sizing);
         tree(nodes)
     }
 
@@ -85,21 +85,22 @@ impl<'m> TreeDrafter<'m> {
 
 impl Proposer for TreeDrafter<'_> {
     fn propose(&mut self, req: &DraftRequest) -> Drafts {
+        let verified = self.verified.get();
         if let (true, Some(key)) = (req.branch, sample_key(req.rule)) {
-            return self.sampled_tree(req, key);
+            return self.sampled_tree(req, key, verified);
         }
         let d = self.drafter;
         let k = self.best_k().min(req.room);
         if k == 0 {
             // Drafting does not pay: still ask for the first token
             // (microseconds) to keep the acceptance estimate current.
-            let shadow = d.draft(req.tokens, self.verified, req.rule);
+            let shadow = d.draft(req.tokens, verified, req.rule);
             return Drafts {
                 shadow: shadow.map(|d| d.token),
                 ..Drafts::none()
             };
         }
-        let (ctx, verified, min_gain) = (req.tokens, self.verified, req.min_gain);
+        let (ctx, min_gain) = (req.tokens, req.min_gain);
         match req.branch {
             true => tree(d.propose_tree(ctx, k, verified, d.threshold, min_gain)),
             false => {
@@ -117,7 +118,7 @@ impl Proposer for TreeDrafter<'_> {
     }
 
     fn observe(&mut self, v: &Verdict) {
-        self.verified = verified(v.logits);
+        self.verified.keep(v.logits);
         if let Some(t) = v.shadow {
             self.accept.update(f64::from(u8::from(t == v.first)));
         }
@@ -126,6 +127,45 @@ impl Proposer for TreeDrafter<'_> {
 
     fn rivals(&self) -> &[u32] {
         &self.drafter.classes
+    }
+}
+
+/// The final head's statistics where a sequence last committed, computed
+/// from its logits only when a draft asks for them: they take an exp per
+/// vocabulary entry, and under load most steps ask for none (speculation
+/// off for the request, or its drafts backed off), so keeping the logits
+/// is a copy (4% of the server's time at 32 clients when computed at every
+/// commit, `perf`, docs/benchmarks.md).
+#[derive(Default)]
+struct LastVerified {
+    /// The statistics of the logits last read.
+    read: Option<Verified>,
+    /// Logits kept since, if any.
+    unread: Option<Vec<f32>>,
+    /// A buffer for the next logits kept.
+    spare: Vec<f32>,
+}
+
+impl LastVerified {
+    /// Keeps `logits` (the newest committed position's).
+    fn keep(&mut self, logits: &[f32]) {
+        let mut kept = self
+            .unread
+            .take()
+            .unwrap_or_else(|| std::mem::take(&mut self.spare));
+        kept.clear();
+        kept.extend_from_slice(logits);
+        self.unread = Some(kept);
+    }
+
+    /// The statistics of the logits kept last, or
+    /// [`VERIFIED_BEFORE_ANY_STEP`] before any were.
+    fn get(&mut self) -> Verified {
+        if let Some(logits) = self.unread.take() {
+            self.read = Some(verified(&logits));
+            self.spare = logits;
+        }
+        self.read.unwrap_or(VERIFIED_BEFORE_ANY_STEP)
     }
 }
 
@@ -155,5 +195,29 @@ fn tree(nodes: Vec<TreeDraft>) -> Drafts {
         probs: nodes.iter().map(|n| n.prob).collect(),
         tree: Tree::from_parents(parents.collect()).expect("the drafter puts parents first"),
         shadow: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Verified's fields, to compare.
+    fn pair(v: Verified) -> (f32, f32) {
+        (v.top1_prob, v.entropy)
+    }
+
+    #[test]
+    fn the_statistics_are_those_of_the_logits_kept_last() {
+        let mut v = LastVerified::default();
+        assert_eq!(pair(v.get()), pair(VERIFIED_BEFORE_ANY_STEP));
+        let (peaked, flat) = ([9.0f32, 0.0, 0.0, 0.0], [1.0f32; 4]);
+        v.keep(&peaked);
+        v.keep(&flat);
+        assert_eq!(pair(v.get()), pair(verified(&flat)));
+        assert_eq!(pair(v.get()), pair(verified(&flat)));
+        v.keep(&peaked);
+        assert_eq!(pair(v.get()), pair(verified(&peaked)));
+        assert_ne!(pair(verified(&peaked)), pair(verified(&flat)));
     }
 }

@@ -276,6 +276,21 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
+/// Bytes of keys ahead of the one being scored that are prefetched.
+const KEY_BYTES_AHEAD: usize = 4096;
+
+/// Asks for the cache lines of a row of `hs` elements at `p` (a hint: it
+/// changes no result). At 32 sequences each head's keys and values come
+/// from memory, and the hardware prefetcher alone left attention waiting
+/// on them (`examples/attend_bench.rs`).
+#[inline(always)]
+unsafe fn prefetch_row<W>(p: *const W, hs: usize) {
+    let (p, bytes) = (p as *const i8, hs * std::mem::size_of::<W>());
+    for at in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.add(at));
+    }
+}
+
 /// One head of width 8 L: scores four keys at a time (four independent
 /// FMA chains), softmax, then the weighted sum of values kept in L
 /// registers until the end (the portable loop stored and reloaded the
@@ -299,8 +314,13 @@ unsafe fn head<const L: usize, W: WeightElem, R: Fn(usize) -> usize>(
     for (l, r) in qv.iter_mut().enumerate() {
         *r = _mm256_loadu_ps(qp.add(8 * l));
     }
+    let ahead = KEY_BYTES_AHEAD / (hs * std::mem::size_of::<W>());
     let mut j = 0;
     while j + 4 <= n {
+        for i in 0..4 {
+            prefetch_row(kp.add(row((j + i + ahead).min(n - 1)) * hs), hs);
+            prefetch_row(vp.add(row(j + i) * hs), hs);
+        }
         let mut acc = [_mm256_setzero_ps(); 4];
         for (l, qr) in qv.iter().enumerate() {
             for (i, a) in acc.iter_mut().enumerate() {

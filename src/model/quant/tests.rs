@@ -156,7 +156,8 @@ fn forward_matches_the_f64_reference_for_every_row_count_and_odd_shapes() {
 
 #[test]
 fn a_row_gets_bitwise_the_same_output_alone_or_batched_with_any_row_count() {
-    // 300 x 256 at m >= 1 crosses the parallel threshold for m > 0.
+    // 300 x 256 at m >= 1 crosses the parallel threshold for m > 0, and
+    // the activations' (8,192 values) for m >= 32.
     for kind in KINDS {
         for (n, k) in [(37, 96), (300, 256)] {
             let q = matrix(kind, n, k, 21);
