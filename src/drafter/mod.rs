@@ -56,10 +56,10 @@ pub const MODEL_CLASS_NAME: &str = "__MODEL__";
 /// one, `train::label::verify_costs`): k drafts cost `1 + 0.15 k` one-row
 /// steps. 0.15 is not derived: it was set in commit 957291a, when the
 /// shipped model measured 1.8-2.2x for 8 drafts (1 + 0.15 x 8 = 2.2); the
-/// current one measures 1.64x (`models/default/drafter.json`). The engine's
-/// measured cost curve (`scheduler::Budget`) does not make it obsolete: the
-/// Budget prices rows within a batch, while this curve still sets each
-/// sequence's draft length (`decode::proposer::TreeDrafter::best_k`).
+/// current one measures 1.64x (`models/default/drafter.json`). The server
+/// and the bench size drafts by the curve they measure on the machine that
+/// decodes (`scheduler::Budget::verify_costs`, `cli::bench::row_costs`);
+/// the stored curve sizes them in `sample`.
 pub const GUESSED_COST_PER_DRAFT: f64 = 0.15;
 
 #[derive(Serialize, Deserialize, Clone)]
