@@ -60,7 +60,8 @@ fn pair(a: u32, b: u32) -> u32 {
 impl Ngrams {
     /// Counts the tables on `tokens` (each below `vocab_size` <= 65,536),
     /// keeping every bigram context and the most frequent trigram contexts
-    /// (seen at least [`MIN_TRIGRAM_COUNT`] times) that fit in `max_bytes`.
+    /// (seen at least [`MIN_TRIGRAM_COUNT`] times) that fit in `max_bytes`;
+    /// a budget the bigram table alone passes is an error.
     pub fn count(tokens: &[u32], vocab_size: usize, max_bytes: usize) -> Result<Ngrams, String> {
         if vocab_size > 1 << 16 {
             return Err(format!(
@@ -81,7 +82,13 @@ impl Ngrams {
             .map(|w| (u64::from(pair(w[0], w[1])) << 16) | u64::from(w[2]))
             .collect();
         let bigram = tally(bi, 1);
-        let mut budget = max_bytes.saturating_sub(HEADER + 8 + size_of_map(&bigram));
+        let need = HEADER + 8 + size_of_map(&bigram);
+        if need > max_bytes {
+            return Err(format!(
+                "the bigram table alone takes {need} bytes, over the budget of {max_bytes}"
+            ));
+        }
+        let mut budget = max_bytes - need;
         let mut by_count: Vec<(u32, Successors)> =
             tally(tri, MIN_TRIGRAM_COUNT).into_iter().collect();
         by_count.sort_by_key(|(k, s)| (std::cmp::Reverse(s.count), *k));
@@ -386,11 +393,16 @@ mod tests {
         .take(20_000)
         .collect();
         let full = Ngrams::count(&tokens, 50, MAX_BYTES).unwrap();
-        for budget in [2_000, 8_000, 20_000] {
+        for budget in [4_000, 8_000, 20_000] {
             let ng = Ngrams::count(&tokens, 50, budget).unwrap();
             assert!(ng.to_bytes().len() <= budget, "{budget}");
             assert!(ng.contexts().1 < full.contexts().1);
         }
+        let e = Ngrams::count(&tokens, 50, 2_000).unwrap_err();
+        assert!(
+            e.contains("bigram table") && e.contains("budget of 2000"),
+            "{e}"
+        );
     }
 
     #[test]
