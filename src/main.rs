@@ -37,6 +37,9 @@ enum Cmd {
     /// Fit the drafter's sampled-tree calibration on the train split and
     /// measure its calibration error on held-out text.
     CalibrateDrafter(train::label::calibrate::CalibrateArgs),
+    /// Count the drafter's n-gram continuation tables on the train split
+    /// and link them from its file (sampled drafts rank their successors).
+    CountNgrams(train::label::ngrams::CountNgramsArgs),
     /// Generate text from a checkpoint.
     Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
         Cmd::CalibrateDrafter(a) => train::label::calibrate::run(&a)?,
+        Cmd::CountNgrams(a) => train::label::ngrams::run(&a)?,
         Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
         Cmd::ImportHf { dir, out, dtype } => {

@@ -63,7 +63,7 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         speculate: !no_speculate,
         ..Default::default()
     };
-    let proposer = proposer::tree_or_plain(drafter.as_ref());
+    let proposer = proposer::tree_or_plain(drafter.as_ref(), None);
     let (mut g, _) =
         Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
     let t0 = std::time::Instant::now();

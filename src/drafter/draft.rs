@@ -88,7 +88,42 @@ impl Estimate {
     }
 }
 
+impl Estimate {
+    /// Adds `mass` of the outside mass to the tokens of `next` (the n-gram
+    /// tables' successors and shares) that are not candidates yet, in
+    /// proportion to their shares among the successors that are not.
+    fn spread(&mut self, next: &[(u32, f32)], mass: f32) {
+        let known = |t: u32| self.tokens.iter().any(|m| m.0 == t);
+        let held: f32 = next.iter().filter(|n| known(n.0)).map(|n| n.1).sum();
+        let fresh: Vec<(u32, f32)> = next.iter().copied().filter(|n| !known(n.0)).collect();
+        let scale = mass / (1.0 - held).max(1e-3);
+        let mut added = 0.0;
+        for (t, q) in fresh {
+            let x = (q * scale).min(mass - added);
+            if x > 0.0 {
+                self.tokens.push((t, x));
+                added += x;
+            }
+        }
+        self.rest = (self.rest - added).max(0.0);
+    }
+}
+
 impl Drafter {
+    /// The estimate that sampled drafts rank: [`Self::estimate`] with the
+    /// share `ngram_weight` of its outside mass spread over the n-gram
+    /// tables' successors of `ctx` it lacks (`ngram`). Without tables, the
+    /// estimate itself. Greedy drafting keeps the trees' estimate: their
+    /// classes are fitted to the model's top-1 token.
+    pub fn estimate_wide(&self, ctx: &[u32], verified: Verified) -> Estimate {
+        let mut e = self.estimate(ctx, verified);
+        if let Some(ng) = &self.ngrams {
+            let mass = self.ngram_weight * e.rest;
+            e.spread(&ng.next(ctx), mass);
+        }
+        e
+    }
+
     /// The drafter's estimate of the model's next token after `ctx`: each
     /// candidate token with its probability (classes that resolve to the
     /// same token add up; classes under 2% are skipped), and the mass left
@@ -154,7 +189,7 @@ impl Drafter {
             } => {
                 let noise = Noise::at(seed, stream, ctx.len());
                 let sharpness = self.sample_sharpness / temperature;
-                self.estimate(ctx, verified).sample(noise, sharpness)
+                self.estimate_wide(ctx, verified).sample(noise, sharpness)
             }
         }
     }
@@ -316,6 +351,24 @@ pub(super) fn tokens_to(nodes: &[TreeDraft], mut row: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_mass_goes_to_new_tokens_only_and_leaves_the_rest() {
+        let mut e = Estimate {
+            tokens: vec![(1, 0.4)],
+            model: 0.5,
+            rest: 0.6,
+        };
+        // Token 1 holds half the successors' share: 0.3 spread as
+        // 0.3 / 0.5 x 0.3 = 0.18 to token 2 and 0.3 / 0.5 x 0.2 = 0.12 to 3.
+        e.spread(&[(1, 0.5), (2, 0.3), (3, 0.2)], 0.3);
+        assert_eq!(e.tokens[0], (1, 0.4));
+        assert!((e.tokens[1].1 - 0.18).abs() < 1e-6, "{:?}", e.tokens);
+        assert!((e.tokens[2].1 - 0.12).abs() < 1e-6, "{:?}", e.tokens);
+        assert!((e.rest - 0.3).abs() < 1e-6);
+        let total: f32 = e.tokens.iter().map(|t| t.1).sum::<f32>() + e.rest;
+        assert!((total - 1.0).abs() < 1e-6);
+    }
 
     #[test]
     fn a_drafter_that_knows_the_distribution_drafts_the_keyed_sample() {

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::ngram::Ngrams;
 use super::{features, gbdt, Drafter, FORMAT_VERSION, N_POINTERS};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum DrafterError {
         found: usize,
         expected: usize,
     },
+    #[error("n-gram table file {path} {msg}")]
+    Ngrams { path: String, msg: String },
     #[error("drafter file {path}: {field} {msg}")]
     Field {
         path: String,
@@ -100,7 +103,29 @@ impl Drafter {
                 msg,
             })?;
         d.index();
+        d.load_ngrams(path)?;
         Ok(d)
+    }
+
+    /// Loads the n-gram table file the drafter file names (a plain file
+    /// name beside it); a drafter file that names none loads without.
+    fn load_ngrams(&mut self, path: &Path) -> Result<(), DrafterError> {
+        let Some(name) = &self.ngram_file else {
+            return Ok(());
+        };
+        let plain = Path::new(name)
+            .file_name()
+            .is_some_and(|f| f == name.as_str());
+        if !plain {
+            return Err(DrafterError::Field {
+                path: path.display().to_string(),
+                field: "ngram_file",
+                msg: format!("is {name:?}; it must be a file name beside the drafter file"),
+            });
+        }
+        let table = Ngrams::load(&path.with_file_name(name), self.vocab_size)?;
+        self.ngrams = Some(std::sync::Arc::new(table));
+        Ok(())
     }
 }
 
@@ -140,6 +165,7 @@ impl Drafter {
         };
         unit("threshold", self.threshold)?;
         unit("sibling_floor", self.sibling_floor)?;
+        unit("ngram_weight", self.ngram_weight)?;
         if !(self.sample_sharpness.is_finite() && self.sample_sharpness > 0.0) {
             let s = self.sample_sharpness;
             return Err((
@@ -288,5 +314,62 @@ mod tests {
             let e = load_err(&path, 40);
             assert!(e.contains(field) && e.contains(want), "{field}: {e}");
         }
+    }
+
+    /// `small_drafter` saved in `dir` with an n-gram table file beside it.
+    fn with_table(dir: &Path) -> std::path::PathBuf {
+        let mut d = small_drafter();
+        let text: Vec<u32> = (0..400u32).map(|i| (i * 7) % 40).collect();
+        let table = Ngrams::count(&text, 40, 1 << 16).unwrap();
+        table.save(&dir.join("ngrams.bin")).unwrap();
+        d.ngram_file = Some("ngrams.bin".into());
+        let path = dir.join("drafter.json");
+        d.save(&path).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_drafter_file_loads_the_table_it_names_and_an_older_one_loads_without() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = with_table(tmp.path());
+        let d = Drafter::load(&path, 40).unwrap();
+        assert!(d.ngrams.is_some());
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let old = v.as_object_mut().unwrap();
+        old.remove("ngram_file");
+        old.remove("ngram_weight");
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let d = Drafter::load(&path, 40).unwrap();
+        assert!(d.ngrams.is_none() && d.ngram_file.is_none());
+        let ctx = [3u32, 10, 17];
+        assert_eq!(
+            d.estimate_wide(&ctx, Verified::default()),
+            d.estimate(&ctx, Verified::default())
+        );
+    }
+
+    #[test]
+    fn a_missing_corrupt_or_misplaced_table_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = with_table(tmp.path());
+        let table = tmp.path().join("ngrams.bin");
+        let mut bytes = std::fs::read(&table).unwrap();
+        bytes[30] ^= 0xff;
+        std::fs::write(&table, &bytes).unwrap();
+        let e = load_err(&path, 40);
+        assert!(e.contains("ngrams.bin") && e.contains("checksum"), "{e}");
+        std::fs::remove_file(&table).unwrap();
+        let e = load_err(&path, 40);
+        assert!(
+            e.contains("ngrams.bin") && e.contains("cannot be read"),
+            "{e}"
+        );
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v["ngram_file"] = "../ngrams.bin".into();
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load_err(&path, 40);
+        assert!(e.contains("ngram_file") && e.contains("beside"), "{e}");
     }
 }

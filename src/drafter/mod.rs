@@ -17,15 +17,20 @@
 //! - `file`: the drafter file (save, load and its checks);
 //! - `replay`: offline replay of drafting and the prompt-lookup baseline;
 //! - `sampled_tree`: draft trees at temperature > 0 (Gumbel-top-k children
-//!   sized by the cost curve), and `calibration`: their children's chances.
+//!   sized by the cost curve), and `calibration`: their children's chances;
+//! - `ngram`: bigram and trigram continuation tables over the whole
+//!   vocabulary, which widen sampled drafts' candidates.
 
 pub mod calibration;
 mod draft;
 pub mod features;
 mod file;
 pub mod gbdt;
+pub mod ngram;
 mod replay;
 mod sampled_tree;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +43,7 @@ pub use replay::{prompt_lookup, replay, Replay};
 pub use sampled_tree::{Ranked, SampleKey, Sizing};
 
 use calibration::Calibration;
+use ngram::Ngrams;
 
 /// 2: 14 features (six that did not pay dropped).
 pub const FORMAT_VERSION: u32 = 2;
@@ -50,10 +56,10 @@ pub const MODEL_CLASS_NAME: &str = "__MODEL__";
 /// one, `train::label::verify_costs`): k drafts cost `1 + 0.15 k` one-row
 /// steps. 0.15 is not derived: it was set in commit 957291a, when the
 /// shipped model measured 1.8-2.2x for 8 drafts (1 + 0.15 x 8 = 2.2); the
-/// current one measures 1.64x (`models/default/drafter.json`). The engine's
-/// measured cost curve (`scheduler::Budget`) does not make it obsolete: the
-/// Budget prices rows within a batch, while this curve still sets each
-/// sequence's draft length (`decode::proposer::TreeDrafter::best_k`).
+/// current one measures 1.64x (`models/default/drafter.json`). The server
+/// and the bench size drafts by the curve they measure on the machine that
+/// decodes (`scheduler::Budget::verify_costs`, `cli::bench::row_costs`);
+/// the stored curve sizes them in `sample`.
 pub const GUESSED_COST_PER_DRAFT: f64 = 0.15;
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -83,6 +89,14 @@ pub struct Drafter {
     /// files: uncalibrated.
     #[serde(default)]
     pub calibration: Calibration,
+    /// The n-gram table file beside this one (`gpt-serve count-ngrams`);
+    /// absent in older files: the trees' candidates only.
+    #[serde(default)]
+    pub ngram_file: Option<String>,
+    /// Share of the mass outside the trees' candidates that sampled drafts
+    /// spread over the n-gram tables' successors ([`Drafter::estimate_wide`]).
+    #[serde(default = "default_ngram_weight")]
+    pub ngram_weight: f32,
     /// Whether each token starts a word (from the tokenizer).
     pub word_start: Vec<bool>,
     /// Training report: feature importances, replay figures.
@@ -90,6 +104,13 @@ pub struct Drafter {
     pub report: serde_json::Value,
     #[serde(skip)]
     class_index: Vec<u32>,
+    /// The tables `ngram_file` names, once loaded.
+    #[serde(skip)]
+    pub ngrams: Option<Arc<Ngrams>>,
+}
+
+fn default_ngram_weight() -> f32 {
+    1.0
 }
 
 fn default_sample_sharpness() -> f32 {
@@ -121,9 +142,12 @@ impl Drafter {
             sample_sharpness: default_sample_sharpness(),
             sibling_floor: default_sibling_floor(),
             calibration: Calibration::default(),
+            ngram_file: None,
+            ngram_weight: default_ngram_weight(),
             word_start,
             report: serde_json::Value::Null,
             class_index: vec![],
+            ngrams: None,
         };
         d.index();
         d

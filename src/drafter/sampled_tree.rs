@@ -100,7 +100,7 @@ impl Drafter {
             ctx,
             key,
             sharpness,
-            |ext| self.estimate(ext, verified),
+            |ext| self.estimate_wide(ext, verified),
             |rank, tempered| {
                 self.calibration
                     .hit_prob(key.temperature, key.top_p, rank, tempered)

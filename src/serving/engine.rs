@@ -341,10 +341,12 @@ fn admit<'m, M: Forward>(
     cfg: &EngineConfig,
     eot: u32,
     metrics: &Metrics,
+    budget: &Budget,
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
-    let proposer = proposer::serving(drafter, cfg.suffix_cache.as_ref());
+    let costs = budget.verify_costs(drafter.map_or(0, |d| d.k_max));
+    let proposer = proposer::serving(drafter, costs, cfg.suffix_cache.as_ref());
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
     let echo = echo_logprobs(&job.request, job.choice);
@@ -465,7 +467,7 @@ fn run<M: Forward>(
                 break;
             };
             waiting.fetch_sub(1, Ordering::SeqCst);
-            active.extend(admit(model, drafter, job, cfg, eot, metrics));
+            active.extend(admit(model, drafter, job, cfg, eot, metrics, &budget));
         }
         match cfg.fault {
             Some(Fault::PanicAtIteration(t)) if t == turn => {

@@ -84,6 +84,12 @@ impl Budget {
         self.cost[rows.clamp(1, self.max_rows)]
     }
 
+    /// The cost of verifying k = 0..=`k_max` drafts (k + 1 rows) relative
+    /// to a plain step: the curve a sequence sizes its drafts by.
+    pub fn verify_costs(&self, k_max: usize) -> Vec<f64> {
+        (0..=k_max).map(|k| self.cost(k + 1)).collect()
+    }
+
     /// What one more row adds to a forward of `rows` rows.
     pub fn marginal(&self, rows: usize) -> f64 {
         self.cost(rows + 1) - self.cost(rows)
@@ -275,6 +281,12 @@ mod tests {
         assert!((b.cost(5) - 1.75).abs() < 1e-9);
         assert!(b.cost(16) >= b.cost(8) && b.cost(32) >= b.cost(16));
         assert!(b.marginal(1) < 1e-9, "a second row was measured free");
+    }
+
+    #[test]
+    fn k_drafts_cost_what_a_forward_of_k_plus_one_rows_costs() {
+        let b = Budget::measured(4, &[(1, 1e-3), (2, 1.5e-3), (4, 3e-3)]);
+        assert_eq!(b.verify_costs(5), vec![1.0, 1.5, 2.25, 3.0, 3.0, 3.0]);
     }
 
     #[test]

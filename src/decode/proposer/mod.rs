@@ -32,21 +32,29 @@ pub use suffix::CacheOrFallback;
 pub use tree::TreeDrafter;
 
 /// The tree drafter when there is one (a checkpoint's), else plain
-/// decoding: what the server and `sample` decode with.
-pub fn tree_or_plain(drafter: Option<&Drafter>) -> Box<dyn Proposer + '_> {
-    match drafter {
-        Some(d) => Box::new(TreeDrafter::new(d)),
-        None => Box::new(Plain),
+/// decoding: what the server and `sample` decode with. It sizes drafts by
+/// `verify_costs` (k = 0.. drafts, relative to a plain step) when given,
+/// else by the curve stored with the drafter.
+pub fn tree_or_plain(
+    drafter: Option<&Drafter>,
+    verify_costs: Option<Vec<f64>>,
+) -> Box<dyn Proposer + '_> {
+    match (drafter, verify_costs) {
+        (Some(d), Some(c)) => Box::new(TreeDrafter::with_costs(d, c)),
+        (Some(d), None) => Box::new(TreeDrafter::new(d)),
+        (None, _) => Box::new(Plain),
     }
 }
 
-/// What the server decodes with: [`tree_or_plain`], behind the shared
-/// continuation cache when there is one with a budget.
+/// What the server decodes with: [`tree_or_plain`] sized by the engine's
+/// measured `verify_costs`, behind the shared continuation cache when
+/// there is one with a budget.
 pub fn serving<'m>(
     drafter: Option<&'m Drafter>,
+    verify_costs: Vec<f64>,
     cache: Option<&Arc<SuffixCache>>,
 ) -> Box<dyn Proposer + 'm> {
-    let base = tree_or_plain(drafter);
+    let base = tree_or_plain(drafter, Some(verify_costs));
     match cache {
         Some(c) if c.budget() > 0 => Box::new(CacheOrFallback::new(c.clone(), base)),
         _ => base,

@@ -24,7 +24,8 @@ use crate::decode::{GenParams, Generator};
 use crate::drafter::calibration::{
     expected_calibration_error, Calibration, CalibrationTable, Observation, RANKS,
 };
-use crate::drafter::Drafter;
+use crate::drafter::features::Verified;
+use crate::drafter::{Drafter, Estimate};
 use crate::model::cpu::CpuGpt;
 use crate::sampling::{Noise, SamplingParams};
 
@@ -60,6 +61,14 @@ pub struct CalibrateArgs {
     /// Save the fitted tables into the checkpoint's drafter file.
     #[arg(long)]
     pub write: bool,
+    /// Measure (and with `--write`, save) this n-gram weight instead of the
+    /// drafter file's (`count-ngrams`).
+    #[arg(long)]
+    pub ngram_weight: Option<f32>,
+    /// Measure the drafter without its n-gram tables (the trees' candidates
+    /// only); with `--write`, saves it so.
+    #[arg(long)]
+    pub without_ngrams: bool,
 }
 
 /// A `temperature:top_p` setting; an error names the setting and the limits.
@@ -73,6 +82,61 @@ fn parse_setting(s: &str) -> anyhow::Result<(f32, f32)> {
         "setting {s:?}: the temperature must be > 0 and top_p in (0, 1]"
     );
     Ok((t, p))
+}
+
+/// The model's greedy continuation of `prompt` and the statistics of each
+/// verified position.
+fn continuation(
+    model: &CpuGpt,
+    prompt: &[u32],
+    new_tokens: usize,
+    sampling: SamplingParams,
+) -> anyhow::Result<(Vec<u32>, Vec<Verified>, u64)> {
+    let params = GenParams {
+        max_tokens: new_tokens,
+        sampling,
+        speculate: false,
+        stop_at_eot: false,
+        ..Default::default()
+    };
+    let stream = params.stream();
+    let mut stats = Vec::new();
+    let recorder = Box::new(Recorder { out: &mut stats });
+    let (mut g, _) = Generator::new(model, recorder, prompt, params, u32::MAX, None)?;
+    g.run()?;
+    let tokens = g.tokens().to_vec();
+    drop(g);
+    Ok((tokens, stats, stream))
+}
+
+/// How often the drafter's most likely candidate is the model's greedy
+/// token, over the greedy continuations of `prompts`: with the trees'
+/// estimate (what greedy drafting uses) and with the n-gram tables' too.
+fn greedy_agreement(
+    model: &CpuGpt,
+    drafter: &Drafter,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> anyhow::Result<Value> {
+    let (mut trees, mut wide, mut positions) = (0usize, 0usize, 0usize);
+    let top = |e: Estimate| e.tokens.into_iter().max_by(|a, b| a.1.total_cmp(&b.1));
+    for prompt in prompts {
+        let (tokens, stats, _) =
+            continuation(model, prompt, new_tokens, SamplingParams::default())?;
+        for (j, &verified) in stats.iter().enumerate() {
+            let target = prompt.len() + j + 1;
+            let Some(&next) = tokens.get(target) else {
+                break;
+            };
+            let ctx = &tokens[..target];
+            positions += 1;
+            trees += usize::from(top(drafter.estimate(ctx, verified)).is_some_and(|t| t.0 == next));
+            wide +=
+                usize::from(top(drafter.estimate_wide(ctx, verified)).is_some_and(|t| t.0 == next));
+        }
+    }
+    let share = |n: usize| n as f64 / positions.max(1) as f64;
+    Ok(json!({"positions": positions, "top1_trees": share(trees), "top1_wide": share(wide)}))
 }
 
 /// Observations, and the positions they come from.
@@ -91,25 +155,13 @@ fn observe(
     let (mut obs, mut positions) = (Vec::new(), 0);
     for (i, prompt) in prompts.iter().enumerate() {
         let seed = 7000 + i as u64;
-        let params = GenParams {
-            max_tokens: new_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                seed,
-                ..Default::default()
-            },
-            speculate: false,
-            stop_at_eot: false,
+        let sampling = SamplingParams {
+            temperature,
+            top_p,
+            seed,
             ..Default::default()
         };
-        let stream = params.stream();
-        let mut stats = Vec::new();
-        let recorder = Box::new(Recorder { out: &mut stats });
-        let (mut g, _) = Generator::new(model, recorder, prompt, params, u32::MAX, None)?;
-        g.run()?;
-        let tokens = g.tokens().to_vec();
-        drop(g);
+        let (tokens, stats, stream) = continuation(model, prompt, new_tokens, sampling)?;
         for (j, &verified) in stats.iter().enumerate() {
             for d in 0..DEPTHS {
                 let target = prompt.len() + j + 1 + d;
@@ -119,7 +171,9 @@ fn observe(
                 positions += 1;
                 let ctx = &tokens[..target];
                 let noise = Noise::at(seed, stream, ctx.len());
-                let ranked = drafter.estimate(ctx, verified).ranked(noise, sharpness);
+                let ranked = drafter
+                    .estimate_wide(ctx, verified)
+                    .ranked(noise, sharpness);
                 obs.extend(ranked.into_iter().map(|r| Observation {
                     rank: r.rank,
                     tempered: r.tempered,
@@ -174,8 +228,24 @@ fn run_in_pool(a: &CalibrateArgs) -> anyhow::Result<()> {
     let model = loaded.cpu(loaded.serving_dtype())?;
     let path = a.model.join(checkpoint::DRAFTER_FILE);
     let mut drafter = Drafter::load(&path, model.cfg.vocab_size)?;
+    if let Some(w) = a.ngram_weight {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&w),
+            "--ngram-weight {w} must be in 0..=1"
+        );
+        drafter.ngram_weight = w;
+    }
+    if a.without_ngrams {
+        (drafter.ngram_file, drafter.ngrams) = (None, None);
+    }
     let tok = &loaded.tokenizer;
     let train = prompts_from(&a.data, tok, a.prompts, a.prompt_len)?;
+    let mut greedy = json!({});
+    for path in &a.eval {
+        let prompts = prompts_from(path.as_ref(), tok, a.prompts, a.prompt_len)?;
+        greedy[path.as_str()] = greedy_agreement(&model, &drafter, &prompts, a.new_tokens)?;
+    }
+    eprintln!("calibrate-drafter: greedy {greedy}");
     let mut tables = Vec::new();
     let mut report = Vec::new();
     for &setting in &settings {
@@ -197,6 +267,7 @@ fn run_in_pool(a: &CalibrateArgs) -> anyhow::Result<()> {
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    report.push(json!({"greedy": greedy}));
     std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)?;
     if a.write {
         drafter.calibration = Calibration { tables };

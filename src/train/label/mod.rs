@@ -35,6 +35,7 @@ use crate::tokenizer::Tokenizer;
 
 pub mod calibrate;
 mod fit;
+pub mod ngrams;
 
 pub use fit::{replay_report, replay_tree};
 
