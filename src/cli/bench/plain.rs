@@ -40,6 +40,9 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
         stop_at_eot: false,
         ..Default::default()
     };
+    // `decode` counts the prompt's prefill; `steps` only the n one-token
+    // steps after it, as llama-bench's `tg` times its generation.
+    let mut steps = f64::MAX;
     let decode = time(|| {
         let (mut g, _) = Generator::new(
             model,
@@ -49,7 +52,9 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
             u32::MAX,
             None,
         )?;
+        let t = Instant::now();
         g.run()?;
+        steps = steps.min(t.elapsed().as_secs_f64());
         Ok(())
     })?;
     let pre_n = 64.min(cfg.block_size);
@@ -90,6 +95,7 @@ pub fn plain_figures<M: Forward>(model: &M, decode_tokens: usize) -> anyhow::Res
     Ok(json!({
         "config": format!("{} x {}, vocab {}", cfg.n_layer, cfg.n_embd, cfg.vocab_size),
         "decode_tok_s": n as f64 / decode,
+        "decode_steps_tok_s": n as f64 / steps,
         "prefill_64_tok_s": pre_n as f64 / prefill,
         "verify_4_over_1": r(1),
         "verify_8_over_1": r(2),
