@@ -113,8 +113,9 @@ impl Drafter {
     /// The estimate that sampled drafts rank: [`Self::estimate`] with the
     /// share `ngram_weight` of its outside mass spread over the n-gram
     /// tables' successors of `ctx` it lacks (`ngram`). Without tables, the
-    /// estimate itself. Greedy drafting keeps the trees' estimate: their
-    /// classes are fitted to the model's top-1 token.
+    /// estimate itself. Sampled trees and the calibration rank it; greedy
+    /// drafting and sampled chains keep the trees' estimate (see
+    /// [`Self::draft`]).
     pub fn estimate_wide(&self, ctx: &[u32], verified: Verified) -> Estimate {
         let mut e = self.estimate(ctx, verified);
         if let Some(ng) = &self.ngrams {
@@ -187,9 +188,16 @@ impl Drafter {
                 temperature,
                 ..
             } => {
+                // Chains rank the trees' estimate, not the wide one: a
+                // chain draft's price is its estimate's mass on the
+                // candidates, which the n-gram tables push to ~1 while the
+                // draft is right ~30% of the time, so served chains at 0.8
+                // drafted rows that did not pay (HTTP, 1 / 8 clients: 0.85x /
+                // 0.79x plain with the wide estimate, 1.12x / 1.15x without;
+                // docs/benchmarks.md). Sampled trees price by calibration.
                 let noise = Noise::at(seed, stream, ctx.len());
                 let sharpness = self.sample_sharpness / temperature;
-                self.estimate_wide(ctx, verified).sample(noise, sharpness)
+                self.estimate(ctx, verified).sample(noise, sharpness)
             }
         }
     }
