@@ -8,8 +8,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use gpt_serve::decode::proposer::Plain;
-use gpt_serve::decode::{GenParams, Generator};
+use gpt_serve::cli::bench::plain_decode_seconds;
 use gpt_serve::model::config::{Config, Exit};
 use gpt_serve::model::cpu::{in_pool, CpuGpt, WeightDtype};
 use gpt_serve::model::gpt::init_weights;
@@ -34,30 +33,10 @@ fn main() -> anyhow::Result<()> {
     }];
     let w = init_weights(&cfg, 0, &Device::Cpu)?.into_iter().collect();
     let model = CpuGpt::from_tensors(&cfg, &w, dt)?;
-    let prompt: Vec<u32> = (0..16u32).map(|i| i * 7 % cfg.vocab_size as u32).collect();
-    let params = GenParams {
-        max_tokens: 32,
-        speculate: false,
-        stop_at_eot: false,
-        ..Default::default()
-    };
     let (mut best, mut best_steps) = (f64::MAX, f64::MAX);
     for _ in 0..repeats {
-        let t = Instant::now();
-        let steps = in_pool(|| -> anyhow::Result<f64> {
-            let (mut g, _) = Generator::new(
-                &model,
-                Box::new(Plain),
-                &prompt,
-                params.clone(),
-                u32::MAX,
-                None,
-            )?;
-            let t = Instant::now();
-            g.run()?;
-            Ok(t.elapsed().as_secs_f64())
-        })?;
-        best = best.min(t.elapsed().as_secs_f64());
+        let (all, steps) = in_pool(|| plain_decode_seconds(&model, 32))?;
+        best = best.min(all);
         best_steps = best_steps.min(steps);
     }
     println!(

@@ -67,26 +67,16 @@ fn metadata(g: &mut Gguf, loaded: &Loaded, dt: WeightDtype) -> anyhow::Result<()
     g.set("general.architecture", Value::Str("gpt2".into()));
     g.set("general.alignment", Value::U32(ALIGNMENT as u32));
     g.set("general.file_type", Value::U32(file_type(dt)));
-    g.set(
-        "gpt2.context_length",
-        Value::U32(u32_of("block_size", cfg.block_size)?),
-    );
-    g.set(
-        "gpt2.embedding_length",
-        Value::U32(u32_of("n_embd", cfg.n_embd)?),
-    );
-    g.set(
-        "gpt2.feed_forward_length",
-        Value::U32(u32_of("4 * n_embd", 4 * cfg.n_embd)?),
-    );
-    g.set(
-        "gpt2.block_count",
-        Value::U32(u32_of("n_layer", cfg.n_layer)?),
-    );
-    g.set(
-        "gpt2.attention.head_count",
-        Value::U32(u32_of("n_head", cfg.n_head)?),
-    );
+    let sizes = [
+        ("gpt2.context_length", "block_size", cfg.block_size),
+        ("gpt2.embedding_length", "n_embd", cfg.n_embd),
+        ("gpt2.feed_forward_length", "4 * n_embd", 4 * cfg.n_embd),
+        ("gpt2.block_count", "n_layer", cfg.n_layer),
+        ("gpt2.attention.head_count", "n_head", cfg.n_head),
+    ];
+    for (key, name, v) in sizes {
+        g.set(key, Value::U32(u32_of(name, v)?));
+    }
     let eps = cfg.layer_norm_epsilon as f32;
     g.set("gpt2.attention.layer_norm_epsilon", Value::F32(eps));
     Ok(())

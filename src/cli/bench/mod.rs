@@ -17,6 +17,7 @@
 //! and `report` turns the JSON results into markdown tables.
 
 mod plain;
+pub use plain::plain_decode_seconds;
 mod report;
 mod row_costs;
 mod speculative;
