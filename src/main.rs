@@ -40,6 +40,9 @@ enum Cmd {
     /// Count the drafter's n-gram continuation tables on the train split
     /// and link them from its file (sampled drafts rank their successors).
     CountNgrams(train::label::ngrams::CountNgramsArgs),
+    /// Train the draft head (drafts from the model's hidden state) on the
+    /// train split and write it beside the checkpoint.
+    TrainHead(train::head::TrainHeadArgs),
     /// Generate text from a checkpoint.
     Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
@@ -114,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::TrainDrafter(a) => train::label::run(&a)?,
         Cmd::CalibrateDrafter(a) => train::label::calibrate::run(&a)?,
         Cmd::CountNgrams(a) => train::label::ngrams::run(&a)?,
+        Cmd::TrainHead(a) => train::head::run(&a)?,
         Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
         Cmd::ImportHf { dir, out, dtype } => {

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::proposer::{CacheOrFallback, Plain, TreeDrafter};
+use gpt_serve::decode::proposer::{CacheOrFallback, Drafters, Plain, TreeDrafter};
 use gpt_serve::decode::{GenParams, Generator, SuffixCache, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::CpuGpt;
+use gpt_serve::model::draft_head::DraftHead;
 use gpt_serve::sampling::SamplingParams;
 use gpt_serve::serving::engine::{Backend, Engine, EngineConfig, Event, Job, EVENT_BUFFER};
 use gpt_serve::serving::metrics::Metrics;
@@ -74,9 +75,14 @@ fn engine_with(
     let dtype = loaded.serving_dtype();
     let vocab = loaded.config.model.vocab_size;
     let drafter = Drafter::load(&dir.join("drafter.json"), vocab).unwrap();
+    // As served: the draft head drafts sampled requests, the trees greedy ones.
+    let drafters = Drafters {
+        tree: Some(drafter),
+        head: DraftHead::load(&dir, &loaded.weights).unwrap(),
+    };
     let engine = Engine::spawn(
         loaded,
-        Some(drafter),
+        drafters,
         EngineConfig {
             max_active,
             max_batch_rows,

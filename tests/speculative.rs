@@ -10,10 +10,11 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::proposer::{Plain, TreeDrafter};
+use gpt_serve::decode::proposer::{HeadDrafter, Plain, TreeDrafter};
 use gpt_serve::decode::{GenParams, Generator, Proposer, SpecStats, TokenOut};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::{CpuGpt, WeightDtype};
+use gpt_serve::model::draft_head::DraftHead;
 use gpt_serve::sampling::SamplingParams;
 
 /// Positions whose top-2 logit gap is below this could flip between a k-row
@@ -30,6 +31,7 @@ const BITWISE: &str = "the CPU path is bitwise: no divergence is excused, near a
 struct Fixture {
     model: CpuGpt,
     drafter: Drafter,
+    head: Option<DraftHead>,
     eot: u32,
     prompts: Vec<Vec<u32>>,
 }
@@ -50,6 +52,7 @@ fn fixture(n_prompts: usize) -> Option<Fixture> {
     let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
     let model = loaded.cpu(WeightDtype::F32).unwrap();
     let drafter = Drafter::load(&dir.join("drafter.json"), model.cfg.vocab_size).unwrap();
+    let head = DraftHead::load(&dir, &loaded.weights).unwrap();
     let val = root().join("../shared/data/gutenberg/val.txt.gz");
     let (text, n_prompts) = if val.exists() {
         let text = gpt_serve::train::data::read_text(&val).unwrap();
@@ -67,6 +70,7 @@ fn fixture(n_prompts: usize) -> Option<Fixture> {
     Some(Fixture {
         model,
         drafter,
+        head,
         eot: loaded.tokenizer.eot(),
         prompts,
     })
@@ -238,6 +242,39 @@ fn seeded_sampling_gives_the_same_tokens_speculatively() {
         assert!(accepted > 0, "no sampled draft was ever accepted");
     }
     assert_cascade_gives_plain_output(&f, params);
+}
+
+#[test]
+fn the_draft_head_gives_plain_output_greedy_and_sampled_with_penalties() {
+    let Some(f) = fixture(200) else { return };
+    let Some(head) = &f.head else {
+        panic!("models/default has no draft head (gpt-serve train-head writes it)");
+    };
+    let costs = f.drafter.verify_costs();
+    let make =
+        || -> Box<dyn Proposer + '_> { Box::new(HeadDrafter::new(head, costs.clone(), tree(&f))) };
+    let settings = [(0.0, 1.0, 0.0), (0.8, 0.95, 0.3), (1.0, 1.0, 0.0)];
+    for (temperature, top_p, penalty) in settings {
+        let params = GenParams {
+            max_tokens: 24,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                seed: 11,
+                presence_penalty: penalty,
+                frequency_penalty: penalty,
+            },
+            stop_at_eot: false,
+            ..Default::default()
+        };
+        let (diverged, ties, accepted) = compare_with(&f, params, &make);
+        eprintln!("draft head, t={temperature}: {} prompts, {diverged} diverged, {ties} near ties, {accepted} accepted", f.prompts.len());
+        assert_eq!((diverged, ties), (0, 0), "{BITWISE}");
+        assert!(
+            accepted > 0,
+            "no draft was ever accepted at t={temperature}"
+        );
+    }
 }
 
 #[test]

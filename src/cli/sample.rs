@@ -44,9 +44,14 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let kv = KvDtype::parse(&a.kv_cache).map_err(anyhow::Error::msg)?;
     let gpt = loaded.cpu(dtype)?.with_kv_cache(kv);
-    let drafter =
-        crate::drafter::Drafter::load(&model.join(checkpoint::DRAFTER_FILE), gpt.cfg.vocab_size)
-            .ok();
+    let drafters = proposer::Drafters {
+        tree: crate::drafter::Drafter::load(
+            &model.join(checkpoint::DRAFTER_FILE),
+            gpt.cfg.vocab_size,
+        )
+        .ok(),
+        head: crate::model::draft_head::DraftHead::load(model, &loaded.weights)?,
+    };
     let tok = &loaded.tokenizer;
     let mut ids = tok.encode(prompt)?;
     if ids.is_empty() {
@@ -63,7 +68,22 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         speculate: !no_speculate,
         ..Default::default()
     };
-    let proposer = proposer::tree_or_plain(drafter.as_ref(), None);
+    // Sized by the tree drafter's stored cost curve (the server measures its own).
+    let costs = drafters.tree.as_ref().map_or_else(
+        || {
+            let guess = |k: usize| 1.0 + crate::drafter::GUESSED_COST_PER_DRAFT * k as f64;
+            (0..=proposer::HEAD_K_MAX).map(guess).collect()
+        },
+        |d| d.verify_costs(),
+    );
+    let proposer: Box<dyn proposer::Proposer> = match &drafters.head {
+        Some(h) => Box::new(proposer::HeadDrafter::new(
+            h,
+            costs,
+            proposer::tree_or_plain(drafters.tree.as_ref(), None),
+        )),
+        None => proposer::tree_or_plain(drafters.tree.as_ref(), None),
+    };
     let (mut g, _) =
         Generator::new(&gpt, proposer, &ids, params, tok.eot(), None).context("prompt")?;
     let t0 = std::time::Instant::now();

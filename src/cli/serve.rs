@@ -9,8 +9,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::decode::proposer::Drafters;
 use crate::decode::SuffixCache;
 use crate::model::cpu::KvDtype;
+use crate::model::draft_head::DraftHead;
 use crate::{checkpoint, serving::engine, serving::metrics, serving::server};
 
 #[derive(clap::Args)]
@@ -112,6 +114,10 @@ pub struct ServeArgs {
     /// Serve without the drafter (plain decoding only).
     #[arg(long, env = "GPT_SERVE_NO_SPECULATE")]
     no_speculate: bool,
+    /// Leave the checkpoint's draft head (draft-head.json) unused: sampled
+    /// requests then draft with the tree drafter.
+    #[arg(long, env = "GPT_SERVE_NO_DRAFT_HEAD")]
+    no_draft_head: bool,
     /// Seconds in-flight requests get to finish after SIGTERM; those still
     /// running then are cut (a stream gets an error event) and the exit
     /// status is 1.
@@ -140,7 +146,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let opts = server_options(&a)?;
     let loaded = checkpoint::load(&a.model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
-    let drafter = drafter(&a, loaded.config.model.vocab_size);
+    let drafters = drafters(&a, &loaded);
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         a.model
             .canonicalize()
@@ -150,20 +156,28 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     });
     let engine_config = engine_config(&a, &loaded)?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let state = server::build(loaded, drafter, engine_config, &model_id, metrics, opts)?;
+    let state = server::build(loaded, drafters, engine_config, &model_id, metrics, opts)?;
     serve_until_shutdown(&a, &model_id, state)
 }
 
-/// The checkpoint's drafter, unless `--no-speculate`; one that cannot be
-/// loaded is a warning, and serving goes on with plain decoding.
-fn drafter(a: &ServeArgs, vocab_size: usize) -> Option<crate::drafter::Drafter> {
+/// The checkpoint's drafter and draft head, unless `--no-speculate`; one
+/// that cannot be loaded is a warning, and serving goes on without it.
+fn drafters(a: &ServeArgs, loaded: &checkpoint::Loaded) -> Drafters {
     if a.no_speculate {
-        return None;
+        return Drafters::default();
     }
     let path = a.model.join(checkpoint::DRAFTER_FILE);
-    crate::drafter::Drafter::load(&path, vocab_size)
+    let tree = crate::drafter::Drafter::load(&path, loaded.config.model.vocab_size)
         .inspect_err(|e| eprintln!("warning: {e}; serving without a drafter (plain decoding)"))
-        .ok()
+        .ok();
+    let head = match a.no_draft_head {
+        true => None,
+        false => DraftHead::load(&a.model, &loaded.weights)
+            .inspect_err(|e| eprintln!("warning: {e}; serving without the draft head"))
+            .ok()
+            .flatten(),
+    };
+    Drafters { tree, head }
 }
 
 /// The engine's settings; on the CPU, refuses to start when the KV caches

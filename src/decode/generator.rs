@@ -352,6 +352,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             first: out[0].id,
             shadow,
             logits: &logits[*path.last().expect("the root")],
+            features: logits.features(*path.last().expect("the root")),
         });
         // The walked rows' slots move to the committed positions; the cache
         // then holds every committed token but the pending one.

@@ -11,16 +11,40 @@ use crate::model::config::Config;
 use crate::model::gpt::{Gpt, Stream};
 use crate::model::kv_cache::KvCache;
 
-/// Logits of several rows, row-major (one allocation for all rows).
+/// Logits of several rows, row-major (one allocation for all rows), and,
+/// from the CPU backend, the final LayerNorm's output of the same rows
+/// (what the draft head reads, `model::draft_head`).
 pub struct Logits {
     data: Vec<f32>,
     vocab: usize,
+    features: Vec<f32>,
 }
 
 impl Logits {
     pub fn new(data: Vec<f32>, vocab: usize) -> Self {
         debug_assert_eq!(data.len() % vocab.max(1), 0);
-        Self { data, vocab }
+        Self {
+            data,
+            vocab,
+            features: vec![],
+        }
+    }
+
+    /// With the rows' final features (`width` values a row).
+    pub fn with_features(mut self, features: Vec<f32>) -> Self {
+        debug_assert!(self.is_empty() || features.len().is_multiple_of(self.len()));
+        self.features = features;
+        self
+    }
+
+    /// Row `i`'s final features; empty when the backend gave none.
+    pub fn features(&self, i: usize) -> &[f32] {
+        let rows = self.len();
+        if self.features.is_empty() || i >= rows {
+            return &[];
+        }
+        let w = self.features.len() / rows;
+        &self.features[i * w..(i + 1) * w]
     }
 
     pub fn len(&self) -> usize {

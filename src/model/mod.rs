@@ -5,6 +5,7 @@
 pub mod config;
 pub mod cpu;
 pub mod device;
+pub mod draft_head;
 pub mod forward;
 pub mod gemm;
 pub mod gpt;

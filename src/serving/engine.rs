@@ -26,10 +26,10 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
+use crate::decode::proposer::Drafters;
 use crate::decode::{
     proposer, Finish, GenParams, Generator, Rows, SpecStats, SuffixCache, TokenOut,
 };
-use crate::drafter::Drafter;
 use crate::model::cpu::WeightDtype;
 use crate::model::forward::{Forward, Segment};
 use crate::serving::metrics::Metrics;
@@ -197,10 +197,11 @@ impl Engine {
     /// `ready` when it can take work.
     pub fn spawn(
         loaded: Loaded,
-        drafter: Option<Drafter>,
+        drafters: impl Into<Drafters>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Engine> {
+        let drafters: Drafters = drafters.into();
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Engine {
             tx,
@@ -219,7 +220,7 @@ impl Engine {
                 // failed, as does a model that cannot be built.
                 let body = std::panic::AssertUnwindSafe(|| {
                     let eot = loaded.tokenizer.eot();
-                    let d = drafter.as_ref();
+                    let d = &drafters;
                     match &config.backend {
                         Backend::Cpu(dt) => loaded.cpu(*dt).map(|m| {
                             let m = m.with_kv_cache(config.kv_cache);
@@ -336,7 +337,7 @@ impl<M: Forward> Active<'_, M> {
 
 fn admit<'m, M: Forward>(
     model: &'m M,
-    drafter: Option<&'m Drafter>,
+    drafters: &'m Drafters,
     (job, queued): (Job, Instant),
     cfg: &EngineConfig,
     eot: u32,
@@ -345,8 +346,8 @@ fn admit<'m, M: Forward>(
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
-    let costs = budget.verify_costs(drafter.map_or(0, |d| d.k_max));
-    let proposer = proposer::serving(drafter, costs, cfg.suffix_cache.as_ref());
+    let costs = budget.verify_costs(drafters.k_max());
+    let proposer = proposer::serving(drafters, costs, cfg.suffix_cache.as_ref());
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
     let echo = echo_logprobs(&job.request, job.choice);
@@ -427,7 +428,7 @@ impl Drop for FailOnPanic<'_> {
 #[allow(clippy::too_many_arguments)]
 fn run<M: Forward>(
     model: &M,
-    drafter: Option<&Drafter>,
+    drafters: &Drafters,
     rx: mpsc::UnboundedReceiver<(Job, Instant)>,
     cfg: &EngineConfig,
     metrics: &Metrics,
@@ -467,7 +468,7 @@ fn run<M: Forward>(
                 break;
             };
             waiting.fetch_sub(1, Ordering::SeqCst);
-            active.extend(admit(model, drafter, job, cfg, eot, metrics, &budget));
+            active.extend(admit(model, drafters, job, cfg, eot, metrics, &budget));
         }
         match cfg.fault {
             Some(Fault::PanicAtIteration(t)) if t == turn => {

@@ -16,6 +16,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod head;
 pub mod label;
 pub mod losses;
 pub mod optim;

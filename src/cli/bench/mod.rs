@@ -77,7 +77,7 @@ pub struct BenchOptions {
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Only these speculative modes (comma-separated; plain always runs):
-    /// tree, tree-chain, tree-before, tree+exits, exit-draft,
+    /// tree, head, tree-chain, tree-before, tree+exits, exit-draft,
     /// tree+exit-draft, prompt-lookup, oracle.
     #[arg(long, value_delimiter = ',')]
     pub modes: Option<Vec<String>>,
@@ -197,13 +197,19 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         };
         eprintln!("bench: verify cost of k = 0.. drafts: {costs:.2?}");
         result["verify_costs"] = json!(costs);
+        let head = crate::model::draft_head::DraftHead::load(&o.model, &loaded.weights)?;
+        let d = speculative::Drafting {
+            drafter: &drafter,
+            head: head.as_ref(),
+            costs: &costs,
+        };
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);
         let mut suites = Vec::new();
         for (source, path) in [("val", &o.val), ("unseen", &o.unseen)] {
             let prompts = prompts_from(path, tok, o.prompts, o.prompt_len)?;
             for &temp in &o.temperatures {
-                let suite = speculative_suite(&model, &drafter, &costs, &prompts, n, temp, o)?;
+                let suite = speculative_suite(&model, d, &prompts, n, temp, o)?;
                 eprintln!("bench: {source} t={temp} done");
                 suites.push(json!({"source": source, "temperature": (temp as f64 * 100.0).round() / 100.0, "top_p": if temp > 0.0 { o.top_p } else { 1.0 }, "prompts": prompts.len(), "new_tokens": n, "distinct4": suite.0, "non_repeating_share": suite.1, "modes": suite.2}));
             }

@@ -9,11 +9,12 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::BenchOptions;
-use crate::decode::proposer::{Lookup, Oracle, Plain, TreeDrafter};
+use crate::decode::proposer::{HeadDrafter, Lookup, Oracle, Plain, TreeDrafter};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
 use crate::drafter::Drafter;
 use crate::model::config::Config;
 use crate::model::cpu::CpuGpt;
+use crate::model::draft_head::DraftHead;
 use crate::sampling::SamplingParams;
 
 /// A speculative mode of the bench.
@@ -49,8 +50,9 @@ const fn mode(
 /// with the sampler's keyed noise), as a chain, and as it drafted
 /// before both ("tree-before": a chain of its most likely tokens); with
 /// the exits; and the baselines.
-const MODES: [Mode; 8] = [
+const MODES: [Mode; 9] = [
     mode("tree", false, false, true, true),
+    mode("head", false, false, true, true),
     mode("tree-chain", false, false, false, true),
     mode("tree-before", false, false, false, false),
     mode("tree+exits", true, false, false, true),
@@ -237,13 +239,21 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
     })
 }
 
+/// What the bench drafts with: the tree drafter, the draft head if the
+/// checkpoint has one, and the verify costs that size their drafts.
+#[derive(Clone, Copy)]
+pub(super) struct Drafting<'a> {
+    pub drafter: &'a Drafter,
+    pub head: Option<&'a DraftHead>,
+    pub costs: &'a [f64],
+}
+
 /// Plain decoding and every selected speculative mode on `prompts` at
-/// temperature `temp`, the tree drafter sized by the verify costs `costs`: (distinct 4-grams of the plain output, share of
+/// temperature `temp`: (distinct 4-grams of the plain output, share of
 /// tokens on non-repeating stretches, one summary row per mode).
 pub(super) fn speculative_suite(
     model: &CpuGpt,
-    drafter: &Drafter,
-    costs: &[f64],
+    d: Drafting<'_>,
     prompts: &[Vec<u32>],
     n: usize,
     temp: f32,
@@ -266,9 +276,11 @@ pub(super) fn speculative_suite(
     for m in &MODES {
         let name = m.name;
         let wanted = o.modes.as_ref().is_none_or(|w| w.iter().any(|x| x == name));
-        if !wanted || (m.self_draft && exit_draft.is_none()) {
+        let missing_head = name == "head" && d.head.is_none();
+        if !wanted || (m.self_draft && exit_draft.is_none()) || missing_head {
             continue;
         }
+        let (drafter, costs) = (d.drafter, d.costs);
         let prop = |i: usize| -> Box<dyn Proposer> {
             match name {
                 "prompt-lookup" => Box::new(Lookup::new(drafter.k_max)),
@@ -277,6 +289,11 @@ pub(super) fn speculative_suite(
                     k: drafter.k_max,
                 }),
                 "exit-draft" => Box::new(Plain),
+                "head" => {
+                    let tree = Box::new(TreeDrafter::with_costs(drafter, costs.to_vec()));
+                    let head = d.head.expect("skipped without a head");
+                    Box::new(HeadDrafter::new(head, costs.to_vec(), tree))
+                }
                 _ => Box::new(TreeDrafter::with_costs(drafter, costs.to_vec())),
             }
         };

@@ -13,6 +13,7 @@
 //! To add a drafter: a new file here with a struct that implements
 //! [`Proposer`], and its `pub mod` line below (docs/design.md, "Recipe: add a drafter").
 
+pub mod head;
 pub mod lookup;
 pub mod oracle;
 pub mod plain;
@@ -23,8 +24,10 @@ use std::sync::Arc;
 
 use crate::decode::suffix_cache::SuffixCache;
 use crate::drafter::{DraftRule, Drafter};
+use crate::model::draft_head::DraftHead;
 use crate::model::forward::Tree;
 
+pub use head::HeadDrafter;
 pub use lookup::Lookup;
 pub use oracle::Oracle;
 pub use plain::Plain;
@@ -46,15 +49,50 @@ pub fn tree_or_plain(
     }
 }
 
-/// What the server decodes with: [`tree_or_plain`] sized by the engine's
+/// What a server drafts with: the checkpoint's tree drafter and its draft
+/// head, either of which may be absent.
+#[derive(Default)]
+pub struct Drafters {
+    pub tree: Option<Drafter>,
+    pub head: Option<DraftHead>,
+}
+
+impl From<Option<Drafter>> for Drafters {
+    fn from(tree: Option<Drafter>) -> Self {
+        Drafters { tree, head: None }
+    }
+}
+
+impl Drafters {
+    /// The longest draft either drafts (the tree drafter's `k_max`, else
+    /// [`HEAD_K_MAX`]); 0 without drafters.
+    pub fn k_max(&self) -> usize {
+        match (&self.tree, &self.head) {
+            (Some(d), _) => d.k_max,
+            (None, Some(_)) => HEAD_K_MAX,
+            (None, None) => 0,
+        }
+    }
+}
+
+/// The longest chain the draft head drafts when there is no tree drafter
+/// to set it: as long as the shipped drafter's `k_max`.
+pub const HEAD_K_MAX: usize = 8;
+
+/// What the server decodes with: the draft head when sampling (wrapping
+/// [`tree_or_plain`] for greedy requests), both sized by the engine's
 /// measured `verify_costs`, behind the shared continuation cache when
 /// there is one with a budget.
 pub fn serving<'m>(
-    drafter: Option<&'m Drafter>,
+    drafters: &'m Drafters,
     verify_costs: Vec<f64>,
     cache: Option<&Arc<SuffixCache>>,
 ) -> Box<dyn Proposer + 'm> {
-    let base = tree_or_plain(drafter, Some(verify_costs));
+    let base = tree_or_plain(drafters.tree.as_ref(), Some(verify_costs.clone()));
+    let base: Box<dyn Proposer + 'm> = match &drafters.head {
+        Some(h) => Box::new(HeadDrafter::new(h, verify_costs, base)),
+        None => base,
+    };
     match cache {
         Some(c) if c.budget() > 0 => Box::new(CacheOrFallback::new(c.clone(), base)),
         _ => base,
@@ -136,6 +174,22 @@ impl Drafts {
     }
 }
 
+/// The chain length with the most expected tokens per unit of verify
+/// cost: with per-draft acceptance `a`, k drafts yield (1 - a^(k+1)) / (1 - a)
+/// tokens for cost `costs[k]` (k = 0.. drafts, relative to a plain step);
+/// 0 means a plain step.
+pub fn best_chain_len(a: f64, costs: &[f64]) -> usize {
+    let a = a.clamp(0.01, 0.99);
+    let mut best = (0, 0.0f64);
+    for (k, c) in costs.iter().enumerate() {
+        let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / c.max(1e-9);
+        if gain > best.1 {
+            best = (k, gain);
+        }
+    }
+    best.0
+}
+
 /// The expected tokens each draft adds: its probability given its parent
 /// times its parent's (draft i sits at row i + 1 of `tree`; the pending
 /// row's gain is 1).
@@ -162,6 +216,9 @@ pub struct Verdict<'a> {
     /// The final head's logits at the last row walked: the model's view
     /// where the next step's drafts start.
     pub logits: &'a [f32],
+    /// The final LayerNorm's output at that row (empty when the backend
+    /// gives none): what the draft head drafts from.
+    pub features: &'a [f32],
 }
 
 /// The per-draft acceptance rate assumed before a sequence has verified any

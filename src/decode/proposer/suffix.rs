@@ -175,6 +175,7 @@ mod tests {
                 first: 0,
                 shadow: None,
                 logits: &[],
+                features: &[],
             });
         }
         panic!("still drafting after 50 rejected steps");

@@ -6,7 +6,7 @@
 //! children's calibrated chances and the cost curve instead.
 
 use super::plain::verified;
-use super::{AcceptRate, DraftRequest, Drafts, Proposer, Verdict};
+use super::{best_chain_len, AcceptRate, DraftRequest, Drafts, Proposer, Verdict};
 use crate::drafter::features::Verified;
 use crate::drafter::{DraftRule, Drafter, SampleKey, Sizing, TreeDraft};
 use crate::model::forward::Tree;
@@ -68,18 +68,9 @@ impl<'m> TreeDrafter<'m> {
     }
 
     /// The draft length with the most expected tokens per unit of verify
-    /// cost: with per-draft acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a)
-    /// tokens for cost c(k) (measured at training); 0 means a plain step.
+    /// cost at the sequence's acceptance rate ([`best_chain_len`]).
     fn best_k(&self) -> usize {
-        let a = self.accept.get().clamp(0.01, 0.99);
-        let mut best = (0, 0.0f64);
-        for (k, c) in self.verify_costs.iter().enumerate() {
-            let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / c.max(1e-9);
-            if gain > best.1 {
-                best = (k, gain);
-            }
-        }
-        best.0
+        best_chain_len(self.accept.get(), &self.verify_costs)
     }
 }
 

@@ -69,10 +69,6 @@ impl Forward for CpuGpt {
             .unwrap_or(0)
     }
     fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Logits>> {
-        let vocab = self.cfg.vocab_size;
-        Ok(CpuGpt::forward_batch(self, segs)?
-            .into_iter()
-            .map(|l| Logits::new(l, vocab))
-            .collect())
+        CpuGpt::forward_batch(self, segs)
     }
 }

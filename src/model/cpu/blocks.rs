@@ -9,7 +9,7 @@ use candle_core::{bail, Result};
 
 use super::cache::KvBuf;
 use super::{CpuCache, CpuGpt, CpuStream};
-use crate::model::forward::{Segment, Tree};
+use crate::model::forward::{Logits, Segment, Tree};
 use crate::model::kernels::{self, KeyRows};
 
 /// A segment's layer as attention reads it: keys, values, position of
@@ -57,7 +57,7 @@ impl CpuGpt {
     /// A row's result does not depend on the other rows in the batch (the
     /// kernels sum every row in the same order whatever the row count), so
     /// a sequence decoded in a batch gets bitwise what it gets alone.
-    pub fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward_batch(&self, segs: &mut [Segment<'_, CpuCache>]) -> Result<Vec<Logits>> {
         let c = self.cfg.n_embd;
         let wanted: Vec<Range<usize>> = segs.iter().map(|sg| sg.logits.clone()).collect();
         let mut x = Vec::new();
@@ -106,14 +106,15 @@ impl CpuGpt {
         let m = h.len() / c;
         let e = self.exits.last().expect("at least one exit");
         let head = e.head.as_ref().unwrap_or(&self.wte_head);
-        let all = head.forward(&e.ln.forward(&h), m);
+        let f = e.ln.forward(&h);
+        let all = head.forward(&f, m);
         let v = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
         for want in &wanted {
-            let len = want.len() * v;
-            out.push(all[at..at + len].to_vec());
-            at += len;
+            let (logits, feats) = (at * v..(at + want.len()) * v, at * c..(at + want.len()) * c);
+            out.push(Logits::new(all[logits].to_vec(), v).with_features(f[feats].to_vec()));
+            at += want.len();
         }
         Ok(out)
     }

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::checkpoint::Loaded;
-use crate::drafter::Drafter;
+use crate::decode::proposer::Drafters;
 use crate::serving::engine::{Engine, EngineConfig, Job, EVENT_BUFFER};
 use crate::serving::metrics::Metrics;
 use crate::serving::openai::*;
@@ -140,7 +140,7 @@ pub struct AppState(pub Arc<Inner>);
 /// what `gpt-serve serve` and the tests both run.
 pub fn build(
     loaded: Loaded,
-    drafter: Option<Drafter>,
+    drafters: impl Into<Drafters>,
     engine: EngineConfig,
     model_id: &str,
     metrics: Arc<Metrics>,
@@ -154,7 +154,7 @@ pub fn build(
     }
     let cfg = loaded.config.model.clone();
     let tokenizer = Arc::new(loaded.tokenizer.clone());
-    let engine = Engine::spawn(loaded, drafter, engine, metrics.clone())?;
+    let engine = Engine::spawn(loaded, drafters, engine, metrics.clone())?;
     let limits = Limits::new(
         model_id,
         &tokenizer,

@@ -1,0 +1,284 @@
+//! The draft head: a small network on the model's own hidden state that
+//! guesses the final LayerNorm's output one position ahead (EAGLE-style
+//! feature drafting, arXiv 2401.15077, without its attention layer):
+//!
+//! `f' = f + W2 gelu(W1 [f; wte[x]] + b1) + b2`, logits `wte f'`,
+//!
+//! where `f` is the final LayerNorm's output at the last position the
+//! model verified and `x` the token committed after it. Chained, it drafts
+//! several tokens from one verified position. Trained by `gpt-serve
+//! train-head` on the train split to match the model's own next
+//! distribution (`train::head`); stored beside the checkpoint as
+//! [`HEAD_FILE`] with its description in [`HEAD_CONFIG_FILE`].
+//!
+//! Its matrices (and its copy of the tied output projection) are served as
+//! Q8_0 whatever the model's weights: a draft is only a guess, and at one
+//! row reading the weights is the cost.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::params;
+use crate::model::quant::{QMatrix, QuantKind};
+
+pub const HEAD_FILE: &str = "draft-head.safetensors";
+pub const HEAD_CONFIG_FILE: &str = "draft-head.json";
+pub const FORMAT_VERSION: u32 = 1;
+/// The tensors of [`HEAD_FILE`].
+pub const W1: &str = "w1.weight";
+pub const B1: &str = "w1.bias";
+pub const W2: &str = "w2.weight";
+pub const B2: &str = "w2.bias";
+
+/// [`HEAD_CONFIG_FILE`]: what the head is and how it was trained.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct HeadConfig {
+    pub format_version: u32,
+    /// The model width it reads (`n_embd`).
+    pub n_embd: usize,
+    /// Width of its hidden layer.
+    pub hidden: usize,
+    /// Training figures (`train::head::Report`).
+    #[serde(default)]
+    pub report: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("{path}: {msg}")]
+    Bad { path: PathBuf, msg: String },
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> HeadError {
+    HeadError::Bad {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// The loaded head, ready to draft on the CPU.
+pub struct DraftHead {
+    w1: QMatrix,
+    w2: QMatrix,
+    lm_head: QMatrix,
+    /// The token embeddings (vocab, n_embd), f32.
+    wte: Vec<f32>,
+    n_embd: usize,
+    hidden: usize,
+    vocab: usize,
+}
+
+impl DraftHead {
+    /// The head beside checkpoint `dir`, if it has one; `model` holds the
+    /// checkpoint's weights (the head reads its token embeddings). A head
+    /// for another width, or a corrupt file, is an error naming the file.
+    pub fn load(dir: &Path, model: &HashMap<String, Tensor>) -> Result<Option<Self>, HeadError> {
+        let cfg_path = dir.join(HEAD_CONFIG_FILE);
+        if !cfg_path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(&cfg_path, e.to_string()))?;
+        let cfg: HeadConfig =
+            serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e.to_string()))?;
+        if cfg.format_version != FORMAT_VERSION {
+            let msg = format!(
+                "format_version {} (this build reads {FORMAT_VERSION})",
+                cfg.format_version
+            );
+            return Err(bad(&cfg_path, msg));
+        }
+        let path = dir.join(HEAD_FILE);
+        let t = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| bad(&path, e.to_string()))?;
+        let wte = model
+            .get(params::WTE)
+            .ok_or_else(|| bad(&path, format!("the checkpoint has no {}", params::WTE)))?;
+        Self::from_tensors(&cfg, &t, wte)
+            .map_err(|msg| bad(&path, msg))
+            .map(Some)
+    }
+
+    /// From the head's tensors and the model's token embeddings.
+    pub fn from_tensors(
+        cfg: &HeadConfig,
+        t: &HashMap<String, Tensor>,
+        wte: &Tensor,
+    ) -> Result<Self, String> {
+        let (c, h) = (cfg.n_embd, cfg.hidden);
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+            let x = t
+                .get(name)
+                .ok_or_else(|| format!("tensor {name} is missing"))?;
+            if x.dims() != shape {
+                return Err(format!(
+                    "tensor {name} has shape {:?}, expected {shape:?}",
+                    x.dims()
+                ));
+            }
+            let v = x
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|x| x.flatten_all()?.to_vec1());
+            v.map_err(|e| format!("tensor {name}: {e}"))
+        };
+        let (vocab, wc) = wte.dims2().map_err(|e| e.to_string())?;
+        if wc != c {
+            return Err(format!("head reads width {c}, the model's is {wc}"));
+        }
+        let q = |name: &str, w: &[f32], shape, b| {
+            QMatrix::from_out_in(name, QuantKind::Q8_0, w, shape, Some(b))
+                .map_err(|e| e.to_string())
+        };
+        let wte = get_f32(wte)?;
+        Ok(DraftHead {
+            w1: q(W1, &get(W1, &[h, 2 * c])?, (h, 2 * c), get(B1, &[h])?)?,
+            w2: q(W2, &get(W2, &[c, h])?, (c, h), get(B2, &[c])?)?,
+            lm_head: q(params::WTE, &wte, (vocab, c), vec![0.0; vocab])?,
+            wte,
+            n_embd: c,
+            hidden: h,
+            vocab,
+        })
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The guessed features one position after `f`, where `token` was
+    /// committed; `None` for a token outside the vocabulary.
+    pub fn next_features(&self, f: &[f32], token: u32) -> Option<Vec<f32>> {
+        let c = self.n_embd;
+        let e = self.wte.get(token as usize * c..(token as usize + 1) * c)?;
+        let mut u = Vec::with_capacity(2 * c);
+        u.extend_from_slice(f);
+        u.extend_from_slice(e);
+        let mut z = vec![0f32; self.hidden];
+        self.w1.forward(&u, 1, &mut z);
+        z.iter_mut().for_each(|v| *v = gelu(*v));
+        let mut out = vec![0f32; c];
+        self.w2.forward(&z, 1, &mut out);
+        out.iter_mut().zip(f).for_each(|(o, f)| *o += f);
+        Some(out)
+    }
+
+    /// The tied output projection's logits for features `f`.
+    pub fn logits(&self, f: &[f32], out: &mut [f32]) {
+        self.lm_head.forward(f, 1, out);
+    }
+}
+
+fn get_f32(t: &Tensor) -> Result<Vec<f32>, String> {
+    t.to_dtype(candle_core::DType::F32)
+        .and_then(|x| x.flatten_all()?.to_vec1())
+        .map_err(|e| e.to_string())
+}
+
+/// GELU, tanh approximation (as candle's `gelu`, which training uses).
+fn gelu(x: f32) -> f32 {
+    const S: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (S * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// A random head of width `c` over `vocab` tokens: its config, tensors
+/// and the token embeddings it reads.
+#[cfg(test)]
+pub(crate) fn random_parts(
+    c: usize,
+    hidden: usize,
+    vocab: usize,
+) -> (HeadConfig, HashMap<String, Tensor>, Tensor) {
+    let dev = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 0.1, shape, &dev).unwrap();
+    let cfg = HeadConfig {
+        format_version: FORMAT_VERSION,
+        n_embd: c,
+        hidden,
+        report: serde_json::Value::Null,
+    };
+    let t = [
+        (W1, r(&[hidden, 2 * c])),
+        (B1, r(&[hidden])),
+        (W2, r(&[c, hidden])),
+        (B2, r(&[c])),
+    ];
+    let t = t.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    (cfg, t, r(&[vocab, c]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_parts as random;
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_without_a_head_config_has_no_head() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(DraftHead::load(dir.path(), &HashMap::new())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_head_for_another_width_or_missing_a_tensor_is_refused_by_name() {
+        let (cfg, mut t, wte) = random(32, 32, 40);
+        let narrow = Tensor::zeros((40, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = DraftHead::from_tensors(&cfg, &t, &narrow).err().unwrap();
+        assert!(e.contains("width 32") && e.contains("64"), "{e}");
+        t.remove(W2);
+        let e = DraftHead::from_tensors(&cfg, &t, &wte).err().unwrap();
+        assert!(e.contains(W2), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_head_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, _, wte) = random(32, 32, 40);
+        std::fs::write(
+            dir.path().join(HEAD_CONFIG_FILE),
+            serde_json::to_string(&cfg).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(HEAD_FILE), b"not safetensors").unwrap();
+        let model = HashMap::from([(params::WTE.to_string(), wte)]);
+        let e = DraftHead::load(dir.path(), &model)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(HEAD_FILE), "{e}");
+    }
+
+    #[test]
+    fn the_next_features_are_the_residual_mlp_of_features_and_embedding() {
+        let (cfg, t, wte) = random(32, 32, 40);
+        let head = DraftHead::from_tensors(&cfg, &t, &wte).unwrap();
+        let f: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+        let got = head.next_features(&f, 7).unwrap();
+        // The same in f32 from the tensors (the head stores Q8_0: close, not equal).
+        let v = |n: &str| t[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (w1, b1, w2, b2) = (v(W1), v(B1), v(W2), v(B2));
+        let e = &wte.flatten_all().unwrap().to_vec1::<f32>().unwrap()[7 * 32..8 * 32];
+        let u: Vec<f32> = f.iter().chain(e).copied().collect();
+        let z: Vec<f32> = (0..32)
+            .map(|o| gelu(b1[o] + (0..64).map(|i| w1[o * 64 + i] * u[i]).sum::<f32>()))
+            .collect();
+        for o in 0..32 {
+            let want = f[o] + b2[o] + (0..32).map(|i| w2[o * 32 + i] * z[i]).sum::<f32>();
+            assert!(
+                (got[o] - want).abs() < 0.02,
+                "output {o}: {} vs {want}",
+                got[o]
+            );
+        }
+        assert!(
+            head.next_features(&f, 40).is_none(),
+            "a token outside the vocabulary"
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! `gpt-serve train-head`: trains the draft head (`model::draft_head`) of
+//! a checkpoint on the train split. The model's final features are
+//! computed once for `--seqs` random windows; the head then learns, from
+//! the features at position t and the token at t + 1, the model's own
+//! distribution at t + 1 (cross-entropy against the tied head's softmax:
+//! distillation, so it learns the model, not the text). The report gives
+//! how often the head's Gumbel draw equals the model's on val windows.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+
+use crate::checkpoint;
+use crate::model::draft_head::{self, HeadConfig, B1, B2, W1, W2};
+use crate::model::gpt::Gpt;
+use crate::sampling::Noise;
+use crate::train::data::load_tokens;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainHeadArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// Text to train on (the train split only).
+    #[arg(long, default_value = "../shared/data/gutenberg/train.txt.gz")]
+    pub data: PathBuf,
+    /// Held-out text the report measures on.
+    #[arg(long, default_value = "../shared/data/gutenberg/val.txt.gz")]
+    pub val: PathBuf,
+    /// Training windows (each the model's block_size tokens).
+    #[arg(long, default_value_t = 2048)]
+    pub seqs: usize,
+    /// Optimizer steps (512 pairs each).
+    #[arg(long, default_value_t = 3000)]
+    pub steps: usize,
+    /// Width of the head's hidden layer.
+    #[arg(long, default_value_t = 768)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Where the tokenized text is cached between runs.
+    #[arg(long, default_value = "runs/cache")]
+    pub cache_dir: PathBuf,
+}
+
+const BATCH: usize = 512;
+const VAL_SEQS: usize = 64;
+
+/// The model's final features at every position of `n` random windows of
+/// `tokens` (seeded), and the windows' tokens.
+fn features(gpt: &Gpt, tokens: &[u32], n: usize, seed: u64) -> anyhow::Result<(Tensor, Vec<u32>)> {
+    let t = gpt.cfg.block_size.min(tokens.len().saturating_sub(1));
+    anyhow::ensure!(t >= 2, "{} tokens are too few to train on", tokens.len());
+    let mut rng = seed;
+    let (mut fs, mut toks) = (Vec::new(), Vec::with_capacity(n * t));
+    for chunk in 0..n.div_ceil(16) {
+        let b = 16.min(n - chunk * 16);
+        let mut idx = Vec::with_capacity(b * t);
+        for _ in 0..b {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = (rng >> 33) as usize % (tokens.len() - t);
+            idx.extend_from_slice(&tokens[off..off + t]);
+        }
+        let mut s = gpt.embed(&Tensor::from_vec(idx.clone(), (b, t), &Device::Cpu)?, 0)?;
+        gpt.run_blocks(&mut s, gpt.cfg.n_layer, None)?;
+        fs.push(gpt.exit_norm(gpt.cfg.exits.len() - 1, s.hidden())?);
+        toks.extend(idx);
+    }
+    Ok((Tensor::cat(&fs, 0)?, toks))
+}
+
+/// Training pairs: (features at t, embedding of token t + 1) -> features
+/// at t + 1, flattened over windows.
+struct Pairs {
+    from: Tensor,
+    emb: Tensor,
+    to: Tensor,
+}
+
+fn pairs(f: &Tensor, toks: &[u32], wte: &Tensor) -> anyhow::Result<Pairs> {
+    let (n, t, c) = f.dims3()?;
+    let rows = n * (t - 1);
+    let next: Vec<u32> = (0..n)
+        .flat_map(|i| toks[i * t + 1..(i + 1) * t].to_vec())
+        .collect();
+    Ok(Pairs {
+        from: f.narrow(1, 0, t - 1)?.reshape((rows, c))?,
+        emb: wte.embedding(&Tensor::from_vec(next, rows, &Device::Cpu)?)?,
+        to: f.narrow(1, 1, t - 1)?.reshape((rows, c))?,
+    })
+}
+
+struct Head {
+    w1: candle_nn::Linear,
+    w2: candle_nn::Linear,
+}
+
+impl Head {
+    fn forward(&self, f: &Tensor, e: &Tensor) -> candle_core::Result<Tensor> {
+        let z = self.w1.forward(&Tensor::cat(&[f, e], D::Minus1)?)?.gelu()?;
+        f + self.w2.forward(&z)?
+    }
+}
+
+/// Trains, measures and writes the head beside the checkpoint.
+pub fn run(a: &TrainHeadArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.seqs > 0 && a.steps > 0,
+        "--seqs and --steps must be positive"
+    );
+    anyhow::ensure!(
+        a.hidden.is_multiple_of(32) && a.hidden > 0,
+        "--hidden {} must be a positive multiple of 32",
+        a.hidden
+    );
+    let dev = Device::Cpu;
+    let ck = checkpoint::load(&a.model, &dev)?;
+    let cfg = &ck.config.model;
+    anyhow::ensure!(
+        cfg.n_embd.is_multiple_of(32),
+        "n_embd {} is not a multiple of 32 (the head is served as Q8_0)",
+        cfg.n_embd
+    );
+    let gpt = Gpt::new(
+        cfg,
+        VarBuilder::from_tensors(ck.weights.clone(), DType::F32, &dev),
+        true,
+    )?;
+    let wte = ck.weights[crate::model::params::WTE].to_dtype(DType::F32)?;
+    let train = load_tokens(
+        std::slice::from_ref(&a.data),
+        &ck.tokenizer,
+        Some(&a.cache_dir),
+    )?;
+    let val = load_tokens(
+        std::slice::from_ref(&a.val),
+        &ck.tokenizer,
+        Some(&a.cache_dir),
+    )?;
+    let t0 = std::time::Instant::now();
+    let (f, toks) = features(&gpt, &train, a.seqs, 1)?;
+    let tr = pairs(&f, &toks, &wte)?;
+    drop(f);
+    let (vf, vtoks) = features(&gpt, &val, VAL_SEQS, 2)?;
+    let va = pairs(&vf, &vtoks, &wte)?;
+    eprintln!(
+        "train-head: features of {} pairs in {:.0?}",
+        tr.from.dim(0)?,
+        t0.elapsed()
+    );
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let c = cfg.n_embd;
+    let head = Head {
+        w1: candle_nn::linear(2 * c, a.hidden, vb.pp("w1"))?,
+        w2: candle_nn::linear(a.hidden, c, vb.pp("w2"))?,
+    };
+    let loss = fit(&head, &vm, &tr, &wte, a)?;
+    let report = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "seqs": a.seqs, "steps": a.steps, "lr": a.lr,
+        "final_train_loss": loss,
+        "val_draw_match": measure(&head, &va, &wte)?,
+    });
+    eprintln!("train-head: {report}");
+    save(a, &vm, c, report)
+}
+
+/// Cross-entropy of the head's distribution against the model's, AdamW
+/// with a cosine decay; returns the mean loss of the last 100 steps.
+fn fit(
+    head: &Head,
+    vm: &VarMap,
+    tr: &Pairs,
+    wte: &Tensor,
+    a: &TrainHeadArgs,
+) -> anyhow::Result<f32> {
+    let params = candle_nn::ParamsAdamW {
+        lr: a.lr,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = candle_nn::AdamW::new(vm.all_vars(), params)?;
+    let (n, wt) = (tr.from.dim(0)?, wte.t()?);
+    anyhow::ensure!(
+        n > BATCH,
+        "{n} training pairs are fewer than a batch of {BATCH}"
+    );
+    let (mut rng, mut tail) = (7u64, Vec::new());
+    for step in 0..a.steps {
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / a.steps as f64).cos());
+        opt.set_learning_rate(a.lr * (0.1 + 0.9 * cos));
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (rng >> 33) as usize % (n - BATCH);
+        let (f, e, to) = (
+            tr.from.narrow(0, off, BATCH)?,
+            tr.emb.narrow(0, off, BATCH)?,
+            tr.to.narrow(0, off, BATCH)?,
+        );
+        let target = candle_nn::ops::softmax(&to.matmul(&wt)?, D::Minus1)?;
+        let logq = candle_nn::ops::log_softmax(&head.forward(&f, &e)?.matmul(&wt)?, D::Minus1)?;
+        let loss = (target * logq)?.sum(D::Minus1)?.mean_all()?.neg()?;
+        opt.backward_step(&loss)?;
+        if step + 100 >= a.steps {
+            tail.push(loss.to_scalar::<f32>()?);
+        }
+        if step % 250 == 0 {
+            eprintln!(
+                "train-head: step {step} loss {:.4}",
+                loss.to_scalar::<f32>()?
+            );
+        }
+    }
+    Ok(tail.iter().sum::<f32>() / tail.len().max(1) as f32)
+}
+
+/// How often the head's draw equals the model's at temperatures 0 (the
+/// argmax), 0.8 and 1.0, with the same keyed noise at each position.
+fn measure(head: &Head, va: &Pairs, wte: &Tensor) -> anyhow::Result<serde_json::Value> {
+    let wt = wte.t()?;
+    let p: Vec<Vec<f32>> = va.to.matmul(&wt)?.to_vec2()?;
+    let q: Vec<Vec<f32>> = head.forward(&va.from, &va.emb)?.matmul(&wt)?.to_vec2()?;
+    let mut out = serde_json::Map::new();
+    for temp in [0.0f32, 0.8, 1.0] {
+        let draw = |z: &[f32], g: Noise| match temp {
+            0.0 => crate::sampling::argmax(z),
+            _ => crate::sampling::argmax(
+                &z.iter()
+                    .enumerate()
+                    .map(|(t, &v)| v / temp + g.gumbel(t as u32))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let hits = (0..p.len())
+            .filter(|&i| draw(&p[i], Noise::at(99, 0, i)) == draw(&q[i], Noise::at(99, 0, i)))
+            .count();
+        out.insert(
+            format!("{temp}"),
+            serde_json::json!(hits as f64 / p.len().max(1) as f64),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn save(a: &TrainHeadArgs, vm: &VarMap, c: usize, report: serde_json::Value) -> anyhow::Result<()> {
+    let data = vm.data().lock().expect("the var map is not poisoned");
+    let tensors: HashMap<String, Tensor> = [
+        (W1, "w1.weight"),
+        (B1, "w1.bias"),
+        (W2, "w2.weight"),
+        (B2, "w2.bias"),
+    ]
+    .iter()
+    .map(|(name, var)| {
+        Ok((
+            name.to_string(),
+            data.get(*var)
+                .ok_or_else(|| anyhow::anyhow!("no {var}"))?
+                .as_tensor()
+                .clone(),
+        ))
+    })
+    .collect::<anyhow::Result<_>>()?;
+    let path = a.model.join(draft_head::HEAD_FILE);
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, &path)?;
+    let cfg = HeadConfig {
+        format_version: draft_head::FORMAT_VERSION,
+        n_embd: c,
+        hidden: a.hidden,
+        report,
+    };
+    checkpoint::write_atomic(
+        &a.model.join(draft_head::HEAD_CONFIG_FILE),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    eprintln!(
+        "train-head: wrote {} and {}",
+        path.display(),
+        draft_head::HEAD_CONFIG_FILE
+    );
+    Ok(())
+}
