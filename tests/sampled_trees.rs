@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use gpt_serve::checkpoint;
-use gpt_serve::decode::proposer::{Plain, TreeDrafter};
+use gpt_serve::decode::proposer::{Plain, RowPrice, TreeDrafter};
 use gpt_serve::decode::{GenParams, Generator, SpecStats};
 use gpt_serve::drafter::Drafter;
 use gpt_serve::model::cpu::CpuGpt;
@@ -130,7 +130,13 @@ fn batched(s: &Shipped, sampling: &SamplingParams, min_gain: f32) -> Vec<Vec<u32
             let per_seq = BATCH_ROWS / gens.len();
             let rows: Vec<_> = gens
                 .iter_mut()
-                .map(|g| g.next_rows_in_batch(per_seq, min_gain))
+                .map(|g| {
+                    let price = RowPrice {
+                        min_gain,
+                        time_value: 1.0,
+                    };
+                    g.next_rows_in_batch(per_seq, price)
+                })
                 .collect();
             if rows.iter().all(Option::is_none) {
                 break;

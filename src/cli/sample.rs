@@ -77,11 +77,15 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
         |d| d.verify_costs(),
     );
     let proposer: Box<dyn proposer::Proposer> = match &drafters.head {
-        Some(h) => Box::new(proposer::HeadDrafter::new(
-            h,
-            costs,
-            proposer::tree_or_plain(drafters.tree.as_ref(), None),
-        )),
+        Some(h) => {
+            let head_draft = crate::model::cpu::in_pool(|| proposer::measure_draft_cost(&gpt, h))?;
+            let costs = proposer::Costs {
+                verify: costs,
+                head_draft,
+            };
+            let greedy = proposer::tree_or_plain(drafters.tree.as_ref(), None);
+            Box::new(proposer::HeadDrafter::new(h, costs, greedy))
+        }
         None => proposer::tree_or_plain(drafters.tree.as_ref(), None),
     };
     let (mut g, _) =

@@ -13,6 +13,7 @@
 
 use candle_core::Result;
 
+use super::proposer::RowPrice;
 use super::rows::Drafted;
 use super::stats::MarginHist;
 use super::{Finish, Generator, SelfDraft, TokenOut};
@@ -61,7 +62,7 @@ impl<M: Forward> Generator<'_, M> {
         }
         let cfg = self.model.config();
         let room = (self.remaining() - 1).min(cfg.block_size - self.tokens.len());
-        let drafts = self.propose(usize::MAX, 0.0, false);
+        let drafts = self.propose(usize::MAX, RowPrice::ALONE, false);
         let (drafts, shadow) = (drafts.tokens, drafts.shadow);
         let pos = self.tokens.len() - 1;
         let n_exits = cfg.exits.len();

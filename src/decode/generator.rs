@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::Result;
 
 use super::proposer::plain::Recorder;
-use super::proposer::{DraftRequest, Drafts, Proposer, Verdict};
+use super::proposer::{DraftRequest, Drafts, Proposer, RowPrice, Verdict};
 use super::rows::{accept, Drafted, RowKind, Rows};
 use super::{Finish, GenParams, SpecStats, TokenOut};
 use crate::drafter::features::Verified;
@@ -141,13 +141,14 @@ impl<'m, M: Forward> Generator<'m, M> {
     /// proposer and the draft-length rule give (the caller may drop some
     /// with [`Rows::keep_rows`]). None when the sequence is done.
     pub fn next_rows(&mut self, max_rows: usize) -> Option<Rows> {
-        self.next_rows_in_batch(max_rows, 0.0)
+        self.next_rows_in_batch(max_rows, RowPrice::ALONE)
     }
 
     /// As [`Self::next_rows`], drafting only while a draft's expected gain
-    /// (the drafter's path probability) is at least `min_gain`: what a row
-    /// must bring to pay for its marginal cost in the batch being built.
-    pub fn next_rows_in_batch(&mut self, max_rows: usize, min_gain: f32) -> Option<Rows> {
+    /// (the drafter's path probability) is at least `price.min_gain`: what
+    /// a row must bring to pay for its marginal cost in the batch being
+    /// built.
+    pub fn next_rows_in_batch(&mut self, max_rows: usize, price: RowPrice) -> Option<Rows> {
         if self.finished.is_some() || max_rows == 0 {
             return None;
         }
@@ -165,7 +166,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             self.finished = Some(Finish::Length);
             return None;
         }
-        let drafts = self.propose(max_rows - 1, min_gain, true);
+        let drafts = self.propose(max_rows - 1, price, true);
         let pending = *self.tokens.last().expect("non-empty");
         Some(Rows {
             tokens: [&[pending][..], &drafts.tokens].concat(),
@@ -261,16 +262,16 @@ impl<'m, M: Forward> Generator<'m, M> {
     /// below `min_gain` (a tree when `branch` and the drafter can); and,
     /// as [`Drafts::shadow`], the first draft held back when drafting did
     /// not pay. No drafts unless `params.speculate`.
-    pub(super) fn propose(&mut self, cap: usize, min_gain: f32, branch: bool) -> Drafts {
+    pub(super) fn propose(&mut self, cap: usize, price: RowPrice, branch: bool) -> Drafts {
         let t = std::time::Instant::now();
-        let out = self.propose_untimed(cap, min_gain, branch);
+        let out = self.propose_untimed(cap, price, branch);
         self.stats.draft_secs += t.elapsed().as_secs_f64();
         out
     }
 
-    fn propose_untimed(&mut self, cap: usize, min_gain: f32, branch: bool) -> Drafts {
+    fn propose_untimed(&mut self, cap: usize, price: RowPrice, branch: bool) -> Drafts {
         // No path probability exceeds 1: above it, no draft could pay.
-        if !self.params.speculate || min_gain > 1.0 {
+        if !self.params.speculate || price.min_gain > 1.0 {
             return Drafts::none();
         }
         let cfg = self.model.config();
@@ -286,7 +287,8 @@ impl<'m, M: Forward> Generator<'m, M> {
             tokens: &self.tokens,
             prompt_len: self.prompt_len,
             room,
-            min_gain,
+            min_gain: price.min_gain,
+            time_value: price.time_value,
             branch: branch && trees && self.model.supports_trees(),
             rule,
         };

@@ -12,8 +12,8 @@
 //! [`HEAD_FILE`] with its description in [`HEAD_CONFIG_FILE`].
 //!
 //! Its matrices (and its copy of the tied output projection) are served as
-//! Q8_0 whatever the model's weights: a draft is only a guess, and at one
-//! row reading the weights is the cost.
+//! [`SERVED_AS`] whatever the model's weights: a draft is only a guess, and
+//! at one row reading the weights is the cost (docs/benchmarks.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,8 @@ use crate::model::quant::{QMatrix, QuantKind};
 pub const HEAD_FILE: &str = "draft-head.safetensors";
 pub const HEAD_CONFIG_FILE: &str = "draft-head.json";
 pub const FORMAT_VERSION: u32 = 1;
+/// How the head's matrices are served (see the module doc).
+pub const SERVED_AS: QuantKind = QuantKind::Q8_0;
 /// The tensors of [`HEAD_FILE`].
 pub const W1: &str = "w1.weight";
 pub const B1: &str = "w1.bias";
@@ -128,8 +130,7 @@ impl DraftHead {
             return Err(format!("head reads width {c}, the model's is {wc}"));
         }
         let q = |name: &str, w: &[f32], shape, b| {
-            QMatrix::from_out_in(name, QuantKind::Q8_0, w, shape, Some(b))
-                .map_err(|e| e.to_string())
+            QMatrix::from_out_in(name, SERVED_AS, w, shape, Some(b)).map_err(|e| e.to_string())
         };
         let wte = get_f32(wte)?;
         Ok(DraftHead {
@@ -260,7 +261,8 @@ mod tests {
         let head = DraftHead::from_tensors(&cfg, &t, &wte).unwrap();
         let f: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
         let got = head.next_features(&f, 7).unwrap();
-        // The same in f32 from the tensors (the head stores Q8_0: close, not equal).
+        // The same in f32 from the tensors (the head is served quantized:
+        // close, not equal).
         let v = |n: &str| t[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (w1, b1, w2, b2) = (v(W1), v(B1), v(W2), v(B2));
         let e = &wte.flatten_all().unwrap().to_vec1::<f32>().unwrap()[7 * 32..8 * 32];

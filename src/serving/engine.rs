@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
-use crate::decode::proposer::Drafters;
+use crate::decode::proposer::{Costs, Drafters, RowPrice};
 use crate::decode::{
     proposer, Finish, GenParams, Generator, Rows, SpecStats, SuffixCache, TokenOut,
 };
@@ -346,7 +346,10 @@ fn admit<'m, M: Forward>(
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
-    let costs = budget.verify_costs(drafters.k_max());
+    let costs = Costs {
+        verify: budget.verify_costs(drafters.k_max()),
+        head_draft: budget.head_draft,
+    };
     let proposer = proposer::serving(drafters, costs, cfg.suffix_cache.as_ref());
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
@@ -440,7 +443,17 @@ fn run<M: Forward>(
         Some(c) => c.clone(),
         None => cost_curve(model, cfg.max_batch_rows),
     };
-    let budget = Budget::measured(cfg.max_batch_rows, &costs);
+    let mut budget = Budget::measured(cfg.max_batch_rows, &costs);
+    if let Some(h) = &drafters.head {
+        budget.head_draft = proposer::measure_draft_cost(model, h).unwrap_or_else(|e| {
+            tracing::warn!("engine: cannot time the draft head ({e}); drafting priced as free");
+            0.0
+        });
+        tracing::info!(
+            "engine: one draft-head draft costs {:.3} of a one-row step",
+            budget.head_draft
+        );
+    }
     tracing::info!(
         "engine: up to {} rows per forward; measured cost of 2/8/{} rows: {:.2}x/{:.2}x/{:.2}x one row",
         budget.max_rows,
@@ -507,7 +520,7 @@ fn iterate<M: Forward>(
     metrics: &Metrics,
 ) -> bool {
     let runs: Vec<bool> = active.iter().map(Active::can_take_events).collect();
-    let min_gain = draft_floor(active, budget);
+    let price = draft_floor(active, budget);
     let drafting = Instant::now();
     // Sequences whose proposer is asked (the others take no drafts).
     let mut asked = vec![false; active.len()];
@@ -520,7 +533,7 @@ fn iterate<M: Forward>(
                 true => None,
                 false => {
                     *asked = !a.gen.in_prefill() && a.backoff.ask();
-                    let floor = if *asked { min_gain } else { f32::INFINITY };
+                    let floor = if *asked { price } else { RowPrice::NEVER };
                     a.gen.next_rows_in_batch(budget.max_rows, floor)
                 }
             },
@@ -595,8 +608,9 @@ fn iterate<M: Forward>(
 
 /// The least expected gain a draft row can have and still pay for itself
 /// in this iteration's batch (the rule of `scheduler::allocate`, before any
-/// draft is added), so the drafter stops where the scheduler would cut.
-fn draft_floor<M: Forward>(active: &[Active<M>], budget: &Budget) -> f32 {
+/// draft is added), so the drafter stops where the scheduler would cut; and
+/// what a one-row step of time is worth in tokens in that batch.
+fn draft_floor<M: Forward>(active: &[Active<M>], budget: &Budget) -> RowPrice {
     let decoding = active
         .iter()
         .filter(|a| !a.solo && !a.gen.in_prefill() && a.gen.finished.is_none())
@@ -604,7 +618,11 @@ fn draft_floor<M: Forward>(active: &[Active<M>], budget: &Budget) -> f32 {
     let prefilling = active.iter().filter(|a| a.gen.in_prefill()).count();
     // Rows before drafts: pending rows, and at least one row per prompt.
     let rows = (decoding + prefilling).clamp(1, budget.max_rows);
-    (budget.marginal(rows) * decoding as f64 / budget.cost(rows)) as f32
+    let time_value = decoding as f64 / budget.cost(rows);
+    RowPrice {
+        min_gain: (budget.marginal(rows) * time_value) as f32,
+        time_value: time_value as f32,
+    }
 }
 
 /// One forward over every sequence that has rows; returns which sequences

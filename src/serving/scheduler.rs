@@ -40,6 +40,9 @@ pub struct Budget {
     /// `cost[n]`: the time of a forward of n rows relative to one row
     /// (non-decreasing; index 0..=max_rows).
     cost: Vec<f64>,
+    /// One draft of the draft head relative to one row (0 without a head;
+    /// the engine measures it at start).
+    pub head_draft: f64,
 }
 
 impl Budget {
@@ -51,6 +54,7 @@ impl Budget {
         Self {
             max_rows: max_rows.max(1),
             cost,
+            head_draft: 0.0,
         }
     }
 
@@ -76,7 +80,11 @@ impl Budget {
         for n in 2..=max_rows {
             cost[n] = if points.is_empty() { n as f64 } else { at(n) }.max(cost[n - 1]);
         }
-        Self { max_rows, cost }
+        Self {
+            max_rows,
+            cost,
+            head_draft: 0.0,
+        }
     }
 
     /// Relative cost of a forward of `rows` rows.

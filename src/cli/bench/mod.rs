@@ -29,6 +29,7 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::checkpoint;
+use crate::decode::proposer::measure_draft_cost;
 use crate::drafter::Drafter;
 use crate::model::cpu::KvDtype;
 use plain::random_weights;
@@ -198,10 +199,17 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         eprintln!("bench: verify cost of k = 0.. drafts: {costs:.2?}");
         result["verify_costs"] = json!(costs);
         let head = crate::model::draft_head::DraftHead::load(&o.model, &loaded.weights)?;
+        let head_draft = match &head {
+            Some(h) => measure_draft_cost(&model, h)?,
+            None => 0.0,
+        };
+        eprintln!("bench: one draft-head draft costs {head_draft:.3} of a step");
+        result["head_draft_cost"] = json!(head_draft);
         let d = speculative::Drafting {
             drafter: &drafter,
             head: head.as_ref(),
             costs: &costs,
+            head_draft,
         };
         let tok = &loaded.tokenizer;
         let n = o.new_tokens.min(model.cfg.block_size - o.prompt_len);

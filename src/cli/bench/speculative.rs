@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::BenchOptions;
-use crate::decode::proposer::{HeadDrafter, Lookup, Oracle, Plain, TreeDrafter};
+use crate::decode::proposer::{Costs, HeadDrafter, Lookup, Oracle, Plain, TreeDrafter};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
 use crate::drafter::Drafter;
 use crate::model::config::Config;
@@ -52,7 +52,7 @@ const fn mode(
 /// the exits; and the baselines.
 const MODES: [Mode; 9] = [
     mode("tree", false, false, true, true),
-    mode("head", false, false, true, true),
+    mode("head", false, false, false, true),
     mode("tree-chain", false, false, false, true),
     mode("tree-before", false, false, false, false),
     mode("tree+exits", true, false, false, true),
@@ -246,6 +246,8 @@ pub(super) struct Drafting<'a> {
     pub drafter: &'a Drafter,
     pub head: Option<&'a DraftHead>,
     pub costs: &'a [f64],
+    /// One head draft relative to a plain step (measured here).
+    pub head_draft: f64,
 }
 
 /// Plain decoding and every selected speculative mode on `prompts` at
@@ -292,7 +294,11 @@ pub(super) fn speculative_suite(
                 "head" => {
                     let tree = Box::new(TreeDrafter::with_costs(drafter, costs.to_vec()));
                     let head = d.head.expect("skipped without a head");
-                    Box::new(HeadDrafter::new(head, costs.to_vec(), tree))
+                    let costs = Costs {
+                        verify: costs.to_vec(),
+                        head_draft: d.head_draft,
+                    };
+                    Box::new(HeadDrafter::new(head, costs, tree))
                 }
                 _ => Box::new(TreeDrafter::with_costs(drafter, costs.to_vec())),
             }

@@ -3,14 +3,17 @@
 //! draft the sampler's keyed draw (`sampling::choose`, same seed, stream
 //! and position) from the head's logits, so it is the model's sample
 //! whenever the head's distribution is close enough to the model's. The
-//! chain is as long as the sequence's acceptance rate and the verify cost
-//! curve say pays. Greedy requests go to the proposer it wraps (the tree
-//! drafter, better than the head at the argmax on the shipped model:
-//! docs/benchmarks.md).
+//! chain is as long as the sequence's acceptance rate, the verify cost
+//! curve and the head's own drafting time say pays, in the batch's prices.
+//! Greedy requests go to the proposer it wraps (the tree drafter, better
+//! than the head at the argmax on the shipped model: docs/benchmarks.md),
+//! and so do sampled ones until the model has given features (the first
+//! step after the prompt; candle's backend gives none).
 
-use super::{best_chain_len, AcceptRate, DraftRequest, Drafts, Proposer, Verdict};
+use super::{best_chain_len, AcceptRate, Costs, DraftRequest, Drafts, Proposer, Verdict};
 use crate::drafter::DraftRule;
 use crate::model::draft_head::DraftHead;
+use crate::model::forward::{Forward, Segment};
 use crate::sampling::{self, SamplingParams};
 
 pub struct HeadDrafter<'m> {
@@ -19,10 +22,12 @@ pub struct HeadDrafter<'m> {
     /// first verify step).
     features: Vec<f32>,
     accept: AcceptRate,
-    /// Verify cost of k drafts relative to a plain step.
-    verify_costs: Vec<f64>,
-    /// Drafts greedy requests.
-    greedy: Box<dyn Proposer + 'm>,
+    /// Verify cost of k drafts, and of one head draft, relative to a
+    /// plain step.
+    costs: Costs,
+    /// Drafts greedy requests, and sampled ones until the model has given
+    /// features.
+    fallback: Box<dyn Proposer + 'm>,
     /// Whether the last drafts (or shadow) were the head's.
     ours: bool,
 }
@@ -30,15 +35,15 @@ pub struct HeadDrafter<'m> {
 impl<'m> HeadDrafter<'m> {
     pub fn new(
         head: &'m DraftHead,
-        verify_costs: Vec<f64>,
-        greedy: Box<dyn Proposer + 'm>,
+        costs: Costs,
+        fallback: Box<dyn Proposer + 'm>,
     ) -> HeadDrafter<'m> {
         HeadDrafter {
             head,
             features: vec![],
             accept: AcceptRate::default(),
-            verify_costs,
-            greedy,
+            costs,
+            fallback,
             ours: false,
         }
     }
@@ -76,22 +81,27 @@ impl Proposer for HeadDrafter<'_> {
         } = req.rule
         else {
             self.ours = false;
-            return self.greedy.propose(req);
+            return self.fallback.propose(req);
         };
-        self.ours = true;
-        if self.features.len() != self.head.n_embd() {
-            return Drafts::none();
+        // The first step after the prompt, or a backend that gives no
+        // features (candle's): the wrapped proposer drafts.
+        self.ours = self.features.len() == self.head.n_embd();
+        if !self.ours {
+            return self.fallback.propose(req);
         }
         let a = self.accept.get().clamp(0.01, 0.99);
-        // Each draft's path gain is a^i: stop where it no longer pays a row.
-        let worth = (1..=req.room).take_while(|&i| a.powi(i as i32) >= f64::from(req.min_gain));
-        let worth = worth.count();
+        // Draft i's path gain is a^i: it must pay for its row in the batch
+        // and for the time drafting it takes, in the batch's tokens.
+        let price = f64::from(req.min_gain) + self.costs.head_draft * f64::from(req.time_value);
+        let worth = (1..=req.room)
+            .take_while(|&i| a.powi(i as i32) >= price)
+            .count();
         if worth == 0 {
-            // No row pays in this batch: no draft, and no shadow either (a
-            // head draft reads ~2.6 MB of weights, ~0.1 ms here).
+            // No draft pays in this batch: none, and no shadow either (a
+            // head draft reads ~2.6 MB of weights).
             return Drafts::none();
         }
-        let k = best_chain_len(a, &self.verify_costs).min(worth);
+        let k = best_chain_len(a, &self.costs.verify, self.costs.head_draft).min(worth);
         let sp = SamplingParams {
             temperature,
             top_p,
@@ -112,14 +122,14 @@ impl Proposer for HeadDrafter<'_> {
         self.features.clear();
         self.features.extend_from_slice(v.features);
         if !self.ours {
-            return self.greedy.observe(v);
+            return self.fallback.observe(v);
         }
         if let Some(t) = v.shadow {
             self.accept.update(f64::from(u8::from(t == v.first)));
         }
         self.accept.observe(v);
         // The wrapped proposer keeps the model's view, not our drafts' count.
-        self.greedy.observe(&Verdict {
+        self.fallback.observe(&Verdict {
             deepest: 0,
             accepted: 0,
             shadow: None,
@@ -128,8 +138,54 @@ impl Proposer for HeadDrafter<'_> {
     }
 
     fn rivals(&self) -> &[u32] {
-        self.greedy.rivals()
+        self.fallback.rivals()
     }
+}
+
+/// Rounds of [`measure_draft_cost`]; each side keeps its best time.
+const COST_ROUNDS: usize = 8;
+
+/// One head draft's time relative to a plain one-row step of `model` at
+/// a context of 64 tokens, best of a few rounds each, interleaved (load on
+/// a shared machine hits both alike).
+pub fn measure_draft_cost<M: Forward>(model: &M, head: &DraftHead) -> candle_core::Result<f64> {
+    let cfg = model.config();
+    let ctx = 64.min(cfg.block_size - 1);
+    let prompt: Vec<u32> = (0..ctx as u32).map(|i| i % cfg.vocab_size as u32).collect();
+    let mut cache = model.new_cache()?;
+    let run = |tokens: &[u32], pos: usize, cache: &mut M::Cache| {
+        let logits = 0..1;
+        let mut seg = [Segment {
+            tokens,
+            pos,
+            cache,
+            logits,
+            tree: None,
+        }];
+        model.forward_batch(&mut seg).map(|mut l| l.pop())
+    };
+    let first = run(&prompt, 0, &mut cache)?;
+    let mut f = first.map(|l| l.features(0).to_vec()).unwrap_or_default();
+    f.resize(head.n_embd(), 0.0);
+    let mut logits = vec![0f32; head.vocab()];
+    let sp = SamplingParams {
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let (mut step, mut draft) = (f64::MAX, f64::MAX);
+    for round in 0..COST_ROUNDS {
+        let t = std::time::Instant::now();
+        run(&[1], ctx, &mut cache)?;
+        step = step.min(t.elapsed().as_secs_f64());
+        model.truncate_cache(&mut cache, ctx);
+        let t = std::time::Instant::now();
+        if let Some(next) = head.next_features(&f, round as u32 % head.vocab() as u32) {
+            head.logits(&next, &mut logits);
+            std::hint::black_box(sampling::choose(&logits, &sp, 0, ctx));
+        }
+        draft = draft.min(t.elapsed().as_secs_f64());
+    }
+    Ok(draft / step.max(1e-9))
 }
 
 #[cfg(test)]
@@ -149,6 +205,7 @@ mod tests {
             prompt_len: 1,
             room: 8,
             min_gain: 0.0,
+            time_value: 1.0,
             branch: false,
             rule,
         }
@@ -175,12 +232,15 @@ mod tests {
     #[test]
     fn sampled_drafts_are_the_keyed_draws_of_the_heads_logits() {
         let h = head();
-        let costs = vec![1.0, 1.1, 1.2, 1.3];
+        let costs = Costs {
+            verify: vec![1.0, 1.1, 1.2, 1.3],
+            head_draft: 0.05,
+        };
         let mut p = HeadDrafter::new(&h, costs, Box::new(Plain));
         let ctx = [1u32, 2, 3];
         assert!(
             p.propose(&req(&ctx, SAMPLE)).tokens.is_empty(),
-            "no features yet"
+            "no features yet: the wrapped proposer (plain) drafts"
         );
         let f: Vec<f32> = (0..32).map(|i| (i as f32).cos()).collect();
         p.observe(&verdict(&f));
@@ -201,9 +261,35 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_whose_time_is_worth_more_than_a_draft_gets_none_and_no_shadow() {
+        let h = head();
+        let costs = Costs {
+            verify: vec![1.0, 1.05, 1.1],
+            head_draft: 0.2,
+        };
+        let mut p = HeadDrafter::new(&h, costs, Box::new(Plain));
+        p.observe(&verdict(&[0.5; 32]));
+        let ctx = [1u32, 2, 3];
+        // Alone (time worth 1 token a step): a draft at the prior's 0.6
+        // pays for 0.2 of a step.
+        assert!(!p.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
+        // A full batch (a step's time worth 4 tokens): 0.6 < 0.2 x 4.
+        let busy = DraftRequest {
+            time_value: 4.0,
+            ..req(&ctx, SAMPLE)
+        };
+        let d = p.propose(&busy);
+        assert!(d.tokens.is_empty() && d.shadow.is_none());
+    }
+
+    #[test]
     fn greedy_requests_go_to_the_wrapped_proposer() {
         let h = head();
-        let mut p = HeadDrafter::new(&h, vec![1.0, 1.1], Box::new(Lookup::new(4)));
+        let costs = Costs {
+            verify: vec![1.0, 1.1],
+            head_draft: 0.05,
+        };
+        let mut p = HeadDrafter::new(&h, costs, Box::new(Lookup::new(4)));
         p.observe(&verdict(&[0.5; 32]));
         // Prompt lookup drafts what followed the last token's earlier match.
         let ctx = [5u32, 6, 7, 8, 5, 6];

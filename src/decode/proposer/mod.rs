@@ -27,7 +27,7 @@ use crate::drafter::{DraftRule, Drafter};
 use crate::model::draft_head::DraftHead;
 use crate::model::forward::Tree;
 
-pub use head::HeadDrafter;
+pub use head::{measure_draft_cost, HeadDrafter};
 pub use lookup::Lookup;
 pub use oracle::Oracle;
 pub use plain::Plain;
@@ -47,6 +47,16 @@ pub fn tree_or_plain(
         (Some(d), None) => Box::new(TreeDrafter::new(d)),
         (None, _) => Box::new(Plain),
     }
+}
+
+/// What drafting costs on the machine that decodes, relative to a plain
+/// one-row step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Costs {
+    /// Verifying k = 0.. drafts.
+    pub verify: Vec<f64>,
+    /// One draft of the draft head (0 without one).
+    pub head_draft: f64,
 }
 
 /// What a server drafts with: the checkpoint's tree drafter and its draft
@@ -85,12 +95,12 @@ pub const HEAD_K_MAX: usize = 8;
 /// there is one with a budget.
 pub fn serving<'m>(
     drafters: &'m Drafters,
-    verify_costs: Vec<f64>,
+    costs: Costs,
     cache: Option<&Arc<SuffixCache>>,
 ) -> Box<dyn Proposer + 'm> {
-    let base = tree_or_plain(drafters.tree.as_ref(), Some(verify_costs.clone()));
+    let base = tree_or_plain(drafters.tree.as_ref(), Some(costs.verify.clone()));
     let base: Box<dyn Proposer + 'm> = match &drafters.head {
-        Some(h) => Box::new(HeadDrafter::new(h, verify_costs, base)),
+        Some(h) => Box::new(HeadDrafter::new(h, costs, base)),
         None => base,
     };
     match cache {
@@ -135,6 +145,10 @@ pub struct DraftRequest<'a> {
     /// Stop where a draft's expected gain (its path probability) falls
     /// below this: a draft row must pay for its cost in the batch.
     pub min_gain: f32,
+    /// What one one-row step of time is worth in tokens in this batch
+    /// ([`RowPrice::time_value`]): a proposer whose drafting takes time
+    /// prices it with this.
+    pub time_value: f32,
     /// The drafts may branch (asked for, for this rule: `draft_tree` when
     /// greedy, `sampled_trees` when sampling; and the backend takes trees).
     pub branch: bool,
@@ -142,6 +156,31 @@ pub struct DraftRequest<'a> {
     /// (greedy), or the sample of its own estimate with the sampler's
     /// keyed noise.
     pub rule: DraftRule,
+}
+
+/// What a draft must be worth in the batch it joins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowPrice {
+    /// The least expected gain (path probability) a draft row must have.
+    pub min_gain: f32,
+    /// Tokens that one one-row step of time is worth: the sequences
+    /// decoding over the batch's cost in one-row steps (1 alone).
+    pub time_value: f32,
+}
+
+impl RowPrice {
+    /// A sequence decoding alone: every draft row is priced by the verify
+    /// cost curve only.
+    pub const ALONE: RowPrice = RowPrice {
+        min_gain: 0.0,
+        time_value: 1.0,
+    };
+
+    /// No draft pays (the sequence is not asked for drafts this step).
+    pub const NEVER: RowPrice = RowPrice {
+        min_gain: f32::INFINITY,
+        time_value: 1.0,
+    };
 }
 
 /// A step's drafts: tokens, the proposer's probability of each given its
@@ -174,15 +213,16 @@ impl Drafts {
     }
 }
 
-/// The chain length with the most expected tokens per unit of verify
-/// cost: with per-draft acceptance `a`, k drafts yield (1 - a^(k+1)) / (1 - a)
-/// tokens for cost `costs[k]` (k = 0.. drafts, relative to a plain step);
-/// 0 means a plain step.
-pub fn best_chain_len(a: f64, costs: &[f64]) -> usize {
+/// The chain length with the most expected tokens per unit of time: with
+/// per-draft acceptance `a`, k drafts yield (1 - a^(k+1)) / (1 - a) tokens
+/// for the verify cost `costs[k]` (k = 0.. drafts, relative to a plain
+/// step) plus `k * draft_cost` of drafting (same unit); 0 means a plain step.
+pub fn best_chain_len(a: f64, costs: &[f64], draft_cost: f64) -> usize {
     let a = a.clamp(0.01, 0.99);
     let mut best = (0, 0.0f64);
     for (k, c) in costs.iter().enumerate() {
-        let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / c.max(1e-9);
+        let time = c + k as f64 * draft_cost;
+        let gain = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / time.max(1e-9);
         if gain > best.1 {
             best = (k, gain);
         }

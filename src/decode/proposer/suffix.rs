@@ -115,6 +115,7 @@ mod tests {
             prompt_len: 1,
             room: 8,
             min_gain,
+            time_value: 1.0,
             branch: false,
             rule: DraftRule::Best,
         }

@@ -70,7 +70,7 @@ impl<'m> TreeDrafter<'m> {
     /// The draft length with the most expected tokens per unit of verify
     /// cost at the sequence's acceptance rate ([`best_chain_len`]).
     fn best_k(&self) -> usize {
-        best_chain_len(self.accept.get(), &self.verify_costs)
+        best_chain_len(self.accept.get(), &self.verify_costs, 0.0)
     }
 }
 
