@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{bail, Result};
 
 use super::cache::KvBuf;
-use super::{CpuCache, CpuGpt, CpuStream};
+use super::{CpuCache, CpuGpt, CpuStream, Mat};
 use crate::model::forward::{Segment, Tree};
 use crate::model::kernels::{self, KeyRows};
 use crate::model::team::Team;
@@ -233,8 +233,12 @@ impl CpuGpt {
             attend_rows(q, (kc, vc), span, keys, scale, att, out);
         };
         // Below ~64k multiply-adds a rayon fork/join costs more than it
-        // saves; the team's spin barrier (~1 us) pays from ~4k.
-        match Team::for_rows(seg_of.len()) {
+        // saves; the team's spin barrier (~1 us) pays from ~4k. Only where
+        // the matmuls run on the team (quantized weights): its worker spins
+        // 1 ms after a job, which took a core from the f32/f16 matmuls on
+        // rayon's pool (shipped model f32 decode 2.4x slower, measured).
+        let quantized = matches!(self.blocks[layer].c_attn, Mat::Q(_));
+        match Team::for_rows(seg_of.len()).filter(|_| quantized) {
             Some(team) if macs >= 1 << 12 => on_team(team, &mut y, hs, &one),
             _ if macs < 1 << 16 => y.chunks_mut(hs).enumerate().for_each(one),
             _ => {
