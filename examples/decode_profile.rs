@@ -7,7 +7,7 @@
 //!
 //! `chain` times the step's 49 matmuls alone (q8_0 and q4_0); `split`
 //! times them at 1..64 rows on the thread team and on rayon's pool (where
-//! `quant::matrix`'s `TEAM_MAX_ROWS` comes from).
+//! `team::MAX_ROWS` comes from).
 
 use std::time::Instant;
 
