@@ -120,6 +120,27 @@ fn a_rows_quantized_logits_are_bitwise_the_same_alone_and_among_other_rows() {
     }
 }
 
+#[test]
+fn a_wider_models_logits_are_bitwise_the_same_on_the_thread_team_and_on_rayons_pool() {
+    // n_embd 128: the MLP's matmuls cross the parallel threshold at one
+    // row, so in steps of 1..16 rows they run on `team::Team`, in longer
+    // prefills on rayon's pool; a one-row step's attention splits its
+    // heads over the team from position 31 on.
+    let mut cfg = config(ExitHead::Own);
+    (cfg.n_embd, cfg.n_head, cfg.block_size) = (128, 4, 48);
+    let t = tokens(44);
+    for dt in [WeightDtype::Q8_0, WeightDtype::Q4_0] {
+        let fast = CpuGpt::from_tensors(&cfg, &weights(&cfg), dt).unwrap();
+        let one_by_one = run(&fast, &t, 1, 1);
+        for (split, chunk) in [(44, 1), (20, 16), (3, 7), (17, 2)] {
+            assert!(
+                run(&fast, &t, split, chunk) == one_by_one,
+                "{dt:?}: prefill {split} + chunks of {chunk} differ from one-row steps"
+            );
+        }
+    }
+}
+
 fn generate(m: &CpuGpt, prompt: &[u32], params: GenParams) -> (Vec<TokenOut>, u64, u64) {
     let (mut g, _) = Generator::new(m, Box::new(Plain), prompt, params, u32::MAX, None).unwrap();
     let out = g.run().unwrap();

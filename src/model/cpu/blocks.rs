@@ -4,13 +4,15 @@
 //! sequence over its own cache (a draft tree's rows over their ancestors).
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use candle_core::{bail, Result};
 
 use super::cache::KvBuf;
-use super::{CpuCache, CpuGpt, CpuStream};
+use super::{CpuCache, CpuGpt, CpuStream, Mat};
 use crate::model::forward::{Logits, Segment, Tree};
 use crate::model::kernels::{self, KeyRows};
+use crate::model::team::Team;
 
 /// A segment's layer as attention reads it: keys, values, position of
 /// its first row, its first row among the rows in flight, and its rows'
@@ -231,12 +233,19 @@ impl CpuGpt {
             };
             attend_rows(q, (kc, vc), span, keys, scale, att, out);
         };
-        // Below ~64k multiply-adds the fork/join costs more than it saves.
-        if macs < 1 << 16 {
-            y.chunks_mut(hs).enumerate().for_each(one);
-        } else {
-            use rayon::prelude::*;
-            y.par_chunks_mut(hs).enumerate().for_each(one);
+        // Below ~64k multiply-adds a rayon fork/join costs more than it
+        // saves; the team's spin barrier (~1 us) pays from ~4k. Only where
+        // the matmuls run on the team (quantized weights): its worker spins
+        // 1 ms after a job, which took a core from the f32/f16 matmuls on
+        // rayon's pool (shipped model f32 decode 2.4x slower, measured).
+        let quantized = matches!(self.blocks[layer].c_attn, Mat::Q(_));
+        match Team::for_rows(seg_of.len()).filter(|_| quantized) {
+            Some(team) if macs >= 1 << 12 => on_team(team, &mut y, hs, &one),
+            _ if macs < 1 << 16 => y.chunks_mut(hs).enumerate().for_each(one),
+            _ => {
+                use rayon::prelude::*;
+                y.par_chunks_mut(hs).enumerate().for_each(one);
+            }
         }
         y
     }
@@ -262,6 +271,32 @@ fn attend_rows(
         }
         _ => unreachable!("a cache's keys and values share one dtype"),
     }
+}
+
+/// `one((i, chunk))` for every `hs`-value chunk of `y`, the chunks split
+/// in contiguous shares over `team`'s threads.
+fn on_team<F>(team: &Team, y: &mut [f32], hs: usize, one: &F)
+where
+    F: Fn((usize, &mut [f32])) + Sync,
+{
+    let (tasks, parts) = (y.len() / hs, team.threads());
+    let mut shares = Vec::with_capacity(parts);
+    let mut rest = y;
+    for p in 0..parts {
+        let (lo, hi) = (p * tasks / parts, (p + 1) * tasks / parts);
+        let (share, tail) = std::mem::take(&mut rest).split_at_mut((hi - lo) * hs);
+        shares.push(Mutex::new((lo, share)));
+        rest = tail;
+    }
+    team.run(&|p| {
+        // Each part locks only its own share: never contended.
+        let mut share = shares[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (lo, ref mut chunk) = *share;
+        chunk
+            .chunks_mut(hs)
+            .enumerate()
+            .for_each(|(j, out)| one((lo + j, out)));
+    });
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

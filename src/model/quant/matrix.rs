@@ -9,12 +9,15 @@
 //! operations in every kernel, so a row's output is bitwise the same alone
 //! or batched, and on every kernel path.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
 use rayon::prelude::*;
 
 use super::block::{BlockQ8_0, Blocks, QK};
 use super::dispatch::KernelPath;
 use super::packed::{Packed, GROUP};
 use super::{QuantError, QuantKind};
+use crate::model::team::Team;
 /// Below this many multiply-adds a matmul runs on the calling thread
 /// (kernels' default for the f32 matmul).
 const PAR_MIN_MACS: usize = 1 << 16;
@@ -219,8 +222,22 @@ impl QMatrix {
     }
 
     /// `forward` with a given kernel; one this CPU lacks runs the best
-    /// available instead.
+    /// available instead. Split over threads as `Split::for_product` says.
     pub fn forward_with(&self, path: KernelPath, x: &[f32], m: usize, y: &mut [f32]) {
+        let split = Split::for_product(m, self.k, self.n);
+        self.forward_split(path, split, x, m, y);
+    }
+
+    /// `forward_with` split over threads as `split` says (the same bits
+    /// whatever the split: each output's sum runs on one thread).
+    pub fn forward_split(
+        &self,
+        path: KernelPath,
+        split: Split,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "quantized matmul input: {m} rows of {k}");
         assert_eq!(y.len(), m * n, "quantized matmul output: {m} rows of {n}");
@@ -239,31 +256,36 @@ impl QMatrix {
                 let o0 = g * GROUP;
                 let width = (n - o0).min(GROUP);
                 self.group(path, g, &act, &mut acc, &mut scratch);
-                for (r, a) in acc.iter().enumerate() {
-                    let row = &a[..width];
-                    let bias = &self.bias[o0..o0 + width];
-                    // SAFETY: y has m * n values; this group writes only
-                    // columns o0..o0 + width of each row, and no other task
-                    // does (tasks own disjoint group ranges).
-                    unsafe {
-                        let dst = out.get().add(r * n + o0);
-                        for (j, (v, b)) in row.iter().zip(bias).enumerate() {
-                            *dst.add(j) = v + b;
-                        }
-                    }
-                }
+                // SAFETY: y has m * n values; `work`'s callers give every
+                // task a disjoint range of groups, and group g writes only
+                // columns o0..o0 + width of each row.
+                unsafe { out.write_group(&acc, &self.bias[o0..o0 + width], n, o0) };
             }
         };
-        let threads = rayon::current_num_threads();
-        if m * k * n < PAR_MIN_MACS || threads == 1 || groups < 2 {
-            work(0, groups);
-            return;
+        match split {
+            Split::Serial => work(0, groups),
+            Split::Team(team) => {
+                // Chunks claimed in order from a shared counter, so a
+                // thread that starts late takes fewer.
+                let chunks = (team.threads() * CHUNKS_PER_THREAD).min(groups);
+                let next = AtomicUsize::new(0);
+                team.run(&|_| loop {
+                    let c = next.fetch_add(1, Relaxed);
+                    if c >= chunks {
+                        break;
+                    }
+                    work(c * groups / chunks, (c + 1) * groups / chunks);
+                });
+            }
+            Split::Rayon => {
+                let threads = rayon::current_num_threads();
+                let chunks = (threads * CHUNKS_PER_THREAD).min(groups);
+                let per = groups.div_ceil(chunks);
+                (0..chunks)
+                    .into_par_iter()
+                    .for_each(|c| work(c * per, ((c + 1) * per).min(groups)));
+            }
         }
-        let chunks = (threads * CHUNKS_PER_THREAD).min(groups);
-        let per = groups.div_ceil(chunks);
-        (0..chunks)
-            .into_par_iter()
-            .for_each(|c| work(c * per, ((c + 1) * per).min(groups)));
     }
 
     /// Sums (no bias) of group `g`'s 16 outputs for every row into `acc`.
@@ -356,13 +378,49 @@ fn check_shape(
     Ok(())
 }
 
+/// How a matmul's groups of outputs are split over threads.
+#[derive(Clone, Copy)]
+pub enum Split<'t> {
+    /// All on the calling thread.
+    Serial,
+    /// In equal contiguous shares over a [`Team`]'s threads.
+    Team(&'t Team),
+    /// In `CHUNKS_PER_THREAD` chunks per thread over rayon's pool.
+    Rayon,
+}
+
+impl Split<'static> {
+    /// Serial below `PAR_MIN_MACS`; the global team up to
+    /// `team::MAX_ROWS` rows; rayon above.
+    pub fn for_product(m: usize, k: usize, n: usize) -> Self {
+        let threads = rayon::current_num_threads();
+        if m * k * n < PAR_MIN_MACS || threads == 1 || n <= GROUP {
+            Split::Serial
+        } else if let Some(team) = Team::for_rows(m) {
+            Split::Team(team)
+        } else {
+            Split::Rayon
+        }
+    }
+}
+
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    /// A method, so closures capture the whole (Sync) wrapper.
-    fn get(&self) -> *mut f32 {
-        self.0
+    /// Writes `acc + bias` (a group's sums for every row, `bias.len()`
+    /// outputs from `o0`) into columns `o0..` of the (rows, n) output.
+    ///
+    /// # Safety
+    /// The output holds `acc.len() * n` values, `o0 + bias.len() <= n`,
+    /// and no other thread writes these columns meanwhile.
+    unsafe fn write_group(&self, acc: &[[f32; GROUP]], bias: &[f32], n: usize, o0: usize) {
+        for (r, a) in acc.iter().enumerate() {
+            let dst = self.0.add(r * n + o0);
+            for (j, (v, b)) in a.iter().zip(bias).enumerate() {
+                *dst.add(j) = v + b;
+            }
+        }
     }
 }

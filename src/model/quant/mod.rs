@@ -31,7 +31,7 @@ pub use block::{
     BlockQ8_0, QK,
 };
 pub use dispatch::KernelPath;
-pub use matrix::QMatrix;
+pub use matrix::{QMatrix, Split};
 
 /// A quantized weight format (GGUF's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

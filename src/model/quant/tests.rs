@@ -1,8 +1,9 @@
 //! Tests of the quantized formats and matmul: ggml's quantization on
 //! hand-computed blocks, round-trip error bounds, `forward` against an f64
 //! reference for every row count 1..=64 and odd shapes, the batching
-//! invariant, every kernel path against the portable one, and malformed
-//! tensors as errors naming the tensor.
+//! invariant, every kernel path against the portable one, every split over
+//! threads against the serial one, and malformed tensors as errors naming
+//! the tensor.
 
 use super::*;
 
@@ -199,6 +200,29 @@ fn every_kernel_path_on_this_cpu_gives_the_portable_paths_bits() {
                     let got = run(&q, *path, &x[..m * k], m);
                     assert!(bits(&got) == bits(&want), "{kind:?} {path:?} {n}x{k} m {m}");
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_split_over_threads_gives_the_serial_bits_for_every_row_count() {
+    use crate::model::team::Team;
+    let teams: Vec<Team> = (1..=3).map(Team::new).collect();
+    for kind in KINDS {
+        // 17 groups (the last one partial) over teams of 1..3 threads.
+        let (n, k) = (263, 96);
+        let q = matrix(kind, n, k, 51);
+        let x = data(24 * k, 52);
+        let path = KernelPath::best();
+        for m in 1..=24 {
+            let mut want = vec![f32::NAN; m * n];
+            q.forward_split(path, Split::Serial, &x[..m * k], m, &mut want);
+            let splits = teams.iter().map(Split::Team).chain([Split::Rayon]);
+            for (i, split) in splits.enumerate() {
+                let mut got = vec![f32::NAN; m * n];
+                q.forward_split(path, split, &x[..m * k], m, &mut got);
+                assert!(bits(&got) == bits(&want), "{kind:?} m {m} split {i}");
             }
         }
     }
