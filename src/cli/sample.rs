@@ -50,7 +50,8 @@ pub fn run(a: &SampleArgs) -> anyhow::Result<()> {
             gpt.cfg.vocab_size,
         )
         .ok(),
-        head: crate::model::draft_head::DraftHead::load(model, &loaded.weights)?,
+        head: crate::model::draft_head::DraftHead::load(model, &loaded.weights)?
+            .map(|h| h.threaded_like_model(dtype.is_quantized())),
     };
     let tok = &loaded.tokenizer;
     let mut ids = tok.encode(prompt)?;

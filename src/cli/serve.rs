@@ -146,7 +146,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let opts = server_options(&a)?;
     let loaded = checkpoint::load(&a.model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot serve model directory {}", a.model.display()))?;
-    let drafters = drafters(&a, &loaded);
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         a.model
             .canonicalize()
@@ -155,6 +154,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "default".into())
     });
     let engine_config = engine_config(&a, &loaded)?;
+    let drafters = drafters(&a, &loaded, &engine_config.backend);
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let state = server::build(loaded, drafters, engine_config, &model_id, metrics, opts)?;
     serve_until_shutdown(&a, &model_id, state)
@@ -162,7 +162,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
 
 /// The checkpoint's drafter and draft head, unless `--no-speculate`; one
 /// that cannot be loaded is a warning, and serving goes on without it.
-fn drafters(a: &ServeArgs, loaded: &checkpoint::Loaded) -> Drafters {
+fn drafters(a: &ServeArgs, loaded: &checkpoint::Loaded, backend: &engine::Backend) -> Drafters {
     if a.no_speculate {
         return Drafters::default();
     }
@@ -177,6 +177,8 @@ fn drafters(a: &ServeArgs, loaded: &checkpoint::Loaded) -> Drafters {
             .ok()
             .flatten(),
     };
+    let quantized = matches!(backend, engine::Backend::Cpu(dt) if dt.is_quantized());
+    let head = head.map(|h| h.threaded_like_model(quantized));
     Drafters { tree, head }
 }
 

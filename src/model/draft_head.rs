@@ -22,13 +22,16 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::params;
-use crate::model::quant::{QMatrix, QuantKind};
+use crate::model::quant::{KernelPath, QMatrix, QuantKind, Split};
 
 pub const HEAD_FILE: &str = "draft-head.safetensors";
 pub const HEAD_CONFIG_FILE: &str = "draft-head.json";
 pub const FORMAT_VERSION: u32 = 1;
-/// How the head's matrices are served (see the module doc).
-pub const SERVED_AS: QuantKind = QuantKind::Q8_0;
+/// How the head's matrices are served (see the module doc): Q4_0 drafts
+/// as well as Q8_0 (1.58-1.74 tokens per verify step at 0.8 against
+/// 1.54-1.71) at 0.07-0.08 of a one-row step per draft against 0.08-0.15
+/// (docs/benchmarks.md, "The draft head").
+pub const SERVED_AS: QuantKind = QuantKind::Q4_0;
 /// The tensors of [`HEAD_FILE`].
 pub const W1: &str = "w1.weight";
 pub const B1: &str = "w1.bias";
@@ -71,6 +74,9 @@ pub struct DraftHead {
     n_embd: usize,
     hidden: usize,
     vocab: usize,
+    /// Its matmuls run on the thread team (as a quantized model's do)
+    /// rather than on rayon's pool (as an f32/f16 model's do).
+    team: bool,
 }
 
 impl DraftHead {
@@ -141,7 +147,28 @@ impl DraftHead {
             n_embd: c,
             hidden: h,
             vocab,
+            team: false,
         })
+    }
+
+    /// This head with its matmuls threaded as the model's are: on the
+    /// team when `team` (a quantized model), else on rayon's pool. Mixed,
+    /// each pays for the other: the team's worker spins 1 ms after a job,
+    /// and with an f16 model a team-threaded head took a core from the
+    /// model's rayon matmuls (0.80-0.90x plain at 0.8, against 1.07-1.17x
+    /// on rayon; docs/benchmarks.md).
+    pub fn threaded_like_model(mut self, team: bool) -> Self {
+        self.team = team;
+        self
+    }
+
+    /// `y = W x` for one row `x`, threaded as the model is.
+    fn matvec(&self, w: &QMatrix, x: &[f32], y: &mut [f32]) {
+        let split = match Split::for_product(1, x.len(), y.len()) {
+            Split::Team(_) if !self.team => Split::Rayon,
+            s => s,
+        };
+        w.forward_split(KernelPath::selected(), split, x, 1, y);
     }
 
     pub fn n_embd(&self) -> usize {
@@ -161,17 +188,17 @@ impl DraftHead {
         u.extend_from_slice(f);
         u.extend_from_slice(e);
         let mut z = vec![0f32; self.hidden];
-        self.w1.forward(&u, 1, &mut z);
+        self.matvec(&self.w1, &u, &mut z);
         z.iter_mut().for_each(|v| *v = gelu(*v));
         let mut out = vec![0f32; c];
-        self.w2.forward(&z, 1, &mut out);
+        self.matvec(&self.w2, &z, &mut out);
         out.iter_mut().zip(f).for_each(|(o, f)| *o += f);
         Some(out)
     }
 
     /// The tied output projection's logits for features `f`.
     pub fn logits(&self, f: &[f32], out: &mut [f32]) {
-        self.lm_head.forward(f, 1, out);
+        self.matvec(&self.lm_head, f, out);
     }
 }
 
@@ -261,10 +288,10 @@ mod tests {
         let head = DraftHead::from_tensors(&cfg, &t, &wte).unwrap();
         let f: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
         let got = head.next_features(&f, 7).unwrap();
-        // The same in f32 from the tensors (the head is served quantized:
-        // close, not equal).
+        // The same in f32 from the served (quantized) weights; only the
+        // activations' 8-bit rounding separates the two.
         let v = |n: &str| t[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (w1, b1, w2, b2) = (v(W1), v(B1), v(W2), v(B2));
+        let (w1, b1, w2, b2) = (head.w1.dequantize(), v(B1), head.w2.dequantize(), v(B2));
         let e = &wte.flatten_all().unwrap().to_vec1::<f32>().unwrap()[7 * 32..8 * 32];
         let u: Vec<f32> = f.iter().chain(e).copied().collect();
         let z: Vec<f32> = (0..32)

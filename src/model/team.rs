@@ -124,9 +124,15 @@ impl Team {
     /// # Panics
     /// When a part panics (after every part has finished).
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
-        let Ok(_guard) = self.busy.try_lock() else {
-            (0..self.threads()).for_each(f);
-            return;
+        // A part that panicked earlier poisons the lock; the team is still
+        // sound (every part had finished), so it takes the guard back.
+        let _guard = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                (0..self.threads()).for_each(f);
+                return;
+            }
         };
         if self.workers.is_empty() {
             return f(0);
@@ -301,10 +307,14 @@ mod tests {
         }));
         assert!(r.is_err());
         assert_eq!(done.load(Relaxed), 2);
-        // The team still works afterwards.
+        // The team still works afterwards, on both threads (the panic
+        // poisoned its lock, which it takes back).
+        let ids = Mutex::new(std::collections::HashSet::new());
         team.run(&|_| {
             done.fetch_add(1, Relaxed);
+            ids.lock().unwrap().insert(thread::current().id());
         });
         assert_eq!(done.load(Relaxed), 4);
+        assert_eq!(ids.lock().unwrap().len(), 2, "the parts ran on one thread");
     }
 }

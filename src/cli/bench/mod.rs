@@ -198,7 +198,9 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         };
         eprintln!("bench: verify cost of k = 0.. drafts: {costs:.2?}");
         result["verify_costs"] = json!(costs);
-        let head = crate::model::draft_head::DraftHead::load(&o.model, &loaded.weights)?;
+        let quantized = extra.unwrap_or(loaded.serving_dtype()).is_quantized();
+        let head = crate::model::draft_head::DraftHead::load(&o.model, &loaded.weights)?
+            .map(|h| h.threaded_like_model(quantized));
         let head_draft = match &head {
             Some(h) => measure_draft_cost(&model, h)?,
             None => 0.0,

@@ -71,6 +71,12 @@ impl WeightDtype {
         }
     }
 
+    /// Whether the linear layers are GGUF blocks (their few-row matmuls
+    /// run on the thread team, `model::team`).
+    pub fn is_quantized(self) -> bool {
+        self.quant().is_some()
+    }
+
     fn quant(self) -> Option<QuantKind> {
         match self {
             WeightDtype::F32 | WeightDtype::F16 => None,
