@@ -128,13 +128,7 @@ impl Proposer for HeadDrafter<'_> {
             self.accept.update(f64::from(u8::from(t == v.first)));
         }
         self.accept.observe(v);
-        // The wrapped proposer keeps the model's view, not our drafts' count.
-        self.fallback.observe(&Verdict {
-            deepest: 0,
-            accepted: 0,
-            shadow: None,
-            ..*v
-        });
+        self.fallback.observe(&v.without_drafts());
     }
 
     fn rivals(&self) -> &[u32] {

@@ -261,6 +261,20 @@ pub struct Verdict<'a> {
     pub features: &'a [f32],
 }
 
+impl Verdict<'_> {
+    /// This verdict as a proposer that drafted nothing this step sees it:
+    /// the model's view, without the drafts' count (for a wrapped proposer
+    /// whose acceptance estimate must not count drafts it did not make).
+    pub fn without_drafts(&self) -> Verdict<'_> {
+        Verdict {
+            deepest: 0,
+            accepted: 0,
+            shadow: None,
+            ..*self
+        }
+    }
+}
+
 /// The per-draft acceptance rate assumed before a sequence has verified any
 /// draft: the start of [`AcceptRate`], which sets the tree's first draft
 /// length (`best_k`) and prices prompt-lookup drafts in a batch. Set by

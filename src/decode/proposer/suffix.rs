@@ -65,14 +65,7 @@ impl Proposer for CacheOrFallback<'_> {
             return self.fallback.observe(v);
         };
         self.cache.record(class, v.deepest, v.accepted);
-        // The fallback keeps the model's view, but its acceptance estimate
-        // must not count drafts it did not make.
-        self.fallback.observe(&Verdict {
-            deepest: 0,
-            accepted: 0,
-            shadow: None,
-            ..*v
-        });
+        self.fallback.observe(&v.without_drafts());
     }
 
     fn rivals(&self) -> &[u32] {
