@@ -382,3 +382,80 @@ fn bad_inputs_get_errors_that_name_the_problem() {
     let e = err(&[d, "--out", o]);
     assert!(e.contains("budget"), "{e}");
 }
+
+#[derive(Parser)]
+struct HeadCli {
+    #[command(flatten)]
+    a: gpt_serve::train::head::TrainHeadArgs,
+}
+
+/// Greedy draw matches (depth 1, depth 2) on val of a head trained
+/// `steps` steps on the checkpoint in `model`, two steps deep.
+fn train_head(model: &Path, data: &Path, steps: &str) -> (f64, f64) {
+    use gpt_serve::model::draft_head::{HeadConfig, HEAD_CONFIG_FILE};
+    let cache = model.join("cache");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let args = HeadCli::try_parse_from([
+        "train-head",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--val",
+        d,
+        "--seqs",
+        "64",
+        "--steps",
+        steps,
+        "--hidden",
+        "64",
+        "--unroll",
+        "2",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ])
+    .unwrap()
+    .a;
+    gpt_serve::train::head::run(&args).unwrap();
+    let text = std::fs::read_to_string(model.join(HEAD_CONFIG_FILE)).unwrap();
+    let cfg: HeadConfig = serde_json::from_str(&text).unwrap();
+    let share = |key: &str| cfg.report[key]["0"].as_f64().unwrap();
+    (share("val_draw_match"), share("val_draw_match_depth2"))
+}
+
+#[test]
+fn a_draft_head_trained_two_steps_deep_learns_the_models_next_tokens_and_loads_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4000);
+    let m = dir.path().join("m");
+    train::run(tiny_run(&data, &m, 300, 0, &[])).unwrap();
+    // One step leaves the head about where it starts: the model's features
+    // at t guess those at t + 1.
+    let untrained = train_head(&m, &data, "1");
+    let trained = train_head(&m, &data, "200");
+    eprintln!("greedy draw match (depth 1, depth 2): untrained {untrained:?}, trained {trained:?}");
+    assert!(
+        trained.0 > untrained.0 + 0.2,
+        "depth 1: {trained:?} against {untrained:?}"
+    );
+    assert!(
+        trained.1 > untrained.1 + 0.1,
+        "depth 2: {trained:?} against {untrained:?}"
+    );
+    let head = gpt_serve::model::draft_head::DraftHead::load(&m, &weights(&m)).unwrap();
+    assert!(head.is_some(), "the head loads beside its checkpoint");
+}
+
+#[test]
+fn train_head_takes_one_or_two_unrolled_steps_and_names_the_flag_otherwise() {
+    let e = HeadCli::try_parse_from(["train-head", "--unroll", "3"])
+        .err()
+        .expect("--unroll 3 is refused")
+        .to_string();
+    assert!(e.contains("--unroll") && e.contains("1..=2"), "{e}");
+    let default = HeadCli::try_parse_from(["train-head"]).unwrap();
+    assert_eq!(
+        default.a.unroll, 1,
+        "one step by default, as the shipped head"
+    );
+}

@@ -3,8 +3,15 @@
 //! computed once for `--seqs` random windows; the head then learns, from
 //! the features at position t and the token at t + 1, the model's own
 //! distribution at t + 1 (cross-entropy against the tied head's softmax:
-//! distillation, so it learns the model, not the text). The report gives
-//! how often the head's Gumbel draw equals the model's on val windows.
+//! distillation, so it learns the model, not the text). With `--unroll 2`
+//! it also learns the step after, from its own guess of the features at
+//! t + 1 and the token at t + 2, as a served chain's second draft is made:
+//! a head trained on true features only drifts off them at depth 2 (HASS,
+//! arXiv 2408.15766, trains the same way). That pays where chains are long
+//! (cheap rows); on the 2-core CPU the served chains are one draft long
+//! and it did not (docs/benchmarks.md), so the default is 1. The report
+//! gives how often the head's Gumbel draw equals the model's on val
+//! windows, at depth 1 and 2.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,6 +44,11 @@ pub struct TrainHeadArgs {
     /// Width of the head's hidden layer.
     #[arg(long, default_value_t = 768)]
     pub hidden: usize,
+    /// Steps of its own chain the head is trained on: 1 (from the model's
+    /// features only) or 2 (also from its own guess, as a chain's second
+    /// draft: better second drafts, slightly worse first ones).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub unroll: u8,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Where the tokenized text is cached between runs.
@@ -72,24 +84,35 @@ fn features(gpt: &Gpt, tokens: &[u32], n: usize, seed: u64) -> anyhow::Result<(T
     Ok((Tensor::cat(&fs, 0)?, toks))
 }
 
-/// Training pairs: (features at t, embedding of token t + 1) -> features
-/// at t + 1, flattened over windows.
+/// Training pairs, flattened over windows: (features at t, embedding of
+/// token t + 1) -> features at t + 1, and for the unrolled step the
+/// embedding of token t + 2 -> features at t + 2.
 struct Pairs {
     from: Tensor,
     emb: Tensor,
     to: Tensor,
+    emb2: Tensor,
+    to2: Tensor,
 }
 
 fn pairs(f: &Tensor, toks: &[u32], wte: &Tensor) -> anyhow::Result<Pairs> {
     let (n, t, c) = f.dims3()?;
-    let rows = n * (t - 1);
-    let next: Vec<u32> = (0..n)
-        .flat_map(|i| toks[i * t + 1..(i + 1) * t].to_vec())
-        .collect();
+    anyhow::ensure!(t >= 3, "windows of {t} tokens are too short for two steps");
+    let rows = n * (t - 2);
+    let shifted = |by: usize| -> anyhow::Result<(Tensor, Tensor)> {
+        let next: Vec<u32> = (0..n)
+            .flat_map(|i| toks[i * t + by..i * t + by + t - 2].to_vec())
+            .collect();
+        let emb = wte.embedding(&Tensor::from_vec(next, rows, &Device::Cpu)?)?;
+        Ok((emb, f.narrow(1, by, t - 2)?.reshape((rows, c))?))
+    };
+    let ((emb, to), (emb2, to2)) = (shifted(1)?, shifted(2)?);
     Ok(Pairs {
-        from: f.narrow(1, 0, t - 1)?.reshape((rows, c))?,
-        emb: wte.embedding(&Tensor::from_vec(next, rows, &Device::Cpu)?)?,
-        to: f.narrow(1, 1, t - 1)?.reshape((rows, c))?,
+        from: f.narrow(1, 0, t - 2)?.reshape((rows, c))?,
+        emb,
+        to,
+        emb2,
+        to2,
     })
 }
 
@@ -159,18 +182,21 @@ pub fn run(a: &TrainHeadArgs) -> anyhow::Result<()> {
         w2: candle_nn::linear(a.hidden, c, vb.pp("w2"))?,
     };
     let loss = fit(&head, &vm, &tr, &wte, a)?;
+    let [depth1, depth2] = measure(&head, &va, &wte)?;
     let report = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "seqs": a.seqs, "steps": a.steps, "lr": a.lr,
+        "seqs": a.seqs, "steps": a.steps, "lr": a.lr, "unroll": a.unroll,
         "final_train_loss": loss,
-        "val_draw_match": measure(&head, &va, &wte)?,
+        "val_draw_match": depth1,
+        "val_draw_match_depth2": depth2,
     });
     eprintln!("train-head: {report}");
     save(a, &vm, c, report)
 }
 
-/// Cross-entropy of the head's distribution against the model's, AdamW
-/// with a cosine decay; returns the mean loss of the last 100 steps.
+/// Cross-entropy of the head's distribution against the model's (the
+/// mean over the unrolled steps), AdamW with a cosine decay; returns the
+/// mean loss of the last 100 steps.
 fn fit(
     head: &Head,
     vm: &VarMap,
@@ -197,14 +223,13 @@ fn fit(
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let off = (rng >> 33) as usize % (n - BATCH);
-        let (f, e, to) = (
-            tr.from.narrow(0, off, BATCH)?,
-            tr.emb.narrow(0, off, BATCH)?,
-            tr.to.narrow(0, off, BATCH)?,
-        );
-        let target = candle_nn::ops::softmax(&to.matmul(&wt)?, D::Minus1)?;
-        let logq = candle_nn::ops::log_softmax(&head.forward(&f, &e)?.matmul(&wt)?, D::Minus1)?;
-        let loss = (target * logq)?.sum(D::Minus1)?.mean_all()?.neg()?;
+        let batch = |x: &Tensor| x.narrow(0, off, BATCH);
+        let guess = head.forward(&batch(&tr.from)?, &batch(&tr.emb)?)?;
+        let mut loss = cross_entropy(&guess, &batch(&tr.to)?, &wt)?;
+        if a.unroll == 2 {
+            let second = head.forward(&guess, &batch(&tr.emb2)?)?;
+            loss = ((loss + cross_entropy(&second, &batch(&tr.to2)?, &wt)?)? * 0.5)?;
+        }
         opt.backward_step(&loss)?;
         if step + 100 >= a.steps {
             tail.push(loss.to_scalar::<f32>()?);
@@ -219,12 +244,33 @@ fn fit(
     Ok(tail.iter().sum::<f32>() / tail.len().max(1) as f32)
 }
 
+/// Mean cross-entropy of the distribution of features `guess` against the
+/// model's own at features `to` (`wt`: the tied output projection).
+fn cross_entropy(guess: &Tensor, to: &Tensor, wt: &Tensor) -> candle_core::Result<Tensor> {
+    let target = candle_nn::ops::softmax(&to.matmul(wt)?, D::Minus1)?;
+    let logq = candle_nn::ops::log_softmax(&guess.matmul(wt)?, D::Minus1)?;
+    (target * logq)?.sum(D::Minus1)?.mean_all()?.neg()
+}
+
 /// How often the head's draw equals the model's at temperatures 0 (the
-/// argmax), 0.8 and 1.0, with the same keyed noise at each position.
-fn measure(head: &Head, va: &Pairs, wte: &Tensor) -> anyhow::Result<serde_json::Value> {
+/// argmax), 0.8 and 1.0, with the same keyed noise at each position: at
+/// depth 1 (from the model's features) and at depth 2 (from the head's own
+/// guess, as a chain's second draft, after the text's token).
+fn measure(head: &Head, va: &Pairs, wte: &Tensor) -> anyhow::Result<[serde_json::Value; 2]> {
     let wt = wte.t()?;
-    let p: Vec<Vec<f32>> = va.to.matmul(&wt)?.to_vec2()?;
-    let q: Vec<Vec<f32>> = head.forward(&va.from, &va.emb)?.matmul(&wt)?.to_vec2()?;
+    let guess = head.forward(&va.from, &va.emb)?;
+    let second = head.forward(&guess, &va.emb2)?;
+    Ok([
+        draw_match(&va.to, &guess, &wt)?,
+        draw_match(&va.to2, &second, &wt)?,
+    ])
+}
+
+/// The share of rows where the keyed draws from features `to` (the
+/// model's) and `guess` (the head's) agree, per temperature.
+fn draw_match(to: &Tensor, guess: &Tensor, wt: &Tensor) -> anyhow::Result<serde_json::Value> {
+    let p: Vec<Vec<f32>> = to.matmul(wt)?.to_vec2()?;
+    let q: Vec<Vec<f32>> = guess.matmul(wt)?.to_vec2()?;
     let mut out = serde_json::Map::new();
     for temp in [0.0f32, 0.8, 1.0] {
         let draw = |z: &[f32], g: Noise| match temp {
