@@ -136,8 +136,11 @@ impl Proposer for HeadDrafter<'_> {
     }
 }
 
-/// Rounds of [`measure_draft_cost`]; each side keeps its best time.
-const COST_ROUNDS: usize = 8;
+/// Rounds of [`measure_draft_cost`]; each side keeps its best time. With
+/// 8, separate bench runs on the shared 2-core machine measured 0.09-0.13
+/// of a step (and priced chains by it); a round is ~1 ms, so 32 cost ~30 ms
+/// at engine start.
+const COST_ROUNDS: usize = 32;
 
 /// One head draft's time relative to a plain one-row step of `model` at
 /// a context of 64 tokens, best of a few rounds each, interleaved (load on
