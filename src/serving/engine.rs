@@ -659,7 +659,7 @@ fn forward<M: Forward>(
 /// The time of a forward of 1, 2, 4, .. rows up to `max_rows` (one
 /// sequence's rows after an empty cache, logits for every row), measured
 /// on this machine at start: every size once per round, round after
-/// round, each keeping its best (~0.2 s on the shipped model). Rounds
+/// round, each keeping its best (~0.15 s on the shipped model). Rounds
 /// interleave so that load on a shared machine hits all sizes alike: with
 /// 3 rounds size by size, separate starts measured 2 rows at 1.06-1.25x
 /// one row and 3 rows at 1.26-1.63x, and chains were priced by whichever.
