@@ -228,7 +228,8 @@ unsafe fn gumbel_argmax_avx2(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
 const NEAR_TOP: f32 = 4.0;
 
 /// Slack on [`gumbel_argmax_pruned`]'s noise bound: far above the error of
-/// `ln_positive` (2 ulp) and of rounding the score's sum.
+/// `ln_positive` (2 ulp); the rounding of the scores' sums, which grows
+/// with their magnitude, is added to it.
 const BOUND_SLACK: f64 = 1e-3;
 
 /// The full scan's token without finishing most tokens' noise. The
@@ -268,7 +269,8 @@ fn gumbel_argmax_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
     // The uniform whose noise is `need`, rounded down (two ulps below
     // the f32 nearest it): near 1 an ulp of u moves the noise by up to
     // ~0.01, more than the slack.
-    let need = f64::from(s - near) - BOUND_SLACK;
+    let rounding = 8.0 * f64::from(f32::EPSILON) * f64::from(top.abs().max(s.abs()));
+    let need = f64::from(s - near) - BOUND_SLACK - rounding;
     let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
     let mut best = (f32::NEG_INFINITY, 0u32);
     let mut us = [0f32; CHUNK];
@@ -680,6 +682,8 @@ mod tests {
             .step_by(2)
             .for_each(|l| *l = f32::NEG_INFINITY);
         rows.push(masked);
+        // Scores in the millions, where an ulp is a quarter.
+        rows.push((0..2048).map(|_| 5e4 + 3.0 * normal()).collect());
         let mut nan = rows[1].clone();
         nan[7] = f32::NAN;
         rows.push(nan);
@@ -692,7 +696,7 @@ mod tests {
     #[test]
     fn the_pruned_sampler_draws_the_full_scans_token_on_every_path() {
         for (r, logits) in logit_rows().iter().enumerate() {
-            for inv_t in [0.5f32, 1.0, 1.25, 4.0] {
+            for inv_t in [0.5f32, 1.0, 1.25, 4.0, 60.0] {
                 for pos in 0..300 {
                     let noise = Noise::at(r as u64, 3, pos);
                     let want = gumbel_argmax_lanes(logits, inv_t, noise);
