@@ -14,7 +14,8 @@
 # off in turn, the order alternating level by level: the first run after a
 # server has not yet held that many sequences pays for the memory, which
 # showed as 1.3-2x the TTFT at 32 clients; an untimed warm-up at the
-# largest level comes first too. CLIENTS and TEMPS pick the levels
+# largest level comes first, and another on each server at every level
+# before its timed runs. CLIENTS and TEMPS pick the levels
 # (default "1 4 8 16 32" and "0 0.8").
 #
 # REF_VENV: a virtualenv with numpy, safetensors and gguf (for the GGUF).
@@ -81,6 +82,15 @@ level=0
 for temp in $temps; do
     for clients in $clients_levels; do
         common=(--prompts "$out/prompts.json" --offset "$offset" --count 64 --clients "$clients" --temps "$temp" --out "$results")
+        # Untimed, each server at this level first: the first run at a new
+        # level was the slower one whichever mode it was (TTFT p50 296 vs
+        # 176 ms at 32 clients), and put speculation below plain at 32
+        # clients in every run that timed speculation first.
+        warm=(--label warm-up --prompts "$out/prompts.json" --offset "$offset" --count $(( clients > 8 ? clients : 8 ))
+              --clients "$clients" --temps "$temp" --out "$out/warm-up.jsonl")
+        for url in http://127.0.0.1:8100 ${llama:+http://127.0.0.1:8101} ${base:+http://127.0.0.1:8102}; do
+            bench run --url "$url" "${warm[@]}" > /dev/null
+        done
         offset=$(( offset + 64 ))
         spec=(--label gpt-serve-spec)
         plain=(--label gpt-serve-plain --extra '{"speculate": false}')
