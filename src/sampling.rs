@@ -240,8 +240,8 @@ const BOUND_SLACK: f64 = 1e-3;
 /// its uniform exceeds `exp(-exp(-(s - near)))`. A token's uniform is a
 /// hash (integer work); the two logarithms that make it Gumbel noise are
 /// the cost, and only the tokens near the top or past that bound pay it.
-/// They are scored in index order with the full scan's strict `>`, so
-/// ties go the same way: every token left out scores below `s`.
+/// Each is scored once, and the winner is the highest score at the lowest
+/// index, as in the full scan: every token left out scores below `s`.
 #[inline(always)]
 fn gumbel_argmax_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
     const CHUNK: usize = 16;
@@ -256,39 +256,46 @@ fn gumbel_argmax_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
     if logits.iter().filter(|&&l| is_near(l)).count() > logits.len() / 32 {
         return gumbel_argmax_lanes(logits, inv_t, noise);
     }
-    let mut s = f32::NEG_INFINITY;
+    // The best near token: the full scan's strict `>` in index order.
+    let mut best = (f32::NEG_INFINITY, 0u32);
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         if chunk.iter().fold(false, |a, &l| a | is_near(l)) {
             for (j, &l) in chunk.iter().enumerate() {
+                let t = (c * CHUNK + j) as u32;
                 if is_near(l) {
-                    s = s.max(l * inv_t + noise.gumbel((c * CHUNK + j) as u32));
+                    let score = l * inv_t + noise.gumbel(t);
+                    if score > best.0 {
+                        best = (score, t);
+                    }
                 }
             }
         }
     }
+    let s = best.0;
     // The uniform whose noise is `need`, rounded down (two ulps below
     // the f32 nearest it): near 1 an ulp of u moves the noise by up to
     // ~0.01, more than the slack.
     let rounding = 8.0 * f64::from(f32::EPSILON) * f64::from(top.abs().max(s.abs()));
     let need = f64::from(s - near) - BOUND_SLACK - rounding;
     let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
-    let mut best = (f32::NEG_INFINITY, 0u32);
+    // The other tokens past the bound; a tie goes to the lower index, as
+    // in the full scan.
     let mut us = [0f32; CHUNK];
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         let base = (c * CHUNK) as u32;
         let mut any = false;
         for (j, (u, &l)) in us.iter_mut().zip(chunk).enumerate() {
             *u = noise.uniform(base + j as u32);
-            any |= *u >= u_min || is_near(l);
+            any |= *u >= u_min && !is_near(l);
         }
         if !any {
             continue;
         }
         for (j, (&u, &l)) in us.iter().zip(chunk).enumerate() {
-            if u >= u_min || is_near(l) {
-                let score = l * inv_t + gumbel_of(u);
-                if score > best.0 {
-                    best = (score, base + j as u32);
+            if u >= u_min && !is_near(l) {
+                let (score, t) = (l * inv_t + gumbel_of(u), base + j as u32);
+                if score > best.0 || (score == best.0 && t < best.1) {
+                    best = (score, t);
                 }
             }
         }
