@@ -389,9 +389,9 @@ struct HeadCli {
     a: gpt_serve::train::head::TrainHeadArgs,
 }
 
-/// Greedy draw matches (depth 1, depth 2) on val of a head trained
-/// `steps` steps on the checkpoint in `model`, two steps deep.
-fn train_head(model: &Path, data: &Path, steps: &str) -> (f64, f64) {
+/// The report of a head trained `steps` steps, two steps deep, from
+/// `seed` on the checkpoint in `model`.
+fn train_head(model: &Path, data: &Path, steps: &str, seed: &str) -> serde_json::Value {
     use gpt_serve::model::draft_head::{HeadConfig, HEAD_CONFIG_FILE};
     let cache = model.join("cache");
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
@@ -411,6 +411,8 @@ fn train_head(model: &Path, data: &Path, steps: &str) -> (f64, f64) {
         "64",
         "--unroll",
         "2",
+        "--seed",
+        seed,
         "--cache-dir",
         cache.to_str().unwrap(),
     ])
@@ -418,9 +420,9 @@ fn train_head(model: &Path, data: &Path, steps: &str) -> (f64, f64) {
     .a;
     gpt_serve::train::head::run(&args).unwrap();
     let text = std::fs::read_to_string(model.join(HEAD_CONFIG_FILE)).unwrap();
-    let cfg: HeadConfig = serde_json::from_str(&text).unwrap();
-    let share = |key: &str| cfg.report[key]["0"].as_f64().unwrap();
-    (share("val_draw_match"), share("val_draw_match_depth2"))
+    let mut cfg: HeadConfig = serde_json::from_str(&text).unwrap();
+    cfg.report.as_object_mut().unwrap().remove("command");
+    cfg.report
 }
 
 #[test]
@@ -431,19 +433,25 @@ fn a_draft_head_trained_two_steps_deep_learns_the_models_next_tokens_and_loads_b
     train::run(tiny_run(&data, &m, 300, 0, &[])).unwrap();
     // One step leaves the head about where it starts: the model's features
     // at t guess those at t + 1.
-    let untrained = train_head(&m, &data, "1");
-    let trained = train_head(&m, &data, "200");
-    eprintln!("greedy draw match (depth 1, depth 2): untrained {untrained:?}, trained {trained:?}");
-    assert!(
-        trained.0 > untrained.0 + 0.2,
-        "depth 1: {trained:?} against {untrained:?}"
-    );
-    assert!(
-        trained.1 > untrained.1 + 0.1,
-        "depth 2: {trained:?} against {untrained:?}"
-    );
+    let untrained = train_head(&m, &data, "1", "3");
+    let trained = train_head(&m, &data, "200", "3");
+    let share = |r: &serde_json::Value, depth: &str, temp: &str| r[depth][temp].as_f64().unwrap();
+    for (depth, temp, gain) in [
+        ("val_draw_match", "0", 0.2),
+        ("val_draw_match", "0.8", 0.2),
+        ("val_draw_match_depth2", "0.8", 0.1),
+        ("val_draw_match_depth2", "1", 0.1),
+    ] {
+        let (before, after) = (share(&untrained, depth, temp), share(&trained, depth, temp));
+        assert!(
+            after > before + gain,
+            "{depth} at temperature {temp}: {after} trained against {before} untrained"
+        );
+    }
     let head = gpt_serve::model::draft_head::DraftHead::load(&m, &weights(&m)).unwrap();
     assert!(head.is_some(), "the head loads beside its checkpoint");
+    let again = train_head(&m, &data, "200", "3");
+    assert_eq!(trained, again, "the same seed trains the same head");
 }
 
 #[test]

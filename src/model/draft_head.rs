@@ -215,15 +215,23 @@ fn gelu(x: f32) -> f32 {
 }
 
 /// A random head of width `c` over `vocab` tokens: its config, tensors
-/// and the token embeddings it reads.
+/// and the token embeddings it reads; seeded, so each test sees the same.
 #[cfg(test)]
 pub(crate) fn random_parts(
     c: usize,
     hidden: usize,
     vocab: usize,
 ) -> (HeadConfig, HashMap<String, Tensor>, Tensor) {
-    let dev = Device::Cpu;
-    let r = |shape: &[usize]| Tensor::randn(0f32, 0.1, shape, &dev).unwrap();
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let normal = rand_distr::Normal::new(0f32, 0.1).unwrap();
+    let mut r = |shape: &[usize]| {
+        let v: Vec<f32> = (0..shape.iter().product())
+            .map(|_| normal.sample(&mut rng))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
     let cfg = HeadConfig {
         format_version: FORMAT_VERSION,
         n_embd: c,
@@ -237,7 +245,8 @@ pub(crate) fn random_parts(
         (B2, r(&[c])),
     ];
     let t = t.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
-    (cfg, t, r(&[vocab, c]))
+    let wte = r(&[vocab, c]);
+    (cfg, t, wte)
 }
 
 #[cfg(test)]

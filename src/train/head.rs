@@ -51,6 +51,10 @@ pub struct TrainHeadArgs {
     pub unroll: u8,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Seed of the head's starting weights (the windows are fixed): the
+    /// same seed on the same data gives the same head.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Where the tokenized text is cached between runs.
     #[arg(long, default_value = "runs/cache")]
     pub cache_dir: PathBuf,
@@ -174,9 +178,9 @@ pub fn run(a: &TrainHeadArgs) -> anyhow::Result<()> {
         tr.from.dim(0)?,
         t0.elapsed()
     );
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let c = cfg.n_embd;
+    let vm = seeded_vars(c, a.hidden, a.seed)?;
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let head = Head {
         w1: candle_nn::linear(2 * c, a.hidden, vb.pp("w1"))?,
         w2: candle_nn::linear(a.hidden, c, vb.pp("w2"))?,
@@ -192,6 +196,31 @@ pub fn run(a: &TrainHeadArgs) -> anyhow::Result<()> {
     });
     eprintln!("train-head: {report}");
     save(a, &vm, c, report)
+}
+
+/// The head's starting weights, from the distributions `candle_nn::linear`
+/// draws from (Kaiming-normal weights, std sqrt(2 / fan_in); biases uniform
+/// within 1/sqrt(fan_in)) but from `seed`: candle's own draw is unseeded,
+/// and the same run then gave heads whose greedy second drafts matched the
+/// model's 27% or 75% of the time.
+fn seeded_vars(c: usize, hidden: usize, seed: u64) -> anyhow::Result<VarMap> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vm = VarMap::new();
+    let mut vars = vm.data().lock().expect("a new var map is not poisoned");
+    for (name, out, fan_in) in [("w1", hidden, 2 * c), ("w2", c, hidden)] {
+        let normal = rand_distr::Normal::new(0.0, (2.0 / fan_in as f32).sqrt())?;
+        let w: Vec<f32> = (0..out * fan_in).map(|_| normal.sample(&mut rng)).collect();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let b: Vec<f32> = (0..out).map(|_| rng.random_range(-bound..bound)).collect();
+        let w = Tensor::from_vec(w, (out, fan_in), &Device::Cpu)?;
+        let b = Tensor::from_vec(b, out, &Device::Cpu)?;
+        vars.insert(format!("{name}.weight"), candle_core::Var::from_tensor(&w)?);
+        vars.insert(format!("{name}.bias"), candle_core::Var::from_tensor(&b)?);
+    }
+    drop(vars);
+    Ok(vm)
 }
 
 /// Cross-entropy of the head's distribution against the model's (the
