@@ -10,7 +10,9 @@
 //! and so do sampled ones until the model has given features (the first
 //! step after the prompt; candle's backend gives none).
 
-use super::{best_chain_len, AcceptRate, Costs, DraftRequest, Drafts, Proposer, Verdict};
+use super::{
+    best_chain_len, AcceptRate, Costs, DraftRequest, Drafts, Proposer, ShadowClock, Verdict,
+};
 use crate::drafter::DraftRule;
 use crate::model::draft_head::DraftHead;
 use crate::model::forward::{Forward, Segment};
@@ -30,8 +32,8 @@ pub struct HeadDrafter<'m> {
     fallback: Box<dyn Proposer + 'm>,
     /// Whether the last drafts (or shadow) were the head's.
     ours: bool,
-    /// Steps since the last shadow draft, while no chain pays.
-    since_shadow: usize,
+    /// When the next shadow draft is due, while no chain pays.
+    shadows: ShadowClock,
 }
 
 impl<'m> HeadDrafter<'m> {
@@ -47,7 +49,7 @@ impl<'m> HeadDrafter<'m> {
             costs,
             fallback,
             ours: false,
-            since_shadow: 0,
+            shadows: ShadowClock::default(),
         }
     }
 
@@ -105,16 +107,9 @@ impl Proposer for HeadDrafter<'_> {
             return Drafts::none();
         }
         let k = best_chain_len(a, &self.costs.verify, self.costs.head_draft).min(worth);
-        if k == 0 {
-            // No chain pays: a shadow draft keeps the acceptance rate
-            // current, but costs a draft's time (0.17-0.19 of a step with
-            // q8_0 weights, 0.09-0.12 with f16), so only every SHADOW_EVERY-th step has one.
-            self.since_shadow += 1;
-            if self.since_shadow < SHADOW_EVERY {
-                return Drafts::none();
-            }
+        if k == 0 && !self.shadows.due() {
+            return Drafts::none();
         }
-        self.since_shadow = 0;
         let sp = SamplingParams {
             temperature,
             top_p,
@@ -148,11 +143,6 @@ impl Proposer for HeadDrafter<'_> {
         self.fallback.rivals()
     }
 }
-
-/// While no chain pays, one step in this many drafts a shadow (an eighth
-/// of a draft's cost a step); the acceptance rate, an average over ~5
-/// observations, then moves over ~40 steps instead of ~5.
-const SHADOW_EVERY: usize = 8;
 
 /// Rounds of [`measure_draft_cost`]; each side keeps its best time. With
 /// 8, separate bench runs on the shared 2-core machine measured 0.09-0.13
@@ -206,7 +196,7 @@ pub fn measure_draft_cost<M: Forward>(model: &M, head: &DraftHead) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::proposer::{Lookup, Plain};
+    use crate::decode::proposer::{Lookup, Plain, SHADOW_EVERY};
     use crate::model::draft_head::random_parts;
 
     fn head() -> DraftHead {

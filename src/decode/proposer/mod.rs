@@ -284,6 +284,29 @@ impl Verdict<'_> {
 /// over n updates.
 const ACCEPT_PRIOR: f64 = 0.6;
 
+/// While no chain pays, one step in this many drafts a shadow: the first
+/// draft, verified for free to keep the acceptance rate current, but paid
+/// for in drafting time (a head draft is 0.17-0.19 of a step with q8_0
+/// weights, a sampled tree draft ~0.2: `docs/benchmarks.md`). The rate, an
+/// average over ~5 observations, then follows over ~40 steps instead of ~5.
+pub const SHADOW_EVERY: usize = 8;
+
+/// Counts the steps since a drafter's last shadow draft.
+#[derive(Default)]
+pub struct ShadowClock(usize);
+
+impl ShadowClock {
+    /// Whether this step, one where no chain pays, drafts a shadow.
+    pub fn due(&mut self) -> bool {
+        self.0 += 1;
+        if self.0 < SHADOW_EVERY {
+            return false;
+        }
+        self.0 = 0;
+        true
+    }
+}
+
 /// Weight of the newest verify step in [`AcceptRate`] (an exponential
 /// moving average over about the last 1 / 0.2 = 5 steps: quick enough to
 /// follow a change of text, smooth enough that one unlucky step does not
