@@ -46,8 +46,9 @@ pub struct BenchOptions {
     /// Only the plain decoding figures.
     #[arg(long)]
     pub plain: bool,
-    /// Also time the fast path with this weight storage (q8_0, q4_0; f32
-    /// and f16 always run), and run the speculative figures with it.
+    /// Also time the fast path with this weight storage (q8_0, q4_0; f32,
+    /// f16 and the checkpoint's served storage always run), and run the
+    /// speculative figures with it (default: the served storage).
     #[arg(long, alias = "dtype", value_parser = ["f32", "f16", "q8_0", "q4_0"])]
     pub weights: Option<String>,
     /// KV cache storage of the fast path, as `serve --kv-cache`.
@@ -143,10 +144,10 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         None => None,
     };
     let kv = KvDtype::parse(&o.kv_cache).map_err(anyhow::Error::msg)?;
-    let model = loaded
-        .cpu(extra.unwrap_or(loaded.serving_dtype()))?
-        .with_kv_cache(kv);
-    let served = plain_backends(&loaded.config.model, &loaded.weights, 128, extra, kv)?;
+    let dtype = extra.unwrap_or(loaded.serving_dtype());
+    let model = loaded.cpu(dtype)?.with_kv_cache(kv);
+    // f32 and f16 always, and what is served (q8_0 for models/default).
+    let served = plain_backends(&loaded.config.model, &loaded.weights, 128, Some(dtype), kv)?;
     let mut plain_rows = vec![json!({"model": "served", "backends": served})];
     eprintln!("bench: served model {}", plain_rows[0]);
     if o.plain {
@@ -198,7 +199,7 @@ fn run_in_pool(o: &BenchOptions) -> anyhow::Result<Value> {
         };
         eprintln!("bench: verify cost of k = 0.. drafts: {costs:.2?}");
         result["verify_costs"] = json!(costs);
-        let quantized = extra.unwrap_or(loaded.serving_dtype()).is_quantized();
+        let quantized = dtype.is_quantized();
         let head = crate::model::draft_head::DraftHead::load(&o.model, &loaded.weights)?
             .map(|h| h.threaded_like_model(quantized));
         let head_draft = match &head {
