@@ -341,3 +341,27 @@ impl AcceptRate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_pays_for_its_drafting_time_too() {
+        // Half the drafts accepted: one draft yields 1.5 tokens.
+        assert_eq!(best_chain_len(0.5, &[1.0, 1.3], 0.0), 1, "1.15x");
+        assert_eq!(best_chain_len(0.5, &[1.0, 1.3], 0.25), 0, "0.97x");
+    }
+
+    #[test]
+    fn the_chain_length_follows_the_acceptance_rate_and_the_cost_curve() {
+        let costs = [1.0, 1.05, 1.1, 1.15, 1.2, 2.5];
+        assert_eq!(
+            best_chain_len(0.9, &costs, 0.0),
+            4,
+            "cheap rows, long chains"
+        );
+        assert_eq!(best_chain_len(0.2, &costs, 0.0), 1);
+        assert_eq!(best_chain_len(0.05, &costs, 0.0), 0);
+    }
+}
