@@ -234,6 +234,23 @@ mod tests {
         }
     }
 
+    /// A head drafter over `h` priced by `verify` and `head_draft`, its
+    /// first features already seen.
+    fn primed<'h>(
+        h: &'h DraftHead,
+        verify: &[f64],
+        head_draft: f64,
+        fallback: Box<dyn Proposer + 'h>,
+    ) -> HeadDrafter<'h> {
+        let costs = Costs {
+            verify: verify.to_vec(),
+            head_draft,
+        };
+        let mut p = HeadDrafter::new(h, costs, fallback);
+        p.observe(&verdict(&[0.5; 32]));
+        p
+    }
+
     #[test]
     fn sampled_drafts_are_the_keyed_draws_of_the_heads_logits() {
         let h = head();
@@ -268,12 +285,7 @@ mod tests {
     #[test]
     fn a_batch_whose_time_is_worth_more_than_a_draft_gets_none_and_no_shadow() {
         let h = head();
-        let costs = Costs {
-            verify: vec![1.0, 1.05, 1.1],
-            head_draft: 0.2,
-        };
-        let mut p = HeadDrafter::new(&h, costs, Box::new(Plain));
-        p.observe(&verdict(&[0.5; 32]));
+        let mut p = primed(&h, &[1.0, 1.05, 1.1], 0.2, Box::new(Plain));
         let ctx = [1u32, 2, 3];
         // Alone (time worth 1 token a step): a draft at the prior's 0.6
         // pays for 0.2 of a step.
@@ -291,12 +303,7 @@ mod tests {
     fn while_no_chain_pays_one_step_in_eight_drafts_a_shadow_and_the_rest_none() {
         let h = head();
         // One draft at the prior's 0.6 yields 1.6 tokens for 1.95 steps.
-        let costs = Costs {
-            verify: vec![1.0, 1.9],
-            head_draft: 0.05,
-        };
-        let mut p = HeadDrafter::new(&h, costs, Box::new(Plain));
-        p.observe(&verdict(&[0.5; 32]));
+        let mut p = primed(&h, &[1.0, 1.9], 0.05, Box::new(Plain));
         let ctx = [1u32, 2, 3];
         let shadows: Vec<bool> = (0..2 * SHADOW_EVERY)
             .map(|_| {
@@ -312,12 +319,7 @@ mod tests {
     #[test]
     fn greedy_requests_go_to_the_wrapped_proposer() {
         let h = head();
-        let costs = Costs {
-            verify: vec![1.0, 1.1],
-            head_draft: 0.05,
-        };
-        let mut p = HeadDrafter::new(&h, costs, Box::new(Lookup::new(4)));
-        p.observe(&verdict(&[0.5; 32]));
+        let mut p = primed(&h, &[1.0, 1.1], 0.05, Box::new(Lookup::new(4)));
         // Prompt lookup drafts what followed the last token's earlier match.
         let ctx = [5u32, 6, 7, 8, 5, 6];
         let d = p.propose(&req(&ctx, DraftRule::Best));

@@ -80,19 +80,22 @@ impl<'m> TreeDrafter<'m> {
 
 impl Proposer for TreeDrafter<'_> {
     fn propose(&mut self, req: &DraftRequest) -> Drafts {
-        let verified = self.verified.get();
         if let (true, Some(key)) = (req.branch, sample_key(req.rule)) {
+            let verified = self.verified.get();
             return self.sampled_tree(req, key, verified);
         }
         let d = self.drafter;
         let k = self.best_k().min(req.room);
+        if k == 0 && !self.shadows.due() {
+            // Drafting does not pay and no shadow is due: the statistics
+            // (an exp per vocabulary entry) stay unread too.
+            return Drafts::none();
+        }
+        let verified = self.verified.get();
         if k == 0 {
-            // Drafting does not pay: now and then still ask for the first
-            // token, to keep the acceptance estimate current (a sampled
-            // draw from the trees took ~20% of a q8_0 step at every step).
-            if !self.shadows.due() {
-                return Drafts::none();
-            }
+            // A shadow: only the first token, to keep the acceptance
+            // estimate current (a sampled draw from the trees took ~20%
+            // of a q8_0 step when every such step had one).
             let shadow = d.draft(req.tokens, verified, req.rule);
             return Drafts {
                 shadow: shadow.map(|d| d.token),
