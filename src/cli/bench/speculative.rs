@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::BenchOptions;
 use crate::decode::proposer::{Costs, HeadDrafter, Lookup, Oracle, Plain, TreeDrafter};
-use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats};
+use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats, TokenOut};
 use crate::drafter::Drafter;
 use crate::model::config::Config;
 use crate::model::cpu::CpuGpt;
@@ -94,6 +94,7 @@ pub fn repeating(prompt: &[u32], out: &[u32]) -> Vec<bool> {
         .collect()
 }
 
+#[derive(Default)]
 struct Run {
     tokens: Vec<Vec<u32>>,
     secs: Vec<f64>,
@@ -105,71 +106,85 @@ struct Run {
     last_secs: f64,
 }
 
+/// A decoding run of the bench: who drafts for prompt i, and how.
+type Decoder<'d, 'a> = (&'d dyn Fn(usize) -> Box<dyn Proposer + 'a>, Decoding);
+
+/// Decodes every prompt with each of `decoders`, three times each, the
+/// decoders taking turns within each prompt (so a shift of the shared
+/// machine's load hits them alike); each keeps its median time per prompt.
 fn decode_all<'a>(
     model: &CpuGpt,
     prompts: &[Vec<u32>],
     n: usize,
-    proposer: &dyn Fn(usize) -> Box<dyn Proposer + 'a>,
-    how: Decoding,
-) -> anyhow::Result<Run> {
-    let mut r = Run {
-        tokens: vec![],
-        secs: vec![],
-        token_secs: vec![],
-        gaps: vec![],
-        stats: SpecStats::default(),
-        last_secs: 0.0,
-    };
+    decoders: &[Decoder<'_, 'a>],
+) -> anyhow::Result<Vec<Run>> {
+    let mut runs: Vec<Run> = decoders.iter().map(|_| Run::default()).collect();
     for (i, p) in prompts.iter().enumerate() {
-        let params = GenParams {
-            max_tokens: n,
-            sampling: SamplingParams {
-                temperature: how.temperature,
-                top_p: how.top_p,
-                seed: 1000 + i as u64,
-                ..Default::default()
-            },
-            speculate: true,
-            cascade: how.cascade,
-            exit_margin: how.exit_margin,
-            self_draft: how.self_draft,
-            draft_tree: how.draft_tree,
-            sampled_trees: how.draft_tree,
-            draft_with_noise: how.draft_with_noise,
-            stop_at_eot: false,
-            ..Default::default()
-        };
-        // Median of 3 (decoding is deterministic, so every repeat yields
-        // the same tokens).
-        let mut timed = Vec::with_capacity(3);
-        let mut last = None;
+        let mut timed: Vec<Vec<(f64, Vec<f64>)>> = vec![Vec::with_capacity(3); decoders.len()];
         for _ in 0..3 {
-            let t = Instant::now();
-            let (mut g, _) = Generator::new(model, proposer(i), p, params.clone(), u32::MAX, None)?;
-            let mut out = Vec::new();
-            let mut shares = Vec::new();
-            while g.finished.is_none() {
-                let ts = Instant::now();
-                let got = g.step()?;
-                let dt = ts.elapsed().as_secs_f64() / got.len().max(1) as f64;
-                shares.extend(std::iter::repeat_n(dt, got.len()));
-                out.extend(got);
+            for (d, (proposer, how)) in decoders.iter().enumerate() {
+                let (secs, shares, g, out) = decode_one(model, proposer(i), p, n, i, *how)?;
+                timed[d].push((secs, shares));
+                if timed[d].len() == 3 {
+                    let r = &mut runs[d];
+                    r.last_secs += secs;
+                    r.tokens.push(out.iter().map(|t| t.id).collect());
+                    r.gaps.push(out.iter().map(|t| t.gap).collect());
+                    r.stats.add(&g.stats);
+                }
             }
-            let secs = t.elapsed().as_secs_f64();
-            timed.push((secs, shares));
-            last = Some((g, out, secs));
         }
-        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let median = timed.swap_remove(1);
-        let (g, out, secs) = last.expect("three runs");
-        r.last_secs += secs;
-        r.secs.push(median.0);
-        r.token_secs.push(median.1);
-        r.tokens.push(out.iter().map(|t| t.id).collect());
-        r.gaps.push(out.iter().map(|t| t.gap).collect());
-        r.stats.add(&g.stats);
+        for (r, mut t) in runs.iter_mut().zip(timed) {
+            // Decoding is deterministic: every repeat yields the same tokens.
+            t.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let median = t.swap_remove(1);
+            r.secs.push(median.0);
+            r.token_secs.push(median.1);
+        }
     }
-    Ok(r)
+    Ok(runs)
+}
+
+/// One timed decoding of prompt `i`: (seconds, each token's share of its
+/// step's time, the finished generator, the tokens).
+fn decode_one<'a>(
+    model: &'a CpuGpt,
+    proposer: Box<dyn Proposer + 'a>,
+    prompt: &[u32],
+    n: usize,
+    i: usize,
+    how: Decoding,
+) -> anyhow::Result<(f64, Vec<f64>, Generator<'a>, Vec<TokenOut>)> {
+    let params = GenParams {
+        max_tokens: n,
+        sampling: SamplingParams {
+            temperature: how.temperature,
+            top_p: how.top_p,
+            seed: 1000 + i as u64,
+            ..Default::default()
+        },
+        speculate: true,
+        cascade: how.cascade,
+        exit_margin: how.exit_margin,
+        self_draft: how.self_draft,
+        draft_tree: how.draft_tree,
+        sampled_trees: how.draft_tree,
+        draft_with_noise: how.draft_with_noise,
+        stop_at_eot: false,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let (mut g, _) = Generator::new(model, proposer, prompt, params, u32::MAX, None)?;
+    let mut out = Vec::new();
+    let mut shares = Vec::new();
+    while g.finished.is_none() {
+        let ts = Instant::now();
+        let got = g.step()?;
+        let dt = ts.elapsed().as_secs_f64() / got.len().max(1) as f64;
+        shares.extend(std::iter::repeat_n(dt, got.len()));
+        out.extend(got);
+    }
+    Ok((t.elapsed().as_secs_f64(), shares, g, out))
 }
 
 /// Compares a run with plain decoding: (identical outputs, near-tie
@@ -270,7 +285,10 @@ pub(super) fn speculative_suite(
         draft_tree: true,
         draft_with_noise: true,
     };
-    let plain = decode_all(model, prompts, n, &|_| Box::new(Plain), plain_how)?;
+    let plain_prop = |_: usize| -> Box<dyn Proposer> { Box::new(Plain) };
+    let plain = decode_all(model, prompts, n, &[(&plain_prop, plain_how)])?
+        .pop()
+        .expect("one decoder");
     let total: usize = plain.tokens.iter().map(Vec::len).sum();
     let conts = plain.tokens.clone();
     let mut rows = vec![summary("plain", prompts, &plain, &plain, total)];
@@ -310,8 +328,12 @@ pub(super) fn speculative_suite(
             draft_with_noise: m.noise,
             ..plain_how
         };
-        let r = decode_all(model, prompts, n, &prop, how)?;
-        let row = summary(name, prompts, &plain, &r, total);
+        // Timed against plain decoding interleaved with it, prompt by prompt.
+        let [paired, r]: [Run; 2] =
+            decode_all(model, prompts, n, &[(&plain_prop, plain_how), (&prop, how)])?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("two decoders, two runs"))?;
+        let row = summary(name, prompts, &paired, &r, total);
         eprintln!(
             "bench: t={temp} {name}: {:.1} tok/s, speedup {:.2}x, {:.2} tokens/step",
             row["tok_s"].as_f64().unwrap_or(0.0),
