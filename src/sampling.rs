@@ -369,9 +369,12 @@ fn nucleus(logits: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
         return None;
     }
     let m = logits.iter().copied().fold(f32::MIN, f32::max);
+    // A NaN logit weighs nothing (it would make the total NaN and the
+    // nucleus empty).
     let w: Vec<f64> = logits
         .iter()
         .map(|l| (((l - m) / p.temperature) as f64).exp())
+        .map(|x| if x.is_nan() { 0.0 } else { x })
         .collect();
     let total: f64 = w.iter().sum();
     let floor = (1.0 - p.top_p as f64) / w.len() as f64 * total;
@@ -469,6 +472,122 @@ pub fn top2_gap(logits: &[f32]) -> f32 {
         }
     }
     a - b
+}
+
+/// Margins above this are reported as this by [`choose_with_margin`]:
+/// past it a head draft is accepted ~90% of the time either way
+/// (docs/benchmarks.md, "Calibrated head drafts"), and the cap keeps the
+/// scan pruned.
+pub const MARGIN_CAP: f32 = 4.0;
+
+/// [`choose`]'s token and its margin: how far the token's score (scaled
+/// logit plus the keyed noise) lies above the runner-up's, at most
+/// [`MARGIN_CAP`]; for greedy, the gap between the top two logits. Under
+/// the same noise, a distribution close to these logits draws the same
+/// token the more surely the wider the margin: what the draft head's
+/// calibration reads (`model::draft_head::Calibration`).
+pub fn choose_with_margin(
+    logits: &[f32],
+    p: &SamplingParams,
+    stream: u64,
+    pos: usize,
+) -> (u32, f32) {
+    if p.is_greedy() {
+        return (argmax(logits), top2_gap(logits).min(MARGIN_CAP));
+    }
+    let noise = Noise::at(p.seed, stream, pos);
+    let inv_t = 1.0 / p.temperature;
+    let mut top = Top2::default();
+    match nucleus(logits, p) {
+        Some(ids) => {
+            for t in ids {
+                top.push(logits[t as usize] * inv_t + noise.gumbel(t), t);
+            }
+        }
+        None => top2_pruned(logits, inv_t, noise, &mut top),
+    }
+    (top.best.1, (top.best.0 - top.second).min(MARGIN_CAP))
+}
+
+/// The best score (at the lowest index among ties) and the runner-up's.
+struct Top2 {
+    best: (f32, u32),
+    second: f32,
+}
+
+impl Default for Top2 {
+    fn default() -> Self {
+        Top2 {
+            best: (f32::NEG_INFINITY, 0),
+            second: f32::NEG_INFINITY,
+        }
+    }
+}
+
+impl Top2 {
+    #[inline(always)]
+    fn push(&mut self, s: f32, t: u32) {
+        if s > self.best.0 || (s == self.best.0 && t < self.best.1) {
+            self.second = self.best.0;
+            self.best = (s, t);
+        } else if s > self.second {
+            self.second = s;
+        }
+    }
+}
+
+/// [`gumbel_argmax_pruned`]'s scan kept to the top two: after the tokens
+/// near the top, a token is scored only if its noise could lift it above
+/// both the runner-up and the best score less [`MARGIN_CAP`].
+fn top2_pruned(logits: &[f32], inv_t: f32, noise: Noise, top: &mut Top2) {
+    const CHUNK: usize = 16;
+    let hi = max_of(logits) * inv_t;
+    let near = hi - NEAR_TOP;
+    let is_near = |l: f32| l * inv_t >= near;
+    if !near.is_finite() || logits.iter().filter(|&&l| is_near(l)).count() > logits.len() / 32 {
+        return top2_lanes(logits, inv_t, noise, top);
+    }
+    for (t, &l) in logits.iter().enumerate() {
+        if is_near(l) {
+            top.push(l * inv_t + noise.gumbel(t as u32), t as u32);
+        }
+    }
+    let floor = top.second.max(top.best.0 - MARGIN_CAP);
+    let rounding = 8.0 * f64::from(f32::EPSILON) * f64::from(hi.abs().max(floor.abs()));
+    let need = f64::from(floor - near) - BOUND_SLACK - rounding;
+    let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
+    let mut us = [0f32; CHUNK];
+    for (c, chunk) in logits.chunks(CHUNK).enumerate() {
+        let base = (c * CHUNK) as u32;
+        let mut any = false;
+        for (j, (u, &l)) in us.iter_mut().zip(chunk).enumerate() {
+            *u = noise.uniform(base + j as u32);
+            any |= *u >= u_min && !is_near(l);
+        }
+        if any {
+            for (j, (&u, &l)) in us.iter().zip(chunk).enumerate() {
+                if u >= u_min && !is_near(l) {
+                    top.push(l * inv_t + gumbel_of(u), base + j as u32);
+                }
+            }
+        }
+    }
+}
+
+/// Every token scored, through a buffer so the noise loop vectorises (as
+/// [`gumbel_argmax_lanes`]).
+fn top2_lanes(logits: &[f32], inv_t: f32, noise: Noise, top: &mut Top2) {
+    const CHUNK: usize = 64;
+    let mut scores = [0f32; CHUNK];
+    for (c, chunk) in logits.chunks(CHUNK).enumerate() {
+        let base = (c * CHUNK) as u32;
+        for (j, (s, l)) in scores.iter_mut().zip(chunk).enumerate() {
+            *s = l * inv_t + noise.gumbel(base + j as u32);
+        }
+        for (j, &s) in scores[..chunk.len()].iter().enumerate() {
+            top.push(s, base + j as u32);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -715,6 +834,44 @@ mod tests {
                         // SAFETY: the CPU has AVX2.
                         let avx2 = unsafe { gumbel_argmax_avx2(logits, inv_t, noise) };
                         assert_eq!(avx2, want, "{at}, AVX2");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_margin_draw_takes_the_samplers_token_and_the_full_scans_margin() {
+        for (r, logits) in logit_rows().iter().enumerate() {
+            for t in [0.25f32, 0.8, 1.0, 2.0] {
+                for top_p in [1.0, 0.9] {
+                    let p = SamplingParams {
+                        temperature: t,
+                        top_p,
+                        seed: r as u64,
+                        ..Default::default()
+                    };
+                    for pos in 0..200 {
+                        let at = format!("row {r}, T {t}, top_p {top_p}, pos {pos}");
+                        let (tok, margin) = choose_with_margin(logits, &p, 3, pos);
+                        assert_eq!(tok, choose(logits, &p, 3, pos), "{at}");
+                        let noise = Noise::at(p.seed, 3, pos);
+                        let ids: Vec<u32> = match nucleus(logits, &p) {
+                            Some(ids) => ids,
+                            None => (0..logits.len() as u32).collect(),
+                        };
+                        let mut scores: Vec<f32> = ids
+                            .iter()
+                            .map(|&i| logits[i as usize] * (1.0 / t) + noise.gumbel(i))
+                            .filter(|s| !s.is_nan())
+                            .collect();
+                        scores.sort_by(|a, b| b.total_cmp(a));
+                        let want = match scores.len() {
+                            0 | 1 => MARGIN_CAP,
+                            _ => (scores[0] - scores[1]).min(MARGIN_CAP),
+                        };
+                        let close = (margin - want).abs() <= 1e-4 * want.abs().max(1.0);
+                        assert!(close || margin == want, "{at}: {margin} vs {want}");
                     }
                 }
             }
