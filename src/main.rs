@@ -43,6 +43,9 @@ enum Cmd {
     /// Train the draft head (drafts from the model's hidden state) on the
     /// train split and write it beside the checkpoint.
     TrainHead(train::head::TrainHeadArgs),
+    /// Fit the draft head's calibration (a draft's chance from its margin)
+    /// on the train split and measure its calibration error on held-out text.
+    CalibrateHead(train::head_calibrate::CalibrateHeadArgs),
     /// Generate text from a checkpoint.
     Sample(gpt_serve::cli::sample::SampleArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API.
@@ -118,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::CalibrateDrafter(a) => train::label::calibrate::run(&a)?,
         Cmd::CountNgrams(a) => train::label::ngrams::run(&a)?,
         Cmd::TrainHead(a) => train::head::run(&a)?,
+        Cmd::CalibrateHead(a) => {
+            train::head_calibrate::run(&a)?;
+        }
         Cmd::Sample(a) => gpt_serve::cli::sample::run(&a)?,
         Cmd::Serve(a) => gpt_serve::cli::serve::run(a)?,
         Cmd::ImportHf { dir, out, dtype } => {

@@ -255,8 +255,10 @@ fn the_draft_head_gives_plain_output_greedy_and_sampled_with_penalties() {
         verify: f.drafter.verify_costs(),
         head_draft: 0.1,
     };
-    let make =
-        || -> Box<dyn Proposer + '_> { Box::new(HeadDrafter::new(head, costs.clone(), tree(&f))) };
+    let make = || -> Box<dyn Proposer + '_> {
+        // Fixed costs: which drafts are made must not depend on timing.
+        Box::new(HeadDrafter::new(head, costs.clone(), tree(&f)).with_fixed_costs())
+    };
     let settings = [(0.0, 1.0, 0.0), (0.8, 0.95, 0.3), (1.0, 1.0, 0.0)];
     for (temperature, top_p, penalty) in settings {
         let params = GenParams {
@@ -279,6 +281,32 @@ fn the_draft_head_gives_plain_output_greedy_and_sampled_with_penalties() {
             "no draft was ever accepted at t={temperature}"
         );
     }
+}
+
+#[test]
+fn the_shipped_heads_calibration_holds_on_held_out_drafts() {
+    use gpt_serve::decode::calibrate;
+    let Some(f) = fixture(40) else { return };
+    let head = f.head.as_ref().expect("models/default has a draft head");
+    let cal = head
+        .calibration()
+        .expect("models/default's head is calibrated (calibrate-head --write)");
+    let samples = calibrate::record(&f.model, head, &f.prompts, &[0.8, 1.0], 40).unwrap();
+    let ece = calibrate::calibration_error(cal, &samples);
+    let rate = |keep: &dyn Fn(f32) -> bool| {
+        let v: Vec<_> = samples
+            .iter()
+            .filter(|s| s.depth == 1 && keep(s.margin))
+            .collect();
+        v.iter().filter(|s| s.accepted).count() as f64 / v.len().max(1) as f64
+    };
+    let (wide, narrow) = (rate(&|m| m > 2.0), rate(&|m| m < 0.5));
+    eprintln!(
+        "{} drafts: calibration error {ece:.3}; first drafts accepted {wide:.2} past margin 2, {narrow:.2} below 0.5",
+        samples.len()
+    );
+    assert!(ece < 0.05, "calibration error {ece} on held-out drafts");
+    assert!(wide > narrow + 0.3, "{wide} vs {narrow}");
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub struct Generator<'m, M: Forward = CpuGpt> {
     pub stats: SpecStats,
     pub finished: Option<Finish>,
     pub(super) eot: u32,
+    /// When the verify step now being committed began, when the sequence
+    /// steps alone ([`Self::step`]): its time goes to the proposer.
+    step_started: Option<std::time::Instant>,
 }
 
 impl<'m, M: Forward> Generator<'m, M> {
@@ -104,6 +107,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             stats: SpecStats::default(),
             finished: None,
             eot,
+            step_started: None,
         })
     }
 
@@ -252,6 +256,7 @@ impl<'m, M: Forward> Generator<'m, M> {
             return Ok(vec![]);
         };
         // Verify: the final head's logits of every row.
+        self.step_started = Some(std::time::Instant::now());
         let logits = self.forward_alone(&rows)?;
         // Accept, commit, roll the cache back.
         Ok(self.commit(rows, &logits))
@@ -346,6 +351,10 @@ impl<'m, M: Forward> Generator<'m, M> {
                 st.record(depths, accepted, later_child, could_draft)
             }
         };
+        let secs = self.step_started.take().map(|t| t.elapsed().as_secs_f64());
+        if let Some(s) = secs {
+            self.stats.time_step(rows.len(), s);
+        }
         // The drafter's state: its features read the model's stats where
         // it last committed.
         self.proposer.observe(&Verdict {
@@ -355,6 +364,8 @@ impl<'m, M: Forward> Generator<'m, M> {
             shadow,
             logits: &logits[*path.last().expect("the root")],
             features: logits.features(*path.last().expect("the root")),
+            rows: rows.len(),
+            secs,
         });
         // The walked rows' slots move to the committed positions; the cache
         // then holds every committed token but the pending one.

@@ -24,11 +24,13 @@
 //!
 //! Files by role: `generator` (the loop: draft -> verify -> accept ->
 //! commit), `rows` (a step's rows and the acceptance rule), `proposer`
-//! (the [`Proposer`] trait, one file per drafter), `suffix_cache` (the
+//! (the [`Proposer`] trait, one file per drafter), `calibrate` (fits the
+//! draft head's calibration from decoded drafts), `suffix_cache` (the
 //! cross-request continuation cache), `cascade` (the exit
 //! cascade and LayerSkip drafting, a step of their own), `stats` (the
 //! counters), `params` (what a caller asks and gets back).
 
+pub mod calibrate;
 mod cascade;
 mod generator;
 mod params;

@@ -29,6 +29,10 @@ pub struct SpecStats {
     pub exit_accepted: u64,
     /// Seconds spent drafting (features, the drafter's trees, tree growth).
     pub draft_secs: f64,
+    /// Verify steps taken alone, by rows (index r - 1), and their seconds
+    /// (forward and commit): what a row costs in the decode loop.
+    pub timed_steps_by_rows: Vec<u64>,
+    pub step_secs_by_rows: Vec<f64>,
 }
 
 impl SpecStats {
@@ -54,6 +58,42 @@ impl SpecStats {
         }
         add_vec(&mut self.accepted_by_pos, &o.accepted_by_pos);
         add_vec(&mut self.drafted_by_pos, &o.drafted_by_pos);
+        add_vec(&mut self.timed_steps_by_rows, &o.timed_steps_by_rows);
+        if self.step_secs_by_rows.len() < o.step_secs_by_rows.len() {
+            self.step_secs_by_rows
+                .resize(o.step_secs_by_rows.len(), 0.0);
+        }
+        for (a, b) in self.step_secs_by_rows.iter_mut().zip(&o.step_secs_by_rows) {
+            *a += b;
+        }
+    }
+
+    /// Counts a verify step of `rows` rows taken alone in `secs`.
+    pub(super) fn time_step(&mut self, rows: usize, secs: f64) {
+        if rows == 0 {
+            return;
+        }
+        if self.timed_steps_by_rows.len() < rows {
+            self.timed_steps_by_rows.resize(rows, 0);
+            self.step_secs_by_rows.resize(rows, 0.0);
+        }
+        self.timed_steps_by_rows[rows - 1] += 1;
+        self.step_secs_by_rows[rows - 1] += secs;
+    }
+
+    /// The mean time of a verify step of r = 1.. rows taken alone relative
+    /// to a one-row step's (None where no such step was timed).
+    pub fn realized_verify_costs(&self) -> Vec<Option<f64>> {
+        let mean = |r: usize| {
+            let n = *self.timed_steps_by_rows.get(r)?;
+            (n > 0).then(|| self.step_secs_by_rows[r] / n as f64)
+        };
+        let Some(one) = mean(0) else {
+            return vec![];
+        };
+        (0..self.timed_steps_by_rows.len())
+            .map(|r| mean(r).map(|m| m / one))
+            .collect()
     }
 
     /// Counts a verify step whose drafts sat at `depths` (1 = right after

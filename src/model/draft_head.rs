@@ -49,6 +49,49 @@ pub struct HeadConfig {
     /// Training figures (`train::head::Report`).
     #[serde(default)]
     pub report: serde_json::Value,
+    /// The chance that the model draws a draft, from the draft's margin
+    /// (absent: the drafter prices every draft at its running acceptance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// The chance that a head draft is the model's own draw, from its margin
+/// (`sampling::choose_with_margin`): logistic in the margin, one fit for
+/// the first draft of a chain and one for later drafts (given that their
+/// parent was accepted). Fitted on the train split by `gpt-serve
+/// calibrate-head` (`decode::calibrate`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Calibration {
+    /// `[intercept, slope]` of the first draft's log-odds.
+    pub first: [f64; 2],
+    /// `[intercept, slope]` of a later draft's.
+    pub later: [f64; 2],
+    /// How it was fitted and how well it is calibrated.
+    #[serde(default)]
+    pub fit: serde_json::Value,
+}
+
+impl Calibration {
+    /// The chance that the draft at `depth` (1 = first), margin `margin`,
+    /// is accepted given that its parent was.
+    pub fn accept(&self, depth: usize, margin: f32) -> f64 {
+        let [a, b] = if depth <= 1 { self.first } else { self.later };
+        1.0 / (1.0 + (-(a + b * f64::from(margin))).exp())
+    }
+
+    /// An error naming the field when a coefficient is not finite or a
+    /// slope is negative (a wider margin cannot make a draft less likely).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, [a, b]) in [("first", self.first), ("later", self.later)] {
+            if !a.is_finite() || !b.is_finite() {
+                return Err(format!("calibration.{name} must be finite, got [{a}, {b}]"));
+            }
+            if b < 0.0 {
+                return Err(format!("calibration.{name}: slope {b} is negative"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +120,7 @@ pub struct DraftHead {
     /// Its matmuls run on the thread team (as a quantized model's do)
     /// rather than on rayon's pool (as an f32/f16 model's do).
     team: bool,
+    calibration: Option<Calibration>,
 }
 
 impl DraftHead {
@@ -91,6 +135,9 @@ impl DraftHead {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(&cfg_path, e.to_string()))?;
         let cfg: HeadConfig =
             serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e.to_string()))?;
+        if let Some(c) = &cfg.calibration {
+            c.check().map_err(|e| bad(&cfg_path, e))?;
+        }
         if cfg.format_version != FORMAT_VERSION {
             let msg = format!(
                 "format_version {} (this build reads {FORMAT_VERSION})",
@@ -148,6 +195,7 @@ impl DraftHead {
             hidden: h,
             vocab,
             team: false,
+            calibration: cfg.calibration.clone(),
         })
     }
 
@@ -175,6 +223,17 @@ impl DraftHead {
         self.n_embd
     }
 
+    /// What its drafts' margins say of their acceptance, if calibrated.
+    pub fn calibration(&self) -> Option<&Calibration> {
+        self.calibration.as_ref()
+    }
+
+    /// This head with `calibration` (what `calibrate-head` measures).
+    pub fn with_calibration(mut self, calibration: Option<Calibration>) -> Self {
+        self.calibration = calibration;
+        self
+    }
+
     pub fn vocab(&self) -> usize {
         self.vocab
     }
@@ -190,7 +249,7 @@ impl DraftHead {
         let mut z = vec![0f32; self.hidden];
         self.matvec(&self.w1, &u, &mut z);
         // The model's vectorised GELU: libm's tanh here was 16 us of a
-        // ~50 us draft (examples/head_confidence.rs).
+        // ~50 us draft (examples/head_profile.rs).
         crate::model::kernels::gelu_tanh(&mut z);
         let mut out = vec![0f32; c];
         self.matvec(&self.w2, &z, &mut out);
@@ -233,6 +292,7 @@ pub(crate) fn random_parts(
         n_embd: c,
         hidden,
         report: serde_json::Value::Null,
+        calibration: None,
     };
     let t = [
         (W1, r(&[hidden, 2 * c])),
@@ -291,6 +351,31 @@ mod tests {
     fn gelu(x: f32) -> f32 {
         const S: f32 = 0.797_884_6; // sqrt(2 / pi)
         0.5 * x * (1.0 + (S * (x + 0.044_715 * x * x * x)).tanh())
+    }
+
+    #[test]
+    fn a_calibration_with_a_negative_slope_is_an_error_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, t, wte) = random(32, 32, 40);
+        let mut json = serde_json::to_value(&cfg).unwrap();
+        json["calibration"] = serde_json::json!({"first": [0.1, 1.0], "later": [0.2, -0.5]});
+        std::fs::write(dir.path().join(HEAD_CONFIG_FILE), json.to_string()).unwrap();
+        candle_core::safetensors::save(&t, dir.path().join(HEAD_FILE)).unwrap();
+        let model: HashMap<String, Tensor> = [(params::WTE.to_string(), wte)].into();
+        let e = DraftHead::load(dir.path(), &model)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("calibration.later") && e.contains("-0.5"), "{e}");
+        json["calibration"]["later"] = serde_json::json!([0.2, 0.5]);
+        std::fs::write(dir.path().join(HEAD_CONFIG_FILE), json.to_string()).unwrap();
+        let h = DraftHead::load(dir.path(), &model).unwrap().unwrap();
+        let c = h.calibration().unwrap();
+        assert!(
+            c.accept(1, 3.0) > c.accept(1, 0.0),
+            "wider margins, likelier"
+        );
+        assert!((c.accept(2, 0.0) - 1.0 / (1.0 + (-0.2f64).exp())).abs() < 1e-12);
     }
 
     #[test]

@@ -195,7 +195,31 @@ pub fn run(a: &TrainHeadArgs) -> anyhow::Result<()> {
         "val_draw_match_depth2": depth2,
     });
     eprintln!("train-head: {report}");
-    save(a, &vm, c, report)
+    save(a, &vm, c, report)?;
+    calibrate(a, cfg.block_size);
+    Ok(())
+}
+
+/// Calibrates the head just saved (`calibrate-head --write` on the same
+/// texts, shortened to fit the model's window). A head whose drafts cannot
+/// be fitted (all accepted or all rejected) stays uncalibrated: it drafts
+/// by its running acceptance, and the reason is printed.
+fn calibrate(a: &TrainHeadArgs, block_size: usize) {
+    let prompt_len = 32.min(block_size / 4).max(1);
+    let args = crate::train::head_calibrate::CalibrateHeadArgs {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        eval: vec![a.val.display().to_string()],
+        temperatures: vec![0.8, 1.0],
+        prompts: 150,
+        prompt_len,
+        new_tokens: 128.min(block_size - prompt_len),
+        out: a.cache_dir.join("head-calibration.json"),
+        write: true,
+    };
+    if let Err(e) = crate::train::head_calibrate::run(&args) {
+        eprintln!("train-head: the head stays uncalibrated: {e:#}");
+    }
 }
 
 /// The head's starting weights, from the distributions `candle_nn::linear`
@@ -350,6 +374,8 @@ fn save(a: &TrainHeadArgs, vm: &VarMap, c: usize, report: serde_json::Value) -> 
         n_embd: c,
         hidden: a.hidden,
         report,
+        // A new head's margins mean something else: `calibrate-head` fits it.
+        calibration: None,
     };
     checkpoint::write_atomic(
         &a.model.join(draft_head::HEAD_CONFIG_FILE),

@@ -17,6 +17,7 @@
 pub mod data;
 pub mod eval;
 pub mod head;
+pub mod head_calibrate;
 pub mod label;
 pub mod losses;
 pub mod optim;

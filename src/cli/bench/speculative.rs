@@ -243,6 +243,11 @@ fn summary(name: &str, prompts: &[Vec<u32>], plain: &Run, r: &Run, n_tokens: usi
         "exit_margins": s.exit_margins,
         "no_draft_steps": s.no_draft_steps,
         "draft_share": s.draft_secs / r.last_secs.max(1e-9),
+        "realized_verify_costs": s.realized_verify_costs(),
+        "one_row_step_secs": s.step_secs_by_rows.first().copied().unwrap_or(0.0)
+            / s.timed_steps_by_rows.first().copied().unwrap_or(0).max(1) as f64,
+        "plain_step_secs": plain.stats.step_secs_by_rows.first().copied().unwrap_or(0.0)
+            / plain.stats.timed_steps_by_rows.first().copied().unwrap_or(0).max(1) as f64,
         "tree_steps": s.tree_steps,
         "accepted_later_child": s.accepted_later_child,
         "exit_draft_steps": s.exit_draft_steps,

@@ -2,20 +2,23 @@
 //! drafted from the model's own features at the last verified row, each
 //! draft the sampler's keyed draw (`sampling::choose`, same seed, stream
 //! and position) from the head's logits, so it is the model's sample
-//! whenever the head's distribution is close enough to the model's. The
-//! chain is as long as the sequence's acceptance rate, the verify cost
-//! curve and the head's own drafting time say pays, in the batch's prices.
-//! Greedy requests go to the proposer it wraps (the tree drafter, better
-//! than the head at the argmax on the shipped model: docs/benchmarks.md),
-//! and so do sampled ones until the model has given features (the first
-//! step after the prompt; candle's backend gives none).
+//! whenever the head's distribution is close enough to the model's. How
+//! close is read per draft from its margin over the runner-up, through the
+//! head's calibration (fitted on the train split): a draft keeps its row
+//! while its path's chance pays for the row in the batch's prices, and
+//! drafting starts only where first drafts have paid for the head's own
+//! drafting time. Greedy requests go to the proposer it wraps (the tree
+//! drafter, better than the head at the argmax on the shipped model:
+//! docs/benchmarks.md), and so do sampled ones until the model has given
+//! features (the first step after the prompt; candle's backend gives none).
 
 use super::{
-    best_chain_len, AcceptRate, Costs, DraftRequest, Drafts, Proposer, ShadowClock, Verdict,
+    AcceptRate, Costs, DraftRequest, Drafts, Proposer, ShadowClock, StepClock, Verdict,
+    ACCEPT_EMA_WEIGHT, SHADOW_EVERY,
 };
 use crate::drafter::DraftRule;
 use crate::model::draft_head::DraftHead;
-use crate::model::forward::{Forward, Segment};
+use crate::model::forward::{Forward, Segment, Tree};
 use crate::sampling::{self, SamplingParams};
 
 pub struct HeadDrafter<'m> {
@@ -23,7 +26,14 @@ pub struct HeadDrafter<'m> {
     /// The final features of the last verified row (empty before the
     /// first verify step).
     features: Vec<f32>,
+    /// The share of its verified drafts the model accepted, running: a
+    /// draft's chance without a calibration, and what a deeper draft is
+    /// expected to bring before it is drafted.
     accept: AcceptRate,
+    /// What a first draft has been worth, running: its chance less its
+    /// row's price, when positive (the row is not verified otherwise).
+    /// None before the first draft.
+    first_value: Option<f64>,
     /// Verify cost of k drafts, and of one head draft, relative to a
     /// plain step.
     costs: Costs,
@@ -32,9 +42,19 @@ pub struct HeadDrafter<'m> {
     fallback: Box<dyn Proposer + 'm>,
     /// Whether the last drafts (or shadow) were the head's.
     ours: bool,
-    /// When the next shadow draft is due, while no chain pays.
+    /// When the next shadow draft is due, while drafting does not pay.
     shadows: ShadowClock,
+    /// What its steps and drafts have cost as measured (the start-up
+    /// `costs` until then), unless the costs are fixed.
+    clock: Option<StepClock>,
 }
+
+/// While first drafts do not pay, one step in this many drafts a shadow
+/// (the trees: [`SHADOW_EVERY`]): each costs a head draft, and its weights
+/// push the model's out of the caches. One in 8 measured 0.93-0.99x plain
+/// with q8_0 weights against 0.91-1.00x for one in 32 (3 runs,
+/// docs/benchmarks.md, "Calibrated head drafts").
+pub const HEAD_SHADOW_EVERY: usize = 4 * SHADOW_EVERY;
 
 impl<'m> HeadDrafter<'m> {
     pub fn new(
@@ -46,37 +66,115 @@ impl<'m> HeadDrafter<'m> {
             head,
             features: vec![],
             accept: AcceptRate::default(),
+            first_value: None,
             costs,
             fallback,
             ours: false,
             shadows: ShadowClock::default(),
+            clock: Some(StepClock::default()),
         }
     }
 
-    /// `k` drafts after `tokens` (its last token pending), each the keyed
-    /// draw of `sp` at its position from the head's logits.
-    fn chain(&self, tokens: &[u32], k: usize, sp: &SamplingParams, stream: u64) -> Vec<u32> {
+    /// This drafter priced by the costs it was given only, never by what
+    /// it measures (for tests whose drafts must not depend on timing).
+    pub fn with_fixed_costs(mut self) -> Self {
+        self.clock = None;
+        self
+    }
+
+    /// One head draft's time relative to a plain step.
+    fn draft_cost(&self) -> f64 {
+        match &self.clock {
+            Some(c) => c.draft(&self.costs),
+            None => self.costs.head_draft,
+        }
+    }
+
+    /// The chance that the draft at `depth` with margin `margin` is
+    /// accepted, its parent accepted: the head's calibration, else the
+    /// running acceptance.
+    fn chance(&self, depth: usize, margin: f32) -> f64 {
+        match self.head.calibration() {
+            Some(c) => c.accept(depth, margin),
+            None => self.accept.get(),
+        }
+    }
+
+    /// What the row of draft `depth` costs in the batch's tokens: the
+    /// batch's floor, or its share of the verify cost curve (infinite past
+    /// the curve).
+    fn row_price(&self, req: &DraftRequest, depth: usize) -> f64 {
+        let verify = |k: usize| match &self.clock {
+            Some(c) => c.verify(k, &self.costs),
+            None => self.costs.verify.get(k).copied(),
+        };
+        match (verify(depth), verify(depth - 1)) {
+            (Some(c), Some(b)) => {
+                ((c - b) * f64::from(req.time_value)).max(f64::from(req.min_gain))
+            }
+            _ => f64::INFINITY,
+        }
+    }
+    /// The chain of [`Proposer::propose`] once drafting is due: the drafts
+    /// (or the first as the shadow) and how many were drafted.
+    fn chain(
+        &mut self,
+        req: &DraftRequest,
+        sp: &SamplingParams,
+        stream: u64,
+        drafting: f64,
+    ) -> (Drafts, usize) {
         let mut logits = vec![0f32; self.head.vocab()];
         let mut f = self.features.clone();
-        let mut out = Vec::with_capacity(k);
-        let Some(&pending) = tokens.last() else {
-            return out;
-        };
-        let mut x = pending;
-        for i in 0..k {
+        let (mut tokens, mut probs, mut shadow) = (vec![], vec![], None);
+        let mut x = *req.tokens.last().expect("a pending token");
+        let (mut path, mut drafted) = (1.0, 0);
+        for depth in 1..=req.room {
             let Some(next) = self.head.next_features(&f, x) else {
                 break;
             };
+            drafted += 1;
             f = next;
             self.head.logits(&f, &mut logits);
-            x = sampling::choose(&logits, sp, stream, tokens.len() + i);
-            out.push(x);
+            let pos = req.tokens.len() + depth - 1;
+            let (t, margin) = sampling::choose_with_margin(&logits, sp, stream, pos);
+            let p = self.chance(depth, margin);
+            if depth == 1 {
+                let w = (p - self.row_price(req, 1)).max(0.0);
+                let keep = 1.0 - ACCEPT_EMA_WEIGHT;
+                self.first_value =
+                    Some(self.first_value.map_or(w, |v| keep * v + (1.0 - keep) * w));
+            }
+            if path * p < self.row_price(req, depth) {
+                shadow = (depth == 1).then_some(t);
+                break;
+            }
+            path *= p;
+            tokens.push(t);
+            probs.push(p as f32);
+            x = t;
+            let next_pays = path * self.accept.get() >= self.row_price(req, depth + 1) + drafting;
+            if !next_pays {
+                break;
+            }
         }
-        out
+        let drafts = Drafts {
+            tree: Tree::chain(tokens.len() + 1),
+            tokens,
+            probs,
+            shadow,
+        };
+        (drafts, drafted)
     }
 }
 
 impl Proposer for HeadDrafter<'_> {
+    /// Drafts one token at a time, each the keyed draw of the head's
+    /// logits, and keeps it while its path's chance pays for its row; a
+    /// first draft that does not is held back as the shadow. Drafting
+    /// starts only when a first draft has been worth its drafting time
+    /// (or one step in [`HEAD_SHADOW_EVERY`], to find out), and goes
+    /// deeper only while a typical next draft would pay for both.
     fn propose(&mut self, req: &DraftRequest) -> Drafts {
         let DraftRule::Sample {
             seed,
@@ -94,20 +192,17 @@ impl Proposer for HeadDrafter<'_> {
         if !self.ours {
             return self.fallback.propose(req);
         }
-        let a = self.accept.get().clamp(0.01, 0.99);
-        // Draft i's path gain is a^i: it must pay for its row in the batch
-        // and for the time drafting it takes, in the batch's tokens.
-        let price = f64::from(req.min_gain) + self.costs.head_draft * f64::from(req.time_value);
-        let worth = (1..=req.room)
-            .take_while(|&i| a.powi(i as i32) >= price)
-            .count();
-        if worth == 0 {
-            // No draft pays in this batch: none, and no shadow either (a
-            // head draft reads ~2.6 MB of weights).
+        let drafting = self.draft_cost() * f64::from(req.time_value);
+        let first_row = self.row_price(req, 1);
+        if req.room == 0 || 1.0 - first_row < drafting {
+            // Not even a sure draft pays in this batch: none, and no
+            // shadow either (a head draft reads ~1.4 MB of weights).
             return Drafts::none();
         }
-        let k = best_chain_len(a, &self.costs.verify, self.costs.head_draft).min(worth);
-        if k == 0 && !self.shadows.due() {
+        let value = self
+            .first_value
+            .unwrap_or((self.accept.get() - first_row).max(0.0));
+        if value < drafting && !self.shadows.due_every(HEAD_SHADOW_EVERY) {
             return Drafts::none();
         }
         let sp = SamplingParams {
@@ -116,17 +211,18 @@ impl Proposer for HeadDrafter<'_> {
             seed,
             ..SamplingParams::default()
         };
-        let drafts = self.chain(req.tokens, k.max(1), &sp, stream);
-        match k {
-            0 => Drafts {
-                shadow: drafts.first().copied(),
-                ..Drafts::none()
-            },
-            _ => Drafts::chain(drafts, a as f32),
+        let t0 = std::time::Instant::now();
+        let (drafts, drafted) = self.chain(req, &sp, stream, drafting);
+        if let Some(c) = &mut self.clock {
+            c.drafted(drafted, t0.elapsed().as_secs_f64());
         }
+        drafts
     }
 
     fn observe(&mut self, v: &Verdict) {
+        if let (Some(c), Some(secs)) = (&mut self.clock, v.secs) {
+            c.step(v.rows, secs);
+        }
         self.features.clear();
         self.features.extend_from_slice(v.features);
         if !self.ours {
@@ -186,7 +282,7 @@ pub fn measure_draft_cost<M: Forward>(model: &M, head: &DraftHead) -> candle_cor
         let t = std::time::Instant::now();
         if let Some(next) = head.next_features(&f, round as u32 % head.vocab() as u32) {
             head.logits(&next, &mut logits);
-            std::hint::black_box(sampling::choose(&logits, &sp, 0, ctx));
+            std::hint::black_box(sampling::choose_with_margin(&logits, &sp, 0, ctx));
         }
         draft = draft.min(t.elapsed().as_secs_f64());
     }
@@ -196,8 +292,8 @@ pub fn measure_draft_cost<M: Forward>(model: &M, head: &DraftHead) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::proposer::{Lookup, Plain, SHADOW_EVERY};
-    use crate::model::draft_head::random_parts;
+    use crate::decode::proposer::{Lookup, Plain};
+    use crate::model::draft_head::{random_parts, Calibration};
 
     fn head() -> DraftHead {
         let (cfg, t, wte) = random_parts(32, 32, 40);
@@ -231,6 +327,8 @@ mod tests {
             shadow: None,
             logits: &[],
             features,
+            rows: 1,
+            secs: None,
         }
     }
 
@@ -290,22 +388,70 @@ mod tests {
         // Alone (time worth 1 token a step): a draft at the prior's 0.6
         // pays for 0.2 of a step.
         assert!(!p.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
-        // A full batch (a step's time worth 4 tokens): 0.6 < 0.2 x 4.
+        // A full batch (a step's time worth 5 tokens): even a sure draft
+        // brings less than its row (0.25) and its drafting (1.0) cost.
         let busy = DraftRequest {
-            time_value: 4.0,
+            time_value: 5.0,
             ..req(&ctx, SAMPLE)
         };
-        let d = p.propose(&busy);
-        assert!(d.tokens.is_empty() && d.shadow.is_none());
+        for _ in 0..2 * HEAD_SHADOW_EVERY {
+            let d = p.propose(&busy);
+            assert!(d.tokens.is_empty() && d.shadow.is_none());
+        }
     }
 
     #[test]
-    fn while_no_chain_pays_one_step_in_eight_drafts_a_shadow_and_the_rest_none() {
+    fn a_calibrated_draft_keeps_its_row_only_where_its_margin_says_it_pays() {
+        // Accepted almost surely past a margin of 2, almost never below.
+        let cal = Calibration {
+            first: [-40.0, 20.0],
+            later: [-40.0, 20.0],
+            fit: serde_json::Value::Null,
+        };
+        let h = head().with_calibration(Some(cal));
+        let (mut kept, mut held) = (0, 0);
+        for seed in 0..200 {
+            let rule = DraftRule::Sample {
+                seed,
+                stream: 0,
+                temperature: 1.0,
+                top_p: 1.0,
+            };
+            // A row costs 0.3 of a step; drafting next to nothing.
+            let mut p = primed(&h, &[1.0, 1.3, 1.6], 0.001, Box::new(Plain));
+            let ctx = [1u32, 2, 3];
+            let d = p.propose(&req(&ctx, rule));
+            let f = h.next_features(&[0.5; 32], 3).unwrap();
+            let mut logits = vec![0f32; 40];
+            h.logits(&f, &mut logits);
+            let sp = SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            };
+            let (t, margin) = sampling::choose_with_margin(&logits, &sp, 0, ctx.len());
+            if margin > 2.1 {
+                assert_eq!(d.tokens.first(), Some(&t), "seed {seed}, margin {margin}");
+                kept += 1;
+            } else if margin < 1.9 {
+                assert!(d.tokens.is_empty(), "seed {seed}, margin {margin}");
+                assert_eq!(d.shadow, Some(t), "held back as the shadow");
+                held += 1;
+            }
+        }
+        assert!(
+            kept > 10 && held > 10,
+            "both kinds seen: {kept} kept, {held} held"
+        );
+    }
+
+    #[test]
+    fn while_first_drafts_do_not_pay_a_shadow_comes_once_a_head_shadow_period() {
         let h = head();
         // One draft at the prior's 0.6 yields 1.6 tokens for 1.95 steps.
         let mut p = primed(&h, &[1.0, 1.9], 0.05, Box::new(Plain));
         let ctx = [1u32, 2, 3];
-        let shadows: Vec<bool> = (0..2 * SHADOW_EVERY)
+        let shadows: Vec<bool> = (0..2 * HEAD_SHADOW_EVERY)
             .map(|_| {
                 let d = p.propose(&req(&ctx, SAMPLE));
                 assert!(d.tokens.is_empty(), "no chain");
@@ -313,7 +459,7 @@ mod tests {
             })
             .collect();
         let at: Vec<usize> = (0..shadows.len()).filter(|&i| shadows[i]).collect();
-        assert_eq!(at, [SHADOW_EVERY - 1, 2 * SHADOW_EVERY - 1]);
+        assert_eq!(at, [HEAD_SHADOW_EVERY - 1, 2 * HEAD_SHADOW_EVERY - 1]);
     }
 
     #[test]
@@ -328,5 +474,34 @@ mod tests {
             Lookup::new(4).propose(&req(&ctx, DraftRule::Best)).tokens
         );
         assert!(!d.tokens.is_empty());
+    }
+
+    #[test]
+    fn a_head_that_measured_its_second_row_at_a_whole_step_stops_drafting() {
+        let h = head();
+        // Start-up figures: a second row at 0.05 of a step.
+        let mut p = primed(&h, &[1.0, 1.05, 1.1], 0.01, Box::new(Plain));
+        let ctx = [1u32, 2, 3];
+        assert!(!p.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
+        let step = |rows: usize, secs: f64| Verdict {
+            rows,
+            secs: Some(secs),
+            ..verdict(&[0.5; 32])
+        };
+        // The loop's own steps: one row 1 ms, two rows 2 ms.
+        p.observe(&step(2, 0.002));
+        p.observe(&step(1, 0.001));
+        for _ in 0..2 * HEAD_SHADOW_EVERY {
+            let d = p.propose(&req(&ctx, SAMPLE));
+            assert!(
+                d.tokens.is_empty() && d.shadow.is_none(),
+                "no draft can pay"
+            );
+        }
+        // Fixed costs ignore what the loop measured.
+        let mut fixed = primed(&h, &[1.0, 1.05, 1.1], 0.01, Box::new(Plain)).with_fixed_costs();
+        fixed.observe(&step(2, 0.002));
+        fixed.observe(&step(1, 0.001));
+        assert!(!fixed.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
     }
 }

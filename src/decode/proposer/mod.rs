@@ -158,6 +158,72 @@ pub struct DraftRequest<'a> {
     pub rule: DraftRule,
 }
 
+/// Weight of the newest measurement in [`StepClock`]'s averages. Set by
+/// hand: a few steps replace the engine's start-up figures, and one step
+/// slowed by the shared machine moves them by a fifth.
+const CLOCK_EMA_WEIGHT: f64 = 0.2;
+
+/// What drafting costs where it happens: a sequence's own verify steps
+/// timed by their rows, and its drafts, as it decodes alone. The engine's
+/// start-up figures ([`Costs`]: one forward at a fixed context, best of a
+/// few rounds, weights warm) came out low in the decode loop, where the
+/// head's and the model's weights take turns in the caches: with q8_0
+/// weights a second row cost 0.45 of a step there against 0.36 measured
+/// at start, a head draft 0.19 against 0.14 (docs/benchmarks.md,
+/// "Calibrated head drafts"). Each figure is the start-up one until the
+/// loop has measured it.
+#[derive(Clone, Debug, Default)]
+pub struct StepClock {
+    /// Seconds of a verify step of r rows at index r - 1, averaged.
+    steps: Vec<Option<f64>>,
+    /// Seconds of one draft, averaged.
+    draft: Option<f64>,
+}
+
+fn average(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(old.map_or(new, |o| {
+        (1.0 - CLOCK_EMA_WEIGHT) * o + CLOCK_EMA_WEIGHT * new
+    }))
+}
+
+impl StepClock {
+    /// A verify step of `rows` rows took `secs`.
+    pub fn step(&mut self, rows: usize, secs: f64) {
+        if rows == 0 || !secs.is_finite() {
+            return;
+        }
+        if self.steps.len() < rows {
+            self.steps.resize(rows, None);
+        }
+        self.steps[rows - 1] = average(self.steps[rows - 1], secs);
+    }
+
+    /// `drafts` drafts took `secs` in all.
+    pub fn drafted(&mut self, drafts: usize, secs: f64) {
+        if drafts > 0 && secs.is_finite() {
+            self.draft = average(self.draft, secs / drafts as f64);
+        }
+    }
+
+    /// The cost of verifying `k` drafts relative to a plain step: measured
+    /// when both steps have been, else `prior`'s.
+    pub fn verify(&self, k: usize, prior: &Costs) -> Option<f64> {
+        let at = |r: usize| self.steps.get(r).copied().flatten();
+        match (at(k), at(0)) {
+            (Some(s), Some(one)) if one > 0.0 => Some(s / one),
+            _ => prior.verify.get(k).copied(),
+        }
+    }
+
+    /// One draft relative to a plain step: measured, else `prior`'s.
+    pub fn draft(&self, prior: &Costs) -> f64 {
+        match (self.draft, self.steps.first().copied().flatten()) {
+            (Some(d), Some(one)) if one > 0.0 => d / one,
+            _ => prior.head_draft,
+        }
+    }
+}
+
 /// What a draft must be worth in the batch it joins.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowPrice {
@@ -259,6 +325,11 @@ pub struct Verdict<'a> {
     /// The final LayerNorm's output at that row (empty when the backend
     /// gives none): what the draft head drafts from.
     pub features: &'a [f32],
+    /// Rows the step verified, and its seconds (forward and commit) when
+    /// the sequence stepped alone (None in a batch, where the scheduler
+    /// prices rows).
+    pub rows: usize,
+    pub secs: Option<f64>,
 }
 
 impl Verdict<'_> {
@@ -298,8 +369,13 @@ pub struct ShadowClock(usize);
 impl ShadowClock {
     /// Whether this step, one where no chain pays, drafts a shadow.
     pub fn due(&mut self) -> bool {
+        self.due_every(SHADOW_EVERY)
+    }
+
+    /// As [`Self::due`], one step in `every`.
+    pub fn due_every(&mut self, every: usize) -> bool {
         self.0 += 1;
-        if self.0 < SHADOW_EVERY {
+        if self.0 < every {
             return false;
         }
         self.0 = 0;
@@ -311,7 +387,7 @@ impl ShadowClock {
 /// moving average over about the last 1 / 0.2 = 5 steps: quick enough to
 /// follow a change of text, smooth enough that one unlucky step does not
 /// cut the draft length). Set by hand.
-const ACCEPT_EMA_WEIGHT: f64 = 0.2;
+pub(super) const ACCEPT_EMA_WEIGHT: f64 = 0.2;
 
 /// Running estimate of the per-draft acceptance rate of one sequence.
 #[derive(Clone, Copy, Debug)]
@@ -363,5 +439,26 @@ mod tests {
         );
         assert_eq!(best_chain_len(0.2, &costs, 0.0), 1);
         assert_eq!(best_chain_len(0.05, &costs, 0.0), 0);
+    }
+
+    #[test]
+    fn the_step_clock_gives_the_start_up_costs_until_the_loop_has_measured_its_own() {
+        let prior = Costs {
+            verify: vec![1.0, 1.3, 1.6],
+            head_draft: 0.1,
+        };
+        let mut c = StepClock::default();
+        assert_eq!(c.verify(1, &prior), Some(1.3));
+        assert_eq!(c.draft(&prior), 0.1);
+        c.step(2, 0.002);
+        assert_eq!(c.verify(1, &prior), Some(1.3), "no one-row step yet");
+        c.step(1, 0.001);
+        c.drafted(2, 0.0006);
+        assert_eq!(c.verify(1, &prior), Some(2.0));
+        assert_eq!(c.verify(2, &prior), Some(1.6), "three rows not measured");
+        assert!((c.draft(&prior) - 0.3).abs() < 1e-12);
+        // Each new step moves the average by a fifth.
+        c.step(1, 0.002);
+        assert!((c.verify(1, &prior).unwrap() - 0.002 / 0.0012).abs() < 1e-9);
     }
 }

@@ -170,6 +170,8 @@ mod tests {
                 shadow: None,
                 logits: &[],
                 features: &[],
+                rows: 1 + d.tokens.len(),
+                secs: None,
             });
         }
         panic!("still drafting after 50 rejected steps");
