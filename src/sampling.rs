@@ -192,33 +192,46 @@ pub fn choose(logits: &[f32], p: &SamplingParams, stream: u64, pos: usize) -> u3
     }
 }
 
-/// `argmax_t (logits[t] / T + g_t)` over the whole vocabulary, the token
-/// of the full scan ([`gumbel_argmax_lanes`]) bit for bit, with most
-/// tokens' noise left unfinished ([`gumbel_argmax_pruned`]).
-fn gumbel_argmax_all(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { gumbel_argmax_avx512(logits, inv_t, noise) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { gumbel_argmax_avx2(logits, inv_t, noise) };
-    }
-    gumbel_argmax_pruned(logits, inv_t, noise)
+/// Defines `$name(logits, inv_t, noise)`: `$scan` compiled for the widest
+/// vectors the CPU has (AVX-512F, else AVX2, else the baseline build),
+/// through the entry points `$avx512` and `$avx2`: the noise loops
+/// vectorise only so.
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident -> $ret:ty = $scan:ident via $avx512:ident, $avx2:ident) => {
+        $(#[$doc])*
+        fn $name(logits: &[f32], inv_t: f32, noise: Noise) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { $avx512(logits, inv_t, noise) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { $avx2(logits, inv_t, noise) };
+            }
+            $scan(logits, inv_t, noise)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512(logits: &[f32], inv_t: f32, noise: Noise) -> $ret {
+            $scan(logits, inv_t, noise)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2(logits: &[f32], inv_t: f32, noise: Noise) -> $ret {
+            $scan(logits, inv_t, noise)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gumbel_argmax_avx512(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
-    gumbel_argmax_pruned(logits, inv_t, noise)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gumbel_argmax_avx2(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
-    gumbel_argmax_pruned(logits, inv_t, noise)
+widest_vectors! {
+    /// `argmax_t (logits[t] / T + g_t)` over the whole vocabulary, the token
+    /// of the full scan ([`gumbel_argmax_lanes`]) bit for bit, with most
+    /// tokens' noise left unfinished ([`gumbel_argmax_pruned`]).
+    fn gumbel_argmax_all -> u32 = gumbel_argmax_pruned via gumbel_argmax_avx512, gumbel_argmax_avx2
 }
 
 /// Scaled logits within this of the top one are scored in full first by
@@ -509,32 +522,10 @@ pub fn choose_with_margin(
     (top.best.1, (top.best.0 - top.second).min(MARGIN_CAP))
 }
 
-/// [`top2_pruned`] compiled for the widest vectors the CPU has (as
-/// [`gumbel_argmax_all`]): 3x faster than the baseline build's.
-fn top2_all(logits: &[f32], inv_t: f32, noise: Noise) -> Top2 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { top2_avx512(logits, inv_t, noise) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { top2_avx2(logits, inv_t, noise) };
-    }
-    top2_pruned(logits, inv_t, noise)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn top2_avx512(logits: &[f32], inv_t: f32, noise: Noise) -> Top2 {
-    top2_pruned(logits, inv_t, noise)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn top2_avx2(logits: &[f32], inv_t: f32, noise: Noise) -> Top2 {
-    top2_pruned(logits, inv_t, noise)
+widest_vectors! {
+    /// [`top2_pruned`] for the widest vectors the CPU has: 3x faster than
+    /// the baseline build's.
+    fn top2_all -> Top2 = top2_pruned via top2_avx512, top2_avx2
 }
 
 /// The best score (at the lowest index among ties) and the runner-up's.
