@@ -285,14 +285,35 @@ fn gumbel_argmax_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
         }
     }
     let s = best.0;
-    // The uniform whose noise is `need`, rounded down (two ulps below
-    // the f32 nearest it): near 1 an ulp of u moves the noise by up to
-    // ~0.01, more than the slack.
     let rounding = 8.0 * f64::from(f32::EPSILON) * f64::from(top.abs().max(s.abs()));
     let need = f64::from(s - near) - BOUND_SLACK - rounding;
-    let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
     // The other tokens past the bound; a tie goes to the lower index, as
     // in the full scan.
+    past_bound(logits, noise, need, is_near, |t, l, g| {
+        let score = l * inv_t + g;
+        if score > best.0 || (score == best.0 && t < best.1) {
+            best = (score, t);
+        }
+    });
+    best.1
+}
+
+/// Calls `f(token, logit, noise)` for every token not near the top
+/// (`is_near`) whose noise may exceed `need`: its uniform is at least the
+/// one whose noise is `need`, rounded down (two ulps below the f32 nearest
+/// it: near 1 an ulp of u moves the noise by up to ~0.01, more than the
+/// slack). The uniforms are hashed a chunk at a time (integer work that
+/// vectorises), and only a chunk holding such a token pays the logarithms.
+#[inline(always)]
+fn past_bound(
+    logits: &[f32],
+    noise: Noise,
+    need: f64,
+    is_near: impl Fn(f32) -> bool,
+    mut f: impl FnMut(u32, f32, f32),
+) {
+    const CHUNK: usize = 16;
+    let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
     let mut us = [0f32; CHUNK];
     for (c, chunk) in logits.chunks(CHUNK).enumerate() {
         let base = (c * CHUNK) as u32;
@@ -306,14 +327,10 @@ fn gumbel_argmax_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> u32 {
         }
         for (j, (&u, &l)) in us.iter().zip(chunk).enumerate() {
             if u >= u_min && !is_near(l) {
-                let (score, t) = (l * inv_t + gumbel_of(u), base + j as u32);
-                if score > best.0 || (score == best.0 && t < best.1) {
-                    best = (score, t);
-                }
+                f(base + j as u32, l, gumbel_of(u));
             }
         }
     }
-    best.1
 }
 
 /// The largest of `xs` (NaN ignored, as `f32::max` does; -inf when
@@ -560,7 +577,6 @@ impl Top2 {
 /// both the runner-up and the best score less [`MARGIN_CAP`].
 #[inline(always)]
 fn top2_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> Top2 {
-    const CHUNK: usize = 16;
     let mut top = Top2::default();
     let hi = max_of(logits) * inv_t;
     let near = hi - NEAR_TOP;
@@ -576,23 +592,9 @@ fn top2_pruned(logits: &[f32], inv_t: f32, noise: Noise) -> Top2 {
     let floor = top.second.max(top.best.0 - MARGIN_CAP);
     let rounding = 8.0 * f64::from(f32::EPSILON) * f64::from(hi.abs().max(floor.abs()));
     let need = f64::from(floor - near) - BOUND_SLACK - rounding;
-    let u_min = f32::from_bits(((-(-need).exp()).exp() as f32).to_bits().saturating_sub(2));
-    let mut us = [0f32; CHUNK];
-    for (c, chunk) in logits.chunks(CHUNK).enumerate() {
-        let base = (c * CHUNK) as u32;
-        let mut any = false;
-        for (j, (u, &l)) in us.iter_mut().zip(chunk).enumerate() {
-            *u = noise.uniform(base + j as u32);
-            any |= *u >= u_min && !is_near(l);
-        }
-        if any {
-            for (j, (&u, &l)) in us.iter().zip(chunk).enumerate() {
-                if u >= u_min && !is_near(l) {
-                    top.push(l * inv_t + gumbel_of(u), base + j as u32);
-                }
-            }
-        }
-    }
+    past_bound(logits, noise, need, is_near, |t, l, g| {
+        top.push(l * inv_t + g, t)
+    });
     top
 }
 

@@ -17,7 +17,7 @@ use super::{GenParams, Generator};
 use crate::drafter::DraftRule;
 use crate::model::draft_head::{Calibration, DraftHead};
 use crate::model::forward::Forward;
-use crate::sampling::{self, SamplingParams};
+use crate::sampling::SamplingParams;
 
 /// One verified draft: its depth (1 or 2), its margin, and whether the
 /// model drew it.
@@ -62,13 +62,12 @@ impl Proposer for Recorder<'_> {
         let mut tokens = vec![];
         let mut x = *req.tokens.last().expect("a pending token");
         for depth in 1..=req.room.min(2) {
-            let Some(next) = self.head.next_features(&f, x) else {
+            let pos = req.tokens.len() + depth - 1;
+            let Some((t, margin, next)) = self.head.draw(&f, x, &sp, stream, pos, &mut logits)
+            else {
                 break;
             };
             f = next;
-            self.head.logits(&f, &mut logits);
-            let pos = req.tokens.len() + depth - 1;
-            let (t, margin) = sampling::choose_with_margin(&logits, &sp, stream, pos);
             tokens.push(t);
             self.pending.push(margin);
             x = t;

@@ -261,6 +261,26 @@ impl DraftHead {
     pub fn logits(&self, f: &[f32], out: &mut [f32]) {
         self.matvec(&self.lm_head, f, out);
     }
+
+    /// One draft after `token` from features `f`: the keyed draw of `sp`
+    /// at `pos` from the head's logits with its margin
+    /// (`sampling::choose_with_margin`), and the features the next draft
+    /// starts from; `logits` is scratch of the vocabulary's size. None for
+    /// a token outside the vocabulary.
+    pub fn draw(
+        &self,
+        f: &[f32],
+        token: u32,
+        sp: &crate::sampling::SamplingParams,
+        stream: u64,
+        pos: usize,
+        logits: &mut [f32],
+    ) -> Option<(u32, f32, Vec<f32>)> {
+        let next = self.next_features(f, token)?;
+        self.logits(&next, logits);
+        let (t, margin) = crate::sampling::choose_with_margin(logits, sp, stream, pos);
+        Some((t, margin, next))
+    }
 }
 
 fn get_f32(t: &Tensor) -> Result<Vec<f32>, String> {

@@ -130,14 +130,13 @@ impl<'m> HeadDrafter<'m> {
         let mut x = *req.tokens.last().expect("a pending token");
         let (mut path, mut drafted) = (1.0, 0);
         for depth in 1..=req.room {
-            let Some(next) = self.head.next_features(&f, x) else {
+            let pos = req.tokens.len() + depth - 1;
+            let Some((t, margin, next)) = self.head.draw(&f, x, sp, stream, pos, &mut logits)
+            else {
                 break;
             };
             drafted += 1;
             f = next;
-            self.head.logits(&f, &mut logits);
-            let pos = req.tokens.len() + depth - 1;
-            let (t, margin) = sampling::choose_with_margin(&logits, sp, stream, pos);
             let p = self.chance(depth, margin);
             if depth == 1 {
                 let w = (p - self.row_price(req, 1)).max(0.0);
