@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::Loaded;
-use crate::decode::proposer::{Costs, Drafters, RowPrice};
+use crate::decode::proposer::{Costs, Drafters, RowPrice, SharedClock};
 use crate::decode::{
     proposer, Finish, GenParams, Generator, Rows, SpecStats, SuffixCache, TokenOut,
 };
@@ -335,6 +335,7 @@ impl<M: Forward> Active<'_, M> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn admit<'m, M: Forward>(
     model: &'m M,
     drafters: &'m Drafters,
@@ -343,6 +344,7 @@ fn admit<'m, M: Forward>(
     eot: u32,
     metrics: &Metrics,
     budget: &Budget,
+    clock: &SharedClock,
 ) -> Option<Active<'m, M>> {
     metrics.queue_time.observe(queued.elapsed().as_secs_f64());
     let params = job.params(cfg);
@@ -350,7 +352,7 @@ fn admit<'m, M: Forward>(
         verify: budget.verify_costs(drafters.k_max()),
         head_draft: budget.head_draft,
     };
-    let proposer = proposer::serving(drafters, costs, cfg.suffix_cache.as_ref());
+    let proposer = proposer::serving(drafters, costs, clock, cfg.suffix_cache.as_ref());
     let solo = params.cascade || params.self_draft.is_some();
     let prompt = &job.request.prompts[job.prompt];
     let echo = echo_logprobs(&job.request, job.choice);
@@ -462,6 +464,9 @@ fn run<M: Forward>(
         budget.cost(8),
         budget.cost(budget.max_rows)
     );
+    // What lone steps and head drafts cost in this engine's loop, timed
+    // by every sequence it decodes.
+    let clock = SharedClock::default();
     let mut queue = Queue {
         rx,
         jobs: Default::default(),
@@ -481,7 +486,9 @@ fn run<M: Forward>(
                 break;
             };
             waiting.fetch_sub(1, Ordering::SeqCst);
-            active.extend(admit(model, drafters, job, cfg, eot, metrics, &budget));
+            active.extend(admit(
+                model, drafters, job, cfg, eot, metrics, &budget, &clock,
+            ));
         }
         match cfg.fault {
             Some(Fault::PanicAtIteration(t)) if t == turn => {

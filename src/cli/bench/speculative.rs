@@ -9,7 +9,9 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::BenchOptions;
-use crate::decode::proposer::{Costs, HeadDrafter, Lookup, Oracle, Plain, TreeDrafter};
+use crate::decode::proposer::{
+    Costs, HeadDrafter, Lookup, Oracle, Plain, SharedClock, TreeDrafter,
+};
 use crate::decode::{GenParams, Generator, Proposer, SelfDraft, SpecStats, TokenOut};
 use crate::drafter::Drafter;
 use crate::model::config::Config;
@@ -306,6 +308,8 @@ pub(super) fn speculative_suite(
             continue;
         }
         let (drafter, costs) = (d.drafter, d.costs);
+        // One clock for the mode's prompts, as a server's engine has.
+        let clock = SharedClock::default();
         let prop = |i: usize| -> Box<dyn Proposer> {
             match name {
                 "prompt-lookup" => Box::new(Lookup::new(drafter.k_max)),
@@ -321,7 +325,7 @@ pub(super) fn speculative_suite(
                         verify: costs.to_vec(),
                         head_draft: d.head_draft,
                     };
-                    Box::new(HeadDrafter::new(head, costs, tree))
+                    Box::new(HeadDrafter::new(head, costs, tree).with_clock(clock.clone()))
                 }
                 _ => Box::new(TreeDrafter::with_costs(drafter, costs.to_vec())),
             }

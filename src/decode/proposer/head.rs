@@ -13,7 +13,7 @@
 //! features (the first step after the prompt; candle's backend gives none).
 
 use super::{
-    AcceptRate, Costs, DraftRequest, Drafts, Proposer, ShadowClock, StepClock, Verdict,
+    AcceptRate, Costs, DraftRequest, Drafts, Proposer, ShadowClock, SharedClock, Verdict,
     ACCEPT_EMA_WEIGHT, SHADOW_EVERY,
 };
 use crate::drafter::DraftRule;
@@ -44,9 +44,13 @@ pub struct HeadDrafter<'m> {
     ours: bool,
     /// When the next shadow draft is due, while drafting does not pay.
     shadows: ShadowClock,
-    /// What its steps and drafts have cost as measured (the start-up
-    /// `costs` until then), unless the costs are fixed.
-    clock: Option<StepClock>,
+    /// What lone steps and drafts have cost as measured (the start-up
+    /// `costs` until then), unless the costs are fixed: its own, or its
+    /// engine's ([`HeadDrafter::with_clock`]).
+    clock: Option<SharedClock>,
+    /// Head drafts made for the step being verified, and their time.
+    drafted: usize,
+    draft_secs: f64,
 }
 
 /// While first drafts do not pay, one step in this many drafts a shadow
@@ -71,7 +75,9 @@ impl<'m> HeadDrafter<'m> {
             fallback,
             ours: false,
             shadows: ShadowClock::default(),
-            clock: Some(StepClock::default()),
+            clock: Some(SharedClock::default()),
+            drafted: 0,
+            draft_secs: 0.0,
         }
     }
 
@@ -82,10 +88,17 @@ impl<'m> HeadDrafter<'m> {
         self
     }
 
+    /// This drafter timing its steps and drafts on `clock`, and priced by
+    /// what every drafter on it measured.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// One head draft's time relative to a plain step.
     fn draft_cost(&self) -> f64 {
         match &self.clock {
-            Some(c) => c.draft(&self.costs),
+            Some(c) => c.lock().0.draft(&self.costs),
             None => self.costs.head_draft,
         }
     }
@@ -105,7 +118,7 @@ impl<'m> HeadDrafter<'m> {
     /// the curve).
     fn row_price(&self, req: &DraftRequest, depth: usize) -> f64 {
         let verify = |k: usize| match &self.clock {
-            Some(c) => c.verify(k, &self.costs),
+            Some(c) => c.lock().0.verify(k, &self.costs),
             None => self.costs.verify.get(k).copied(),
         };
         match (verify(depth), verify(depth - 1)) {
@@ -191,6 +204,10 @@ impl Proposer for HeadDrafter<'_> {
         if !self.ours {
             return self.fallback.propose(req);
         }
+        if self.clock.as_ref().is_some_and(|c| !c.lock().1.allows()) {
+            // Drafting has lost to plain steps in this engine lately.
+            return Drafts::none();
+        }
         let drafting = self.draft_cost() * f64::from(req.time_value);
         let first_row = self.row_price(req, 1);
         if req.room == 0 || 1.0 - first_row < drafting {
@@ -212,16 +229,23 @@ impl Proposer for HeadDrafter<'_> {
         };
         let t0 = std::time::Instant::now();
         let (drafts, drafted) = self.chain(req, &sp, stream, drafting);
-        if let Some(c) = &mut self.clock {
-            c.drafted(drafted, t0.elapsed().as_secs_f64());
+        self.drafted = drafted;
+        self.draft_secs = t0.elapsed().as_secs_f64();
+        if let Some(c) = &self.clock {
+            c.lock().0.drafted(drafted, self.draft_secs);
         }
         drafts
     }
 
     fn observe(&mut self, v: &Verdict) {
-        if let (Some(c), Some(secs)) = (&mut self.clock, v.secs) {
-            c.step(v.rows, secs);
+        if let (Some(c), Some(secs)) = (&self.clock, v.secs) {
+            let (clock, gate) = &mut *c.lock();
+            clock.step(v.rows, secs, self.drafted > 0);
+            if self.ours {
+                gate.record(v.accepted + 1, secs + self.draft_secs);
+            }
         }
+        (self.drafted, self.draft_secs) = (0, 0.0);
         self.features.clear();
         self.features.extend_from_slice(v.features);
         if !self.ours {
@@ -489,6 +513,8 @@ mod tests {
         };
         // The loop's own steps: one row 1 ms, two rows 2 ms.
         p.observe(&step(2, 0.002));
+        p.observe(&step(1, 0.001));
+        assert!(p.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
         p.observe(&step(1, 0.001));
         for _ in 0..2 * HEAD_SHADOW_EVERY {
             let d = p.propose(&req(&ctx, SAMPLE));

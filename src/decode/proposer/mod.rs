@@ -20,7 +20,7 @@ pub mod plain;
 pub mod suffix;
 pub mod tree;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::decode::suffix_cache::SuffixCache;
 use crate::drafter::{DraftRule, Drafter};
@@ -91,16 +91,18 @@ pub const HEAD_K_MAX: usize = 8;
 
 /// What the server decodes with: the draft head when sampling (wrapping
 /// [`tree_or_plain`] for greedy requests), both sized by the engine's
-/// measured `verify_costs`, behind the shared continuation cache when
+/// measured `verify_costs`, the head by its engine's `clock` once that has
+/// measured the loop, behind the shared continuation cache when
 /// there is one with a budget.
 pub fn serving<'m>(
     drafters: &'m Drafters,
     costs: Costs,
+    clock: &SharedClock,
     cache: Option<&Arc<SuffixCache>>,
 ) -> Box<dyn Proposer + 'm> {
     let base = tree_or_plain(drafters.tree.as_ref(), Some(costs.verify.clone()));
     let base: Box<dyn Proposer + 'm> = match &drafters.head {
-        Some(h) => Box::new(HeadDrafter::new(h, costs, base)),
+        Some(h) => Box::new(HeadDrafter::new(h, costs, base).with_clock(clock.clone())),
         None => base,
     };
     match cache {
@@ -158,69 +160,232 @@ pub struct DraftRequest<'a> {
     pub rule: DraftRule,
 }
 
-/// Weight of the newest measurement in [`StepClock`]'s averages. Set by
-/// hand: a few steps replace the engine's start-up figures, and one step
-/// slowed by the shared machine moves them by a fifth.
-const CLOCK_EMA_WEIGHT: f64 = 0.2;
+/// The least weight of the newest measurement in [`StepClock`]'s
+/// averages: each is the plain mean of its first 32 measurements, then a
+/// running average that still follows a machine whose load changes. Set
+/// by hand: one step slowed by the shared machine moves a figure by at
+/// most a thirty-second once measured, where an average weighted 0.2 from
+/// the first step priced a q8_0 second row anywhere from 0.2 to 0.8 of a
+/// step within one 128-token sequence (`gpt-serve bench`, AVX2).
+const CLOCK_MIN_WEIGHT: f64 = 1.0 / 32.0;
 
-/// What drafting costs where it happens: a sequence's own verify steps
-/// timed by their rows, and its drafts, as it decodes alone. The engine's
-/// start-up figures ([`Costs`]: one forward at a fixed context, best of a
-/// few rounds, weights warm) came out low in the decode loop, where the
-/// head's and the model's weights take turns in the caches: with q8_0
-/// weights a second row cost 0.45 of a step there against 0.36 measured
-/// at start, a head draft 0.19 against 0.14 (docs/benchmarks.md,
-/// "Calibrated head drafts"). Each figure is the start-up one until the
-/// loop has measured it.
-#[derive(Clone, Debug, Default)]
-pub struct StepClock {
-    /// Seconds of a verify step of r rows at index r - 1, averaged.
-    steps: Vec<Option<f64>>,
-    /// Seconds of one draft, averaged.
-    draft: Option<f64>,
+/// A running mean: plain for its first samples, then weighted
+/// [`CLOCK_MIN_WEIGHT`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Mean {
+    n: u32,
+    value: f64,
 }
 
-fn average(old: Option<f64>, new: f64) -> Option<f64> {
-    Some(old.map_or(new, |o| {
-        (1.0 - CLOCK_EMA_WEIGHT) * o + CLOCK_EMA_WEIGHT * new
-    }))
+impl Mean {
+    fn add(&mut self, x: f64) {
+        self.add_weighted(x, CLOCK_MIN_WEIGHT);
+    }
+
+    /// Plain for the first `1 / least` samples, then weighted `least`.
+    fn add_weighted(&mut self, x: f64, least: f64) {
+        self.n = self.n.saturating_add(1);
+        let w = (1.0 / f64::from(self.n)).max(least);
+        self.value += w * (x - self.value);
+    }
+
+    fn get(&self) -> Option<f64> {
+        (self.n > 0).then_some(self.value)
+    }
+}
+
+/// What drafting costs where it happens: the decode loop's own verify
+/// steps timed by their rows, and its drafts, as sequences decode alone.
+/// The engine's start-up figures ([`Costs`]: one forward at a fixed
+/// context, best of a few rounds, weights warm) came out low in the loop,
+/// where the head's and the model's weights take turns in the caches: with
+/// q8_0 weights a second row cost 0.45 of a step there against 0.36
+/// measured at start on AVX-512, 0.66-0.83 against 0.36 on AVX2; a head
+/// draft 0.19 against 0.14 (docs/benchmarks.md, "Calibrated head drafts",
+/// "One step clock per engine"). Each figure is the start-up one until
+/// the loop has measured it; one clock serves every sequence of an engine
+/// ([`SharedClock`]), so a request of 16 tokens is priced by what the
+/// requests before it measured.
+#[derive(Clone, Debug, Default)]
+pub struct StepClock {
+    /// Seconds of a verify step of r rows at index r - 1; at index 0, of
+    /// one-row steps with no draft made for them: plain decoding's step,
+    /// the unit of every cost.
+    steps: Vec<Mean>,
+    /// Seconds of a one-row step after drafts that got no row: slower than
+    /// a plain one where the head's weights pushed the model's out of the
+    /// caches, which is part of what drafting costs.
+    after_draft: Mean,
+    /// Seconds of one draft.
+    draft: Mean,
 }
 
 impl StepClock {
-    /// A verify step of `rows` rows took `secs`.
-    pub fn step(&mut self, rows: usize, secs: f64) {
+    /// A verify step of `rows` rows took `secs`; `drafted`: drafts were
+    /// made for it (at one row: none was kept).
+    pub fn step(&mut self, rows: usize, secs: f64, drafted: bool) {
         if rows == 0 || !secs.is_finite() {
             return;
         }
-        if self.steps.len() < rows {
-            self.steps.resize(rows, None);
+        if rows == 1 && drafted {
+            return self.after_draft.add(secs);
         }
-        self.steps[rows - 1] = average(self.steps[rows - 1], secs);
+        if self.steps.len() < rows {
+            self.steps.resize(rows, Mean::default());
+        }
+        self.steps[rows - 1].add(secs);
     }
 
     /// `drafts` drafts took `secs` in all.
     pub fn drafted(&mut self, drafts: usize, secs: f64) {
         if drafts > 0 && secs.is_finite() {
-            self.draft = average(self.draft, secs / drafts as f64);
+            self.draft.add(secs / drafts as f64);
         }
     }
 
-    /// The cost of verifying `k` drafts relative to a plain step: measured
-    /// when both steps have been, else `prior`'s.
+    fn one_row(&self) -> Option<f64> {
+        self.steps.first().and_then(Mean::get).filter(|&s| s > 0.0)
+    }
+
+    /// The cost of verifying `k` drafts relative to a plain step (None
+    /// past `prior`'s curve). Measured where the loop has timed both
+    /// steps; an unmeasured size takes `prior`'s extra cost over one row,
+    /// scaled as the largest measured smaller size was to its prior; never
+    /// below a smaller size's (a noisy reading must not make a row free).
     pub fn verify(&self, k: usize, prior: &Costs) -> Option<f64> {
-        let at = |r: usize| self.steps.get(r).copied().flatten();
-        match (at(k), at(0)) {
-            (Some(s), Some(one)) if one > 0.0 => Some(s / one),
-            _ => prior.verify.get(k).copied(),
+        let curve = prior.verify.get(..=k)?;
+        let Some(one) = self.one_row() else {
+            return Some(curve[k]);
+        };
+        let (mut cost, mut scale) = (1.0f64, 1.0);
+        for (j, &p) in curve.iter().enumerate().skip(1) {
+            let measured = self.steps.get(j).and_then(Mean::get).map(|s| s / one);
+            let c = match measured {
+                Some(m) => {
+                    if p > 1.0 {
+                        scale = ((m - 1.0) / (p - 1.0)).max(0.0);
+                    }
+                    m
+                }
+                None => 1.0 + (p - 1.0) * scale,
+            };
+            cost = cost.max(c);
+        }
+        Some(cost)
+    }
+
+    /// One draft relative to a plain step, with what it slows the next
+    /// step: measured, else `prior`'s.
+    pub fn draft(&self, prior: &Costs) -> f64 {
+        let Some(one) = self.one_row() else {
+            return prior.head_draft;
+        };
+        let own = self.draft.get().map_or(prior.head_draft, |d| d / one);
+        let slowdown = self
+            .after_draft
+            .get()
+            .map_or(0.0, |s| (s / one - 1.0).max(0.0));
+        own + slowdown
+    }
+}
+
+/// Lone steps in one epoch of [`Gate`].
+pub const GATE_EPOCH: u32 = 32;
+/// One [`Gate`] epoch in this many goes to the mode that has been slower,
+/// to find out whether it still is.
+pub const GATE_EXPLORE_EVERY: u64 = 8;
+/// The least weight of an epoch's rate in [`Gate`]'s averages: a machine
+/// whose load changes is followed within a few dozen epochs.
+const GATE_MIN_WEIGHT: f64 = 1.0 / 16.0;
+
+/// Whether an engine's head drafts at all, decided by what drafting has
+/// realized: lone steps come in epochs of [`GATE_EPOCH`], drafting or not,
+/// and each epoch's tokens per second (drafting time included) goes to
+/// its mode's average. Once each mode has two epochs, the faster one gets
+/// the next epoch, but one in [`GATE_EXPLORE_EVERY`] goes to the slower.
+/// The per-draft prices decide which drafts pay from figures that the
+/// loop perturbs (the head's weights slow the model's next steps, and
+/// timings are noisy on a shared machine); the gate checks the outcome,
+/// so speculation that loses costs at most its exploring epochs
+/// (docs/benchmarks.md, "One step clock per engine").
+#[derive(Clone, Debug)]
+pub struct Gate {
+    on: bool,
+    steps: u32,
+    epochs: u64,
+    tokens: f64,
+    secs: f64,
+    /// Tokens per second of drafting epochs (`[1]`) and plain ones.
+    rate: [Mean; 2],
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            on: true,
+            steps: 0,
+            epochs: 0,
+            tokens: 0.0,
+            secs: 0.0,
+            rate: [Mean::default(); 2],
+        }
+    }
+}
+
+impl Gate {
+    /// Whether this epoch drafts.
+    pub fn allows(&self) -> bool {
+        self.on
+    }
+
+    /// A lone step committed `tokens` in `secs`, drafting included.
+    pub fn record(&mut self, tokens: usize, secs: f64) {
+        if !secs.is_finite() || secs <= 0.0 {
+            return;
+        }
+        self.tokens += tokens as f64;
+        self.secs += secs;
+        self.steps += 1;
+        if self.steps < GATE_EPOCH {
+            return;
+        }
+        let rate = self.tokens / self.secs;
+        self.rate[usize::from(self.on)].add_weighted(rate, GATE_MIN_WEIGHT);
+        (self.steps, self.tokens, self.secs) = (0, 0.0, 0.0);
+        self.epochs += 1;
+        self.on = self.next_mode();
+    }
+
+    fn next_mode(&self) -> bool {
+        let [off, on] = &self.rate;
+        if off.n < 2 || on.n < 2 {
+            return !self.on;
+        }
+        let faster = on.value >= off.value;
+        match self.epochs.is_multiple_of(GATE_EXPLORE_EVERY) {
+            true => !faster,
+            false => faster,
         }
     }
 
-    /// One draft relative to a plain step: measured, else `prior`'s.
-    pub fn draft(&self, prior: &Costs) -> f64 {
-        match (self.draft, self.steps.first().copied().flatten()) {
-            (Some(d), Some(one)) if one > 0.0 => d / one,
-            _ => prior.head_draft,
-        }
+    /// Tokens per second of drafting epochs and of plain ones, once
+    /// measured.
+    pub fn rates(&self) -> (Option<f64>, Option<f64>) {
+        (self.rate[1].get(), self.rate[0].get())
+    }
+}
+
+/// What an engine's sequences learn together: one [`StepClock`] (each
+/// adds its lone steps and its drafts, and each is priced by all of them)
+/// and one [`Gate`]. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct SharedClock(Arc<Mutex<(StepClock, Gate)>>);
+
+impl SharedClock {
+    /// The clock, whatever a panicking holder left (a half-made average
+    /// only misprices drafts).
+    pub fn lock(&self) -> MutexGuard<'_, (StepClock, Gate)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -449,16 +614,111 @@ mod tests {
         };
         let mut c = StepClock::default();
         assert_eq!(c.verify(1, &prior), Some(1.3));
+        assert_eq!(c.verify(3, &prior), None, "past the curve");
         assert_eq!(c.draft(&prior), 0.1);
-        c.step(2, 0.002);
-        assert_eq!(c.verify(1, &prior), Some(1.3), "no one-row step yet");
-        c.step(1, 0.001);
+        c.step(2, 0.002, true);
+        c.step(1, 0.001, true);
+        assert_eq!(c.verify(1, &prior), Some(1.3), "no plain step yet");
+        c.step(1, 0.001, false);
         c.drafted(2, 0.0006);
         assert_eq!(c.verify(1, &prior), Some(2.0));
-        assert_eq!(c.verify(2, &prior), Some(1.6), "three rows not measured");
         assert!((c.draft(&prior) - 0.3).abs() < 1e-12);
-        // Each new step moves the average by a fifth.
-        c.step(1, 0.002);
-        assert!((c.verify(1, &prior).unwrap() - 0.002 / 0.0012).abs() < 1e-9);
+        // One-row steps after a draft ran at 2 ms: the slowdown is the
+        // draft's.
+        c.step(1, 0.003, true);
+        assert!((c.draft(&prior) - 1.3).abs() < 1e-9);
+        // Three rows not measured: the prior's extra cost, scaled as two
+        // rows' was (0.3 measured 1.0).
+        assert!((c.verify(2, &prior).unwrap() - (1.0 + 0.6 / 0.3)).abs() < 1e-9);
+        // A plain mean of the first steps.
+        c.step(1, 0.002, false);
+        assert!((c.verify(1, &prior).unwrap() - 0.002 / 0.0015).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_noisy_reading_never_makes_a_bigger_step_cheaper_than_a_smaller_one() {
+        let prior = Costs {
+            verify: vec![1.0, 1.3, 1.6],
+            head_draft: 0.1,
+        };
+        let mut c = StepClock::default();
+        c.step(1, 0.001, false);
+        c.step(2, 0.0017, true);
+        c.step(3, 0.0012, true);
+        assert_eq!(c.verify(2, &prior), c.verify(1, &prior));
+    }
+
+    #[test]
+    fn after_its_first_measurements_one_slow_step_moves_the_clock_by_a_thirty_second() {
+        let mut c = StepClock::default();
+        let prior = Costs {
+            verify: vec![1.0, 1.3],
+            head_draft: 0.1,
+        };
+        for _ in 0..100 {
+            c.step(1, 0.001, false);
+            c.step(2, 0.0015, true);
+        }
+        c.step(2, 0.0015 + 0.032, true);
+        let moved = c.verify(1, &prior).unwrap() - 1.5;
+        assert!((moved - 1.0).abs() < 1e-6, "moved {moved}");
+    }
+
+    #[test]
+    fn sequences_that_share_a_clock_price_by_each_others_steps() {
+        let prior = Costs {
+            verify: vec![1.0, 1.3],
+            head_draft: 0.1,
+        };
+        let (a, b) = (SharedClock::default(), SharedClock::default());
+        let a2 = a.clone();
+        a.lock().0.step(1, 0.001, false);
+        a.lock().0.step(2, 0.002, true);
+        assert_eq!(a2.lock().0.verify(1, &prior), Some(2.0));
+        assert_eq!(b.lock().0.verify(1, &prior), Some(1.3), "another engine's");
+    }
+
+    /// Runs `epochs` gate epochs where a step commits 1 token in 1 ms
+    /// plainly and `on_tokens` tokens drafting; how many epochs drafted.
+    fn drafting_epochs(gate: &mut Gate, epochs: u32, on_tokens: usize) -> u32 {
+        let mut drafted = 0;
+        for _ in 0..epochs {
+            drafted += u32::from(gate.allows());
+            for _ in 0..GATE_EPOCH {
+                let tokens = if gate.allows() { on_tokens } else { 1 };
+                gate.record(tokens, 0.001);
+            }
+        }
+        drafted
+    }
+
+    #[test]
+    fn the_gate_keeps_drafting_where_it_pays_and_stops_where_it_loses() {
+        let mut pays = Gate::default();
+        drafting_epochs(&mut pays, 4, 2);
+        let on = drafting_epochs(&mut pays, 64, 2);
+        assert!(
+            on >= 64 - 64 / GATE_EXPLORE_EVERY as u32,
+            "drafted {on} of 64"
+        );
+        let mut loses = Gate::default();
+        drafting_epochs(&mut loses, 4, 0);
+        let on = drafting_epochs(&mut loses, 64, 0);
+        assert!(on <= 64 / GATE_EXPLORE_EVERY as u32, "drafted {on} of 64");
+        assert!(on > 0, "the slower mode is still explored");
+        let (on_rate, off_rate) = loses.rates();
+        assert!(on_rate.unwrap() < off_rate.unwrap());
+    }
+
+    #[test]
+    fn the_gate_follows_a_mode_that_becomes_faster() {
+        let mut g = Gate::default();
+        drafting_epochs(&mut g, 64, 0);
+        drafting_epochs(&mut g, 128, 3);
+        let on = drafting_epochs(&mut g, 64, 3);
+        assert!(
+            on >= 64 - 64 / GATE_EXPLORE_EVERY as u32,
+            "drafted {on} of 64"
+        );
     }
 }
