@@ -342,7 +342,15 @@ pub(super) fn speculative_suite(
             decode_all(model, prompts, n, &[(&plain_prop, plain_how), (&prop, how)])?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("two decoders, two runs"))?;
-        let row = summary(name, prompts, &paired, &r, total);
+        let mut row = summary(name, prompts, &paired, &r, total);
+        if name == "head" {
+            // The drafting gate's view: tokens/s of drafting and plain epochs.
+            let (_, gate) = &*clock.lock();
+            let ((on, off), (epochs, drafting)) = (gate.rates(), gate.epochs());
+            row["gate"] = json!({"drafting_tok_s": on, "plain_tok_s": off,
+                "epochs": epochs, "drafting_epochs": drafting});
+            eprintln!("bench: gate: drafting {on:?} tok/s, plain {off:?}; {drafting} of {epochs} epochs drafted");
+        }
         eprintln!(
             "bench: t={temp} {name}: {:.1} tok/s, speedup {:.2}x, {:.2} tokens/step",
             row["tok_s"].as_f64().unwrap_or(0.0),

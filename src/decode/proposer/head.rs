@@ -48,8 +48,7 @@ pub struct HeadDrafter<'m> {
     /// `costs` until then), unless the costs are fixed: its own, or its
     /// engine's ([`HeadDrafter::with_clock`]).
     clock: Option<SharedClock>,
-    /// Head drafts made for the step being verified, and their time.
-    drafted: usize,
+    /// The time of the head drafts made for the step being verified.
     draft_secs: f64,
 }
 
@@ -76,7 +75,6 @@ impl<'m> HeadDrafter<'m> {
             ours: false,
             shadows: ShadowClock::default(),
             clock: Some(SharedClock::default()),
-            drafted: 0,
             draft_secs: 0.0,
         }
     }
@@ -201,12 +199,13 @@ impl Proposer for HeadDrafter<'_> {
         // The first step after the prompt, or a backend that gives no
         // features (candle's): the wrapped proposer drafts.
         self.ours = self.features.len() == self.head.n_embd();
+        if self.clock.as_ref().is_some_and(|c| !c.lock().1.allows()) {
+            // Sampled drafting has lost to plain steps in this engine
+            // lately: neither the head nor the wrapped proposer drafts.
+            return Drafts::none();
+        }
         if !self.ours {
             return self.fallback.propose(req);
-        }
-        if self.clock.as_ref().is_some_and(|c| !c.lock().1.allows()) {
-            // Drafting has lost to plain steps in this engine lately.
-            return Drafts::none();
         }
         let drafting = self.draft_cost() * f64::from(req.time_value);
         let first_row = self.row_price(req, 1);
@@ -229,7 +228,6 @@ impl Proposer for HeadDrafter<'_> {
         };
         let t0 = std::time::Instant::now();
         let (drafts, drafted) = self.chain(req, &sp, stream, drafting);
-        self.drafted = drafted;
         self.draft_secs = t0.elapsed().as_secs_f64();
         if let Some(c) = &self.clock {
             c.lock().0.drafted(drafted, self.draft_secs);
@@ -240,12 +238,12 @@ impl Proposer for HeadDrafter<'_> {
     fn observe(&mut self, v: &Verdict) {
         if let (Some(c), Some(secs)) = (&self.clock, v.secs) {
             let (clock, gate) = &mut *c.lock();
-            clock.step(v.rows, secs, self.drafted > 0);
+            clock.step(v.rows, secs);
             if self.ours {
                 gate.record(v.accepted + 1, secs + self.draft_secs);
             }
         }
-        (self.drafted, self.draft_secs) = (0, 0.0);
+        self.draft_secs = 0.0;
         self.features.clear();
         self.features.extend_from_slice(v.features);
         if !self.ours {
@@ -499,6 +497,43 @@ mod tests {
         assert!(!d.tokens.is_empty());
     }
 
+    /// A clock whose gate found drafting epochs half as fast as plain ones.
+    fn shut_gate() -> SharedClock {
+        let clock = SharedClock::default();
+        {
+            let (_, gate) = &mut *clock.lock();
+            while gate.allows() || gate.epochs().0 < 16 {
+                gate.record(1, if gate.allows() { 0.002 } else { 0.001 });
+            }
+        }
+        clock
+    }
+
+    #[test]
+    fn where_the_engines_gate_is_shut_sampled_requests_get_no_drafts_and_greedy_ones_still_do() {
+        let h = head();
+        let ctx = [5u32, 6, 7, 8, 5, 6];
+        let costs = Costs {
+            verify: vec![1.0, 1.05, 1.1],
+            head_draft: 0.01,
+        };
+        let fresh = |clock: SharedClock| {
+            HeadDrafter::new(&h, costs.clone(), Box::new(Lookup::new(4))).with_clock(clock)
+        };
+        // Before any features the wrapped proposer drafts, sampled or not.
+        let mut open = fresh(SharedClock::default());
+        assert!(!open.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
+        let mut shut = fresh(shut_gate());
+        assert!(shut.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
+        assert!(!shut.propose(&req(&ctx, DraftRule::Best)).tokens.is_empty());
+        // Nor does the head draft, or shadow, once it has features.
+        let mut p = primed(&h, &[1.0, 1.05, 1.1], 0.01, Box::new(Plain)).with_clock(shut_gate());
+        for _ in 0..2 * HEAD_SHADOW_EVERY {
+            let d = p.propose(&req(&ctx, SAMPLE));
+            assert!(d.tokens.is_empty() && d.shadow.is_none());
+        }
+    }
+
     #[test]
     fn a_head_that_measured_its_second_row_at_a_whole_step_stops_drafting() {
         let h = head();
@@ -513,8 +548,6 @@ mod tests {
         };
         // The loop's own steps: one row 1 ms, two rows 2 ms.
         p.observe(&step(2, 0.002));
-        p.observe(&step(1, 0.001));
-        assert!(p.propose(&req(&ctx, SAMPLE)).tokens.is_empty());
         p.observe(&step(1, 0.001));
         for _ in 0..2 * HEAD_SHADOW_EVERY {
             let d = p.propose(&req(&ctx, SAMPLE));
