@@ -115,8 +115,9 @@ impl<'m> HeadDrafter<'m> {
     /// batch's floor, or its share of the verify cost curve (infinite past
     /// the curve).
     fn row_price(&self, req: &DraftRequest, depth: usize) -> f64 {
-        let verify = |k: usize| match &self.clock {
-            Some(c) => c.lock().0.verify(k, &self.costs),
+        let clock = self.clock.as_ref().map(SharedClock::lock);
+        let verify = |k: usize| match &clock {
+            Some(c) => c.0.verify(k, &self.costs),
             None => self.costs.verify.get(k).copied(),
         };
         match (verify(depth), verify(depth - 1)) {
@@ -126,6 +127,7 @@ impl<'m> HeadDrafter<'m> {
             _ => f64::INFINITY,
         }
     }
+
     /// The chain of [`Proposer::propose`] once drafting is due: the drafts
     /// (or the first as the shadow) and how many were drafted.
     fn chain(

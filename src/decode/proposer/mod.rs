@@ -610,12 +610,17 @@ mod tests {
         assert_eq!(best_chain_len(0.05, &costs, 0.0), 0);
     }
 
-    #[test]
-    fn the_step_clock_gives_the_start_up_costs_until_the_loop_has_measured_its_own() {
-        let prior = Costs {
+    /// The engine's start-up figures in the clock's tests.
+    fn start_up() -> Costs {
+        Costs {
             verify: vec![1.0, 1.3, 1.6],
             head_draft: 0.1,
-        };
+        }
+    }
+
+    #[test]
+    fn the_step_clock_gives_the_start_up_costs_until_the_loop_has_measured_its_own() {
+        let prior = start_up();
         let mut c = StepClock::default();
         assert_eq!(c.verify(1, &prior), Some(1.3));
         assert_eq!(c.verify(3, &prior), None, "past the curve");
@@ -636,10 +641,7 @@ mod tests {
 
     #[test]
     fn a_noisy_reading_never_makes_a_bigger_step_cheaper_than_a_smaller_one() {
-        let prior = Costs {
-            verify: vec![1.0, 1.3, 1.6],
-            head_draft: 0.1,
-        };
+        let prior = start_up();
         let mut c = StepClock::default();
         c.step(1, 0.001);
         c.step(2, 0.0017);
@@ -650,10 +652,7 @@ mod tests {
     #[test]
     fn after_its_first_measurements_one_slow_step_moves_the_clock_by_a_thirty_second() {
         let mut c = StepClock::default();
-        let prior = Costs {
-            verify: vec![1.0, 1.3],
-            head_draft: 0.1,
-        };
+        let prior = start_up();
         for _ in 0..100 {
             c.step(1, 0.001);
             c.step(2, 0.0015);
@@ -665,10 +664,7 @@ mod tests {
 
     #[test]
     fn sequences_that_share_a_clock_price_by_each_others_steps() {
-        let prior = Costs {
-            verify: vec![1.0, 1.3],
-            head_draft: 0.1,
-        };
+        let prior = start_up();
         let (a, b) = (SharedClock::default(), SharedClock::default());
         let a2 = a.clone();
         a.lock().0.step(1, 0.001);
