@@ -1,4 +1,5 @@
-//! Quantized vs f32 matmul at GPT-2's MLP shape (k = 768, n = 3072) for
+//! Quantized vs f32 matmul at GPT-2's MLP shape (k = 768, n = 3072, or
+//! the shape given) for
 //! decoding (m = 1) and verification batches (m = 2, 4, 8, 16):
 //! `Matrix<f32>::forward`
 //! against `QMatrix::forward_with` for Q8_0 and Q4_0 on every int8 kernel
@@ -7,7 +8,8 @@
 //! no variant pays for the previous one's weights evicting its own);
 //! the median round is printed with its ratio to f32 from the same run.
 //!
-//! `cargo run --release --example quant_bench`
+//! `cargo run --release --example quant_bench [K N]` (another shape, e.g.
+//! the shipped model's MLP: `384 1536`)
 
 use std::time::Instant;
 
@@ -34,7 +36,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (k, n) = (768, 3072);
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let (k, n) = match args[..] {
+        [k, n] => (k, n),
+        _ => (768, 3072),
+    };
     let w = data(n * k, 1);
     let bias = Some(data(n, 2));
     let f32s = Matrix::<f32>::from_out_in(&w, n, k, bias.clone());

@@ -206,6 +206,34 @@ fn every_kernel_path_on_this_cpu_gives_the_portable_paths_bits() {
 }
 
 #[test]
+fn extreme_quants_give_exact_dots_on_every_path_with_no_i16_saturation() {
+    // Q8_0 blocks whose quants are -128 and 127 (GGUF bytes may hold -128),
+    // scale 1, against activations whose every value is its block's
+    // magnitude: each AVX2 pair sum is then at its largest (2 * 128 * 127).
+    let (n, k) = (16, 64);
+    let mut bytes = Vec::new();
+    for o in 0..n {
+        for _ in 0..k / QK {
+            bytes.extend_from_slice(&half::f16::ONE.to_bits().to_le_bytes());
+            bytes.extend((0..QK).map(|i| if (i + o) % 3 == 0 { 0x80u8 } else { 0x7f }));
+        }
+    }
+    let q = QMatrix::from_bytes("test.w", QuantKind::Q8_0, &bytes, (n, k), None).unwrap();
+    let w = q.dequantize();
+    for signs in [[1f32, 1.0], [-1.0, -1.0], [1.0, -1.0]] {
+        // Every value is its block's largest, 127 / 16: it quantizes to
+        // +-127 at scale 1 / 16, so every product and sum is exact in f32.
+        let x: Vec<f32> = (0..k).map(|i| signs[i % 2] * 127.0 / 16.0).collect();
+        let want: Vec<f32> = (0..n)
+            .map(|o| (0..k).map(|i| w[o * k + i] * x[i]).sum())
+            .collect();
+        for path in KernelPath::available() {
+            assert_eq!(run(&q, path, &x, 1), want, "{path:?} signs {signs:?}");
+        }
+    }
+}
+
+#[test]
 fn every_split_over_threads_gives_the_serial_bits_for_every_row_count() {
     use crate::model::team::Team;
     let teams: Vec<Team> = (1..=3).map(Team::new).collect();
