@@ -4,7 +4,7 @@
 //! hold mid-way: 57-token prompts, 128 new tokens), one forward over the
 //! 32 pending rows, then each cache truncated back so every step is alike.
 //! Prints the median step; `KV=f16` for an f16 cache, `SEQS=n` for n
-//! sequences instead of 32. A profile of this
+//! sequences instead of 32, `STEPS=n` for n steps instead of 200. A profile of this
 //! loop (`perf record`) is the server's step at 32 clients without the
 //! clients, the HTTP side and the scheduler.
 //!
@@ -18,7 +18,6 @@ use gpt_serve::model::cpu::{in_pool, KvDtype, WeightDtype};
 use gpt_serve::model::forward::{Forward, Segment};
 
 const HELD: usize = 120;
-const STEPS: usize = 200;
 
 fn main() -> anyhow::Result<()> {
     let loaded = checkpoint::load(std::path::Path::new("models/default"), &Device::Cpu)?;
@@ -26,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     let kv = KvDtype::parse(&std::env::var("KV").unwrap_or_else(|_| "f32".into()))
         .map_err(anyhow::Error::msg)?;
     let seqs: usize = std::env::var("SEQS").map_or(Ok(32), |s| s.parse())?;
+    let steps: usize = std::env::var("STEPS").map_or(Ok(200), |s| s.parse())?;
     let dtype: WeightDtype = weights.parse().map_err(anyhow::Error::msg)?;
     let model = loaded.cpu(dtype)?.with_kv_cache(kv);
     let vocab = model.cfg.vocab_size as u32;
@@ -48,8 +48,8 @@ fn main() -> anyhow::Result<()> {
             model.forward_batch(&mut seg)?;
         }
         let tokens: Vec<[u32; 1]> = (0..seqs).map(|s| [(s as u32 * 13) % vocab]).collect();
-        let mut times = Vec::with_capacity(STEPS);
-        for _ in 0..STEPS {
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
             let mut segs: Vec<_> = caches
                 .iter_mut()
                 .zip(&tokens)
