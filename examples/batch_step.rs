@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let seqs: usize = std::env::var("SEQS").map_or(Ok(32), |s| s.parse())?;
     let steps: usize = std::env::var("STEPS").map_or(Ok(200), |s| s.parse())?;
+    anyhow::ensure!(steps > 0, "STEPS must be at least 1");
     let dtype: WeightDtype = weights.parse().map_err(anyhow::Error::msg)?;
     let model = loaded.cpu(dtype)?.with_kv_cache(kv);
     let vocab = model.cfg.vocab_size as u32;

@@ -41,8 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
     let (k, n) = match args[..] {
-        [k, n] => (k, n),
-        _ => (768, 3072),
+        [] => (768, 3072),
+        [k, n] if k % 32 == 0 && k > 0 && n > 0 => (k, n),
+        _ => return Err(format!("want K N (K a multiple of 32) or nothing, got {args:?}").into()),
     };
     let w = data(n * k, 1);
     let bias = Some(data(n, 2));
