@@ -25,6 +25,8 @@ const PAR_MIN_MACS: usize = 1 << 16;
 /// rayon's threads: 8,192 values take ~20 us on one core of the 2-core
 /// EPYC, a fork/join a few.
 const PAR_MIN_QUANT: usize = 1 << 13;
+/// Rows whose sums a work chunk keeps on the stack (more go to the heap).
+const STACK_ROWS: usize = 4;
 /// Work chunks per thread, so a late-waking thread's share is stolen.
 const CHUNKS_PER_THREAD: usize = 4;
 
@@ -57,21 +59,22 @@ impl Activations {
     /// split over rayon's threads from `PAR_MIN_QUANT` values on (at 32
     /// rows this ran on one thread while the other waited: 7.6% of the
     /// server's time, `perf`, docs/benchmarks.md).
-    pub fn quantize(x: &[f32], k: usize) -> Self {
+    pub fn quantize(x: &[f32], k: usize, path: KernelPath) -> Self {
         let blocks = x.len() / QK;
         let mut qs = vec![0i8; blocks * QK];
         let (mut d, mut sum) = (vec![0f32; blocks], vec![0i32; blocks]);
+        let one = |((x, qs), (d, sum))| quantize_block(path, x, qs, d, sum);
         if x.len() < PAR_MIN_QUANT || rayon::current_num_threads() == 1 {
             x.chunks_exact(QK)
                 .zip(qs.chunks_exact_mut(QK))
                 .zip(d.iter_mut().zip(&mut sum))
-                .for_each(|((x, qs), (d, sum))| quantize_block(x, qs, d, sum));
+                .for_each(one);
         } else {
             x.par_chunks_exact(QK)
                 .zip(qs.par_chunks_exact_mut(QK))
                 .zip(d.par_iter_mut().zip(&mut sum))
                 .with_min_len(PAR_MIN_QUANT / QK / 2)
-                .for_each(|((x, qs), (d, sum))| quantize_block(x, qs, d, sum));
+                .for_each(one);
         }
         Self {
             qs,
@@ -82,10 +85,24 @@ impl Activations {
     }
 }
 
-/// One block of 32 activations: its quants, f32 scale and quant sum.
-fn quantize_block(x: &[f32], qs: &mut [i8], d: &mut f32, sum: &mut i32) {
-    let b = BlockQ8_0::quantize(x.try_into().expect("QK values"));
-    qs.copy_from_slice(&b.qs);
+/// One block of 32 activations: its quants, f32 scale and quant sum; the
+/// same bits on every path (the AVX2 loop is `BlockQ8_0::quantize`'s).
+fn quantize_block(path: KernelPath, x: &[f32], qs: &mut [i8], d: &mut f32, sum: &mut i32) {
+    let x: &[f32; QK] = x.try_into().expect("QK values");
+    let qs: &mut [i8; QK] = qs.try_into().expect("QK quants");
+    #[cfg(target_arch = "x86_64")]
+    if path != KernelPath::Portable {
+        // SAFETY: every path but the portable one needs AVX2, and
+        // `forward_split` runs only a path this CPU has.
+        if let Some((scale, s)) = unsafe { super::x86::quantize_q8_avx2(x, qs) } {
+            *d = half::f16::from_f32(scale).to_f32();
+            *sum = s;
+            return;
+        }
+    }
+    let _ = path;
+    let b = BlockQ8_0::quantize(x);
+    *qs = b.qs;
     *d = b.d.to_f32();
     *sum = b.qs.iter().map(|q| *q as i32).sum();
 }
@@ -246,20 +263,29 @@ impl QMatrix {
         } else {
             KernelPath::best()
         };
-        let act = Activations::quantize(x, k);
+        let act = Activations::quantize(x, k, path);
         let groups = n.div_ceil(GROUP);
         let out = SendPtr(y.as_mut_ptr());
         let work = |g0: usize, g1: usize| {
-            let mut acc = vec![[0f32; GROUP]; m];
-            let mut scratch = Scratch::default();
+            // On the stack for decode and short verify steps: a chunk's
+            // allocations were ~3% of a one-row step (`perf`).
+            let mut stack = [[0f32; GROUP]; STACK_ROWS];
+            let mut heap = Vec::new();
+            let acc = if m <= stack.len() {
+                &mut stack[..m]
+            } else {
+                heap.resize(m, [0f32; GROUP]);
+                &mut heap[..]
+            };
+            let mut scratch = None;
             for g in g0..g1 {
                 let o0 = g * GROUP;
                 let width = (n - o0).min(GROUP);
-                self.group(path, g, &act, &mut acc, &mut scratch);
+                self.group(path, g, &act, acc, &mut scratch);
                 // SAFETY: y has m * n values; `work`'s callers give every
                 // task a disjoint range of groups, and group g writes only
                 // columns o0..o0 + width of each row.
-                unsafe { out.write_group(&acc, &self.bias[o0..o0 + width], n, o0) };
+                unsafe { out.write_group(acc, &self.bias[o0..o0 + width], n, o0) };
             }
         };
         match split {
@@ -295,7 +321,7 @@ impl QMatrix {
         g: usize,
         act: &Activations,
         acc: &mut [[f32; GROUP]],
-        scratch: &mut Scratch,
+        scratch: &mut Option<Scratch>,
     ) {
         #[cfg(target_arch = "x86_64")]
         if path != KernelPath::Portable {
@@ -313,7 +339,7 @@ impl QMatrix {
             return;
         }
         let _ = path;
-        self.group_portable(g, act, acc, scratch);
+        self.group_portable(g, act, acc, scratch.get_or_insert_with(Scratch::default));
     }
 
     /// The reference kernel: group `g`'s outputs for every row into `acc`.

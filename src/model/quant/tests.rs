@@ -206,6 +206,37 @@ fn every_kernel_path_on_this_cpu_gives_the_portable_paths_bits() {
 }
 
 #[test]
+fn activations_quantize_to_the_portable_bits_on_every_path_even_at_ties_and_non_finite_values() {
+    let mut x = data(QK * 64, 41);
+    // amax 127 makes the step 1: values at exact halves are ties, and
+    // their neighbours one ulp either side are not.
+    let ties: Vec<f32> = (0..QK).map(|i| (i as f32 - 15.5) * 4.0 + 0.5).collect();
+    let mut block = |f: &dyn Fn(usize) -> f32| x.extend((0..QK).map(f));
+    block(&|i| if i == 0 { 127.0 } else { ties[i] });
+    block(&|i| if i == 0 { -127.0 } else { ties[i].next_up() });
+    block(&|i| if i == 0 { 127.0 } else { -ties[i].next_down() });
+    block(&|_| 0.0);
+    block(&|i| if i % 2 == 0 { -0.0 } else { 1e-40 });
+    block(&|i| f32::MIN_POSITIVE * i as f32);
+    block(&|i| [f32::NAN, 1.0][i % 2]);
+    block(&|i| [f32::INFINITY, -2.0][i % 2]);
+    block(&|i| [f32::NEG_INFINITY, f32::MAX][i % 2]);
+    block(&|i| f32::MAX * (i as f32 / 31.0 - 0.5));
+    let k = x.len();
+    let want = matrix::Activations::quantize(&x, k, KernelPath::Portable);
+    for path in KernelPath::available() {
+        let got = matrix::Activations::quantize(&x, k, path);
+        let first = got.qs.iter().zip(&want.qs).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{path:?}: the first quant that differs");
+        assert_eq!(bits(&got.d), bits(&want.d), "{path:?} scales");
+        assert_eq!(got.sum, want.sum, "{path:?} sums");
+    }
+    // The ties rounded away from zero, as ggml's `roundf` does.
+    let tie_block = &want.qs[64 * QK..65 * QK];
+    assert_eq!(&tie_block[1..4], &[-58, -54, -50]);
+}
+
+#[test]
 fn extreme_quants_give_exact_dots_on_every_path_with_no_i16_saturation() {
     // Q8_0 blocks whose quants are -128 and 127 (GGUF bytes may hold -128),
     // scale 1, against activations whose every value is its block's

@@ -276,6 +276,75 @@ unsafe fn run<K: Kernel>(lines: &[Line], act: &Activations, acc: &mut [[f32; GRO
     }
 }
 
+/// One block of 32 activations quantized as `BlockQ8_0::quantize` does,
+/// with the same f32 operations in the same order per value (so the same
+/// bits): `amax`, `d = amax / 127`, `id = 1 / d`, and each `v * id`
+/// rounded half away from zero from its truncation. Writes the quants, and
+/// returns the unrounded scale and the quants' sum; None (nothing written)
+/// when a value is not finite, for the scalar path's handling.
+///
+/// The activations are quantized on the calling thread before each
+/// matmul's parts start, so the scalar loop was 5-10% of a one-row decode
+/// step's calling thread while the other waited (`perf`, docs/benchmarks.md).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_q8_avx2(x: &[f32; QK], qs: &mut [i8; QK]) -> Option<(f32, i32)> {
+    let p = x.as_ptr();
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+    // Every |v| <= f32::MAX (false for NaN and infinities).
+    let max = _mm256_set1_ps(f32::MAX);
+    let finite = abs.iter().fold(-1, |m, a| {
+        m & _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(*a, max))
+    });
+    if finite & 0xff != 0xff {
+        return None;
+    }
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    if !id.is_finite() {
+        // A subnormal scale: the scalar path's clamp decides those values.
+        return None;
+    }
+    let id = _mm256_set1_ps(id);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let q = v.map(|v| {
+        let s = _mm256_mul_ps(v, id);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+        let f = _mm256_sub_ps(s, t);
+        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half), one);
+        let down = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(f, _mm256_set1_ps(-0.5)), one);
+        _mm256_cvtps_epi32(_mm256_sub_ps(_mm256_add_ps(t, up), down))
+    });
+    // Saturating packs clamp to i8 as `round_to_i8` does; they interleave
+    // 128-bit lanes, which the permute puts back in order.
+    let w = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr().cast(), w);
+    // The sum of the clamped quants: widen the bytes back, in pairs.
+    let pairs = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_set1_epi8(1), w),
+        _mm256_set1_epi16(1),
+    );
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(pairs),
+        _mm256_extracti128_si256::<1>(pairs),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    Some((d, _mm_cvtsi128_si32(s)))
+}
+
 /// # Safety
 /// The CPU has AVX2.
 #[target_feature(enable = "avx2")]
