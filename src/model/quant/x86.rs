@@ -284,8 +284,8 @@ unsafe fn run<K: Kernel>(lines: &[Line], act: &Activations, acc: &mut [[f32; GRO
 /// when a value is not finite, for the scalar path's handling.
 ///
 /// The activations are quantized on the calling thread before each
-/// matmul's parts start, so the scalar loop was 5-10% of a one-row decode
-/// step's calling thread while the other waited (`perf`, docs/benchmarks.md).
+/// matmul's parts start: the scalar loop was 2.7-4.4% of a one-row decode
+/// step's samples, while the other thread waited (`perf`, docs/benchmarks.md).
 ///
 /// # Safety
 /// The CPU has AVX2.
