@@ -17,12 +17,6 @@ use gpt_serve::checkpoint;
 use gpt_serve::model::cpu::{in_pool, KvDtype, WeightDtype};
 use gpt_serve::model::forward::{Forward, Segment};
 
-// The allocator the `gpt-serve` binary runs with, so a profile or A/B of
-// this loop sees the server's allocation costs (glibc's put `_int_malloc`
-// in the profile where the server has none).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const HELD: usize = 120;
 
 fn main() -> anyhow::Result<()> {

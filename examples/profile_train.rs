@@ -13,11 +13,6 @@ use gpt_serve::model::gpt::{init_weights, Gpt};
 use gpt_serve::train::losses::{LossOptions, MultiExitLoss};
 use std::time::Instant;
 
-// The allocator `gpt-serve train` runs with (glibc's returns each large
-// buffer to the OS: page faults and TLB shootdowns on every op).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "small")]

@@ -1,12 +1,6 @@
 //! The `gpt-serve` command line: train, sample, eval, train-drafter, serve, bench,
 //! import-hf, export-hf, export-gguf.
 
-/// mimalloc: decoding allocates and frees many mid-size buffers per step
-/// (activations, logits); glibc's malloc spent 7-10% of a decode step in
-/// `_int_malloc` (perf), mimalloc's size-class free lists avoid that.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 
 use anyhow::Context;
